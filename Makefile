@@ -1,0 +1,70 @@
+# Cross-dataset retinal lesion segmentation (Playout & Cheriet): one Makefile for setup, tests, the sweep.
+#   make demo                 # the whole study at toy scale on the synthetic datasets, CPU, < 10 min
+#   make test                 # the test suite (sets up .venv first)
+#   make -j4 all-combos GPUS=0,1,2,3 DATA_ROOT=/data/fundus    # 31 combinations x SEEDS, paper settings
+# Every setting of the sweep is a make variable: `make all-combos ITERS=500 RESOLUTION=256 ENCODER=resnet18`.
+
+PY      := .venv/bin/python
+VENV    := .venv/.stamp
+
+# ---- the sweep's settings (paper defaults; override on the command line) ----
+DATA_ROOT  ?= data_raw
+CACHE      ?= cache
+RUNS       ?= runs
+SEEDS      ?= 8
+RESOLUTION ?= 1536
+PATCH      ?= 512
+ITERS      ?= 20000
+BATCH      ?= 8
+LR         ?= 3e-4
+ENCODER    ?= legacy_seresnet101.in1k
+VAL_EVERY  ?= 1000
+TESTS      ?= IDR,DDR,FGA,RET,MES
+GPUS       ?=
+TRAIN_FLAGS ?=
+EVAL_FLAGS  ?=
+COMBO      ?= IDR+DDR+MES
+
+IDS    := IDR DDR FGA RET MES
+# All 31 non-empty combinations, in canonical order (IDR DDR FGA RET MES), as run names like IDR+DDR.
+COMBOS := $(shell python3 -c "import itertools as it; i='$(IDS)'.split(); print(' '.join('+'.join(c) for r in range(1, 6) for c in it.combinations(i, r)))")
+SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
+RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
+
+.PHONY: setup test test-all bench demo all-combos report table2 table3 fig3 fig4 characterize clean-demo
+.DELETE_ON_ERROR:
+
+setup: $(VENV)
+$(VENV): requirements.txt requirements-dev.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+test: $(VENV)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+test-all: $(VENV)   # including the tests marked slow
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --runslow tests
+
+bench: $(VENV)
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# ---- the sweep: each run's results.json is a target, so an interrupted sweep resumes where it stopped ----
+all-combos: $(RESULTS)
+
+# $* is COMBO/sSEED; train.py itself resumes from last.pt and skips a finished run.
+$(RUNS)/%/results.json: | $(VENV)
+	sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(patsubst s%,%,$(notdir $*)) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(TRAIN_FLAGS)
+	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(EVAL_FLAGS)
+
+# ---- Figure 4 for one combination: baseline, ensemble of 4, SWA and soups on encoder / decoder / full ----
+fig4: $(RUNS)/$(COMBO)/fig4.json
+$(RUNS)/%/fig4.json: | $(VENV)
+	$(PY) average.py fig4 $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@
+
+# ---- the report: tables and figures regenerated from the results files ----
+characterize: $(VENV)
+	$(PY) characterize.py --datasets $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out report/characterize
+
+report table2 table3 fig3: $(VENV)
+	$(PY) report.py $(RUNS) -o report

@@ -1,0 +1,286 @@
+"""The five lesion datasets read exactly as distributed: one adapter per dataset ID, plus the splits.
+
+    python -c "from data.datasets import list_samples, dataset_root; print(len(list_samples('IDR', dataset_root('IDR', 'data_raw'))))"
+    python -c "from data.datasets import *; r = dataset_root('RET', 'data_raw'); print(make_splits(list_samples('RET', r), 'RET'))"
+
+An adapter turns a dataset root into a sorted list of `Sample`s (id, image file, mask files per lesion,
+distributed split folder). `load_image` / `load_masks` decode them; every quirk of the distributed layouts
+(REFERENCE.md) lives in this file and nowhere else.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data import DATASET_IDS, LESIONS
+
+# Folder name of each dataset under --data-root, as distributed.
+FOLDERS = {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set", "RET": "retinal-lesions-v20191227",
+           "MES": "MAPLES-DR"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+SPLITS = ("train", "val", "test")
+TEST_FRACTION, VAL_FRACTION = 0.30, 0.15  # paper section 2.4: 30% test, rest 85% train / 15% validation
+OFFICIAL = ("IDR", "DDR")  # datasets whose distributed split is the default
+
+
+@dataclass
+class Sample:
+    id: str
+    image: Path
+    masks: dict = field(default_factory=dict)  # lesion -> tuple of files OR-ed together; () = absent = all-zero
+    split: str | None = None  # the distributed split folder ("train"/"val"/"test"), None when there is none
+
+
+# ----------------------------------------------------------------------------- roots
+
+def dataset_root(dataset_id, data_root, roots=None):
+    """Folder of one dataset: --root ID=DIR, else env <ID>_ROOT, else DATA_ROOT/<distributed folder name>."""
+    if dataset_id not in DATASET_IDS:
+        raise ValueError(f"unknown dataset ID {dataset_id!r} (choose from {', '.join(DATASET_IDS)})")
+    root = (roots or {}).get(dataset_id) or os.environ.get(f"{dataset_id}_ROOT")
+    root = Path(root) if root else Path(data_root) / FOLDERS[dataset_id]
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{dataset_id} dataset not found: expected folder {root} (set --data-root DIR holding "
+            f"{FOLDERS[dataset_id]}/, or --root {dataset_id}=DIR, or {dataset_id}_ROOT=DIR)")
+    return root
+
+
+def _index(folder, suffixes=IMAGE_SUFFIXES):
+    """{stem: path} of the image files in a folder ({} when the folder does not exist)."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir())
+            if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file()}
+
+
+def _found(files, name):
+    return (files[name],) if name in files else ()  # NOTE: absent mask file = lesion absent, never an error
+
+
+def _no_images(dataset_id, folder, layout):
+    return ValueError(f"{dataset_id}: no images found under {folder} (expected the distributed layout {layout})")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+IDR_MASKS = {"EX": ("3. Hard Exudates", "EX"), "HE": ("2. Haemorrhages", "HE"),
+             "MA": ("1. Microaneurysms", "MA"), "CWS": ("4. Soft Exudates", "SE")}  # IDRiD calls CWS "SE"
+
+
+def _idr(root, ret_he):
+    seg = root / "A. Segmentation"
+    samples = []
+    for folder, split in (("a. Training Set", "train"), ("b. Testing Set", "test")):
+        masks = {les: _index(seg / "2. All Segmentation Groundtruths" / folder / sub)
+                 for les, (sub, _) in IDR_MASKS.items()}
+        for stem, path in _index(seg / "1. Original Images" / folder).items():
+            files = {les: _found(masks[les], f"{stem}_{suffix}") for les, (_, suffix) in IDR_MASKS.items()}
+            samples.append(Sample(stem, path, files, split))
+    if not samples:
+        raise _no_images("IDR", seg / "1. Original Images", "'A. Segmentation/1. Original Images/a. Training Set/'")
+    return samples
+
+
+DDR_MASKS = {"EX": "EX", "HE": "HE", "MA": "MA", "CWS": "SE"}
+
+
+def _ddr(root, ret_he):
+    base = root / "lesion_segmentation"
+    samples = []
+    for folder, split in (("train", "train"), ("valid", "val"), ("test", "test")):
+        labels = base / folder / "label"
+        if not labels.is_dir():  # NOTE: DDR's valid split names it "segmentation label"
+            labels = base / folder / "segmentation label"
+        masks = {les: _index(labels / sub) for les, sub in DDR_MASKS.items()}
+        for stem, path in _index(base / folder / "image").items():
+            samples.append(Sample(stem, path, {les: _found(masks[les], stem) for les in LESIONS}, split))
+    if not samples:
+        raise _no_images("DDR", base, "'lesion_segmentation/{train,valid,test}/image/'")
+    return samples
+
+
+FGA_MASKS = {"EX": "HardExudate_Masks", "HE": "Hemohedge_Masks",  # NOTE: "Hemohedge" (sic) as distributed
+             "MA": "Microaneurysms_Masks", "CWS": "SoftExudate_Masks"}
+
+
+def _fga(root, ret_he):
+    masks = {les: _index(root / sub) for les, sub in FGA_MASKS.items()}
+    samples = [Sample(stem, path, {les: _found(masks[les], stem) for les in LESIONS})
+               for stem, path in _index(root / "Original_Images").items()]
+    if not samples:
+        raise _no_images("FGA", root / "Original_Images", "'Seg-set/Original_Images/'")
+    return samples
+
+
+RET_MASKS = {"EX": ("hard_exudate",), "HE": ("retinal_hemorrhage",), "MA": ("microaneurysm",),
+             "CWS": ("cotton_wool_spots",)}
+RET_HE_ALL = ("retinal_hemorrhage", "preretinal_hemorrhage", "vitreous_hemorrhage")  # --ret-he all
+
+
+def _ret(root, ret_he):
+    names = dict(RET_MASKS, HE=RET_HE_ALL) if ret_he == "all" else RET_MASKS
+    samples = []
+    for stem, path in _index(root / "images_896x896").items():
+        # NOTE: one folder per image holding only the lesions present; 17 images have no folder at all.
+        pngs = _index(root / "lesion_segs_896x896" / stem, (".png",))
+        files = {les: tuple(pngs[n] for n in names[les] if n in pngs) for les in LESIONS}
+        samples.append(Sample(stem, path, files))
+    if not samples:
+        raise _no_images("RET", root / "images_896x896", "'retinal-lesions-v20191227/images_896x896/'")
+    return samples
+
+
+MES_MASKS = {"EX": "exudates", "HE": "hemorrhages", "MA": "microaneurysms",
+             "CWS": "cottonWoolSpots"}  # camelCase folders of the maples-dr export
+
+
+def _mes(root, ret_he):
+    samples = []
+    for split in ("train", "test"):
+        masks = {les: _index(root / split / sub) for les, sub in MES_MASKS.items()}
+        for stem, path in _index(root / split / "fundus").items():
+            samples.append(Sample(stem, path, {les: _found(masks[les], stem) for les in LESIONS}, split))
+    if not samples:
+        raise _no_images("MES", root, "'MAPLES-DR/{train,test}/fundus/'")
+    return samples
+
+
+ADAPTERS = {"IDR": _idr, "DDR": _ddr, "FGA": _fga, "RET": _ret, "MES": _mes}
+
+
+def list_samples(dataset_id, root, ret_he="retinal"):
+    """All samples of one dataset, sorted by id. ret_he="all" merges RET's preretinal + vitreous into HE."""
+    if dataset_id not in ADAPTERS:
+        raise ValueError(f"unknown dataset ID {dataset_id!r} (choose from {', '.join(DATASET_IDS)})")
+    if ret_he not in ("retinal", "all"):
+        raise ValueError(f"--ret-he must be 'retinal' or 'all', got {ret_he!r}")
+    samples = sorted(ADAPTERS[dataset_id](Path(root), ret_he), key=lambda s: s.id)
+    for a, b in zip(samples, samples[1:]):
+        if a.id == b.id:
+            raise ValueError(f"{dataset_id}: duplicate image id {a.id!r} ({a.image} and {b.image})")
+    return samples
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _unreadable(path, err):
+    msg = " ".join(str(err).split())  # one line, whatever PIL says
+    return ValueError(f"cannot read {path}: corrupt or truncated file ({msg})")
+
+
+def load_image(path):
+    """Decoded RGB PIL image; ValueError naming the file when it is corrupt or truncated."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _decode_mask(im, threshold):
+    """Lesion where intensity > threshold (default 0: any nonzero value, the authors' choice)."""
+    if im.mode in ("L", "I", "I;16", "F"):
+        a = np.asarray(im)
+    else:
+        # NOTE: 1-bit (MES), palette (IDR: index 1 = red), RGB with equal channels (FGA): max over RGB.
+        a = np.asarray(im.convert("RGB")).max(axis=-1)
+    return a > threshold
+
+
+def load_masks(sample, image_size, threshold=0, box=None, size=None):
+    """Lesion masks of one sample: bool (4, h, w) in LESIONS order.
+
+    image_size: (W, H) of the sample's image (every mask must match it). box (x0, y0, x1, y1) and size (w, h)
+    resample with nearest neighbour while decoding (prepare uses this); default: native resolution.
+    """
+    out_w, out_h = size or image_size
+    masks = np.zeros((len(LESIONS), out_h, out_w), dtype=bool)  # (4, h, w)
+    for c, lesion in enumerate(LESIONS):
+        for path in sample.masks.get(lesion, ()):
+            try:
+                with Image.open(path) as im:
+                    if im.size != tuple(image_size):
+                        raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} but its image {sample.image} "
+                                         f"is {image_size[0]}x{image_size[1]}")
+                    if size is not None:  # nearest commutes with the per-pixel threshold below
+                        im = im.resize((out_w, out_h), Image.NEAREST, box=box)
+                    else:
+                        im.load()
+                    masks[c] |= _decode_mask(im, threshold)
+            except ValueError:
+                raise
+            except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+                raise _unreadable(path, e) from None
+    return masks
+
+
+def load_sample(sample, threshold=0):
+    """Native-resolution (image uint8 (H, W, 3), masks bool (4, H, W))."""
+    image = load_image(sample.image)
+    return np.asarray(image), load_masks(sample, image.size, threshold)
+
+
+# ----------------------------------------------------------------------------- splits
+
+def _hold_out(ids, fraction, seed):
+    """Seeded hold-out of round(fraction * n) ids (at least one when n >= 2): (rest, held), both sorted."""
+    ids = sorted(ids)
+    n = round(fraction * len(ids))
+    if len(ids) >= 2:
+        n = min(max(n, 1), len(ids) - 1)
+    pick = set(np.random.default_rng(seed).permutation(len(ids))[:n].tolist())
+    return [x for k, x in enumerate(ids) if k not in pick], [x for k, x in enumerate(ids) if k in pick]
+
+
+def _read_split_file(path, dataset_id, ids):
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"split file {path} not found (--splits {dataset_id}=FILE)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"split file {path} is not valid JSON ({e})") from None
+    raw = {("val" if k in ("valid", "validation") else k): v for k, v in raw.items()} if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict) or set(raw) - set(SPLITS) or not all(isinstance(v, list) for v in raw.values()):
+        raise ValueError(f"split file {path} must be a JSON object {{\"train\": [ids], \"val\": [ids], \"test\": [ids]}}")
+    known, seen = set(ids), set()
+    for name, members in raw.items():
+        for x in members:
+            if x not in known:
+                raise ValueError(f"split file {path}: unknown {dataset_id} image id {x!r} in {name!r}")
+            if x in seen:
+                raise ValueError(f"split file {path}: image id {x!r} is in more than one split")
+            seen.add(x)
+    return {k: sorted(v) for k, v in raw.items()}
+
+
+def make_splits(samples, dataset_id, seed=0, split_file=None):
+    """{"train", "val", "test"} -> sorted ids.
+
+    split_file: None (official for IDR/DDR, seeded 30% test + 15% val for the others), "official" (the
+    distributed train/test folders, also for MES), "seeded", or a JSON file {split: [ids]} (val, when
+    missing, is a seeded 15% of train).
+    """
+    ids = sorted(s.id for s in samples)
+    mode = split_file or ("official" if dataset_id in OFFICIAL else "seeded")
+    if mode == "official":
+        folder = {s.id: s.split for s in samples}
+        if any(v is None for v in folder.values()):
+            raise ValueError(f"--splits {dataset_id}=official: {dataset_id} has no official split (give a file)")
+        splits = {name: [x for x in ids if folder[x] == name] for name in SPLITS}
+    elif mode == "seeded":
+        rest, test = _hold_out(ids, TEST_FRACTION, [seed, 0])
+        splits = {"train": rest, "test": test}
+    else:
+        splits = _read_split_file(split_file, dataset_id, ids)
+    if not splits.get("val"):  # validation: seeded 15% of train (IDR, MES official, files without val)
+        splits["train"], splits["val"] = _hold_out(splits.get("train", []), VAL_FRACTION, [seed, 1])
+    if not splits.get("test"):
+        where = f"split file {split_file}" if mode not in ("official", "seeded") else f"the {mode} split"
+        raise ValueError(f"{dataset_id}: the test split has no images ({where}; check the dataset folders or "
+                         f"--splits {dataset_id}=FILE)")
+    return {name: splits.get(name, []) for name in SPLITS}

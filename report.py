@@ -1,0 +1,467 @@
+"""Rebuild the paper's Tables 2-3 and Figures 3-4 from a sweep's results JSON files, as report.md + PNG + JSON.
+
+    python report.py runs -o report/
+    python report.py demo/runs -o demo/report --characterize demo/characterize/characterize.json
+    python report.py runs -o report/ --reference none      # leave out the authors' published AUPR
+"""
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # files only, never a window (works on headless machines)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from data import DATASET_IDS, LESIONS, combo_name  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_REFERENCE = "reference/lesions_database_cross_study.csv"
+DEFAULT_CHARACTERIZE = "OUT/characterize/characterize.json"
+TEST_NAMES = {"IDR": "IDRiD", "DDR": "DDR", "FGA": "FGADR", "RET": "Retinal-Lesions", "MES": "Messidor"}
+STYLE_COLORS = {"fine": "#b7e4c7", "mixed": "#ffe8a3", "coarse": "#f4b6b6"}
+ORDER_NAMES = {"n_train_images": "number of training images", "n_datasets": "number of training sets"}
+METHOD_ORDER = ("baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full",
+                "soup-encoder", "soup-decoder", "soup-full")
+
+# Published numbers, transcribed in REFERENCE.md ("Reference numbers"): the paper's Table 2 (AUPR, trained and
+# tested on the same dataset; EX, HE, MA, CWS, mean) and Table 3 (Dice averaged over lesions, per test set and
+# training combination, canonical run names). NOTE: REFERENCE.md calls Table 2's row labels "likely"; a mean
+# is None where the paper gives none (we do not invent it).
+PAPER = {
+    "table2": {
+        "IDR": {"L-Seg": (.795, .637, .463, .711, .652), "other method": (.842, .593, .484, .641, None),
+                "Playout & Cheriet": (.825, .620, .451, .713, .652)},
+        "DDR": {"L-Seg": (.555, .359, .105, .265, None), "Playout & Cheriet": (.592, .408, .281, .434, .429)},
+        "RET": {"Lesion-Net": (.740, .617, .377, .575, None), "Playout & Cheriet": (.724, .589, .451, .540, None)},
+    },
+    "table3": {
+        "IDR": {"DDR+MES": .634, "RET": .222, "DDR+FGA+MES": .661},
+        "MES": {"IDR+DDR": .422, "RET": .192, "IDR+DDR+FGA": .439},
+        "DDR": {"IDR+MES": .426, "RET": .186, "IDR+FGA+MES": .409},
+    },
+}
+
+
+# ---------------------------------------------------------------- reading
+def _num(x):
+    """JSON number or null -> float (null means NaN: the contract writes NaN as null)."""
+    return float("nan") if x is None else float(x)
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _combo(train, fallback):
+    """Canonical combination name from a JSON 'train' field (list or 'A+B'), else from the folder name."""
+    ids = train if isinstance(train, list) else str(train or fallback).split("+")
+    return combo_name(ids)
+
+
+def _combo_key(combo):
+    return [DATASET_IDS.index(d) for d in combo.split("+")]
+
+
+def load_runs(runs_dir):
+    """Glob RUNS_DIR/<COMBO>/s<SEED>/results.json and RUNS_DIR/<COMBO>/fig4.json; anything else is ignored."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"runs directory {runs_dir} not found")
+    runs, fig4, skipped = [], [], []
+    for path in sorted(runs_dir.glob("*/s*/results.json")):
+        seed = re.fullmatch(r"s(\d+)", path.parent.name)
+        rec = _read_json(path)
+        # NOTE: only baseline evaluations of single runs fill the tables; averaged models live in fig4.json.
+        if seed is None or not isinstance(rec, dict) or not isinstance(rec.get("results"), dict) \
+                or rec.get("method", "baseline") != "baseline":
+            skipped.append(path)
+            continue
+        try:
+            combo = _combo(rec.get("train"), path.parent.parent.name)
+        except ValueError:
+            skipped.append(path)
+            continue
+        runs.append({"combo": combo, "seed": int(seed.group(1) if rec.get("seed") is None else rec["seed"]), "results": rec["results"],
+                     "protocol": rec.get("protocol"), "n_train_images": rec.get("n_train_images"), "path": path})
+    for path in sorted(runs_dir.glob("*/fig4.json")):
+        rec = _read_json(path)
+        try:
+            if not isinstance(rec, dict) or not isinstance(rec.get("methods"), dict):
+                raise ValueError
+            fig4.append({"combo": _combo(rec.get("train") or rec.get("combo"), path.parent.name),
+                         "methods": rec["methods"]})
+        except ValueError:
+            skipped.append(path)
+    if not runs and not fig4:
+        raise FileNotFoundError(f"no results found under {runs_dir} "
+                                "(expected <COMBO>/s<SEED>/results.json or <COMBO>/fig4.json)")
+    return runs, fig4, skipped
+
+
+def load_styles(path):
+    """characterize.json -> {dataset id: 'fine' | 'mixed' | 'coarse'}."""
+    rec = _read_json(path)
+    if not isinstance(rec, dict) or not isinstance(rec.get("datasets"), dict):
+        raise ValueError(f"{path} is not a characterize.json (no 'datasets' object)")
+    styles = {ds: v.get("style") for ds, v in rec["datasets"].items() if isinstance(v, dict)}
+    bad = {ds: s for ds, s in styles.items() if s not in STYLE_COLORS}
+    if bad:
+        raise ValueError(f"{path}: unknown labelling style {bad} (expected fine, mixed or coarse)")
+    return styles
+
+
+def combo_style(combo, styles):
+    """A combination is as coarse as its coarsest set: any coarse -> coarse, else any mixed -> mixed."""
+    members = [styles.get(d) for d in combo.split("+")]
+    for style in ("coarse", "mixed"):
+        if style in members:
+            return style
+    return "fine" if all(members) else None  # None: a member was not characterized
+
+
+def load_reference(path):
+    """The authors' CSV export -> {(combo, test, lesion): AUPR averaged over their runs of that combination}."""
+    tests = {"DDR": "DDR", "FGADR": "FGA", "IDRID": "IDR", "MESSIDOR": "MES", "RETLES": "RET"}
+    lesions = {"EXUDATES": "EX", "HEMORRHAGES": "HE", "MICROANEURYSMS": "MA", "COTTON_WOOL_SPOT": "CWS"}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "Tags" not in rows[0]:
+        raise ValueError(f"{path} is not the authors' export (no 'Tags' column)")
+    acc = {}
+    for row in rows:
+        tags = [t.strip() for t in row["Tags"].split(",") if t.strip()]
+        if not tags or any(t not in tests for t in tags):
+            continue
+        combo = combo_name([tests[t] for t in tags])
+        for their_test, test in tests.items():
+            for their_lesion, lesion in lesions.items():
+                value = (row.get(f"AUC Precision Recall - {their_test} {their_lesion}") or "").strip()
+                if value:  # NOTE: a few cells (and one whole run) are empty in their export
+                    acc.setdefault((combo, test, lesion), []).append(float(value))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+# ---------------------------------------------------------------- numbers
+def run_metric(run, test, metric, lesion=None):
+    """One run's AUPR or Dice on a test set: a lesion's value, or the mean over lesions. None: not evaluated."""
+    res = run["results"].get(test)
+    if not isinstance(res, dict):
+        return None
+    per_lesion = res.get("lesions") or {}
+    if lesion is not None:
+        return _num((per_lesion.get(lesion) or {}).get(metric))
+    if res.get(f"mean_{metric}") is not None:
+        return float(res[f"mean_{metric}"])
+    # NOTE: a null mean (a lesion absent from the test set gives NaN) falls back to the mean over defined lesions.
+    values = [v for v in (_num((per_lesion.get(c) or {}).get(metric)) for c in LESIONS) if math.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarize(values):
+    """Mean and sample std (ddof=1) over seeds of the finite values; n = how many were finite."""
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
+    n = len(finite)
+    return {"mean": float(finite.mean()) if n else float("nan"),
+            "std": float(finite.std(ddof=1)) if n > 1 else float("nan"),
+            "min": float(finite.min()) if n else float("nan"), "max": float(finite.max()) if n else float("nan"),
+            "n": n, "n_runs": len(values), "values": list(values)}
+
+
+def cell(runs, test, metric, lesion=None):
+    values = [run_metric(r, test, metric, lesion) for r in runs]
+    return summarize([v for v in values if v is not None])
+
+
+def table2(by_combo):
+    """Same-dataset AUPR: trained on X alone, tested on X."""
+    out = {}
+    for ds, published in PAPER["table2"].items():
+        runs = by_combo.get(ds, [])
+        ours = {c: cell(runs, ds, "aupr", c) for c in LESIONS}
+        ours["mean"] = cell(runs, ds, "aupr")
+        out[ds] = {"seeds": [r["seed"] for r in runs], "ours": ours,
+                   "published": {name: dict(zip(LESIONS + ("mean",), row)) for name, row in published.items()}}
+    return out
+
+
+def table3(by_combo):
+    """Cross-dataset Dice (mean over lesions) for the paper's combinations."""
+    return {test: {combo: {"ours": cell(by_combo.get(combo, []), test, "dice"), "paper": paper}
+                   for combo, paper in combos.items()} for test, combos in PAPER["table3"].items()}
+
+
+def figure3_data(by_combo, styles):
+    """Leave-one-out panels: for each test set, every combination that excludes it, ordered by training size."""
+    # NOTE: images are counted only when every run states n_train_images; mixing counts with set counts would
+    # make the order meaningless, so otherwise the number of training sets orders the combinations.
+    by_images = all(any(r.get("n_train_images") for r in runs) for runs in by_combo.values())
+    tests = [t for t in DATASET_IDS if any(t in r["results"] for runs in by_combo.values() for r in runs)]
+    panels = {}
+    for test in tests:
+        rows = []
+        for combo, runs in by_combo.items():
+            summary = cell(runs, test, "dice")
+            if test in combo.split("+") or summary["n_runs"] == 0:
+                continue
+            size = max(r.get("n_train_images") or 0 for r in runs) if by_images else len(combo.split("+"))
+            rows.append({"combo": combo, "n_train": size, "style": combo_style(combo, styles), **summary})
+        rows.sort(key=lambda row: (row["n_train"], _combo_key(row["combo"])))
+        finite = [row for row in rows if math.isfinite(row["mean"])]
+        best = max(finite, key=lambda row: row["mean"])["combo"] if finite else None
+        for row in rows:
+            row["best"] = row["combo"] == best
+        panels[test] = rows
+    return {"order_by": "n_train_images" if by_images else "n_datasets", "panels": panels}
+
+
+def figure4_data(fig4):
+    """Per method: each combination's Dice averaged over its test sets, then mean +- std over combinations."""
+    per_method = {}
+    for rec in fig4:
+        for method, tests in rec["methods"].items():
+            values = [_num(t.get("mean_dice")) for t in (tests or {}).values() if isinstance(t, dict)]
+            values = [v for v in values if math.isfinite(v)]
+            if values:
+                per_method.setdefault(method, {})[rec["combo"]] = float(np.mean(values))
+    methods = [m for m in METHOD_ORDER if m in per_method] + sorted(set(per_method) - set(METHOD_ORDER))
+    base = per_method.get("baseline", {})
+    out = {}
+    for m in methods:
+        combos = per_method[m]
+        stats = summarize(list(combos.values()))
+        deltas = [v - base[c] for c, v in combos.items() if c in base]  # paired: same combinations only
+        out[m] = {"mean_dice": stats["mean"], "std": stats["std"], "n_combos": stats["n"], "per_combo": combos,
+                  "delta_vs_baseline": float(np.mean(deltas)) if deltas else float("nan")}
+    return out
+
+
+def reference_pairs(by_combo, reference):
+    """Our AUPR (mean over seeds) beside the authors' for every (combination, test set, lesion) both have."""
+    pairs = []
+    for combo, runs in by_combo.items():
+        for test in DATASET_IDS:
+            for lesion in LESIONS:
+                ours, theirs = cell(runs, test, "aupr", lesion), reference.get((combo, test, lesion))
+                if theirs is not None and ours["n"]:
+                    pairs.append({"combo": combo, "test": test, "lesion": lesion, "ours": ours["mean"],
+                                  "n_ours": ours["n"], "authors": theirs})
+    return pairs
+
+
+# ---------------------------------------------------------------- writing
+def _clean(x):
+    """NaN -> None recursively, so the JSON files hold null as the results files do."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False) + "\n")
+
+
+def fmt(summary):
+    """'—' no run, 'NaN' runs whose metric is undefined, else 'mean ± std (n=k)'."""
+    if summary["n_runs"] == 0:
+        return "—"
+    if summary["n"] == 0:
+        return f"NaN (n=0 of {summary['n_runs']})"
+    std = f" ± {summary['std']:.3f}" if summary["n"] > 1 else ""
+    return f"{summary['mean']:.3f}{std} (n={summary['n']})"
+
+
+def fmt_paper(value):
+    return "—" if value is None else f"{value:.3f}"
+
+
+def plot_figure3(data, path):
+    panels = data["panels"]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 4.6), squeeze=False,
+                             sharey=True)
+    for ax, (test, rows) in zip(axes[0], panels.items()):
+        ax.set_title(f"held-out test: {TEST_NAMES[test]}", fontsize=10)
+        if not rows:  # every run with this test set was trained on it
+            ax.text(0.5, 0.5, "no combination excludes it", ha="center", transform=ax.transAxes, fontsize=8)
+            continue
+        x = np.arange(len(rows))
+        for i, row in enumerate(rows):
+            if row["style"]:
+                ax.axvspan(i - 0.5, i + 0.5, color=STYLE_COLORS[row["style"]], alpha=0.6, lw=0)
+        ax.fill_between(x, [r["min"] for r in rows], [r["max"] for r in rows], color="C0", alpha=0.3, lw=0)
+        ax.plot(x, [r["mean"] for r in rows], "o-", color="C0", ms=4)
+        for i, row in enumerate(rows):
+            if row["best"]:
+                ax.plot(i, row["mean"], marker="*", ms=16, color="gold", mec="k", zorder=5)
+        ax.set_xticks(x, [r["combo"] for r in rows], rotation=90, fontsize=7)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+    axes[0][0].set_ylabel("Dice (mean over lesions)")
+    handles = [Patch(color=c, label=s) for s, c in STYLE_COLORS.items()] + [Patch(color="C0", alpha=0.3,
+                                                                                  label="min-max over seeds")]
+    fig.legend(handles=handles, fontsize=8, loc="upper right", ncol=4, frameon=False)
+    fig.suptitle(f"Leave-one-out scenarios, training sets ordered by {ORDER_NAMES[data['order_by']]}", x=0.01,
+                 ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_figure4(data, path):
+    fig, ax = plt.subplots(figsize=(1.0 * max(len(data), 3) + 1.5, 4.2))
+    colors = {"baseline": "0.6", "ensemble": "C1", "swa": "C2", "soup": "C3"}
+    rng = np.random.default_rng(0)  # fixed jitter: the PNG is reproducible
+    for i, (method, d) in enumerate(data.items()):
+        ax.bar(i, d["mean_dice"], yerr=d["std"] if math.isfinite(d["std"]) else None, capsize=3,
+               color=colors.get(method.split("-")[0], "C4"), alpha=0.8)
+        per_combo = list(d["per_combo"].values())
+        ax.plot(i + rng.uniform(-0.2, 0.2, len(per_combo)), per_combo, "k.", ms=3)
+    ax.set_xticks(range(len(data)), list(data), rotation=30, ha="right")
+    ax.set_ylabel("Dice (mean over test sets)")
+    n = max((d["n_combos"] for d in data.values()), default=0)
+    ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reference(pairs, path):
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    for k, lesion in enumerate(LESIONS):
+        sel = [p for p in pairs if p["lesion"] == lesion]
+        ax.scatter([p["ours"] for p in sel], [p["authors"] for p in sel], s=14, color=f"C{k}", label=lesion)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="our AUPR (mean over seeds)", ylabel="authors' published AUPR")
+    ax.set_title("Per (combination, test set, lesion); setups differ", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def protocol_lines(runs):
+    seen = {}
+    for r in runs:
+        key = json.dumps(r["protocol"], sort_keys=True)
+        seen[key] = seen.get(key, 0) + 1
+    lines = [f"- `{k}` ({n} run(s))" for k, n in seen.items()]
+    if len(seen) > 1:
+        lines.insert(0, "- NOTE: the runs were evaluated under different protocols; cells may mix them.")
+    return lines or ["- (no results.json found: Figure 4 only)"]
+
+
+def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note):
+    seeds = sorted({r["seed"] for r in runs})
+    combos = sorted({r["combo"] for r in runs}, key=_combo_key)
+    md = ["# Cross-dataset lesion segmentation: report", "",
+          f"Built by `report.py` from {len(runs)} results file(s): {len(combos)} training combination(s), "
+          f"seeds {seeds}. Cells: mean ± sample std (ddof=1) over seeds, n = runs with a defined value; "
+          "`—` = no run; `NaN` = runs whose metric is undefined (no positive pixel).", "",
+          "## Protocol (the results files' `protocol` field)", "", *protocol_lines(runs), "",
+          "## Table 2: AUPR, trained and tested on the same dataset", "",
+          "| Dataset | Model | " + " | ".join(LESIONS) + " | mean |", "|---" * (len(LESIONS) + 3) + "|"]
+    for ds, row in t2.items():
+        md.append(f"| {TEST_NAMES[ds]} | ours | " + " | ".join(fmt(row["ours"][k]) for k in LESIONS + ("mean",)) + " |")
+        for name, pub in row["published"].items():
+            md.append(f"| | {name} (published) | " + " | ".join(fmt_paper(pub[k]) for k in LESIONS + ("mean",)) + " |")
+    md += ["", "Published rows: the paper's Table 2 as transcribed in REFERENCE.md (row labels uncertain).", "",
+           "## Table 3: Dice (mean over lesions) on other datasets' test sets", "",
+           "| Test set | Trained on | ours | paper |", "|---|---|---|---|"]
+    for test, row in t3.items():
+        md += [f"| {TEST_NAMES[test]}-test | {c} | {fmt(v['ours'])} | {fmt_paper(v['paper'])} |" for c, v in row.items()]
+    md += ["", "## Figure 3: leave-one-out scenarios", "", "![Figure 3](figure3.png)", "",
+           f"Combinations ordered by {ORDER_NAMES[f3['order_by']]}; background = labelling style of the "
+           "training sets (a combination with a coarse set is coarse, else with a mixed set mixed, else fine; "
+           "white = not characterized); shade = min-max over seeds; star = best mean.", ""]
+    md += ["## Figure 4: weight averaging and ensembles", ""]
+    if f4:
+        md += ["![Figure 4](figure4.png)", "", "Each combination's Dice is averaged over the test sets in its "
+               "fig4.json, then over combinations (bars: mean ± std; dots: combinations).", "",
+               "| Method | mean Dice | std | combinations | Δ vs baseline (paired) |", "|---|---|---|---|---|"]
+        md += [f"| {m} | {d['mean_dice']:.3f} | {fmt_paper(_clean(d['std']))} | {d['n_combos']} | "
+               f"{fmt_paper(_clean(d['delta_vs_baseline']))} |" for m, d in f4.items()]
+    else:
+        md.append("No fig4.json found.")
+    md += ["", "## The authors' published AUPR beside ours", ""]
+    if pairs:
+        md += ["![Reference AUPR](reference_aupr.png)", "",
+               f"{len(pairs)} (combination, test set, lesion) pairs. {ref_note}"]
+    else:
+        md.append("Not plotted (no reference file or no matching combination).")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs_dir", help="sweep folder holding <COMBO>/s<SEED>/results.json and <COMBO>/fig4.json")
+    p.add_argument("-o", "--out", default="report", help="output folder (default: %(default)s)")
+    p.add_argument("--characterize", default=DEFAULT_CHARACTERIZE,
+                   help="characterize.json giving each dataset's labelling style (default: %(default)s, "
+                        "used when present)")
+    p.add_argument("--reference", default=DEFAULT_REFERENCE,
+                   help="the authors' published CSV, relative to here or to this script; 'none' to leave it "
+                        "out (default: %(default)s)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+
+    runs, fig4, skipped = load_runs(args.runs_dir)
+    for path in skipped:
+        print(f"skipped (not a results file of the sweep layout): {path}", file=sys.stderr)
+    styles = {}
+    char = out / "characterize" / "characterize.json" if args.characterize == DEFAULT_CHARACTERIZE \
+        else Path(args.characterize)
+    if char.is_file():
+        styles = load_styles(char)
+    elif args.characterize != DEFAULT_CHARACTERIZE:
+        raise FileNotFoundError(f"--characterize {char} not found")
+    reference, ref_note = {}, ""
+    if args.reference.lower() != "none":
+        ref = Path(args.reference)
+        ref = HERE / ref if not ref.exists() and not ref.is_absolute() and (HERE / ref).exists() else ref
+        if ref.is_file():
+            reference = load_reference(ref)
+            ref_note = (f"Source: `{ref.name}` (the authors' export, CC0-1.0). Their setup differs (SE-ResNeXt50 "
+                        "encoder, 1024 px, softmax over background + 4 lesions): a reference, not a target.")
+        elif args.reference != DEFAULT_REFERENCE:
+            raise FileNotFoundError(f"--reference {ref} not found")
+
+    by_combo = {}
+    for r in sorted(runs, key=lambda r: (_combo_key(r["combo"]), r["seed"])):
+        by_combo.setdefault(r["combo"], []).append(r)
+    t2, t3, f3, f4 = table2(by_combo), table3(by_combo), figure3_data(by_combo, styles), figure4_data(fig4)
+    pairs = reference_pairs(by_combo, reference)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "table2.json", t2)
+    write_json(out / "table3.json", t3)
+    write_json(out / "figure3.json", f3)
+    plot_figure3(f3, out / "figure3.png")
+    for name in ("figure4.json", "figure4.png", "reference_aupr.json", "reference_aupr.png"):
+        (out / name).unlink(missing_ok=True)  # a rerun without them must not leave stale ones beside report.md
+    if f4:
+        write_json(out / "figure4.json", f4)
+        plot_figure4(f4, out / "figure4.png")
+    if pairs:
+        write_json(out / "reference_aupr.json", pairs)
+        plot_reference(pairs, out / "reference_aupr.png")
+    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note)
+    print(f"report: {len(runs)} run(s), {len(fig4)} fig4 file(s) -> {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

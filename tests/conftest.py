@@ -1,0 +1,57 @@
+"""Shared fixtures: a small synthetic copy of the five datasets, prepared once per test session."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU in tests
+FIXTURE_IDRID = ROOT.parent / "shared" / "fixtures" / "idrid"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slow test, run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fixture_idrid():
+    """Root of the real IDRiD sample (four images with HE masks), skipped when absent."""
+    if not FIXTURE_IDRID.is_dir():
+        pytest.skip(f"real IDRiD fixture not found at {FIXTURE_IDRID}")
+    return FIXTURE_IDRID
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """All five datasets in their distributed layouts: 12 images each, 192 px."""
+    from data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, images=12, size=192, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_dir(synth_root, tmp_path_factory):
+    """The synthetic datasets prepared at resolution 128 (all five)."""
+    from data import DATASET_IDS, prepare_cache
+
+    cache = tmp_path_factory.mktemp("cache")
+    for ds in DATASET_IDS:
+        prepare_cache(ds, synth_root, cache, 128)
+    return cache

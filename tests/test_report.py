@@ -1,0 +1,238 @@
+"""report.py on a hand-made fixture of results JSON files: exact table numbers, combos, figures, errors."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import report
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROTOCOL = {"thresholds": 11, "roi": "fov", "resolution": 128, "tta": False, "tile": None}
+
+
+def write_run(runs, combo, seed, tests, n_train=None, mean=None):
+    """tests: {TEST: (aupr per lesion, dice per lesion)}; None = NaN (written as null, as the contract says).
+    mean: {TEST: (mean_aupr, mean_dice)} written as given (default: null, so report.py must average itself)."""
+    results = {}
+    for test, (aupr, dice) in tests.items():
+        m = (mean or {}).get(test, (None, None))
+        results[test] = {"n_images": 3, "mean_aupr": m[0], "mean_dice": m[1],
+                         "lesions": {c: {"aupr": a, "dice": d, "tp": [0] * 11, "fp": [0] * 11, "pos": 1}
+                                     for c, a, d in zip(("EX", "HE", "MA", "CWS"), aupr, dice)}}
+    rec = {"version": 1, "checkpoints": [], "train": combo.split("+"), "seed": seed, "method": "baseline",
+           "protocol": PROTOCOL, "results": results}
+    if n_train is not None:
+        rec["n_train_images"] = n_train
+    path = runs / combo / f"s{seed}" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+def flat(x):
+    return (x, x, x, x)
+
+
+@pytest.fixture
+def fixture_dirs(tmp_path):
+    runs = tmp_path / "runs"
+    # Table 2 rows: IDR and DDR trained alone, two seeds each (RET has no single-dataset run -> "—").
+    write_run(runs, "IDR", 0, {"IDR": ((.8, .6, .4, .7), flat(.5)), "MES": (flat(.3), flat(.40))}, 54,
+              mean={"IDR": (.625, None)})
+    write_run(runs, "IDR", 1, {"IDR": ((.9, .5, .5, None), flat(.6)), "MES": (flat(.3), flat(.44))}, 54)
+    write_run(runs, "DDR", 0, {"DDR": ((.5, .4, .2, .3), flat(.3)), "IDR": (flat(.5), flat(.20))}, 383)
+    write_run(runs, "DDR", 1, {"DDR": ((.6, .4, .3, .3), flat(.3)), "IDR": (flat(.5), flat(.30))}, 383)
+    # Table 3, IDRiD-test: DDR+MES (2 seeds), RET (1 seed); DDR+FGA+MES missing.
+    write_run(runs, "DDR+MES", 0, {"IDR": (flat(.5), (.6, .6, .6, .6))}, 500)
+    write_run(runs, "DDR+MES", 1, {"IDR": (flat(.5), (.7, .6, .6, .66))}, 500, mean={"IDR": (None, .64)})
+    write_run(runs, "RET", 0, {"IDR": (flat(.5), (.1, .2, .3, None)), "MES": (flat(.2), flat(.19))}, 1000)
+    write_run(runs, "FGA", 0, {"IDR": (flat(.5), flat(.25))}, 1200)
+    # Messidor-test: IDR+DDR with one seed whose metrics are all null (NaN): only the other counts.
+    write_run(runs, "IDR+DDR", 0, {"MES": (flat(.4), flat(.42))}, 437)
+    write_run(runs, "IDR+DDR", 1, {"MES": (flat(None), flat(None))}, 437)
+    # DDR-test: IDR+MES evaluated, but its only metric is undefined -> "NaN (n=0 of 1)".
+    write_run(runs, "IDR+MES", 0, {"DDR": (flat(None), flat(None))}, 192)
+    # Unrelated files must be ignored.
+    (runs / "notes.txt").write_text("hello")
+    (runs / "IDR" / "s0" / "args.json").write_text("{}")
+    (runs / "junk" / "s0").mkdir(parents=True)
+    (runs / "junk" / "s0" / "results.json").write_text("{not json")
+    (runs / "IDR" / "swa" / "results.json").parent.mkdir(parents=True)
+    (runs / "IDR" / "swa" / "results.json").write_text(json.dumps({"results": {}}))
+    # Figure 4 for two combinations.
+    m = lambda d: {t: {"mean_dice": v, "mean_aupr": 0.5} for t, v in d.items()}  # noqa: E731
+    (runs / "DDR+MES" / "fig4.json").write_text(json.dumps({"combo": "DDR+MES", "train": ["DDR", "MES"], "methods": {
+        "baseline": m({"IDR": .6, "MES": .4}), "ensemble": m({"IDR": .7, "MES": .5}),
+        "swa-full": m({"IDR": .65, "MES": None})}}))
+    (runs / "IDR+DDR" / "fig4.json").write_text(json.dumps({"combo": "IDR+DDR", "train": ["IDR", "DDR"], "methods": {
+        "baseline": m({"MES": .3, "DDR": .5}), "ensemble": m({"MES": .4, "DDR": .6})}}))
+    char = tmp_path / "characterize.json"
+    char.write_text(json.dumps({"rule": "test", "datasets": {
+        "IDR": {"style": "fine"}, "DDR": {"style": "fine"}, "MES": {"style": "fine"},
+        "FGA": {"style": "coarse"}, "RET": {"style": "mixed"}}}))
+    return runs, char, tmp_path / "report"
+
+
+def build(fixture_dirs, *extra):
+    runs, char, out = fixture_dirs
+    report.main([str(runs), "-o", str(out), "--characterize", str(char), *extra])
+    return out
+
+
+def load(out, name):
+    return json.loads((out / name).read_text())
+
+
+def test_table2_exact_numbers(fixture_dirs):
+    t2 = load(build(fixture_dirs), "table2.json")
+    idr = t2["IDR"]["ours"]
+    assert idr["EX"]["mean"] == pytest.approx((.8 + .9) / 2)
+    assert idr["EX"]["std"] == pytest.approx(math.sqrt(((.8 - .85) ** 2 + (.9 - .85) ** 2) / 1))
+    assert idr["HE"]["mean"] == pytest.approx(.55) and idr["MA"]["mean"] == pytest.approx(.45)
+    # CWS is null in seed 1: one finite value, no std.
+    assert idr["CWS"] == {**idr["CWS"], "mean": pytest.approx(.7), "std": None, "n": 1, "n_runs": 2}
+    # mean: seed 0's file value .625, seed 1 has a null mean -> mean of its defined lesions (.9+.5+.5)/3.
+    assert idr["mean"]["mean"] == pytest.approx((.625 + (.9 + .5 + .5) / 3) / 2)
+    ddr = t2["DDR"]["ours"]
+    assert ddr["EX"]["mean"] == pytest.approx(.55) and ddr["HE"]["std"] == pytest.approx(0.0)
+    assert ddr["mean"]["mean"] == pytest.approx(((.5 + .4 + .2 + .3) / 4 + (.6 + .4 + .3 + .3) / 4) / 2)
+    assert t2["RET"]["ours"]["EX"]["n_runs"] == 0 and t2["RET"]["ours"]["EX"]["mean"] is None
+    assert t2["IDR"]["seeds"] == [0, 1]
+    assert t2["IDR"]["published"]["Playout & Cheriet"] == {"EX": .825, "HE": .620, "MA": .451, "CWS": .713,
+                                                          "mean": .652}
+    assert t2["DDR"]["published"]["Playout & Cheriet"]["mean"] == .429
+
+
+def test_table3_combos_and_missing(fixture_dirs):
+    out = build(fixture_dirs)
+    t3 = load(out, "table3.json")
+    assert list(t3) == ["IDR", "MES", "DDR"]
+    assert list(t3["IDR"]) == ["DDR+MES", "RET", "DDR+FGA+MES"]
+    assert list(t3["MES"]) == ["IDR+DDR", "RET", "IDR+DDR+FGA"]
+    assert list(t3["DDR"]) == ["IDR+MES", "RET", "IDR+FGA+MES"]
+    dm = t3["IDR"]["DDR+MES"]
+    # seed 0: mean of lesions .6; seed 1: the file's mean_dice .64 wins over the lesions.
+    assert dm["ours"]["mean"] == pytest.approx(.62) and dm["ours"]["std"] == pytest.approx(math.sqrt(2 * .02 ** 2))
+    assert dm["paper"] == .634
+    assert t3["IDR"]["RET"]["ours"]["mean"] == pytest.approx(.2) and t3["IDR"]["RET"]["ours"]["n"] == 1
+    assert t3["IDR"]["DDR+FGA+MES"]["ours"]["n_runs"] == 0
+    assert t3["MES"]["IDR+DDR"]["ours"] == {**t3["MES"]["IDR+DDR"]["ours"], "mean": pytest.approx(.42), "n": 1,
+                                            "n_runs": 2}
+    assert t3["MES"]["RET"]["ours"]["mean"] == pytest.approx(.19)
+    assert t3["DDR"]["IDR+MES"]["ours"]["n"] == 0 and t3["DDR"]["IDR+MES"]["ours"]["n_runs"] == 1
+    md = (out / "report.md").read_text()
+    assert "| IDRiD-test | DDR+MES | 0.620 ± 0.028 (n=2) | 0.634 |" in md
+    assert "| IDRiD-test | DDR+FGA+MES | — | 0.661 |" in md
+    assert "| IDRiD-test | RET | 0.200 (n=1) | 0.222 |" in md
+    assert "| DDR-test | IDR+MES | NaN (n=0 of 1) | 0.426 |" in md
+    assert "| Retinal-Lesions | ours | — | — | — | — | — |" in md
+
+
+def test_figure3_order_styles_best(fixture_dirs):
+    out = build(fixture_dirs)
+    f3 = load(out, "figure3.json")
+    assert f3["order_by"] == "n_train_images"
+    idr = f3["panels"]["IDR"]
+    # Excludes every combination holding IDR; ordered by training images (383, 500, 1000, 1200).
+    assert [r["combo"] for r in idr] == ["DDR", "DDR+MES", "RET", "FGA"]
+    assert [r["style"] for r in idr] == ["fine", "fine", "mixed", "coarse"]
+    assert [r["best"] for r in idr] == [False, True, False, False]
+    assert idr[0]["min"] == pytest.approx(.2) and idr[0]["max"] == pytest.approx(.3)
+    assert [r["combo"] for r in f3["panels"]["MES"]] == ["IDR", "IDR+DDR", "RET"]
+    assert combo_style_independent("IDR+DDR+FGA") == "coarse"
+
+
+def combo_style_independent(combo):
+    return report.combo_style(combo, {"IDR": "fine", "DDR": "mixed", "FGA": "coarse"})
+
+
+def test_figure3_falls_back_to_dataset_count(fixture_dirs):
+    runs, _, _ = fixture_dirs
+    path = runs / "FGA" / "s0" / "results.json"
+    rec = json.loads(path.read_text())
+    del rec["n_train_images"]
+    path.write_text(json.dumps(rec))
+    f3 = load(build(fixture_dirs), "figure3.json")
+    assert f3["order_by"] == "n_datasets"
+    assert [r["combo"] for r in f3["panels"]["IDR"]] == ["DDR", "FGA", "RET", "DDR+MES"]  # canonical within ties
+    assert report.combo_style("IDR+DDR", {"IDR": "fine", "DDR": "mixed"}) == "mixed"
+    assert report.combo_style("IDR+DDR", {"IDR": "fine"}) is None  # DDR not characterized
+
+
+def test_figure4_numbers(fixture_dirs):
+    f4 = load(build(fixture_dirs), "figure4.json")
+    assert list(f4) == ["baseline", "ensemble", "swa-full"]
+    assert f4["baseline"]["per_combo"] == {"DDR+MES": pytest.approx(.5), "IDR+DDR": pytest.approx(.4)}
+    assert f4["baseline"]["mean_dice"] == pytest.approx(.45)
+    assert f4["baseline"]["std"] == pytest.approx(math.sqrt(2 * .05 ** 2))
+    assert f4["ensemble"]["mean_dice"] == pytest.approx(.55)
+    assert f4["ensemble"]["delta_vs_baseline"] == pytest.approx(.1)
+    # swa-full: MES is null, so only IDR counts (.65), one combination, paired with baseline .5.
+    assert f4["swa-full"] == {**f4["swa-full"], "mean_dice": pytest.approx(.65), "n_combos": 1, "std": None,
+                              "delta_vs_baseline": pytest.approx(.15)}
+
+
+def test_figures_and_report_md(fixture_dirs):
+    out = build(fixture_dirs)
+    md = (out / "report.md").read_text()
+    for name in ("figure3.png", "figure4.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in md
+    assert '"resolution": 128' in md and "(11 run(s))" in md  # protocol stated, with the number of runs
+    assert "seeds [0, 1]" in md and "NaN" not in (out / "table3.json").read_text()  # NaN written as null
+
+
+@pytest.mark.skipif(not (ROOT / "reference" / "lesions_database_cross_study.csv").is_file(),
+                    reason="reference/lesions_database_cross_study.csv not in the project")
+def test_reference_beside_ours(fixture_dirs):
+    out = build(fixture_dirs)  # default --reference: the project's copy
+    pairs = load(out, "reference_aupr.json")
+    # The authors' single IDRID-only run ("fiery-bush-76") has IDRID EXUDATES AUC-PR 0.8319008350372314.
+    (hit,) = [p for p in pairs if (p["combo"], p["test"], p["lesion"]) == ("IDR", "IDR", "EX")]
+    assert hit["ours"] == pytest.approx(.85) and hit["authors"] == pytest.approx(0.8319008350372314)
+    assert not any(p["lesion"] == "CWS" and p["combo"] == "IDR+MES" for p in pairs)  # NaN ours: no pair
+    assert (out / "reference_aupr.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](reference_aupr.png)" in (out / "report.md").read_text()
+    runs, char, _ = fixture_dirs
+    report.main([str(runs), "-o", str(out), "--characterize", str(char), "--reference", "none"])
+    assert not (out / "reference_aupr.json").exists() and not (out / "reference_aupr.png").exists()
+    assert "Not plotted" in (out / "report.md").read_text()
+
+
+def test_without_characterize_and_fig4(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "IDR", 0, {"IDR": (flat(.5), flat(.5)), "DDR": (flat(.5), flat(.1))})
+    out = tmp_path / "out"
+    report.main([str(runs), "-o", str(out), "--reference", "none"])
+    f3 = load(out, "figure3.json")
+    assert f3["panels"]["DDR"][0]["style"] is None and f3["order_by"] == "n_datasets"
+    assert not (out / "figure4.png").exists() and "No fig4.json found." in (out / "report.md").read_text()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "report.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_no_results_one_line_error(tmp_path):
+    (tmp_path / "runs" / "IDR" / "s0").mkdir(parents=True)
+    (tmp_path / "runs" / "readme.txt").write_text("nothing here")
+    proc = run_cli(tmp_path / "runs", "-o", tmp_path / "out")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no results found under")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        report.main([str(tmp_path / "missing"), "-o", str(tmp_path / "out")])
+
+
+def test_bad_flags_one_line(fixture_dirs, tmp_path):
+    runs, char, out = fixture_dirs
+    with pytest.raises(FileNotFoundError, match="--characterize"):
+        report.main([str(runs), "-o", str(out), "--characterize", str(tmp_path / "nope.json")])
+    with pytest.raises(FileNotFoundError, match="--reference"):
+        report.main([str(runs), "-o", str(out), "--characterize", str(char), "--reference", str(tmp_path / "x.csv")])
+    char.write_text(json.dumps({"datasets": {"IDR": {"style": "blurry"}}}))
+    with pytest.raises(ValueError, match="unknown labelling style"):
+        report.main([str(runs), "-o", str(out), "--characterize", str(char)])

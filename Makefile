@@ -23,6 +23,8 @@ TESTS      ?= IDR,DDR,FGA,RET,MES
 GPUS       ?=
 TRAIN_FLAGS ?=
 EVAL_FLAGS  ?=
+FIG4_FLAGS  ?=
+TUNE_FLAGS  ?=
 COMBO      ?= IDR+DDR+MES
 
 IDS    := IDR DDR FGA RET MES
@@ -31,7 +33,7 @@ COMBOS := $(shell python3 -c "import itertools as it; i='$(IDS)'.split(); print(
 SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
 
-.PHONY: setup test test-all bench demo all-combos report table2 table3 fig3 fig4 characterize clean-demo
+.PHONY: print-combos setup test test-all bench demo demo-runs all-combos report table2 table3 fig3 fig4 characterize tune clean-demo
 .DELETE_ON_ERROR:
 
 setup: $(VENV)
@@ -47,7 +49,12 @@ test-all: $(VENV)   # including the tests marked slow
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --runslow tests
 
 bench: $(VENV)
-	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PY) bench/bench_data.py
+	$(PY) bench/bench_metrics.py
+	$(PY) bench/bench_train.py --threads 1
+
+print-combos:   # the 31 run names, one line (for cluster array jobs)
+	@echo $(COMBOS)
 
 # ---- the sweep: each run's results.json is a target, so an interrupted sweep resumes where it stopped ----
 all-combos: $(RESULTS)
@@ -60,7 +67,7 @@ $(RUNS)/%/results.json: | $(VENV)
 # ---- Figure 4 for one combination: baseline, ensemble of 4, SWA and soups on encoder / decoder / full ----
 fig4: $(RUNS)/$(COMBO)/fig4.json
 $(RUNS)/%/fig4.json: | $(VENV)
-	$(PY) average.py fig4 $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@
+	$(PY) average.py fig4 $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(FIG4_FLAGS)
 
 # ---- the report: tables and figures regenerated from the results files ----
 characterize: $(VENV)
@@ -68,3 +75,36 @@ characterize: $(VENV)
 
 report table2 table3 fig3: $(VENV)
 	$(PY) report.py $(RUNS) -o report
+
+# ---- the paper's Optuna search (tune.py --help; many workers: TUNE_FLAGS="--storage postgresql://... --seed N")
+comma := ,
+tune: $(VENV)
+	$(PY) tune.py --train $(subst +,$(comma),$(COMBO)) --data-root $(DATA_ROOT) --cache $(CACHE) $(TUNE_FLAGS)
+
+# ---- the main job on the embedded default: the whole study at toy scale, CPU, under 10 minutes ----
+# synthetic datasets -> prepared caches -> characterize -> a reduced sweep (every single dataset, every
+# leave-one-out combination, all five, and the fine-only / fine+coarse pairs) -> evaluation -> Figure 4
+# averaging for one combination -> report. Everything lands under demo/; rerunning redoes only what is missing.
+DEMO := demo
+DEMO_COMBOS := IDR DDR FGA RET MES IDR+DDR IDR+DDR+RET IDR+DDR+MES \
+	DDR+FGA+RET+MES IDR+FGA+RET+MES IDR+DDR+RET+MES IDR+DDR+FGA+MES IDR+DDR+FGA+RET IDR+DDR+FGA+RET+MES
+DEMO_FIG4 := IDR+DDR+MES
+DEMO_VARS := DATA_ROOT=$(DEMO)/data CACHE=$(DEMO)/cache RUNS=$(DEMO)/runs RESOLUTION=128 PATCH=64 ITERS=300 \
+	BATCH=16 LR=3e-3 ENCODER=test_resnet VAL_EVERY=50 \
+	TRAIN_FLAGS="--no-pretrained --decoder-channels 64,32,32,16,16 --warmup 10 --snapshot-every 100 --device cpu --workers 0" \
+	EVAL_FLAGS="--device cpu"
+DEMO_RESULTS := $(foreach c,$(DEMO_COMBOS),$(DEMO)/runs/$(c)/s0/results.json) $(DEMO)/runs/$(DEMO_FIG4)/s1/results.json
+
+demo: $(VENV)
+	@test -f $(DEMO)/data/.done || { $(PY) -m data.synthetic --out $(DEMO)/data --images 30 --size 256 && touch $(DEMO)/data/.done; }
+	$(PY) -m data.prepare --dataset all --data-root $(DEMO)/data --out $(DEMO)/cache --resolution 128
+	$(PY) characterize.py --data-root $(DEMO)/data --cache $(DEMO)/cache --resolution 128 --out $(DEMO)/report/characterize
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 demo-runs $(DEMO_VARS)
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory fig4 COMBO=$(DEMO_FIG4) TESTS=IDR,DDR,MES FIG4_FLAGS="--members 2 --device cpu" $(DEMO_VARS)
+	$(PY) report.py $(DEMO)/runs -o $(DEMO)/report
+	@echo "demo done: $(DEMO)/report/report.md"
+
+demo-runs: $(DEMO_RESULTS)
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -27,7 +27,7 @@ def combo_name(ids):
 # The public API, imported on first use (PEP 562): `from data import LESIONS` stays light (no torch), and
 # `python -m data.prepare` does not import its own module twice.
 _API = {"prepare_cache": "data.prepare", "PreparedDataset": "data.prepare", "add_data_args": "data.prepare",
-        "data_options": "data.prepare", "PatchDataset": "data.patches", "preprocess_image": "data.preprocess",
+        "data_options": "data.prepare", "data_settings": "data.prepare", "PatchDataset": "data.patches", "preprocess_image": "data.preprocess",
         "restore_geometry": "data.preprocess"}
 __all__ = ["LESIONS", "DATASET_IDS", "parse_dataset_ids", "combo_name", *_API]
 

@@ -84,7 +84,7 @@ def _warp(win, bwin, A, t, P):
     norm = np.array([2 / w, 2 / h])
     T = np.concatenate([A.T * norm, (t * norm - 1)[None]], axis=0)  # (3, 2)
     grid = (_GRIDS[P] @ torch.from_numpy(T).float()).view(1, P, P, 2)
-    x = torch.from_numpy(win).float().permute(2, 0, 1)[None]  # (1, 3, h, w), channels-last memory
+    x = torch.from_numpy(np.asarray(win, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, h, w)
     img = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]  # (3, P, P)
     affine = (A[0, 0], A[0, 1], t[0], A[1, 0], A[1, 1], t[1])
     bits = np.asarray(Image.fromarray(bwin).transform((P, P), Image.AFFINE, affine, Image.NEAREST))

@@ -84,6 +84,24 @@ def data_options(args):
             "split_files": _pairs(args.splits, "--splits"), "ret_he": args.ret_he, "split_seed": args.split_seed}
 
 
+# The flags above that decide which images are read and how they are split.
+DATA_FLAGS = ("data_root", "cache", "root", "mask_threshold", "splits", "ret_he", "split_seed")
+
+
+def data_settings(args, parser, recorded):
+    """(data_root, cache, prepare_cache options): a data flag given on this command line wins, else the
+    training run's recorded value (its checkpoint's "args"), else the default.
+
+    NOTE: split flags decide which images are validation and test; reading a run's data with other split
+    options would re-split the cache and could score on images the run trained on.
+    """
+    merged = argparse.Namespace(**vars(args))
+    for key in DATA_FLAGS:
+        if getattr(args, key) == parser.get_default(key) and recorded.get(key) is not None:
+            setattr(merged, key, recorded[key])
+    return merged.data_root, merged.cache, data_options(merged)
+
+
 # ----------------------------------------------------------------------------- preparation
 
 def preprocess_sample(sample, resolution, threshold=0):

@@ -1,0 +1,156 @@
+"""One training step (forward, BCE, backward, AdamW) of our U-Net vs segmentation_models_pytorch.Unet.
+
+    python bench/bench_train.py
+    python bench/bench_train.py --encoder resnet18 --size 256 --batch 4 --steps 10
+    python bench/bench_train.py --encoder legacy_seresnet101.in1k --size 512 --batch 8 --attention
+
+Same timm encoder, same decoder widths, same input, measured alternately in the same run. Correctness
+first: parameter counts must agree and, with our weights copied into smp, the logits must match.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import ModelConfig, build_model  # noqa: E402
+
+
+def count(params):
+    return sum(p.numel() for p in params)
+
+
+def build_pair(args):
+    """Our model and smp's U-Net, same encoder/widths; smp's 3x3 head swapped for our 1x1 (issue 3)."""
+    torch.manual_seed(args.seed)
+    ours = build_model(ModelConfig(encoder=args.encoder, pretrained=False, decoder_channels=args.decoder_channels,
+                                   attention=args.attention))
+    peer = smp.Unet(encoder_name="tu-" + args.encoder, encoder_weights=None, classes=4,
+                    decoder_channels=args.decoder_channels, decoder_attention_type="scse" if args.attention else None)
+    smp_raw = count(peer.parameters())
+    peer.segmentation_head[0] = nn.Conv2d(args.decoder_channels[-1], 4, 1)
+    return ours, peer, smp_raw
+
+
+def check_same_model(ours, peer, x):
+    """Equal used-parameter counts, then identical logits once our weights are copied into smp."""
+    for net in (ours, peer):
+        net.zero_grad(set_to_none=True)
+        net(x[:1]).sum().backward()
+    # NOTE: smp builds an scSE for the last block's (absent) skip and never calls it: those parameters get
+    # no gradient and are not part of the function, so they are left out of the comparison.
+    dead = {n for n, p in peer.named_parameters() if p.grad is None}
+    n_ours, n_peer = count(ours.parameters()), count(p for n, p in peer.named_parameters() if n not in dead)
+    unused = count(p for n, p in peer.named_parameters() if n in dead)
+    print(f"smp parameters never used: {unused:,} ({len(dead)} tensors)")
+    if n_ours != n_peer:
+        raise ValueError(f"parameter counts differ: ours {n_ours:,} vs smp {n_peer:,} (used, 1x1 head)")
+    peer_sd = {k: v for k, v in peer.state_dict().items() if k not in dead}
+    with torch.no_grad():
+        for (ka, a), (kb, b) in zip(ours.state_dict().items(), peer_sd.items()):
+            if a.shape != b.shape:
+                raise ValueError(f"layer order differs from smp: {ka} {tuple(a.shape)} vs {kb} {tuple(b.shape)}")
+            b.copy_(a)
+        ours.eval(), peer.eval()
+        diff = (ours(x) - peer((x - ours.mean) / ours.std)).abs().max().item()
+    ours.train(), peer.train()
+    if diff > 1e-3:
+        raise ValueError(f"logits differ from smp with the same weights: max |diff| = {diff:.2e}")
+    return n_ours, diff
+
+
+def time_steps(nets, x, target, steps, warmup, amp_dtype=None):
+    """Median seconds per training step for each net; nets alternate step by step to share any drift."""
+    device = x.device
+    opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in nets]
+
+    def step(net, opt):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.binary_cross_entropy_with_logits(net(x).float(), target)
+        loss.backward()
+        opt.step()
+
+    times = [[] for _ in nets]
+    for i in range(warmup + steps):
+        order = range(len(nets)) if i % 2 == 0 else reversed(range(len(nets)))  # ABBA: no first-mover bias
+        for net, opt, ts in ((nets[j], opts[j], times[j]) for j in order):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(net, opt)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def report(label, t_ours, t_peer, batch):
+    print(f"{label}: ours {t_ours * 1e3:8.1f} ms/step ({batch / t_ours:7.1f} patches/s) | "
+          f"smp {t_peer * 1e3:8.1f} ms/step ({batch / t_peer:7.1f} patches/s) | ratio ours/smp {t_ours / t_peer:.3f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoder", default="resnet18", help="timm encoder name (default: %(default)s)")
+    p.add_argument("--size", type=int, default=256, help="square patch side in pixels (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="patches per step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default: %(default)s)")
+    p.add_argument("--decoder-channels", default="256,128,64,32,16",
+                   help="decoder widths, deepest first (default: %(default)s)")
+    p.add_argument("--attention", action="store_true", help="scSE decoder blocks in both (default: %(default)s)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time bfloat16 autocast + channels_last; always done on CUDA (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="CPU threads; 1 is steadier on a shared machine (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="weights and input seed (default: %(default)s)")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        args.decoder_channels = tuple(int(c) for c in args.decoder_channels.split(","))
+    except ValueError:
+        raise ValueError(f"--decoder-channels must be comma-separated integers, got {args.decoder_channels!r}")
+    if args.steps < 1 or args.batch < 1 or args.size < 32:
+        raise ValueError("--steps and --batch must be >= 1 and --size >= 32")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but torch sees no GPU")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name} | torch {torch.__version__}, timm {timm.__version__}, smp {smp.__version__}")
+    print(f"encoder {args.encoder}, decoder {args.decoder_channels}, attention {args.attention}, "
+          f"batch {args.batch} x 3 x {args.size} x {args.size}")
+
+    ours, peer, smp_raw = build_pair(args)
+    ours, peer = ours.to(device), peer.to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)  # (B, 3, S, S) in [0, 1]
+    target = (torch.rand(args.batch, 4, args.size, args.size, generator=g) < 0.05).float().to(device)
+    n, diff = check_same_model(ours, peer, x[:2])
+    print(f"parameters: ours {n:,} | smp {n:,} used, 1x1 head (as built by smp: {smp_raw:,}, 3x3 head "
+          f"and the unused scSE) | same logits with same weights: max |diff| {diff:.1e}")
+
+    t_ours, t_peer = time_steps([ours, peer], x, target, args.steps, args.warmup)
+    report(f"float32 ({args.steps} steps, median)", t_ours, t_peer, args.batch)
+    if device.type == "cuda" or args.bf16:
+        ours, peer = ours.to(memory_format=torch.channels_last), peer.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        t_ours, t_peer = time_steps([ours, peer], x_cl, target, args.steps, args.warmup, amp_dtype=torch.bfloat16)
+        report("bfloat16 autocast + channels_last", t_ours, t_peer, args.batch)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,362 @@
+"""evaluate.py end to end on the synthetic test sets, against brute-force counts and a float64 AUPR/Dice."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from data import LESIONS, PreparedDataset
+from model import ModelConfig, build_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+R = 128  # the conftest cache's resolution
+T32 = np.linspace(0, 1, 11, dtype=np.float32)  # the protocol's float32 thresholds, independent of kernels/
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """NOTE: on 2 shared cores, torch's 2 OpenMP threads spin against other processes: 1 thread is ~30x faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Independent references
+# ---------------------------------------------------------------------------------------------------------
+def brute_counts(probs, masks, roi):
+    """probs float32 (N, 4, H, W), masks bool (N, 4, H, W), roi bool (N, H, W) -> tp (4, 11), fp (4, 11), pos (4,)."""
+    tp = np.zeros((4, 11), np.int64)
+    fp = np.zeros((4, 11), np.int64)
+    pos = np.zeros(4, np.int64)
+    for c in range(4):
+        p, y = probs[:, c][roi], masks[:, c][roi]
+        pos[c] = y.sum()
+        for k, t in enumerate(T32):
+            hit = p >= t
+            tp[c, k] = (hit & y).sum()
+            fp[c, k] = (hit & ~y).sum()
+    return tp, fp, pos
+
+
+def ref_metrics(tp, fp, pos):
+    """The REFERENCE.md formula in float64, one lesion: (aupr, dice), NaN when the lesion is absent."""
+    if pos == 0:
+        return math.nan, math.nan
+    tp, fp = np.asarray(tp, np.float64), np.asarray(fp, np.float64)
+    prec = [tp[k] / (tp[k] + fp[k]) if tp[k] + fp[k] > 0 else 1.0 for k in range(11)] + [1.0]
+    rec = [tp[k] / pos for k in range(11)] + [0.0]
+    aupr = sum((rec[k] - rec[k + 1]) * (prec[k] + prec[k + 1]) / 2 for k in range(11))
+    dice = 2 * tp[5] / (2 * tp[5] + fp[5] + (pos - tp[5]))
+    return aupr, dice
+
+
+def model_from(path):
+    ckpt = torch.load(path, weights_only=True)
+    m = build_model(ModelConfig(**ckpt["model_cfg"]))
+    m.load_state_dict(ckpt["model"])
+    return m.eval()
+
+
+@torch.no_grad()
+def dataset_probs(models, ds):
+    """Mean sigmoid probability of the models on every test image, one image at a time: (N, 4, R, R) float32."""
+    out = []
+    for i in range(len(ds)):
+        x = torch.from_numpy(ds[i]["image"]).permute(2, 0, 1)[None].float() / 255
+        ps = [torch.sigmoid(m(x)) for m in models]
+        out.append((sum(ps[1:], ps[0]) / len(ps))[0].numpy())
+    return np.stack(out)
+
+
+def dataset_truth(ds):
+    return (np.stack([ds[i]["masks"] for i in range(len(ds))]).astype(bool),
+            np.stack([ds[i]["fov"] for i in range(len(ds))]).astype(bool))
+
+
+def assert_block_matches(block, tp, fp, pos, n_images):
+    assert block["n_images"] == n_images
+    for c, lesion in enumerate(LESIONS):
+        got = block["lesions"][lesion]
+        assert got["tp"] == tp[c].tolist(), lesion
+        assert got["fp"] == fp[c].tolist(), lesion
+        assert got["pos"] == int(pos[c]), lesion
+        aupr, dice = ref_metrics(tp[c], fp[c], pos[c])
+        for name, want in (("aupr", aupr), ("dice", dice)):
+            if math.isnan(want):
+                assert got[name] is None or math.isnan(got[name]), (lesion, name)
+            else:
+                assert got[name] == pytest.approx(want, rel=1e-12, abs=1e-12), (lesion, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints made here: a tiny U-Net whose head is scaled so the probabilities spread over [0, 1]
+# ---------------------------------------------------------------------------------------------------------
+def make_checkpoint(path, seed, cache_dir):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False)
+    m = build_model(cfg).eval()
+    head = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d) and mod.out_channels == len(LESIONS)][-1]
+    x = torch.from_numpy(PreparedDataset(cache_dir, "MES", R, "train")[0]["image"]).permute(2, 0, 1)[None] / 255
+    with torch.no_grad():
+        s = m(x.float()).std().item()
+        head.weight.mul_(2.5 / max(s, 1e-6))  # logits ~ N(., 2.5): every threshold bin gets pixels
+        if head.bias is not None:
+            head.bias.fill_(-1.0)
+    save_checkpoint(path, {"model": m.state_dict(), "model_cfg": asdict(cfg),
+                           "args": {"train": ["MES"], "seed": seed, "resolution": R, "patch": 64,
+                                    "n_train_images": 8},
+                           "step": 0, "epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": None,
+                           "metric": 0.0, "version": 1})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(cache_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    a = make_checkpoint(d / "a.pt", 0, cache_dir)
+    b = make_checkpoint(d / "b.pt", 1, cache_dir)
+    ck = torch.load(a, weights_only=True)
+    ens = d / "ens1.pt"
+    save_checkpoint(ens, {"kind": "ensemble", "members": [{"model": ck["model"], "model_cfg": ck["model_cfg"]}],
+                          "args": ck["args"], "version": 1})
+    return {"a": a, "b": b, "ens1": ens}
+
+
+@pytest.fixture(scope="module")
+def single(ckpts, cache_dir, synth_root, tmp_path_factory):
+    """The single model on MES, maps written: (results dict, maps folder), shared by several tests."""
+    maps = tmp_path_factory.mktemp("maps")
+    return run_eval([ckpts["a"]], cache_dir, synth_root, maps_dir=maps), maps
+
+
+def run_eval(paths, cache_dir, synth_root, tests=("MES",), **kw):
+    kw.setdefault("verbose", False)
+    return evaluate.evaluate_checkpoints([str(p) for p in paths], list(tests), synth_root, cache_dir, {},
+                                         device="cpu", **kw)
+
+
+def cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_cli_json_equals_brute_force(ckpts, cache_dir, synth_root, tmp_path):
+    out = tmp_path / "res.json"
+    r = cli("--ckpt", ckpts["a"], "--test", "MES,IDR", "--data-root", synth_root, "--cache", cache_dir,
+            "--device", "cpu", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "AUPR" in r.stdout and "MES" in r.stdout
+    res = json.loads(out.read_text())  # strict JSON: NaN written as null
+    assert res["version"] == 1 and res["checkpoints"] == [str(ckpts["a"])]
+    assert res["train"] == ["MES"] and res["seed"] == 0 and res["method"] == "baseline"
+    assert res["n_train_images"] == 8
+    assert res["protocol"] == {"thresholds": 11, "roi": "fov", "resolution": R, "tta": False, "tile": None}
+    assert list(res["results"]) == ["IDR", "MES"]  # canonical order
+    model = model_from(ckpts["a"])
+    for test_id, block in res["results"].items():
+        ds = PreparedDataset(cache_dir, test_id, R, "test")
+        masks, fov = dataset_truth(ds)
+        tp, fp, pos = brute_counts(dataset_probs([model], ds), masks, fov)
+        assert tp[:, 0].sum() > tp[:, 10].sum() and (fp[:, 1:10] > 0).any()  # non-trivial maps
+        assert_block_matches(block, tp, fp, pos, len(ds))
+        present = [ref_metrics(tp[c], fp[c], pos[c]) for c in range(4) if pos[c] > 0]
+        if present:
+            assert block["mean_aupr"] == pytest.approx(np.mean([a for a, _ in present]), abs=1e-12)
+            assert block["mean_dice"] == pytest.approx(np.mean([d for _, d in present]), abs=1e-12)
+
+
+def test_ensembles(ckpts, cache_dir, synth_root, single):
+    single = single[0]["results"]["MES"]
+    # an ensemble file of one member, and the same checkpoint twice (mean of p and p is p), equal the model
+    assert run_eval([ckpts["ens1"]], cache_dir, synth_root)["results"]["MES"] == single
+    twice = run_eval([ckpts["a"], ckpts["a"]], cache_dir, synth_root)
+    assert twice["results"]["MES"] == single and twice["method"] == "ensemble"
+    # two different models: counts of the mean of the two probability maps
+    pair = run_eval([ckpts["a"], ckpts["b"]], cache_dir, synth_root)["results"]["MES"]
+    ds = PreparedDataset(cache_dir, "MES", R, "test")
+    masks, fov = dataset_truth(ds)
+    probs = dataset_probs([model_from(ckpts["a"]), model_from(ckpts["b"])], ds)
+    assert_block_matches(pair, *brute_counts(probs, masks, fov), len(ds))
+    assert pair != single
+
+
+def test_no_roi_counts_every_pixel(ckpts, cache_dir, synth_root):
+    res = run_eval([ckpts["a"]], cache_dir, synth_root, roi=False)
+    assert res["protocol"]["roi"] == "all"
+    ds = PreparedDataset(cache_dir, "MES", R, "test")
+    masks, fov = dataset_truth(ds)
+    probs = dataset_probs([model_from(ckpts["a"])], ds)
+    probs[~np.broadcast_to(fov[:, None], probs.shape)] = 0.0  # the authors' way: p = 0 outside the FOV
+    tp, fp, pos = brute_counts(probs, masks, np.ones_like(fov))
+    assert (tp[:, 0] + fp[:, 0] == len(ds) * R * R).all()
+    assert_block_matches(res["results"]["MES"], tp, fp, pos, len(ds))
+
+
+class Pointwise(torch.nn.Module):
+    """A 1x1 convolution: no receptive field, so tiling and flips must not change its output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) * 5
+
+
+def test_tiling_and_tta_identities():
+    x = torch.rand(2, 3, 70, 90)  # odd, non-square
+    m = Pointwise().eval()
+    with torch.no_grad():
+        plain = torch.sigmoid(m(x))
+        for tile, ov in ((32, 0.5), (40, 0.25), (64, 0.0), (90, 0.5)):
+            tiled = evaluate.predict_tiled([m], x, tile, overlap=ov)
+            torch.testing.assert_close(tiled, plain, rtol=0, atol=1e-6)
+        assert torch.equal(evaluate.predict_tiled([m], x, 96), evaluate.predict([m], x))  # one window: exact
+        # TTA of a flip-equivariant model changes nothing (up to rounding)
+        torch.testing.assert_close(evaluate.predict([m], x, tta=True), plain, rtol=0, atol=1e-6)
+
+
+def test_tta_is_mean_over_flips_and_flip_equivariant(ckpts):
+    m = model_from(ckpts["a"])
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = sum(torch.sigmoid(m(x.flip(d))).flip(d) if d else torch.sigmoid(m(x))
+                  for d in ((), (-1,), (-2,), (-2, -1))) / 4
+        got = evaluate.predict([m], x, tta=True)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+        assert (got - torch.sigmoid(m(x))).abs().max() > 1e-4  # the U-Net itself is not flip-invariant
+        for d in ((-1,), (-2,)):
+            torch.testing.assert_close(evaluate.predict([m], x.flip(d), tta=True), got.flip(d), rtol=0, atol=1e-6)
+
+
+def test_tiled_counts(ckpts, cache_dir, synth_root, single):
+    base = single[0]["results"]["MES"]
+    same = run_eval([ckpts["a"]], cache_dir, synth_root, tile=R)
+    assert same["results"]["MES"] == base and same["protocol"]["tile"] == R
+    tiled = run_eval([ckpts["a"]], cache_dir, synth_root, tile=96)["results"]["MES"]
+    for lesion in LESIONS:
+        b, t = base["lesions"][lesion], tiled["lesions"][lesion]
+        assert t["pos"] == b["pos"]
+        n = b["tp"][0] + b["fp"][0]
+        assert t["tp"][0] + t["fp"][0] == n  # every ROI pixel counted at t = 0
+        # NOTE: a 96 px window of a 128 px image sees less context near its border: close, not equal
+        moved = sum(abs(t["tp"][k] + t["fp"][k] - b["tp"][k] - b["fp"][k]) for k in range(11))
+        assert moved < 0.05 * 11 * n, lesion
+    # the same on one map: the blended tiles differ from the whole-image map far less than the map varies
+    m = model_from(ckpts["a"])
+    x = torch.from_numpy(PreparedDataset(cache_dir, "MES", R, "test")[0]["image"]).permute(2, 0, 1)[None] / 255
+    with torch.no_grad():
+        whole = torch.sigmoid(m(x.float()))
+        tiled = evaluate.predict_tiled([m], x.float(), 96)
+    assert ((tiled - whole).abs().mean((2, 3)) < 0.25 * whole.std((2, 3))).all()
+
+
+def test_save_maps(ckpts, cache_dir, single):
+    from PIL import Image
+
+    tmp_path = single[1]
+    ds = PreparedDataset(cache_dir, "MES", R, "test")
+    probs = dataset_probs([model_from(ckpts["a"])], ds)
+    for i, image_id in enumerate(ds.ids):
+        for c, lesion in enumerate(LESIONS):
+            with Image.open(tmp_path / "MES" / f"{image_id}_{lesion}.png") as im:
+                assert im.mode == "L" and im.size == (R, R)
+                diff = np.abs(np.asarray(im).astype(int) - np.round(probs[i, c] * 255).astype(int))
+                assert diff.max() <= 1  # 8-bit quantisation of the same map
+        with Image.open(tmp_path / "MES" / f"{image_id}_overlay.png") as im:
+            assert im.mode == "RGB" and im.size == (R, R)
+
+
+def fundus_jpeg(path, w, h):
+    """A bright disc on black, as a fundus photograph looks to the FOV detector."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (w, h))
+    r = min(w, h) // 2 - 4
+    ImageDraw.Draw(im).ellipse([w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r], fill=(170, 80, 40))
+    im.save(path, quality=95)
+
+
+def test_images_folder(ckpts, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = {"left": (200, 150), "right": (150, 180)}
+    for name, (w, h) in sizes.items():
+        fundus_jpeg(photos / f"{name}.jpg", w, h)
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "maps"
+    evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--save-maps", str(out), "--device", "cpu"])
+    for name, size in sizes.items():
+        for suffix in [*LESIONS, "overlay"]:
+            with Image.open(out / f"{name}_{suffix}.png") as im:
+                assert im.size == size, (name, suffix)
+
+
+def test_errors(ckpts, cache_dir, synth_root, tmp_path):
+    common = ["--data-root", str(synth_root), "--cache", str(cache_dir), "--device", "cpu",
+              "--out", str(tmp_path / "r.json")]
+    not_ckpt = tmp_path / "notes.pt"
+    not_ckpt.write_text("hello")
+    other = tmp_path / "other.pt"
+    torch.save({"state": torch.zeros(2)}, other)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    a = str(ckpts["a"])
+    no_test = tmp_path / "no_test.json"  # every MES image in train: an empty test set
+    no_test.write_text(json.dumps({"train": PreparedDataset(cache_dir, "MES", R, "all").ids}))
+    cases = [
+        (["--ckpt", a, "--test", "MES", "--splits", f"MES={no_test}", "--cache", str(tmp_path / "cache2")],
+         "no images"),
+        (["--ckpt", a, "--test", "XYZ"], "XYZ"),
+        (["--ckpt", str(not_ckpt), "--test", "MES"], "notes.pt"),
+        (["--ckpt", str(other), "--test", "MES"], "other.pt"),
+        (["--ckpt", str(tmp_path / "missing.pt"), "--test", "MES"], "missing.pt"),
+        (["--ckpt", a, "--images", str(broken)], "broken"),
+        (["--ckpt", a, "--images", str(tmp_path / "nowhere")], "nowhere"),
+    ]
+    for args, needle in cases:  # in-process: the exception main() lets through is one line naming the input
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            evaluate.main(common + args)  # later flags win: the empty-split case has its own --cache
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    for args, needle in cases[2:3]:  # through the command line: one stderr line, no traceback
+        r = cli(*args, *common)
+        assert r.returncode != 0, args
+        assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert needle in r.stderr
+
+
+def test_empty_test_set(ckpts):
+    class Empty:
+        ids = []
+
+        def __len__(self):
+            return 0
+
+    with pytest.raises(ValueError, match="no images"):
+        evaluate.count_dataset([model_from(ckpts["a"])], Empty(), "cpu")
+
+
+def test_count_dataset_bfloat16_and_train_mode(ckpts, cache_dir):
+    ds = PreparedDataset(cache_dir, "MES", R, "test")
+    m = model_from(ckpts["a"]).train()  # as train.py's validation finds it
+    tp32, fp32, pos32 = evaluate.count_dataset([m], ds, "cpu")
+    assert m.training  # handed back in the mode it came in
+    tp16, fp16, pos16 = evaluate.count_dataset([m], ds, "cpu", dtype="bfloat16", batch=3)
+    assert tp16.dtype == torch.int64 and torch.equal(pos16, pos32)
+    assert torch.equal(tp16[:, 0] + fp16[:, 0], tp32[:, 0] + fp32[:, 0])  # same ROI pixels, batched by 3
+    assert ((tp16 + fp16 - tp32 - fp32).abs().sum(1) < 0.1 * 11 * (tp32[:, 0] + fp32[:, 0])).all()

@@ -1,0 +1,269 @@
+"""model.py: shapes at odd sizes, the default encoder's features, checkpoint I/O, one-line errors.
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_model.py
+"""
+import urllib.error
+from dataclasses import asdict
+
+import pytest
+import segmentation_models_pytorch as smp
+import timm
+import torch
+
+import model
+from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # NOTE: on a shared 2-core machine several intra-op threads thrash (20x slower measured); restore after
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(encoder="test_resnet", **kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(encoder=encoder, pretrained=False, **kw))
+
+
+def used_param_shapes(net, x):
+    """Shapes of the parameters that get a gradient, in registration order (drops dead modules)."""
+    net.zero_grad(set_to_none=True)
+    net(x).sum().backward()
+    return [tuple(p.shape) for p in net.parameters() if p.grad is not None]
+
+
+def one_line(err):
+    msg = str(err.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("encoder", ["test_resnet", "resnet18"])
+def test_forward_backward_odd_size(encoder, attention):
+    net = tiny(encoder, attention=attention, dropout=0.1)
+    x = torch.rand(2, 3, 64 + 3, 96 + 7)
+    y = net(x)
+    assert y.shape == (2, 4, 67, 103)
+    y.square().mean().backward()
+    for name, p in net.named_parameters():  # every module is used: no dead parameters
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_four_stage_encoder():
+    # convnext-style features start at stride 4: the final block jumps straight back to input size
+    net = tiny("test_convnext", decoder_channels=(64, 32, 16, 8))
+    assert net(torch.rand(1, 3, 64 + 3, 64 + 7)).shape == (1, 4, 67, 71)
+    with pytest.raises(ValueError, match="decoder_channels needs 4 widths"):
+        tiny("test_convnext")
+
+
+def test_channels_last_input_gives_same_logits():
+    net = tiny(attention=True).eval()
+    x = torch.rand(2, 3, 67, 71)
+    with torch.no_grad():
+        ref = net(x)
+        out = net(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_same_function_as_smp_unet(attention):
+    # independent reference: smp's U-Net with the same timm encoder and widths, our 1x1 head instead of its
+    # 3x3 one; smp also builds an scSE for the last block's (absent) skip that it never calls, hence "used".
+    ours = tiny(attention=attention)
+    peer = smp.Unet(encoder_name="tu-test_resnet", encoder_weights=None, classes=4,
+                    decoder_attention_type="scse" if attention else None)
+    peer.segmentation_head[0] = torch.nn.Conv2d(16, 4, 1)
+    x = torch.rand(2, 3, 64 + 3, 64 + 7)
+    assert used_param_shapes(ours, x) == used_param_shapes(peer, x)
+    # same weights in registration order -> same logits (smp expects normalised input)
+    dead = {n for n, p in peer.named_parameters() if p.grad is None}
+    peer_sd = {k: v for k, v in peer.state_dict().items() if k not in dead}
+    ours_sd = ours.state_dict()
+    assert len(peer_sd) == len(ours_sd)
+    with torch.no_grad():
+        for a, b in zip(ours_sd.values(), peer_sd.values()):
+            b.copy_(a)
+        ours.eval(), peer.eval()
+        torch.testing.assert_close(ours(x), peer((x - ours.mean) / ours.std), atol=1e-4, rtol=1e-4)
+
+
+def test_default_encoder_features_feed_the_decoder():
+    net = build_model(ModelConfig(pretrained=False))  # legacy_seresnet101.in1k, random weights
+    info = net.encoder.feature_info
+    assert info.channels() == [64, 256, 512, 1024, 2048]
+    assert info.reduction() == [2, 4, 8, 16, 32]
+    # blocks see upsampled deeper features + the skip: (2048+1024), (256+512), (128+256), (64+64), 32
+    assert [b.conv1.conv.in_channels for b in net.decoder.blocks] == [3072, 768, 384, 128, 32]
+    assert net.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    net.eval()
+    with torch.no_grad():
+        feats = net.encoder(torch.rand(1, 3, 64, 64))
+        assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]
+        assert net(torch.rand(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_state_dict_keys_split_encoder_decoder():
+    net = tiny(attention=True)
+    keys = list(net.state_dict())
+    enc = timm.create_model("test_resnet", features_only=True)
+    assert [k for k in keys if k.startswith("encoder.")] == ["encoder." + k for k in enc.state_dict()]
+    assert all(k.split(".")[0] in ("encoder", "decoder", "head") for k in keys)
+    assert "mean" not in keys and "std" not in keys  # normalisation buffers are not persistent
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_checkpoint_round_trip(tmp_path, prefix):
+    net = tiny(attention=True)
+    net(torch.rand(2, 3, 64, 64))  # train mode: move the BN running stats off their init
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False, attention=True)
+    wrapped = {prefix + k: v for k, v in net.state_dict().items()}  # as DDP / torch.compile name them
+    path = tmp_path / "run" / "last.pt"
+    save_checkpoint(path, {"model": wrapped, "model_cfg": asdict(cfg), "step": 3, "version": 1})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no .tmp left behind
+    raw = torch.load(path, weights_only=True)
+    assert list(raw["model"]) == list(net.state_dict()) and raw["step"] == 3
+    [loaded] = load_models(path)
+    assert not loaded.training
+    x = torch.rand(1, 3, 67, 71)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x), atol=0, rtol=0)
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_cfg": {}})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "model_cfg": {}, "bad": lambda: 0})
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+    assert torch.load(path, weights_only=True)["model"]["w"].tolist() == [1.0, 1.0]
+
+
+def test_load_models_ensemble(tmp_path):
+    cfg = asdict(ModelConfig(encoder="test_resnet", pretrained=False))
+    nets = [tiny().eval() for _ in range(2)]
+    with torch.no_grad():
+        nets[1].head.bias.add_(1.0)
+    path = tmp_path / "ensemble.pt"
+    save_checkpoint(path, {"kind": "ensemble", "members": [{"model": n.state_dict(), "model_cfg": cfg} for n in nets]})
+    loaded = load_models(str(path))
+    assert len(loaded) == 2
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(loaded, nets):
+            torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(text)
+    assert str(text) in one_line(e)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    no_cfg = tmp_path / "no_cfg.pt"
+    torch.save({"model": {}}, no_cfg)
+    with pytest.raises(ValueError) as e:
+        load_models(no_cfg)
+    assert str(no_cfg) in one_line(e) and "'model_cfg'" in str(e.value)
+    ens = tmp_path / "ens.pt"
+    torch.save({"kind": "ensemble"}, ens)
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(ens)
+    assert "members" in one_line(e)
+
+
+def test_load_models_rejects_state_dict_of_another_config(tmp_path):
+    net = tiny(attention=False)
+    path = tmp_path / "last.pt"
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False, attention=True)  # config disagrees
+    save_checkpoint(path, {"model": net.state_dict(), "model_cfg": asdict(cfg)})
+    with pytest.raises(ValueError) as e:
+        load_models(path)
+    msg = one_line(e)
+    assert str(path) in msg and "missing key 'decoder.blocks.0.attention1." in msg
+
+
+def test_pretrained_download_failure_is_one_line(monkeypatch):
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):  # what timm raises with no network (urllib, URL weights)
+        if pretrained:
+            raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(encoder="test_resnet", pretrained=True))
+    msg = one_line(e)
+    assert msg.startswith("could not download pretrained weights for test_resnet (URLError")
+    assert "--no-pretrained" in msg and "--encoder-weights PATH" in msg
+
+
+def test_bad_encoder_names_are_one_line():
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(encoder="no_such_net", pretrained=False))
+    assert "unknown timm encoder 'no_such_net'" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(encoder="seresnet101", pretrained=True))  # timm has no weights for it
+    assert "--no-pretrained" in one_line(e)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "features", "torchvision-old"])
+def test_encoder_weights_from_local_file(tmp_path, kind):
+    torch.manual_seed(1)
+    src = timm.create_model("test_resnet", features_only=kind == "features")
+    sd = src.state_dict()
+    if kind == "torchvision-old":  # old torchvision files have no BN counters and wrap in "state_dict"
+        sd = {"state_dict": {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}}
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    net = build_model(ModelConfig(encoder="test_resnet", pretrained=True, encoder_weights=str(path)))
+    ref = src.state_dict()
+    for k, v in net.encoder.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, ref[k]), k
+
+
+def test_encoder_weights_of_flattened_features_model(tmp_path):
+    # byobnet's features_only model renames "stages.0" -> "stages_0": classifier files must still load
+    torch.manual_seed(1)
+    full = timm.create_model("test_byobnet")
+    path = tmp_path / "byob.pth"
+    torch.save(full.state_dict(), path)
+    net = build_model(ModelConfig(encoder="test_byobnet", pretrained=False, encoder_weights=str(path)))
+    w = net.encoder.state_dict()["stages_0.0.attn.fc1.weight"]
+    assert torch.equal(w, full.state_dict()["stages.0.0.attn.fc1.weight"])
+
+
+def test_encoder_weights_errors_are_one_line(tmp_path):
+    wrong = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), wrong)
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(wrong)))
+    assert str(wrong) in one_line(e) and "does not match encoder test_resnet" in str(e.value)
+    renamed = tmp_path / "renamed.pth"
+    torch.save({"backbone." + k: v for k, v in timm.create_model("test_resnet").state_dict().items()}, renamed)
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(renamed)))
+    assert "missing key" in one_line(e)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(tmp_path / "nope.pth")))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(junk)))
+    assert "is not a weights file" in one_line(e)
+
+
+def test_config_from_dict_rejects_unknown_fields():
+    cfg = model.config_from_dict({"encoder": "test_resnet", "decoder_channels": [8, 8, 8, 8, 8]})
+    assert cfg.decoder_channels == (8, 8, 8, 8, 8)
+    with pytest.raises(ValueError, match="unknown model_cfg field 'depth'"):
+        model.config_from_dict({"depth": 5})

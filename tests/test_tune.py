@@ -1,0 +1,291 @@
+"""tune.py: the search space as train.py reads it, a study that completes / continues / survives failures,
+interrupted and killed trials resumed, pruning, two workers on one SQLite file, the --show PNGs, one-line errors.
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_tune.py
+"""
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+import train
+import tune
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPLETE, FAIL, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED
+# Tiny trials: 4 steps of 2 patches of 64 px, validated at steps 2 and 4, on the synthetic IDRiD.
+TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "cpu", "--dtype", "float32",
+              "--workers", "0", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """NOTE: tiny convolutions on a shared 2-core machine run ~5x faster on one thread than oversubscribed."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(synth_root, tmp_path_factory):
+    """tune.py argv builder for a study in its own tmp dir; the cache is prepared once, before any worker."""
+    from data import prepare_cache
+
+    cache = tmp_path_factory.mktemp("tune_cache")
+    prepare_cache("IDR", synth_root, cache, 64)
+
+    def argv(tmp, study="s", trials=3, *extra):
+        return ["--train", "IDR", "--data-root", str(synth_root), "--cache", str(cache), "--study", study,
+                "--storage", f"sqlite:///{tmp}/tune.db", "--runs-dir", str(tmp / "runs"),
+                "--plot-dir", str(tmp / "plots"),
+                "--trials", str(trials), "--encoders", "test_resnet", "--decoder-widths", "16,16,8,8,8", "8,8,8,8,8",
+                "--resolutions", "64", "--iters", "4", "--val-every", "2", *extra, "--", *TINY_TRAIN]
+    return argv
+
+
+def show(tmp, study):
+    return ["--study", study, "--storage", f"sqlite:///{tmp}/tune.db", "--plot-dir", str(tmp / "plots"), "--show"]
+
+
+def load(tmp, study="s"):
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp}/tune.db")
+
+
+def val_scores(run_dir, key="mean_aupr"):
+    """The validation scores of a run, read back from its log.jsonl (NaN is written as null)."""
+    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    return {r["step"]: (math.nan if r[key] is None else r[key]) for r in map(json.loads, lines) if r["split"] == "val"}
+
+
+# ----------------------------------------------------------------------------- the search space alone
+def test_search_space_is_what_train_py_reads():
+    args = tune.parse_args(["--train", "DDR,IDR", "--encoders", "test_resnet,resnet18", "--resolutions", "128,256",
+                            "--lr-range", "1e-4,1e-2", "--optimizers", "adam,sgd", "--losses", "dice,bce+dice",
+                            "--decoder-widths", "32,16,8,8,8", "16,8,8,8,8", "--iters", "20", "--val-every", "5",
+                            "--", "--patch", "64", "--batch", "4"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen = {k: set() for k in ("encoder", "resolution", "optimizer", "loss", "decoder_channels", "decoder_attention")}
+    for _ in range(40):
+        trial = study.ask()
+        params = tune.search_space(trial, args)
+        assert params == trial.params  # the flags' names are the optuna parameter names
+        # train.py's own parser is the reference: every sampled value arrives as sampled.
+        t = train.parse_args(tune.train_argv(params, args, out="runs/x"))
+        assert t.train == ["IDR", "DDR"] and t.out == "runs/x" and t.patch == 64 and t.batch == 4
+        assert t.lr == params["lr"] and 1e-4 <= t.lr <= 1e-2  # exact float through the command line
+        assert t.encoder in ("test_resnet", "resnet18") and t.resolution in (128, 256)
+        assert t.optimizer in ("adam", "sgd") and t.loss in ("dice", "bce+dice")
+        assert t.decoder_channels == tuple(int(c) for c in params["decoder_channels"].split(","))
+        assert t.decoder_attention is params["decoder_attention"]
+        assert (t.iters, t.val_every, t.warmup, t.val_metric) == (20, 5, 1, "aupr")
+        for k in seen:
+            seen[k].add(params[k])
+        study.tell(trial, 0.0)
+    assert all(len(v) == 2 for v in seen.values())  # every choice is reachable
+    # Single choices and a toy range from flags.
+    toy = tune.parse_args(["--train", "IDR", "--encoders", "test_resnet", "--resolutions", "128", "--attention", "on",
+                           "--lr-range", "3e-4,3e-4"])
+    params = tune.search_space(optuna.create_study().ask(), toy)
+    assert (params["encoder"], params["resolution"], params["decoder_attention"]) == ("test_resnet", 128, True)
+    assert params["lr"] == pytest.approx(3e-4)
+
+
+def test_defaults_are_paper_scale():
+    args = tune.parse_args(["--train", "IDR,DDR"])
+    assert args.trials == 1000 and args.resolutions == [1024, 1536] and args.study == "IDR+DDR"
+    assert args.encoders[0] == "legacy_seresnet101.in1k" and "seresnext50_32x4d" in args.encoders
+    assert args.storage == "sqlite:///tune/IDR+DDR.db" and args.attention == [False, True]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train", "IDR", "--", "--lr", "1e-3"], "--lr after `--` would override"),
+    (["--train", "IDR", "--", "--out=x"], "--out after `--` would override"),
+    (["--train", "IDR", "--lr-range", "1e-2,1e-4"], "--lr-range must be LOW,HIGH"),
+    (["--train", "IDR", "--optimizers", "adam,lion"], "--optimizers: unknown choice 'lion'"),
+    (["--train", "XYZ"], "unknown dataset ID 'XYZ'"),
+    ([], "--train is required"),
+    (["--show"], "--show needs --study"),
+])
+def test_user_errors_are_one_line(argv, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as e:
+        tune.parse_args(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_show_without_a_study(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no study database .*nope.db"):
+        tune.main(["--study", "x", "--storage", f"sqlite:///{tmp_path}/nope.db", "--show"])
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_bad_encoder_stops_before_the_study_exists(tmp_path):
+    argv = ["--train", "IDR", "--encoders", "test_resnet,no_such_net", "--storage", f"sqlite:///{tmp_path}/t.db",
+            "--", "--no-pretrained"]
+    with pytest.raises(ValueError, match="^--encoders / --decoder-widths: unknown timm encoder 'no_such_net'"):
+        tune.main(argv)
+    assert not (tmp_path / "t.db").exists()  # a typo must not fix the search space of a new study
+
+
+# ----------------------------------------------------------------------------- studies (real tiny trials)
+def test_study_completes_continues_and_shows(tiny, tmp_path, capsys):
+    tune.main(tiny(tmp_path, "s", 3))
+    out = capsys.readouterr().out
+    study = load(tmp_path)
+    assert [t.state for t in study.trials] == [COMPLETE] * 3
+    for t in study.trials:
+        # The objective is the best validation mean AUPR, as written in the trial's own log.
+        scores = val_scores(t.user_attrs["run_dir"])
+        assert sorted(scores) == [2, 4] and sorted(t.intermediate_values) == [2, 4]
+        assert t.value == pytest.approx(max(scores.values()))
+        assert t.intermediate_values[2] == pytest.approx(scores[2], nan_ok=True)
+        # Logs stay, checkpoints go (1000 trials of checkpoints would fill a disk).
+        assert not list(Path(t.user_attrs["run_dir"]).rglob("*.pt"))
+    # The best trial as a ready-to-run train.py command (without the trial's --out).
+    command = [line for line in out.splitlines() if line.startswith("python train.py ")]
+    assert len(command) == 1
+    argv = shlex.split(command[0])[2:]
+    best = study.best_trial
+    assert "--out" not in argv
+    assert argv == [a for a in best.user_attrs["argv"] if a not in ("--out", best.user_attrs["run_dir"])]
+    t = train.parse_args(argv)
+    assert (t.lr, t.optimizer, t.loss, t.decoder_attention) == (best.params["lr"], best.params["optimizer"],
+                                                                 best.params["loss"], best.params["decoder_attention"])
+
+    # Rerun with --trials 4: the study continues to 4, it does not run 4 more.
+    tune.main(tiny(tmp_path, "s", 4))
+    trials = load(tmp_path).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3] and len({t.user_attrs["run_dir"] for t in trials}) == 4
+    assert trials[3].params["lr"] != trials[0].params["lr"]  # the resumed sampler does not replay trial 0
+    # Changing a categorical choice of an existing study is refused (optuna cannot mix them).
+    with pytest.raises(ValueError, match="was created with --encoders test_resnet, not resnet18"):
+        tune.main(tiny(tmp_path, "s", 5, "--encoders", "resnet18"))
+
+    # --show: no new trial; history and (>= 2 completed trials) importances as PNGs.
+    capsys.readouterr()
+    tune.main(show(tmp_path, "s"))
+    out = capsys.readouterr().out
+    assert "4 complete" in out and "python train.py " in out and len(load(tmp_path).trials) == 4
+    for name in ("s_history.png", "s_importances.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_trial_is_recorded_and_study_goes_on(tiny, tmp_path, monkeypatch, capsys):
+    real_run, calls = train.run, []
+
+    def oom_once(args, on_validate=None):  # the first trial runs out of memory, the next ones train
+        calls.append(args.out)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_run(args, on_validate)
+
+    monkeypatch.setattr(train, "run", oom_once)
+    tune.main(tiny(tmp_path, "f", 2))
+    trials = load(tmp_path, "f").trials
+    assert [t.state for t in trials] == [FAIL, COMPLETE]
+    assert trials[0].user_attrs["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert "python train.py " in capsys.readouterr().out
+
+    # --show with one completed trial: the history, and importances skipped with the reason.
+    tune.main(show(tmp_path, "f"))
+    out = capsys.readouterr().out
+    assert "1 complete, 1 fail" in out and "importances need >= 2 completed trials" in out
+    assert (tmp_path / "plots" / "f_history.png").exists() and not (tmp_path / "plots" / "f_importances.png").exists()
+
+    # A worker whose first 3 trials all fail stops with one line instead of burning through --trials.
+    monkeypatch.setattr(train, "run", lambda args, on_validate=None: (_ for _ in ()).throw(ValueError("loss is nan")))
+    with pytest.raises(ValueError, match="the first 3 trials of this worker all failed"):
+        tune.main(tiny(tmp_path, "bad", 50))
+    assert [t.state for t in load(tmp_path, "bad").trials] == [FAIL] * 3
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_pruned_trials_stop_training_early(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "make_pruner", lambda args: AlwaysPrune())
+    tune.main(tiny(tmp_path, "p", 1))
+    (t,) = load(tmp_path, "p").trials
+    assert t.state == PRUNED and list(t.intermediate_values) == [2]
+    assert sorted(val_scores(t.user_attrs["run_dir"])) == [2]  # training stopped at the first validation
+
+
+def test_interrupted_trial_resumes_from_its_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    real_run = train.run
+
+    def interrupted_at_step_2(args, on_validate=None):  # Ctrl-C right after the first validation
+        def hook(step, metrics):
+            on_validate(step, metrics)
+            raise KeyboardInterrupt
+        return real_run(args, hook)
+
+    monkeypatch.setattr(train, "run", interrupted_at_step_2)
+    with pytest.raises(SystemExit, match="interrupted: rerun the same command"):
+        tune.main(tiny(tmp_path, "i", 1))
+    run_dir = Path(load(tmp_path, "i").trials[0].user_attrs["run_dir"])
+    assert (run_dir / "last.pt").exists()  # kept for the resume
+
+    monkeypatch.setattr(train, "run", real_run)
+    tune.main(tiny(tmp_path, "i", 1))
+    assert f"resuming {run_dir} from step 2" in capsys.readouterr().out
+    first, again = load(tmp_path, "i").trials
+    assert (first.state, again.state) == (FAIL, COMPLETE)
+    # Same trial resumed: same parameters and run dir, the interrupted trial's report carried over, one count.
+    assert again.params == first.params and again.user_attrs["run_dir"] == str(run_dir)
+    assert sorted(again.intermediate_values) == [2, 4]
+    assert again.value == pytest.approx(max(val_scores(run_dir).values()))
+    assert tune.trial_count(load(tmp_path, "i")) == (1, 0)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the hand-made RUNNING trial of a dead worker
+def test_killed_workers_trial_is_retried_in_its_run_dir(tiny, tmp_path, monkeypatch):
+    real_storage = tune.make_storage
+
+    def quick_heartbeat(url):  # 1 s heartbeat and grace period instead of 60 s / 300 s
+        storage = real_storage(url)
+        storage.heartbeat_interval, storage.grace_period = 1, 1
+        return storage
+
+    monkeypatch.setattr(tune, "make_storage", quick_heartbeat)
+    argv = tiny(tmp_path, "k", 1)
+    args = tune.parse_args(argv)
+    study = tune.open_study(args)
+    # A worker started trial 0 and was killed (SIGKILL, preempted node): RUNNING, heartbeat silent.
+    trial = study.ask()
+    tune.search_space(trial, args)
+    trial.set_user_attr("run_dir", str(tmp_path / "runs" / "k" / "trial_0000"))
+    study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.2)  # NOTE: SQLite's CURRENT_TIMESTAMP has 1 s resolution: > 2 s makes a 1 s grace certain
+    tune.main(argv)
+    dead, retry = load(tmp_path, "k").trials
+    assert (dead.state, retry.state) == (FAIL, COMPLETE)
+    assert retry.params == dead.params and retry.user_attrs["run_dir"] == dead.user_attrs["run_dir"]
+    assert tune.trial_count(load(tmp_path, "k")) == (1, 0)
+
+
+def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
+    """Two processes started together, 2 trials each (2 steps), on one fresh SQLite file: 4 trials, none lost."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "tune.py", *tiny(tmp_path, "w", 100, "--worker-trials", "2",
+                                                                  "--seed", str(seed), "--iters", "2")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for seed in (0, 1)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    trials = load(tmp_path, "w").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert [t.state for t in trials] == [COMPLETE] * 4
+    workers = [t.user_attrs["worker"].split(":")[-1] for t in trials]
+    assert sorted(workers.count(str(p.pid)) for p in procs) == [2, 2]
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 4

@@ -50,7 +50,7 @@ test-all: $(VENV)   # including the tests marked slow
 
 bench: $(VENV)
 	$(PY) bench/bench_data.py
-	$(PY) bench/bench_metrics.py
+	$(PY) bench/bench_metrics.py --threads 1
 	$(PY) bench/bench_train.py --threads 1
 
 print-combos:   # the 31 run names, one line (for cluster array jobs)
@@ -83,24 +83,33 @@ tune: $(VENV)
 
 # ---- the main job on the embedded default: the whole study at toy scale, CPU, under 10 minutes ----
 # synthetic datasets -> prepared caches -> characterize -> a reduced sweep (every single dataset, every
-# leave-one-out combination, all five, and the fine-only / fine+coarse pairs) -> evaluation -> Figure 4
+# leave-one-out combination, all five, and the fine-only IDR+DDR+MES beside IDR+DDR+RET+MES) -> evaluation -> Figure 4
 # averaging for one combination -> report. Everything lands under demo/; rerunning redoes only what is missing.
 DEMO := demo
-DEMO_COMBOS := IDR DDR FGA RET MES IDR+DDR IDR+DDR+RET IDR+DDR+MES \
+DEMO_IMAGES ?= 30
+DEMO_SIZE ?= 256
+DEMO_RESOLUTION ?= 128
+DEMO_PATCH ?= 64
+DEMO_ITERS ?= 300
+DEMO_BATCH ?= 16
+DEMO_COMBOS ?= IDR DDR FGA RET MES IDR+DDR+MES \
 	DDR+FGA+RET+MES IDR+FGA+RET+MES IDR+DDR+RET+MES IDR+DDR+FGA+MES IDR+DDR+FGA+RET IDR+DDR+FGA+RET+MES
-DEMO_FIG4 := IDR+DDR+MES
-DEMO_VARS := DATA_ROOT=$(DEMO)/data CACHE=$(DEMO)/cache RUNS=$(DEMO)/runs RESOLUTION=128 PATCH=64 ITERS=300 \
-	BATCH=16 LR=3e-3 ENCODER=test_resnet VAL_EVERY=50 \
+DEMO_FIG4 ?= IDR+DDR+MES
+DEMO_VARS = DATA_ROOT=$(DEMO)/data CACHE=$(DEMO)/cache RUNS=$(DEMO)/runs RESOLUTION=$(DEMO_RESOLUTION) \
+	PATCH=$(DEMO_PATCH) ITERS=$(DEMO_ITERS) BATCH=$(DEMO_BATCH) LR=3e-3 ENCODER=test_resnet VAL_EVERY=50 \
 	TRAIN_FLAGS="--no-pretrained --decoder-channels 64,32,32,16,16 --warmup 10 --snapshot-every 100 --device cpu --workers 0" \
 	EVAL_FLAGS="--device cpu"
-DEMO_RESULTS := $(foreach c,$(DEMO_COMBOS),$(DEMO)/runs/$(c)/s0/results.json) $(DEMO)/runs/$(DEMO_FIG4)/s1/results.json
+DEMO_RESULTS = $(foreach c,$(DEMO_COMBOS),$(DEMO)/runs/$(c)/s0/results.json) $(DEMO)/runs/$(DEMO_FIG4)/s1/results.json
 
 demo: $(VENV)
-	@test -f $(DEMO)/data/.done || { $(PY) -m data.synthetic --out $(DEMO)/data --images 30 --size 256 && touch $(DEMO)/data/.done; }
-	$(PY) -m data.prepare --dataset all --data-root $(DEMO)/data --out $(DEMO)/cache --resolution 128
-	$(PY) characterize.py --data-root $(DEMO)/data --cache $(DEMO)/cache --resolution 128 --out $(DEMO)/report/characterize
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 demo-runs $(DEMO_VARS)
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory fig4 COMBO=$(DEMO_FIG4) TESTS=IDR,DDR,MES FIG4_FLAGS="--members 2 --device cpu" $(DEMO_VARS)
+	@test -f $(DEMO)/data/.done || { $(PY) -m data.synthetic --out $(DEMO)/data --images $(DEMO_IMAGES) \
+		--size $(DEMO_SIZE) && touch $(DEMO)/data/.done; }
+	$(PY) -m data.prepare --dataset all --data-root $(DEMO)/data --out $(DEMO)/cache --resolution $(DEMO_RESOLUTION)
+	$(PY) characterize.py --data-root $(DEMO)/data --cache $(DEMO)/cache --resolution $(DEMO_RESOLUTION) \
+		--out $(DEMO)/report/characterize
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 demo-runs $(DEMO_VARS) DEMO_COMBOS="$(DEMO_COMBOS)"
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory fig4 COMBO=$(DEMO_FIG4) TESTS=IDR,DDR,MES \
+		FIG4_FLAGS="--members 2 --bn recompute --bn-batches 20 --device cpu" $(DEMO_VARS)
 	$(PY) report.py $(DEMO)/runs -o $(DEMO)/report
 	@echo "demo done: $(DEMO)/report/report.md"
 

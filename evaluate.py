@@ -308,14 +308,14 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     return report
 
 
-def _null_nan(obj):
-    """JSON has no NaN: write null (a lesion absent from a test set)."""
-    if isinstance(obj, float) and math.isnan(obj):
+def null_nan(obj):
+    """JSON has no NaN or inf: write null (a lesion absent from a test set, a diverged loss), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _null_nan(v) for k, v in obj.items()}
+        return {k: null_nan(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_null_nan(v) for v in obj]
+        return [null_nan(v) for v in obj]
     return obj
 
 
@@ -323,7 +323,7 @@ def write_json(path, report):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    text = json.dumps(_null_nan(report), indent=1, allow_nan=False)
+    text = json.dumps(null_nan(report), indent=1, allow_nan=False)
     # one line per list of numbers ("tp": [11 ints]); "[" + newline never occurs inside a JSON string
     flat = lambda m: "[" + ", ".join(v.strip() for v in m.group()[1:-1].split(",")) + "]"  # noqa: E731
     text = re.sub(r"\[\n[-+0-9.eE,\s]+\]", flat, text)

@@ -8,7 +8,7 @@ attention as the optional decoder variant. The decoder follows segmentation_mode
 (one block per skip plus a final block at input resolution) where the paper is silent, except for a 1x1 head.
 """
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import timm

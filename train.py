@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import (LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options, parse_dataset_ids,
                   prepare_cache)
-from evaluate import count_dataset
+from evaluate import count_dataset, null_nan
 from kernels import pr_metrics
 from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
 
@@ -222,20 +222,9 @@ def validate(model, val_sets, device, dtype, loss_kind):
             "aupr": aupr, "dice": dice}
 
 
-def _json_safe(x):
-    """NaN/inf -> None, recursively, so log.jsonl stays valid JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def append_log(path, record):
     with open(path, "a") as f:
-        f.write(json.dumps(_json_safe(record)) + "\n")
+        f.write(json.dumps(null_nan(record)) + "\n")
 
 
 def trim_log(path, step):

@@ -28,6 +28,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread for the whole suite: CPU results stay deterministic, and on 2 shared cores
+    torch's OpenMP threads spin against other processes (tiny steps measured 5-30x slower with two)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixture_idrid():
     """Root of the real IDRiD sample (four images with HE masks), skipped when absent."""

@@ -14,7 +14,7 @@ import average
 import evaluate
 import report
 import train
-from data import PreparedDataset, prepare_cache
+from data import PreparedDataset
 from kernels import pr_metrics
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
 
@@ -22,13 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = (16, 8, 8, 8, 8)  # decoder widths: keeps the checkpoints tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NOTE: one intra-op thread: fast and deterministic on a shared 2-core machine (as test_train.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_ckpt(path, seed, encoder="test_resnet", decoder=SMALL, **extra):

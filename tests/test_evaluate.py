@@ -20,13 +20,6 @@ R = 128  # the conftest cache's resolution
 T32 = np.linspace(0, 1, 11, dtype=np.float32)  # the protocol's float32 thresholds, independent of kernels/
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """NOTE: on 2 shared cores, torch's 2 OpenMP threads spin against other processes: 1 thread is ~30x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------

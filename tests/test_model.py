@@ -14,13 +14,6 @@ import model
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NOTE: on a shared 2-core machine several intra-op threads thrash (20x slower measured); restore after
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(encoder="test_resnet", **kw):

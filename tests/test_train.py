@@ -25,14 +25,6 @@ def tiny_args(synth_root, cache_dir, out, *extra, train_ids="IDR"):
                              "--out", str(out), *TINY, *extra])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NOTE: on a shared 2-core box two intra-op threads contend with other processes and a tiny step
-    # takes seconds instead of 0.1 s; one thread is fast and keeps CPU results deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_log(run_dir, split):

@@ -25,15 +25,6 @@ TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "c
               "--workers", "0", "--log-every", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """NOTE: tiny convolutions on a shared 2-core machine run ~5x faster on one thread than oversubscribed."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

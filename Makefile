@@ -51,7 +51,7 @@ test-all: $(VENV)   # including the tests marked slow
 bench: $(VENV)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_metrics.py --threads 1
-	$(PY) bench/bench_train.py --threads 1
+	$(PY) bench/bench_train.py --threads 1 --steps 20
 
 print-combos:   # the 31 run names, one line (for cluster array jobs)
 	@echo $(COMBOS)

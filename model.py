@@ -8,6 +8,7 @@ attention as the optional decoder variant. The decoder follows segmentation_mode
 (one block per skip plus a final block at input resolution) where the paper is silent, except for a 1x1 head.
 """
 import os
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -274,7 +275,8 @@ def load_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # lazy: cheap to peek
+        # mmap: tensors are read lazily, so peeking at "args" is cheap; only zip-format files (torch >= 1.6) allow it
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise ValueError(f"{path} is not a torch checkpoint loadable with weights_only=True ({_short(e)})") from None
     _check_members(ckpt, str(path))

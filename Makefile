@@ -65,7 +65,10 @@ $(RUNS)/%/results.json: | $(VENV)
 	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(EVAL_FLAGS)
 
 # ---- Figure 4 for one combination: baseline, ensemble of 4, SWA and soups on encoder / decoder / full ----
-fig4: $(RUNS)/$(COMBO)/fig4.json
+# (FIG4_FLAGS="--bn both" reports each average with averaged and with recomputed BatchNorm statistics)
+# COMBO in any order or case (IDR+MES+DDR) names the canonical run folder (IDR+DDR+MES)
+canonical = $(shell python3 -c "import sys; s = set(sys.argv[1].upper().replace(',', '+').split('+')); print('+'.join(i for i in '$(IDS)'.split() if i in s))" $(1))
+fig4: $(RUNS)/$(call canonical,$(COMBO))/fig4.json
 $(RUNS)/%/fig4.json: | $(VENV)
 	$(PY) average.py fig4 $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(FIG4_FLAGS)
 
@@ -109,7 +112,7 @@ demo: $(VENV)
 		--out $(DEMO)/report/characterize
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 demo-runs $(DEMO_VARS) DEMO_COMBOS="$(DEMO_COMBOS)"
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory fig4 COMBO=$(DEMO_FIG4) TESTS=IDR,DDR,MES \
-		FIG4_FLAGS="--members 2 --bn recompute --bn-batches 20 --device cpu" $(DEMO_VARS)
+		FIG4_FLAGS="--members 2 --bn both --bn-batches 20 --device cpu" $(DEMO_VARS)
 	$(PY) report.py $(DEMO)/runs -o $(DEMO)/report
 	@echo "demo done: $(DEMO)/report/report.md"
 

@@ -14,6 +14,7 @@ combination's own validation / training splits (never test), with the data optio
 checkpoint's args unless given here.
 """
 import argparse
+import itertools
 import math
 import re
 import sys
@@ -305,8 +306,9 @@ def _check_out(out, force):
         raise ValueError(f"{out} exists (pass --force to overwrite)")
 
 
-def build_average(paths, kind, part, combo, args):
-    """A soup / SWA checkpoint dict for the CLI: reference, optional greedy selection, optional BN recompute."""
+def build_average(paths, kind, part, combo, args, bn=None):
+    """A soup / SWA checkpoint dict for the CLI: reference, optional greedy selection, optional BN recompute
+    (`bn` overrides args.bn)."""
     method = f"{kind}-{part}"  # e.g. "swa-encoder": evaluate.py writes it as the results' "method"
     if getattr(args, "greedy", False):
         ckpt = greedy_soup(paths, combo.score, part, args.reference, combo.memo)
@@ -317,7 +319,7 @@ def build_average(paths, kind, part, combo, args):
     ckpt["provenance"]["reference_rule"] = args.reference
     # NOTE: BatchNorm statistics are recomputed once, after the greedy choice: candidates are scored with
     # their averaged statistics (a recompute per candidate would multiply the cost by the ingredients).
-    if args.bn == "recompute":
+    if (bn or args.bn) == "recompute":
         ckpt = combo.recompute_bn(ckpt)
     return ckpt
 
@@ -387,7 +389,8 @@ def figure4(args, parser):
         data.prepare_cache(d, data_root, cache, int(combo.ckpt_args["resolution"]), **options)
     options = {**options, "verbose": False}
     avg = combo_dir / "avg"
-    suffix = "-bn" if args.bn == "recompute" else ""
+    # --bn both: each average twice, e.g. "swa-full" (averaged statistics) and "swa-full+bn" (recomputed)
+    modes = ("keep", "recompute") if args.bn == "both" else (args.bn,)
 
     plan = {"baseline": baseline, "ensemble": str(avg / "ensemble.pt")}
     ens_prov = {"method": "ensemble", "ingredients": members, "part": "full", "bn": "keep", "reference_rule": None}
@@ -401,16 +404,18 @@ def figure4(args, parser):
     except FileNotFoundError as e:
         snapshots = []
         print(f"note: SWA entries skipped: {e}")
-    for kind, paths in (("swa", snapshots), ("soup", members)):
-        for part in PARTS if paths else ():
-            name = f"{kind}-{part}"
-            plan[name] = str(avg / f"{name}{suffix}.pt")
-            want = {"method": name, "ingredients": paths, "part": part, "bn": args.bn, "reference_rule": args.reference}
-            if _reusable(plan[name], want):
-                print(f"reusing {plan[name]}")
-                continue
-            print(f"building {plan[name]} from {len(paths)} checkpoint(s)")
-            save_checkpoint(plan[name], build_average(paths, kind, part, combo, args))
+    for bn, (kind, paths), part in itertools.product(modes, (("swa", snapshots), ("soup", members)), PARTS):
+        if not paths:
+            continue
+        name = f"{kind}-{part}"
+        key = name + ("+bn" if bn == "recompute" and len(modes) == 2 else "")
+        plan[key] = str(avg / f"{name}{'-bn' if bn == 'recompute' else ''}.pt")
+        want = {"method": name, "ingredients": paths, "part": part, "bn": bn, "reference_rule": args.reference}
+        if _reusable(plan[key], want):
+            print(f"reusing {plan[key]}")
+            continue
+        print(f"building {plan[key]} from {len(paths)} checkpoint(s)")
+        save_checkpoint(plan[key], build_average(paths, kind, part, combo, args, bn=bn))
 
     methods = {}
     for name, path in plan.items():
@@ -424,9 +429,9 @@ def figure4(args, parser):
               "reference": args.reference, "members": members, "snapshots": snapshots, "checkpoints": plan,
               "methods": methods}
     write_json(args.out, report)  # NaN (a lesion absent from a test set) is written as null
-    print(f"\n{'method':14s}" + "".join(f"{t:>8s}" for t in tests) + "   (mean Dice)")
+    print(f"\n{'method':16s}" + "".join(f"{t:>8s}" for t in tests) + "   (mean Dice)")
     for name, block in methods.items():
-        print(f"{name:14s}" + "".join(f"{block[t]['mean_dice']:8.3f}" for t in tests))
+        print(f"{name:16s}" + "".join(f"{block[t]['mean_dice']:8.3f}" for t in tests))
     return report
 
 
@@ -439,14 +444,15 @@ def build_parser():
         q.add_argument("-o", "--out", required=True, help=f"{what} to write (required)")
         q.add_argument("--force", action="store_true", help="overwrite an existing output (default: %(default)s)")
 
-    def averaging(q, reference="first"):
+    def averaging(q, reference="first", bn=("keep", "recompute")):
         g = q.add_argument_group("averaging")
         g.add_argument("--reference", choices=("first", "best"), default=reference,
                        help="ingredient supplying what is not averaged (other part, integer buffers): the first "
                             "given or the best by validation score (default: %(default)s)")
-        g.add_argument("--bn", choices=("keep", "recompute"), default="keep",
-                       help="keep the averaged BatchNorm statistics, or recompute them over training patches "
-                            "(default: %(default)s)")
+        g.add_argument("--bn", choices=bn, default="keep",
+                       help="keep the averaged BatchNorm statistics, or recompute them over training patches"
+                            + (", or both (fig4: each average twice, '+bn' names the recomputed)" if "both" in bn
+                               else "") + " (default: %(default)s)")
         g.add_argument("--bn-batches", type=int, default=100,
                        help="training batches (the run's --batch x --patch) for --bn recompute (default: %(default)s)")
         g.add_argument("--metric", choices=("aupr", "dice"), default="aupr",
@@ -489,7 +495,7 @@ def build_parser():
     q.add_argument("--members", type=int, default=4,
                    help="first N seeds' best.pt form the ensemble and the soups (default: %(default)s)")
     outputs(q, "fig4.json")
-    averaging(q, reference="best")
+    averaging(q, reference="best", bn=("keep", "recompute", "both"))
     return p
 
 

@@ -233,7 +233,9 @@ def figure4_data(fig4):
             values = [v for v in values if math.isfinite(v)]
             if values:
                 per_method.setdefault(method, {})[rec["combo"]] = float(np.mean(values))
-    methods = [m for m in METHOD_ORDER if m in per_method] + sorted(set(per_method) - set(METHOD_ORDER))
+    # each average beside its copy with recomputed BatchNorm statistics ("+bn", average.py fig4 --bn both)
+    order = [v for m in METHOD_ORDER for v in (m, m + "+bn")]
+    methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
     base = per_method.get("baseline", {})
     out = {}
     for m in methods:

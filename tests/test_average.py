@@ -340,6 +340,16 @@ def test_fig4_writes_what_report_reads(runs, synth_root, tmp_path, capsys):
     average.main(["fig4", str(combo), *flags, "-o", str(out), "--force", "--test", "IDR"])
     assert "reusing" in capsys.readouterr().out
 
+    # --bn both: every average twice; the "+bn" copies differ from the kept ones only in BN running stats.
+    both_out = tmp_path / "fig4-both.json"
+    average.main(["fig4", str(combo), *flags, "-o", str(both_out), "--test", "IDR", "--bn", "both",
+                  "--bn-batches", "2"])
+    fig_both = json.loads(both_out.read_text())
+    assert sorted(fig_both["methods"]) == sorted(methods + [m + "+bn" for m in methods[2:]])
+    kept, recomputed = (load_checkpoint(combo / "avg" / f"soup-full{s}.pt")["model"] for s in ("", "-bn"))
+    changed = {k for k in kept if not torch.equal(kept[k], recomputed[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var")) for k in changed)
+
     report.main([str(runs_dir), "-o", str(tmp_path / "report"), "--reference", "none"])
     f4 = json.loads((tmp_path / "report" / "figure4.json").read_text())
     assert sorted(f4) == sorted(methods)

@@ -66,3 +66,17 @@ def test_miniature_demo_end_to_end(tmp_path):
     for png in re.findall(r"\(([^)]+\.png)\)", report):
         assert (demo / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert "figure3.png" in report and "figure4.png" in report
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="flock (util-linux) not installed")
+def test_gpu_slot_pins_concurrent_jobs_to_different_gpus(tmp_path):
+    env = {"GPU_LOCK_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    job = ["sh", str(ROOT / "gpu_slot.sh"), "0,1", "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"; sleep 2']
+    procs = [subprocess.Popen(job, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    gpus = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert gpus == ["0", "1"]  # two jobs at once: each holds its own GPU
+    third = subprocess.run(job[:2] + ["0,1", "sh", "-c", "exit 3"], env=env, timeout=60)
+    assert third.returncode == 3  # locks are released with the jobs; the command's exit code passes through
+    unpinned = subprocess.run(["sh", str(ROOT / "gpu_slot.sh"), "", "sh", "-c", 'echo "${CUDA_VISIBLE_DEVICES-unset}"'],
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert unpinned.stdout.strip() == "unset"

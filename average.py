@@ -58,6 +58,12 @@ def check_same_architecture(first_path, first, path, ckpt):
         a, b = first["model_cfg"].get(field), ckpt["model_cfg"].get(field)
         if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             raise ValueError(f"{where}: model_cfg key {field!r} is {b!r}, not {a!r}")
+    # NOTE: a soup averages runs of one training combination (issue / paper eq. 3); its validation splits
+    # and BatchNorm patches come from the first ingredient's combination.
+    for field in ("train", "resolution"):
+        a, b = ((c.get("args") or {}).get(field) for c in (first, ckpt))
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"{where}: trained with {field} {b!r}, not {a!r} (average runs of one combination)")
     ref, sd = first["model"], ckpt["model"]
     for k, v in ref.items():
         if k not in sd:
@@ -91,7 +97,8 @@ def average_checkpoints(paths, part="full", reference=None, method="average"):
     first = load_checkpoint(paths[0])
     check_same_architecture(paths[0], first, paths[0], first)  # refuses an ensemble file
     # What every ingredient is checked against: the first one's model_cfg and tensor shapes (meta: no memory)
-    spec = {"model_cfg": first["model_cfg"], "model": {k: v.to("meta") for k, v in first["model"].items()}}
+    spec = {"model_cfg": first["model_cfg"], "args": first.get("args"),
+            "model": {k: v.to("meta") for k, v in first["model"].items()}}
     ref = first if reference == paths[0] else load_checkpoint(reference)
     check_same_architecture(paths[0], spec, reference, ref)
     total, step, epoch = {}, 0, 0

@@ -277,7 +277,7 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     resolution = int(resolution)
 
     protocol = {"thresholds": THRESHOLDS, "roi": "fov" if roi else "all", "resolution": resolution,
-                "tta": bool(tta), "tile": tile}
+                "tta": bool(tta), "tile": tile, "overlap": overlap if tile else None, "dtype": str(dtype)}
     if verbose:
         print(f"{len(models)} model(s) from {len(ckpt_paths)} checkpoint(s) on {device}; "
               + ", ".join(f"{k} {v}" for k, v in protocol.items()))

@@ -232,11 +232,23 @@ def strip_prefixes(state_dict):
     return out
 
 
+def _to_cpu(obj):
+    """Every tensor of a nested dict/list on the CPU, so plain torch.load works on a machine without a GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path, ckpt):
-    """Write ckpt atomically (path.tmp in the same folder, then os.replace) with unwrapped model keys."""
+    """Write ckpt atomically (path.tmp in the same folder, then os.replace) with unwrapped model keys and
+    every tensor on the CPU."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = dict(ckpt)
+    ckpt = _to_cpu(ckpt)
     if "model" in ckpt:
         ckpt["model"] = strip_prefixes(ckpt["model"])
     if "members" in ckpt:

@@ -306,6 +306,13 @@ def _run(args, train_ids, out, device, rank, world, master, on_validate):
     last_path = out / "last.pt"
     if last_path.exists():
         ckpt = load_checkpoint(last_path)
+    if world > 1:  # every rank must resume from the same step, or the ranks drift apart and DDP hangs
+        steps = [None] * world
+        dist.all_gather_object(steps, ckpt["step"] if ckpt is not None else None)
+        if len(set(steps)) > 1:
+            raise ValueError(f"the ranks see different {last_path} (steps {steps}): --out must be on a "
+                             f"filesystem shared by every node")
+    if ckpt is not None:
         val = ckpt.get("val") or {}
         if ckpt["step"] >= args.iters and val.get("step") == ckpt["step"]:
             best = ckpt.get("best") or {}

@@ -83,7 +83,7 @@ if triton is not None:
         y_sb, y_sc, y_sh, y_sw,
         r_sb, r_sh, r_sw,
         C: tl.constexpr, T: tl.constexpr, NBINS: tl.constexpr, C_PAD: tl.constexpr,
-        HAS_ROI: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_ROI: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -94,16 +94,23 @@ if triton is not None:
         bins = tl.arange(0, NBINS)[None, :]  # (1, NBINS)
         acc = tl.zeros((C_PAD, NBINS), dtype=tl.int64)
         for start in range(pid * BLOCK, HW, nprog * BLOCK):
-            hw = start + tl.arange(0, BLOCK)  # (BLOCK,) int32: the launcher checks H * W < 2**31
+            # (BLOCK,) int32 (the launcher checks H * W < 2**31); a block start is a multiple of BLOCK: aligned loads
+            hw = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
             inside = hw < HW
-            h = (hw // W).to(tl.int64)
-            w = (hw % W).to(tl.int64)
+            if FLAT:  # every (H, W) plane contiguous: consecutive pixels, vectorised loads
+                p_off = b * p_sb + hw
+                y_off = b * y_sb + hw
+                r_off = b * r_sb + hw
+            else:  # any strides (channels_last, slices): rebuild (h, w)
+                h = (hw // W).to(tl.int64)
+                w = (hw % W).to(tl.int64)
+                p_off = b * p_sb + h * p_sh + w * p_sw
+                y_off = b * y_sb + h * y_sh + w * y_sw
+                r_off = b * r_sb + h * r_sh + w * r_sw
             keep = inside
             if HAS_ROI:
-                r = tl.load(roi_ptr + b * r_sb + h * r_sh + w * r_sw, mask=inside, other=0)
+                r = tl.load(roi_ptr + r_off, mask=inside, other=0)
                 keep = keep & (r != 0)
-            p_off = b * p_sb + h * p_sh + w * p_sw
-            y_off = b * y_sb + h * y_sh + w * y_sw
             for c in tl.static_range(C):
                 p = tl.load(p_ptr + p_off + c * p_sc, mask=inside, other=0.0).to(tl.float32)
                 y = tl.load(y_ptr + y_off + c * y_sc, mask=inside, other=0)
@@ -145,11 +152,13 @@ def binned_counts_triton(probs, target, roi=None, thresholds=11, block=1024, pro
     r = roi.view(torch.uint8) if roi is not None else y  # y: a dummy pointer, never read when HAS_ROI=False
     r_strides = roi.stride() if roi is not None else (0, 0, 0)
     thr = threshold_values(T).to(probs.device)
+    planes = [probs.stride()[2:], y.stride()[2:]] + ([roi.stride()[1:]] if roi is not None else [])
+    flat = all(tuple(st) == (W, 1) for st in planes)  # (H, W) planes contiguous: index pixels directly
     partial = torch.empty(B, programs, c_pad, nbins, dtype=torch.int64, device=probs.device)
     _binned_counts_kernel[(programs, B)](
         probs, y, r, thr, partial, H, W,
         *probs.stride(), *y.stride(), *r_strides,
-        C=C, T=T, NBINS=nbins, C_PAD=c_pad, HAS_ROI=roi is not None, BLOCK=block,
+        C=C, T=T, NBINS=nbins, C_PAD=c_pad, HAS_ROI=roi is not None, FLAT=flat, BLOCK=block,
     )
     hist = partial.sum((0, 1))[:C, : 2 * (T + 1)].view(C, 2, T + 1)  # (C, 2, T+1)
     return _counts_from_histogram(hist, T)

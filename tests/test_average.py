@@ -369,3 +369,12 @@ def test_fig4_needs_two_seeds_and_skips_swa_without_snapshots(runs, synth_root, 
     assert "SWA entries skipped" in capsys.readouterr().out
     fig = json.loads((one / "fig4.json").read_text())
     assert sorted(fig["methods"]) == ["baseline", "ensemble", "soup-decoder", "soup-encoder", "soup-full"]
+
+
+def test_soup_refuses_runs_of_another_combination(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    make_ckpt(a, 0)
+    ckpt = make_ckpt(b, 1)
+    save_checkpoint(b, {**ckpt, "args": {**ckpt["args"], "train": ["RET"]}})
+    with pytest.raises(ValueError, match=r"b\.pt does not match .*a\.pt: trained with train \['RET'\]"):
+        average.average_checkpoints([a, b], "full", a, "soup-full")

@@ -154,7 +154,8 @@ def test_cli_json_equals_brute_force(ckpts, cache_dir, synth_root, tmp_path):
     assert res["version"] == 1 and res["checkpoints"] == [str(ckpts["a"])]
     assert res["train"] == ["MES"] and res["seed"] == 0 and res["method"] == "baseline"
     assert res["n_train_images"] == 8
-    assert res["protocol"] == {"thresholds": 11, "roi": "fov", "resolution": R, "tta": False, "tile": None}
+    assert res["protocol"] == {"thresholds": 11, "roi": "fov", "resolution": R, "tta": False, "tile": None,
+                               "overlap": None, "dtype": "float32"}
     assert list(res["results"]) == ["IDR", "MES"]  # canonical order
     model = model_from(ckpts["a"])
     for test_id, block in res["results"].items():

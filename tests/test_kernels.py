@@ -5,6 +5,7 @@
 """
 import importlib.util
 import math
+import sys
 
 import pytest
 import torch
@@ -190,11 +191,19 @@ def test_launcher_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_kernel_matches_twin_on_full_size_maps():
+def test_cuda_kernel_matches_twin_on_full_size_maps(monkeypatch):
+    bc = sys.modules["kernels.binned_counts"]  # the module (kernels.binned_counts is also the function's name)
+
     probs, target, mask = random_case((2, 4, 1536, 1536), dtype=torch.float16, layout="channels_last", seed=5)
     want = binned_counts_torch(probs, target, mask)
-    got = binned_counts(probs.cuda(), target.cuda(), mask.cuda())
-    assert_counts_equal(got, want)
+
+    def no_twin(*args, **kwargs):
+        raise AssertionError("binned_counts fell back to the torch twin on CUDA tensors")
+
+    monkeypatch.setattr(bc, "binned_counts_torch", no_twin)  # the public function must take Triton on CUDA
+    for p in (probs, probs.contiguous()):  # channels_last and plain NCHW
+        got = binned_counts(p.cuda(), target.cuda(), mask.cuda())
+        assert_counts_equal(got, want)
 
 
 # --------------------------------------------------------------------------------------------- pr_metrics

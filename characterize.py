@@ -88,14 +88,16 @@ def quality_measures(image, fov):
 
 
 # ----------------------------------------------------------------------------- the labelling-style rule
-def style_rule_text(coarse_ratio):
-    return (f"Per image, lesion component sizes are compared with the finest-labelled dataset: for EX and MA, "
+def style_rule_text(coarse_ratio, why_undetermined=""):
+    text = (f"Per image, lesion component sizes are compared with the finest-labelled dataset: for EX and MA, "
             f"ref = the lowest per-dataset median of log10(mean component area) (8-connected, at the common "
             f"resolution); an image's excess = mean over its present EX/MA of log10(mean area) - ref. An image is "
             f"in the coarse region when excess > log10({coarse_ratio:g}) (components {coarse_ratio:g}x larger). "
             f"A dataset is coarse when >= 3/4 of its scored images are coarse, fine when <= 1/4, mixed in between "
-            f"(images split between both regions); undetermined with < {MIN_IMAGES} scored images. Counts are "
-            f"reported, not used: they follow disease severity as much as labelling style.")
+            f"(images split between both regions); undetermined with < {MIN_IMAGES} scored images. The rule is "
+            f"relative: with fewer than two scored datasets, or when none comes out fine, every style is "
+            f"undetermined. Counts are reported, not used: they follow disease severity as much as labelling style.")
+    return text + (f" Here every style is undetermined: {why_undetermined}." if why_undetermined else "")
 
 
 def labelling_styles(stats_by_dataset, coarse_ratio=3.0):
@@ -144,7 +146,19 @@ def labelling_styles(stats_by_dataset, coarse_ratio=3.0):
             style = "coarse" if share >= 3 / 4 else "fine" if share <= 1 / 4 else "mixed"
         summary[ds] = {"style": style, "coarse_share": share, "n_scored": n,
                        "median_excess_log10_area": _median(image_excess), **out}
-    return summary, reference, style_rule_text(coarse_ratio)
+    # NOTE: styles are relative to the finest dataset given: a lone dataset is its own reference (so "fine"
+    # by definition), and a pool without a fine dataset has no fine labelling to compare with.
+    scored = [ds for ds, s in summary.items() if s["style"] != "undetermined"]
+    why = ""
+    if len(scored) < 2:
+        why = (f"only {len(scored)} dataset(s) with >= {MIN_IMAGES} scored images "
+               f"({', '.join(scored) or 'none'}), and the rule needs another dataset to compare with")
+    elif not any(summary[ds]["style"] == "fine" for ds in scored):
+        why = f"no dataset among {', '.join(scored)} comes out fine, so none is a trustworthy reference"
+    if why:
+        for s in summary.values():
+            s["style"] = "undetermined"
+    return summary, reference, style_rule_text(coarse_ratio, why)
 
 
 def _median(values):
@@ -361,8 +375,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default=",".join(DATASET_IDS), help="dataset IDs, comma separated (default: %(default)s)")
     p.add_argument("--out", default="report/characterize", help="output folder (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=512,
-                   help="common prepared resolution at which lesions are counted and measured (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=1536,
+                   help="common prepared resolution at which lesions are counted and measured; the training "
+                        "resolution reuses its prepared cache and keeps MAs at their size (default: %(default)s)")
     p.add_argument("--coarse-ratio", type=float, default=3.0,
                    help="an image is coarse when its EX/MA components are this many times larger than in the "
                         "finest-labelled dataset (default: %(default)s)")

@@ -30,7 +30,7 @@ OFFICIAL = ("IDR", "DDR")  # datasets whose distributed split is the default
 class Sample:
     id: str
     image: Path
-    masks: dict = field(default_factory=dict)  # lesion -> tuple of files OR-ed together; () = absent = all-zero
+    masks: dict = field(default_factory=dict)  # lesion -> tuple of files OR-ed together; () = all-zero
     split: str | None = None  # the distributed split folder ("train"/"val"/"test"), None when there is none
 
 
@@ -58,7 +58,24 @@ def _index(folder, suffixes=IMAGE_SUFFIXES):
 
 
 def _found(files, name):
-    return (files[name],) if name in files else ()  # NOTE: absent mask file = lesion absent, never an error
+    return (files[name],) if name in files else ()  # NOTE: IDR, RET: absent mask file = lesion absent
+
+
+def _required(files, name, expected, dataset_id):
+    """The mask file of one image where the dataset ships one per image and lesion (DDR, FGA, MES)."""
+    if name not in files:
+        raise FileNotFoundError(f"{dataset_id}: missing mask file {expected} ({dataset_id} ships every lesion mask "
+                                f"of every image, all-zero when the lesion is absent)")
+    return (files[name],)
+
+
+def _mask_folder(folder, dataset_id):
+    """A lesion mask folder that the distributed layout always has: FileNotFoundError naming it if absent
+    (a renamed or deleted folder would otherwise read as lesion-free images)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{dataset_id}: mask folder {folder} not found (renamed or deleted? the "
+                                f"distributed layout has it)")
+    return folder
 
 
 def _no_images(dataset_id, folder, layout):
@@ -75,9 +92,13 @@ def _idr(root, ret_he):
     seg = root / "A. Segmentation"
     samples = []
     for folder, split in (("a. Training Set", "train"), ("b. Testing Set", "test")):
+        images = _index(seg / "1. Original Images" / folder)
+        if images:
+            _mask_folder(seg / "2. All Segmentation Groundtruths" / folder, "IDR")
+        # NOTE: a lesion folder may be absent (the real sample in fixtures/idrid ships only "2. Haemorrhages")
         masks = {les: _index(seg / "2. All Segmentation Groundtruths" / folder / sub)
                  for les, (sub, _) in IDR_MASKS.items()}
-        for stem, path in _index(seg / "1. Original Images" / folder).items():
+        for stem, path in images.items():
             files = {les: _found(masks[les], f"{stem}_{suffix}") for les, (_, suffix) in IDR_MASKS.items()}
             samples.append(Sample(stem, path, files, split))
     if not samples:
@@ -92,12 +113,17 @@ def _ddr(root, ret_he):
     base = root / "lesion_segmentation"
     samples = []
     for folder, split in (("train", "train"), ("valid", "val"), ("test", "test")):
-        labels = base / folder / "label"
-        if not labels.is_dir():  # NOTE: DDR's valid split names it "segmentation label"
-            labels = base / folder / "segmentation label"
-        masks = {les: _index(labels / sub) for les, sub in DDR_MASKS.items()}
-        for stem, path in _index(base / folder / "image").items():
-            samples.append(Sample(stem, path, {les: _found(masks[les], stem) for les in LESIONS}, split))
+        # NOTE: DDR's valid split names it "segmentation label" (either name is accepted in every split)
+        names = ("segmentation label", "label") if folder == "valid" else ("label", "segmentation label")
+        labels = next((base / folder / n for n in names if (base / folder / n).is_dir()), base / folder / names[0])
+        images = _index(base / folder / "image")
+        if not images:
+            continue
+        dirs = {les: _mask_folder(labels / sub, "DDR") for les, sub in DDR_MASKS.items()}
+        masks = {les: _index(d) for les, d in dirs.items()}
+        for stem, path in images.items():
+            files = {les: _required(masks[les], stem, dirs[les] / f"{stem}.tif", "DDR") for les in LESIONS}
+            samples.append(Sample(stem, path, files, split))
     if not samples:
         raise _no_images("DDR", base, "'lesion_segmentation/{train,valid,test}/image/'")
     return samples
@@ -108,12 +134,14 @@ FGA_MASKS = {"EX": "HardExudate_Masks", "HE": "Hemohedge_Masks",  # NOTE: "Hemoh
 
 
 def _fga(root, ret_he):
-    masks = {les: _index(root / sub) for les, sub in FGA_MASKS.items()}
-    samples = [Sample(stem, path, {les: _found(masks[les], stem) for les in LESIONS})
-               for stem, path in _index(root / "Original_Images").items()]
-    if not samples:
+    images = _index(root / "Original_Images")
+    if not images:
         raise _no_images("FGA", root / "Original_Images", "'Seg-set/Original_Images/'")
-    return samples
+    dirs = {les: _mask_folder(root / sub, "FGA") for les, sub in FGA_MASKS.items()}
+    masks = {les: _index(d) for les, d in dirs.items()}
+    return [Sample(stem, path, {les: _required(masks[les], stem, dirs[les] / f"{stem}.png", "FGA")
+                                   for les in LESIONS})
+            for stem, path in images.items()]
 
 
 RET_MASKS = {"EX": ("hard_exudate",), "HE": ("retinal_hemorrhage",), "MA": ("microaneurysm",),
@@ -123,8 +151,11 @@ RET_HE_ALL = ("retinal_hemorrhage", "preretinal_hemorrhage", "vitreous_hemorrhag
 
 def _ret(root, ret_he):
     names = dict(RET_MASKS, HE=RET_HE_ALL) if ret_he == "all" else RET_MASKS
+    images = _index(root / "images_896x896")
+    if images:
+        _mask_folder(root / "lesion_segs_896x896", "RET")
     samples = []
-    for stem, path in _index(root / "images_896x896").items():
+    for stem, path in images.items():
         # NOTE: one folder per image holding only the lesions present; 17 images have no folder at all.
         pngs = _index(root / "lesion_segs_896x896" / stem, (".png",))
         files = {les: tuple(pngs[n] for n in names[les] if n in pngs) for les in LESIONS}
@@ -141,9 +172,15 @@ MES_MASKS = {"EX": "exudates", "HE": "hemorrhages", "MA": "microaneurysms",
 def _mes(root, ret_he):
     samples = []
     for split in ("train", "test"):
-        masks = {les: _index(root / split / sub) for les, sub in MES_MASKS.items()}
-        for stem, path in _index(root / split / "fundus").items():
-            samples.append(Sample(stem, path, {les: _found(masks[les], stem) for les in LESIONS}, split))
+        images = _index(root / split / "fundus")
+        if not images:
+            continue
+        # NOTE: the maples-dr export writes every lesion mask of every image (blank when absent)
+        dirs = {les: _mask_folder(root / split / sub, "MES") for les, sub in MES_MASKS.items()}
+        masks = {les: _index(d) for les, d in dirs.items()}
+        for stem, path in images.items():
+            files = {les: _required(masks[les], stem, dirs[les] / f"{stem}.png", "MES") for les in LESIONS}
+            samples.append(Sample(stem, path, files, split))
     if not samples:
         raise _no_images("MES", root, "'MAPLES-DR/{train,test}/fundus/'")
     return samples

@@ -109,13 +109,15 @@ def make_patch(image, bits, geometry, patch, rng, aug=None):
         b[wy - y0:wy - y0 + win.shape[0], wx - x0:wx - x0 + win.shape[1]] = win
         img = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # (3, P, P)
     else:
-        # Output pixel q (continuous coords, centres at j + 0.5) samples source c + A (q - P/2).
+        # Output pixel q (continuous coords, centres at j + 0.5) samples source c + A (q - P/2). c is where the
+        # plain crop (x0 = cx - P // 2) has its centre, so the identity warp maps output pixel centres onto
+        # source pixel centres exactly: q = j + 0.5 -> x0 + j + 0.5 (no half-pixel blur, no nearest ties).
         theta = math.radians(rng.uniform(-aug["rotate"], aug["rotate"]))
         scale = math.exp(rng.uniform(math.log(aug["scale"][0]), math.log(aug["scale"][1])))
         flip = -1.0 if rng.random() < aug["flip"] else 1.0
         A = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]) / scale
         A = A @ np.diag([flip, 1.0])  # (2, 2) acting on (x, y)
-        c = np.array([cx + 0.5, cy + 0.5]) + rng.uniform(-aug["shift"], aug["shift"], 2) * P
+        c = np.array([cx, cy]) + (P / 2 - P // 2) + rng.uniform(-aug["shift"], aug["shift"], 2) * P
         half = np.abs(A).sum(1) * P / 2  # half extent of the warped patch in the source, (x, y)
         x0, y0 = int(math.floor(c[0] - half[0])) - 1, int(math.floor(c[1] - half[1])) - 1
         x1, y1 = int(math.ceil(c[0] + half[0])) + 1, int(math.ceil(c[1] + half[1])) + 1

@@ -8,9 +8,13 @@ CACHE/<ID>/<resolution>/ holds images.npy uint8 (N, R, R, 3), masks.npy uint8 (N
 EX, HE, MA, CWS and bit 4 = FOV, splits.json (split -> sorted ids) and meta.json (ids in row order,
 per-image geometry and lesion statistics, options, and a fingerprint of the sources + options that makes
 a re-run a no-op). It is written into a temporary folder and renamed into place, so an interrupted or
-failed preparation never leaves a cache that looks complete.
+failed preparation never leaves a cache that looks complete. Concurrent preparations of the same cache
+(make -j, several jobs on first use) take turns on a lock file CACHE/<ID>/.<resolution>.lock: the first
+prepares, the others find it up to date.
 """
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -121,6 +125,19 @@ def preprocess_sample(sample, resolution, threshold=0):
     return out, bits, geometry, stats
 
 
+def _split_key(split_file):
+    """None / "official" / "seeded" as is; a split file by the hash of its content (its name when unreadable)."""
+    if split_file not in (None, "official", "seeded") and Path(split_file).is_file():
+        return hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
+    return split_file
+
+
+def _options(threshold, ret_he, split_file, split_seed):
+    """The options recorded in meta.json: everything besides the source files that changes the cache."""
+    return {"mask_threshold": threshold, "ret_he": ret_he, "splits": split_file or "default",
+            "split_key": _split_key(split_file), "split_seed": split_seed}
+
+
 def _fingerprint(dataset_id, root, samples, resolution, threshold, ret_he, split_file, split_seed):
     """Hash of the source files (path, size, mtime) and of every option that changes the cache."""
     files = []
@@ -128,13 +145,77 @@ def _fingerprint(dataset_id, root, samples, resolution, threshold, ret_he, split
         for p in (s.image, *[f for les in LESIONS for f in s.masks.get(les, ())]):
             st = p.stat()
             files.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
-    split = split_file
-    if split_file not in (None, "official", "seeded"):
-        split = hashlib.sha256(Path(split_file).read_bytes()).hexdigest() if Path(split_file).is_file() else split_file
     key = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution, "threshold": threshold,
-           "ret_he": ret_he if dataset_id == "RET" else None, "split": split, "split_seed": split_seed,
-           "files": files}
+           "ret_he": ret_he if dataset_id == "RET" else None, "split": _split_key(split_file),
+           "split_seed": split_seed, "files": files}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _option_changes(dataset_id, recorded, requested):
+    """['--mask-threshold FGA=127 (cache: 0)', ...]: the requested options that differ from a cache's."""
+    flags = {"mask_threshold": f"--mask-threshold {dataset_id}=", "splits": f"--splits {dataset_id}=",
+             "split_seed": "--split-seed ", "ret_he": "--ret-he "}
+    changes = [f"{flag}{requested[k]} (cache: {recorded[k]})" for k, flag in flags.items()
+               if k in recorded and recorded[k] != requested[k] and (k != "ret_he" or dataset_id == "RET")]
+    # NOTE: caches of older versions record no "split_key"
+    if not changes and recorded.get("split_key", requested["split_key"]) != requested["split_key"]:
+        changes.append(f"--splits {dataset_id}={requested['splits']} (the file's content changed)")
+    return changes
+
+
+@contextlib.contextmanager
+def _locked(path, waiting=None):
+    """Hold an exclusive flock on the file `path` (created on demand) for the block; the file is removed on
+    release, while still held, so a waiter that wakes on a removed file retries on the new one.
+    waiting: note printed when another process holds the lock."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder vanished (a failed preparation tidied up): try again
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    print(waiting, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:  # removed by the holder that just released it
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_leftovers(parent, resolution):
+    """Folders of earlier interrupted preparations of this resolution (each as big as the cache): the
+    .tmp-<R>-<pid>-* of processes no longer running and every .old-<R>-*. Call with the lock held."""
+    for p in parent.glob(f".tmp-{resolution}-*"):
+        pid = p.name.split("-")[2]
+        if not (pid.isdigit() and _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in parent.glob(f".old-{resolution}-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thresholds=None, split_files=None,
@@ -148,31 +229,68 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     if resolution < 16:
         raise ValueError(f"--resolution must be at least 16, got {resolution}")
     out = Path(cache_dir) / dataset_id / str(resolution)
+    threshold = int((thresholds or {}).get(dataset_id, 0))
+    split_file = (split_files or {}).get(dataset_id)
     try:
         root = dataset_root(dataset_id, data_root, roots)
     except FileNotFoundError:
-        if (out / "meta.json").is_file():  # sources gone but a complete cache remains: use it as is
+        if (out / "meta.json").is_file():  # sources gone but a complete cache remains: use it if it fits
+            recorded = json.loads((out / "meta.json").read_text()).get("options", {})
+            changes = _option_changes(dataset_id, recorded,
+                                      _options(threshold, ret_he, split_file, split_seed))
+            if changes:
+                raise FileNotFoundError(
+                    f"{dataset_id} sources not found and the existing cache {out} was prepared with other options "
+                    f"({'; '.join(changes)}): restore the sources or pass the cache's options") from None
             if verbose:
                 print(f"note: {dataset_id} sources not found, using the existing cache {out}")
             return out
         raise
-    threshold = int((thresholds or {}).get(dataset_id, 0))
-    split_file = (split_files or {}).get(dataset_id)
     samples = list_samples(dataset_id, root, ret_he)
     splits = make_splits(samples, dataset_id, split_seed, split_file)
     fingerprint = _fingerprint(dataset_id, root, samples, resolution, threshold, ret_he, split_file, split_seed)
-    if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
-        if meta.get("fingerprint") == fingerprint:
-            if verbose:
-                print(summary(out, meta, splits, note="up to date"))
-            return out
+    meta = _read_meta(out)
+    if meta and meta.get("fingerprint") == fingerprint:  # the common case, without touching the lock
+        if verbose:
+            print(summary(out, meta, splits, note="up to date"))
+        return out
 
     # Only the images of some split are cached (a user split file may name a subset), in sorted id order.
     keep = set(sum(splits.values(), []))
     samples = [s for s in samples if s.id in keep]
     created = [p for p in (Path(cache_dir), out.parent) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        waiting = f"note: {out} is being prepared by another process, waiting" if verbose else None
+        with _locked(out.parent / f".{resolution}.lock", waiting):
+            meta = _read_meta(out)
+            if meta and meta.get("fingerprint") == fingerprint:  # another process prepared it while we waited
+                if verbose:
+                    print(summary(out, meta, splits, note="up to date: prepared by another process meanwhile"))
+                return out
+            _remove_leftovers(out.parent, resolution)
+            meta = _build(out, dataset_id, root, samples, splits, resolution, threshold, ret_he, split_file,
+                          split_seed, fingerprint, workers)
+    except BaseException:
+        for p in reversed(created):  # folders this call created, when left empty
+            with contextlib.suppress(OSError):  # not empty (another process uses it) or already gone
+                p.rmdir()
+        raise
+    if verbose:
+        print(summary(out, meta, splits, note=f"prepared {len(samples)} images in {meta['seconds']} s"))
+    return out
+
+
+def _read_meta(out):
+    """out/meta.json as a dict, None when there is no complete cache."""
+    try:
+        return json.loads((out / "meta.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _build(out, dataset_id, root, samples, splits, resolution, threshold, ret_he, split_file, split_seed,
+           fingerprint, workers):
+    """Write the cache into a temporary folder, then rename it into place -> meta. Call with the lock held."""
     tmp = out.parent / f".tmp-{resolution}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     start = time.time()
@@ -201,8 +319,7 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
                 "ids": [s.id for s in samples], "geometry": [g for g, _ in results],
                 "lesion_pixels": [st["lesion_pixels"] for _, st in results],
                 "fov_pixels": [st["fov_pixels"] for _, st in results],
-                "options": {"mask_threshold": threshold, "ret_he": ret_he, "splits": split_file or "default",
-                            "split_seed": split_seed},
+                "options": _options(threshold, ret_he, split_file, split_seed),
                 "fingerprint": fingerprint, "seconds": round(time.time() - start, 1)}
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")  # written last: marks the folder complete
@@ -213,13 +330,8 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for p in reversed(created):  # folders this call created, when left empty
-            if p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
         raise
-    if verbose:
-        print(summary(out, meta, splits, note=f"prepared {N} images in {meta['seconds']} s"))
-    return out
+    return meta
 
 
 def summary(out, meta, splits, note=""):
@@ -243,7 +355,8 @@ class PreparedDataset:
     """One split of a prepared cache: ds[i] -> {"id", "image" (R, R, 3) uint8, "masks" (4, R, R) bool, "fov"}.
 
     split: "train", "val", "test" or "all". Arrays are memory-mapped lazily, per process (DataLoader workers
-    re-open them instead of pickling them).
+    re-open them instead of pickling them); each (re)opening checks that the cache still has the fingerprint
+    read here, since a job with other data options re-prepares the same folder in place.
     """
 
     def __init__(self, cache_dir, dataset_id, resolution, split):
@@ -254,7 +367,9 @@ class PreparedDataset:
                 f"no prepared {dataset_id} cache at {self.dir} (run: python -m data.prepare --dataset {dataset_id} "
                 f"--out {cache_dir} --resolution {resolution})")
         self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.fingerprint = self.meta.get("fingerprint")
         splits = json.loads((self.dir / "splits.json").read_text())
+        self._check_fingerprint()  # meta.json and splits.json come from the same preparation
         if split != "all" and split not in splits:
             raise ValueError(f"unknown split {split!r} (choose from train, val, test, all)")
         self.ids = list(self.meta["ids"]) if split == "all" else list(splits[split])
@@ -268,9 +383,30 @@ class PreparedDataset:
     def arrays(self):
         """(images (N, R, R, 3), bitmasks (N, R, R)) memory maps over all cached rows."""
         if self._arrays is None:
-            self._arrays = (np.load(self.dir / "images.npy", mmap_mode="r"),
-                            np.load(self.dir / "masks.npy", mmap_mode="r"))
+            try:
+                arrays = (np.load(self.dir / "images.npy", mmap_mode="r"),
+                          np.load(self.dir / "masks.npy", mmap_mode="r"))
+            except FileNotFoundError:
+                arrays = None  # mid-swap, or removed: reported below
+            # NOTE: checked after opening: maps opened before a swap keep the old files, which match self.ids
+            self._check_fingerprint()
+            if arrays is None:
+                raise FileNotFoundError(f"{self.dir} lost its arrays while in use (removed?); rerun")
+            self._arrays = arrays
         return self._arrays
+
+    def _check_fingerprint(self):
+        meta = _read_meta(self.dir)
+        if meta is None:
+            raise FileNotFoundError(f"{self.dir} was removed or is being re-prepared while in use; rerun")
+        if meta.get("fingerprint") != self.fingerprint:
+            was, now = self.meta.get("options", {}), meta.get("options", {})
+            what = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
+                    if k != "split_key" and was.get(k) != now.get(k)]
+            if not what and was.get("split_key") != now.get("split_key"):
+                what = ["split file content changed"]
+            what = ", ".join(what) or "source files changed"
+            raise ValueError(f"{self.dir} was re-prepared with other options while in use ({what}); rerun")
 
     def read(self, i):
         """Lazy views (image (R, R, 3), bitmask (R, R)) of item i: slicing them reads only that window."""

@@ -139,16 +139,37 @@ def test_rule_assigns_fine_coarse_mixed():
 
 def test_rule_edge_cases():
     rng = np.random.default_rng(1)
-    # A lone dataset is its own reference: fine by definition. A pool without a fine dataset is relative.
-    alone, _, _ = ch.labelling_styles({"RET": _synthetic_stats(rng, 30, "coarse")})
-    assert alone["RET"]["style"] == "fine"
-    two, _, _ = ch.labelling_styles({"IDR": _synthetic_stats(rng, 30, "fine"), "RET": _synthetic_stats(rng, 30, "coarse")})
-    assert (two["IDR"]["style"], two["RET"]["style"]) == ("fine", "coarse")
-    # Too few images with EX or MA: undetermined, with NaN medians rather than a crash.
+    # The rule is relative to the finest dataset given: a lone dataset would be its own reference ("fine" by
+    # definition, even a coarse one), so its style is undetermined, and the rule text says why.
+    alone, _, rule = ch.labelling_styles({"RET": _synthetic_stats(rng, 30, "coarse")})
+    assert alone["RET"]["style"] == "undetermined" and alone["RET"]["n_scored"] > 20
+    assert "undetermined: only 1 dataset(s) with >= 3 scored images (RET)" in rule
+    two, _, rule = ch.labelling_styles({"IDR": _synthetic_stats(rng, 30, "fine"),
+                                        "RET": _synthetic_stats(rng, 30, "coarse")})
+    assert (two["IDR"]["style"], two["RET"]["style"]) == ("fine", "coarse") and "Here" not in rule
+    # Too few images with EX or MA: undetermined, with NaN medians rather than a crash; IDR is then alone.
     empty = {lesion: {"count": np.zeros(5, int), "area": np.full(5, np.nan)} for lesion in ("EX", "MA")}
-    summary, _, _ = ch.labelling_styles({"IDR": _synthetic_stats(rng, 30, "fine"), "DDR": empty})
+    summary, _, rule = ch.labelling_styles({"IDR": _synthetic_stats(rng, 30, "fine"), "DDR": empty})
     assert summary["DDR"]["style"] == "undetermined" and summary["DDR"]["n_scored"] == 0
     assert math.isnan(summary["DDR"]["median_log10_area"]["MA"])
+    assert summary["IDR"]["style"] == "undetermined" and "only 1 dataset(s)" in rule
+
+
+def test_rule_without_a_fine_dataset_is_undetermined():
+    # Two datasets, each half 10 px and half 100 px components: the reference median is log10(31.6), every
+    # image is 3.16x off it, so half of each dataset is coarse: both "mixed", none fine -> no trusted reference.
+    half = {"count": np.full(10, 5), "area": np.array([10.0] * 5 + [100.0] * 5)}
+    stats = {ds: {"EX": half, "MA": half} for ds in ("FGA", "RET")}
+    summary, _, rule = ch.labelling_styles(stats)
+    assert {s["coarse_share"] for s in summary.values()} == {0.5}
+    assert all(s["style"] == "undetermined" for s in summary.values())
+    assert "no dataset among FGA, RET comes out fine" in rule
+
+
+def test_default_resolution_is_the_training_resolution():
+    import train
+
+    assert ch.parse_args([]).resolution == train.build_parser().get_default("resolution") == 1536
 
 
 # ----------------------------------------------------------------------------- figures

@@ -8,10 +8,13 @@ plain PIL, FOV boxes estimated from red-channel profiles, patch regions found by
 """
 import argparse
 import json
+import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +172,57 @@ def test_ret_127_255_he_merge_and_missing_folder(synth_root, tmp_path):
     shutil.rmtree(folder)
     s = list_samples("RET", root)[0]
     assert all(files == () for files in s.masks.values()) and not load_sample(s)[1].any()
+
+
+MISSING = {  # dataset -> what is removed (relative to its root) and whether that is an error
+    "DDR folder": ("DDR", "lesion_segmentation/valid/segmentation label", "lesion_segmentation/valid/segmentation label/EX"),
+    "DDR lesion folder": ("DDR", "lesion_segmentation/train/label/HE", "lesion_segmentation/train/label/HE"),
+    "DDR file": ("DDR", "lesion_segmentation/test/label/MA/*.tif", None),
+    "FGA folder": ("FGA", "Hemohedge_Masks", "Hemohedge_Masks"),
+    "FGA file": ("FGA", "Microaneurysms_Masks/*.png", None),
+    "MES folder": ("MES", "test/cottonWoolSpots", "test/cottonWoolSpots"),
+    "MES file": ("MES", "train/exudates/*.png", None),
+    "RET folder": ("RET", "lesion_segs_896x896", "lesion_segs_896x896"),
+    "IDR groundtruths": ("IDR", "A. Segmentation/2. All Segmentation Groundtruths/b. Testing Set",
+                         "A. Segmentation/2. All Segmentation Groundtruths/b. Testing Set"),
+}
+
+
+@pytest.mark.parametrize("case", MISSING)
+def test_missing_mask_folder_or_file_is_an_error(synth_root, tmp_path, case):
+    """A renamed or deleted mask folder (or a missing file where the dataset ships all four) must not read
+    as lesion-free images: one-line FileNotFoundError naming what is missing."""
+    ds, remove, named = MISSING[case]
+    root = tmp_path / FOLDER[ds]
+    shutil.copytree(synth_root / FOLDER[ds], root)
+    if "*" in remove:  # one file: the error names exactly that file
+        target = sorted(root.glob(remove))[1]
+        target.unlink()
+        named = target.relative_to(root)
+    else:
+        shutil.rmtree(root / remove)
+    with pytest.raises(FileNotFoundError) as err:
+        list_samples(ds, root)
+    assert str(root / named) in str(err.value) and "\n" not in str(err.value), err.value
+    with pytest.raises(FileNotFoundError, match=re.escape(str(root / named))):
+        prepare_cache(ds, tmp_path, tmp_path / "cache", 64)
+    assert_no_cache_left(tmp_path / "cache")
+
+
+def test_idr_missing_lesion_folder_and_ret_missing_image_folder_are_lesion_free(synth_root, tmp_path):
+    """IDRiD ships no file for an absent lesion (the real sample has only "2. Haemorrhages") and
+    Retinal-Lesions no folder for a lesion-free image: both read as all-zero, no error."""
+    root = tmp_path / "IDRiD"
+    shutil.copytree(synth_root / "IDRiD", root)
+    shutil.rmtree(root / "A. Segmentation/2. All Segmentation Groundtruths/a. Training Set/4. Soft Exudates")
+    train = [s for s in list_samples("IDR", root) if s.split == "train"]
+    assert train and all(s.masks["CWS"] == () for s in train) and any(s.masks["HE"] for s in train)
+    ret = tmp_path / "retinal-lesions-v20191227"
+    shutil.copytree(synth_root / "retinal-lesions-v20191227", ret)
+    victim = min((ret / "lesion_segs_896x896").iterdir())
+    shutil.rmtree(victim)
+    s = {s.id: s for s in list_samples("RET", ret)}[victim.name]
+    assert all(files == () for files in s.masks.values())
 
 
 # ----------------------------------------------------------------------------- splits
@@ -395,6 +449,35 @@ def test_augmented_patches_keep_image_and_masks_aligned(cache_dir):
     assert (~p["fov"]).any() and (p["image"][:, ~p["fov"]] <= 40).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("P", [32, 33])
+def test_identity_warp_is_the_plain_crop_pixel_for_pixel(cache_dir, P):
+    """No rotation, scale 1, no shift, no colour jitter: the warped patch is the plain crop (or its mirror),
+    exactly. Random per-pixel image and bits make any half- or one-pixel offset (blur, nearest ties) fail."""
+    ds = PreparedDataset(cache_dir, "FGA", 128, "train")
+    rng = np.random.default_rng(7)
+    noise_bits = rng.integers(0, 32, (len(ds), 128, 128), dtype=np.uint8)  # lesion bits 0-3 + FOV bit 4
+    noise_image = rng.integers(0, 256, (len(ds), 128, 128, 3), dtype=np.uint8)
+    noise_image[..., 0] = noise_bits * 8  # the image also encodes the bits: image and masks must agree
+
+    def coded(d, j):
+        return noise_image[j], noise_bits[j]
+
+    plain = PatchDataset([ds], patch=P, length=16, seed=5, augment=False)
+    warped = PatchDataset([ds], patch=P, length=16, seed=5, augment=True)
+    warped.aug.update({"rotate": 0.0, "scale": (1.0, 1.0), "shift": 0.0, "hue": 0.0, "saturation": 0.0,
+                       "value": 0.0, "brightness": 0.0, "contrast": 0.0, "flip": 0.5})
+    flips = set()
+    for i in range(16):
+        a, b = plain.sample(i, read=coded), warped.sample(i, read=coded)
+        assert torch.equal(a["image"][0], a["masks"].int().mul(torch.tensor([1, 2, 4, 8]).view(4, 1, 1)).sum(0)
+                           .add(a["fov"].int() * 16).mul(8).to(torch.uint8))  # the reference crop itself
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        mirrored = all(torch.equal(a[k].flip(-1), b[k]) for k in a)
+        assert same or mirrored, f"item {i}: the identity warp moved pixels"
+        flips.add(mirrored)
+    assert flips == {False, True}  # both the plain and the mirrored case were checked
+
+
 # ----------------------------------------------------------------------------- no-op re-runs and bad inputs
 
 def test_prepare_rerun_is_a_noop(cache_dir, synth_root, tmp_path, capsys):
@@ -412,6 +495,101 @@ def test_prepare_rerun_is_a_noop(cache_dir, synth_root, tmp_path, capsys):
     prepare_cache("FGA", synth_root, tmp_path, 64, thresholds={"FGA": 127})
     assert meta.stat().st_mtime_ns != first and json.loads(meta.read_text())["options"]["mask_threshold"] == 127
     assert sorted(p.name for p in (tmp_path / "FGA").iterdir()) == ["64"]  # no temporary folders left
+
+
+CONCURRENT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from data.prepare import prepare_cache
+Path(sys.argv[2]).touch()  # ready
+while not Path(sys.argv[3]).exists():  # start together
+    time.sleep(0.002)
+prepare_cache("FGA", sys.argv[4], sys.argv[5], 64, workers=1)
+"""
+
+
+def test_concurrent_preparations_take_turns(synth_root, tmp_path):
+    """Two processes preparing the same cache at once (make -j, several jobs on first use): both succeed,
+    the cache is prepared once, and nothing is left behind."""
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(ROOT), str(tmp_path / f"ready{k}"), str(go),
+                               str(synth_root), str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    for k in range(2):
+        for _ in range(3000):
+            if (tmp_path / f"ready{k}").exists() or procs[k].poll() is not None:
+                break
+            time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    printed = "".join(o for o, _ in outs)
+    assert printed.count("prepared 12 images") == 1 and printed.count("up to date") == 1, printed
+    meta = cache / "FGA" / "64" / "meta.json"
+    first = meta.stat().st_mtime_ns
+    assert prepare_cache("FGA", synth_root, cache, 64, verbose=False) == meta.parent
+    assert meta.stat().st_mtime_ns == first
+    assert sorted(p.name for p in (cache / "FGA").iterdir()) == ["64"]  # no lock, tmp or old folders
+
+
+def test_leftovers_of_interrupted_preparations_are_removed(synth_root, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = tmp_path / "cache" / "FGA"
+    stale = [parent / f".tmp-64-{dead.pid}-1234abcd", parent / ".old-64-5678abcd"]
+    kept = [parent / f".tmp-64-{os.getpid()}-live0000",  # a preparation still running (this process)
+            parent / f".tmp-640-{dead.pid}-other000"]  # another resolution: its own lock, its own clean-up
+    for d in stale + kept:
+        d.mkdir(parents=True)
+        (d / "images.npy").write_bytes(b"x" * 100)
+    prepare_cache("FGA", synth_root, tmp_path / "cache", 64, verbose=False)
+    assert not any(d.exists() for d in stale) and all(d.exists() for d in kept)
+
+
+def test_dataset_in_use_refuses_a_cache_re_prepared_with_other_options(synth_root, tmp_path):
+    cache = tmp_path / "cache"
+    prepare_cache("FGA", synth_root, cache, 64, verbose=False)
+    ds = PreparedDataset(cache, "FGA", 64, "train")
+    first = ds[0]
+    worker = pickle.loads(pickle.dumps(ds))  # a DataLoader worker: re-opens the arrays lazily
+    fresh = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(fresh[0]["image"], first["image"])  # same fingerprint: fine
+    prepare_cache("FGA", synth_root, cache, 64, thresholds={"FGA": 127}, verbose=False)  # another job
+    with pytest.raises(ValueError) as err:
+        worker[0]
+    msg = str(err.value)
+    assert msg == f"{cache / 'FGA' / '64'} was re-prepared with other options while in use " \
+                  f"(mask_threshold 0 -> 127); rerun", msg
+    assert np.array_equal(ds[0]["image"], first["image"])  # maps opened before the swap keep the old rows
+    PreparedDataset(cache, "FGA", 64, "train")[0]  # a new dataset reads the new cache
+
+
+def test_existing_cache_without_sources_must_match_the_options(synth_root, tmp_path):
+    raw, cache, gone = tmp_path / "raw", tmp_path / "cache", tmp_path / "gone"
+    for ds in ("FGA", "RET"):
+        shutil.copytree(synth_root / FOLDER[ds], raw / FOLDER[ds])
+    ids = [s.id for s in list_samples("FGA", raw / "Seg-set")]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ids[:8], "test": ids[8:]}))
+    prepare_cache("FGA", raw, cache, 64, split_files={"FGA": str(split)}, split_seed=2, verbose=False)
+    prepare_cache("RET", raw, cache, 64, ret_he="all", verbose=False)
+    same = {"split_files": {"FGA": str(split)}, "split_seed": 2}
+    assert prepare_cache("FGA", gone, cache, 64, ret_he="all", verbose=False, **same) == cache / "FGA" / "64"
+    assert prepare_cache("RET", gone, cache, 64, ret_he="all", verbose=False) == cache / "RET" / "64"
+    for ds, options, words in (
+            ("FGA", {**same, "thresholds": {"FGA": 127}}, "--mask-threshold FGA=127 (cache: 0)"),
+            ("FGA", {**same, "split_seed": 3}, "--split-seed 3 (cache: 2)"),
+            ("FGA", {"split_seed": 2}, f"--splits FGA=default (cache: {split})"),
+            ("RET", {}, "--ret-he retinal (cache: all)")):
+        with pytest.raises(FileNotFoundError) as err:
+            prepare_cache(ds, gone, cache, 64, verbose=False, **options)
+        msg = str(err.value)
+        assert f"{ds} sources not found and the existing cache {cache / ds / '64'} was prepared with other " \
+               f"options ({words})" in msg and "\n" not in msg, msg
+    split.write_text(json.dumps({"train": ids[:7], "test": ids[7:]}))  # same file name, other content
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--splits FGA={split} (the file's content changed)")):
+        prepare_cache("FGA", gone, cache, 64, verbose=False, **same)
 
 
 def _copy(synth_root, tmp_path, ds):

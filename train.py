@@ -569,4 +569,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        # NOTE: an error raised in a DataLoader worker comes back with the worker's traceback in its message
+        sys.exit(f"error: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")

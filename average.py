@@ -25,17 +25,13 @@ import torch.nn as nn
 
 import data
 from data import DATASET_IDS, combo_name
-from evaluate import count_dataset, evaluate_checkpoints, write_json
+from evaluate import count_dataset, default_device, evaluate_checkpoints, write_json
 from kernels import pr_metrics
 from model import load_checkpoint, load_models, save_checkpoint
 
 PARTS = ("encoder", "decoder", "full")
 # What must agree for two checkpoints' weights to be averaged (pretrained / dropout / encoder_weights do not).
 ARCH_FIELDS = ("encoder", "decoder_channels", "attention", "classes")
-
-
-def _default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def in_part(key, part):
@@ -464,7 +460,7 @@ def build_parser():
                        help="training batches (the run's --batch x --patch) for --bn recompute (default: %(default)s)")
         g.add_argument("--metric", choices=("aupr", "dice"), default="aupr",
                        help="validation score: mean over lesions of pooled AUPR or Dice (default: %(default)s)")
-        g.add_argument("--device", default=_default_device(),
+        g.add_argument("--device", default=default_device(),
                        help="device of the validation and BatchNorm passes (averaging: CPU) (default: %(default)s)")
         data.add_data_args(q)
 

@@ -171,12 +171,12 @@ def summarize(tp, fp, pos, n_images):
         lesions[name] = {"aupr": float(m["aupr"][c]), "dice": float(m["dice"][c]),
                          "tp": [int(v) for v in tp[c]], "fp": [int(v) for v in fp[c]], "pos": int(pos[c])}
     return {"n_images": int(n_images),
-            "mean_aupr": _nanmean([v["aupr"] for v in lesions.values()]),
-            "mean_dice": _nanmean([v["dice"] for v in lesions.values()]),
+            "mean_aupr": nanmean([v["aupr"] for v in lesions.values()]),
+            "mean_dice": nanmean([v["dice"] for v in lesions.values()]),
             "lesions": lesions}
 
 
-def _nanmean(values):
+def nanmean(values):
     """Mean over the lesions present in the test set (NaN only when none is)."""
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else float("nan")
@@ -251,7 +251,7 @@ def load_ensemble(ckpt_paths, device):
     return models, headers
 
 
-def _default_device():
+def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -267,7 +267,7 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     if not ckpt_paths:
         raise ValueError("no checkpoint given (--ckpt)")
     test_ids = data.parse_dataset_ids(",".join(test_ids) if not isinstance(test_ids, str) else test_ids)
-    device = torch.device(device or _default_device())
+    device = torch.device(device or default_device())
     models, headers = load_ensemble(ckpt_paths, device)
     args = _ckpt_args(headers[0])
     if resolution is None:
@@ -358,7 +358,7 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"--images folder not found: {image_dir}")
-    device = torch.device(device or _default_device())
+    device = torch.device(device or default_device())
     models, headers = load_ensemble([str(p) for p in ckpt_paths], device)
     resolution = int(resolution or _ckpt_args(headers[0]).get("resolution") or 0)
     if resolution <= 0:
@@ -409,7 +409,7 @@ def main(argv=None):
                    help="the authors' way: count pixels outside the FOV and padding with p = 0 "
                         "(default: %(default)s = only FOV pixels counted)")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default=_default_device(), help="torch device (default: %(default)s)")
+    g.add_argument("--device", default=default_device(), help="torch device (default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="autocast precision of the forward pass (default: %(default)s)")
     g.add_argument("--batch", type=int, default=1, help="images per forward pass (default: %(default)s)")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import (LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options, parse_dataset_ids,
                   prepare_cache)
-from evaluate import count_dataset, null_nan
+from evaluate import count_dataset, nanmean, null_nan
 from kernels import pr_metrics
 from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
 
@@ -194,11 +194,6 @@ class StepSampler(Sampler):
         return max(0, self.iters - self.start) * self.batch
 
 
-def _nanmean(values):
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
 def validate(model, val_sets, device, dtype, loss_kind):
     """Validation loss, per-lesion AUPR and Dice on full images at the training resolution.
 
@@ -218,7 +213,7 @@ def validate(model, val_sets, device, dtype, loss_kind):
         tp, fp, pos = tp + t, fp + f, pos + p
     m = pr_metrics(tp, fp, pos)
     aupr, dice = [float(v) for v in m["aupr"]], [float(v) for v in m["dice"]]
-    return {"loss": torch.stack(losses).mean().item(), "mean_aupr": _nanmean(aupr), "mean_dice": _nanmean(dice),
+    return {"loss": torch.stack(losses).mean().item(), "mean_aupr": nanmean(aupr), "mean_dice": nanmean(dice),
             "aupr": aupr, "dice": dice}
 
 

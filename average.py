@@ -25,13 +25,13 @@ import torch.nn as nn
 
 import data
 from data import DATASET_IDS, combo_name
-from evaluate import count_dataset, default_device, evaluate_checkpoints, write_json
+from evaluate import evaluate_checkpoints
+from jsonio import write_json
 from kernels import pr_metrics
-from model import load_checkpoint, load_models, save_checkpoint
+from model import ARCH_FIELDS, load_checkpoint, load_models, save_checkpoint
+from protocol import default_device, pooled_counts
 
 PARTS = ("encoder", "decoder", "full")
-# What must agree for two checkpoints' weights to be averaged (pretrained / dropout / encoder_weights do not).
-ARCH_FIELDS = ("encoder", "decoder_channels", "attention", "classes")
 
 
 def in_part(key, part):
@@ -209,10 +209,7 @@ def make_scorer(val_sets, metric="aupr", device="cpu"):
 
     def score(ckpt):
         models = load_models(ckpt, device)
-        tp = fp = pos = 0
-        for ds in val_sets:  # counts pooled over the union of the validation splits, as train.py validates
-            t, f, p = count_dataset(models, ds, device)
-            tp, fp, pos = tp + t, fp + f, pos + p
+        tp, fp, pos = pooled_counts(models, val_sets, device)  # the union of the validation splits, as train.py
         values = [float(v) for v in pr_metrics(tp, fp, pos)[metric] if not math.isnan(v)]
         return sum(values) / len(values) if values else float("nan")
 

@@ -7,12 +7,10 @@
 
 Several checkpoints form an ensemble that averages sigmoid probabilities (so does an ensemble file written by
 average.py). Counts are pooled over all pixels of a test set and accumulated on the device where the
-predictions are; the protocol is in ../shared/REFERENCE.md ("Evaluation protocol").
+predictions are (protocol.py); the protocol is defined in docs/PROTOCOL.md ("Evaluation protocol").
 """
 import argparse
-import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -21,165 +19,14 @@ import torch
 
 import data
 from data import DATASET_IDS, LESIONS
-from kernels import binned_counts, pr_metrics
+from data.datasets import IMAGE_SUFFIXES
+from jsonio import write_json
 from model import load_checkpoint, load_models
+from protocol import (DTYPES, THRESHOLDS, count_dataset, default_device, predict, predict_fitting,  # noqa: F401
+                      predict_tiled, summarize, to_input)
 
-THRESHOLDS = 11  # the IDRiD challenge's float32 linspace(0, 1, 11)
-FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both: the flip group of a square image
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Overlay colours (RGB) in LESIONS order: EX yellow, HE red, MA green, CWS cyan.
 COLOURS = np.array([[255, 230, 0], [230, 20, 20], [40, 230, 40], [0, 200, 255]], dtype=np.float32)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prediction: ensemble mean of sigmoid probabilities, flip TTA, overlapping tiles
-# ---------------------------------------------------------------------------------------------------------
-def _as_dtype(dtype):
-    return DTYPES[dtype] if isinstance(dtype, str) else dtype
-
-
-def predict(models, x, dtype=torch.float32, tta=False):
-    """Mean sigmoid probability over models (and flips): x float (B, 3, H, W) in [0, 1] -> float32 (B, 4, H, W)."""
-    dtype = _as_dtype(dtype)
-    flips = FLIPS if tta else FLIPS[:1]
-    total = None
-    for m in models:
-        for dims in flips:
-            xi = x.flip(dims) if dims else x
-            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = m(xi)  # (B, 4, H, W)
-            # NOTE: an ensemble averages probabilities, not logits (the paper's ensembles, section 3.3).
-            p = torch.sigmoid(logits.float())
-            p = p.flip(dims) if dims else p
-            total = p if total is None else total + p
-    return total / (len(models) * len(flips))
-
-
-def _window_starts(size, tile, stride):
-    """Evenly spread window origins covering [0, size): first at 0, last flush with the end."""
-    if size <= tile:
-        return [0]
-    n = math.ceil((size - tile) / stride) + 1
-    return sorted({round(i * (size - tile) / (n - 1)) for i in range(n)})
-
-
-def _ramp(n, overlap, device):
-    """1-D blending weight: linear ramps of `overlap` pixels at both ends, 1 inside, never 0."""
-    i = torch.arange(n, device=device, dtype=torch.float32)
-    edge = torch.minimum(i, n - 1 - i) + 0.5
-    return (edge / max(overlap, 1)).clamp(max=1.0)
-
-
-def predict_tiled(models, x, tile, dtype=torch.float32, tta=False, overlap=0.5):
-    """predict() over overlapping tile x tile windows, blended with linear ramps: (B, 3, H, W) -> (B, 4, H, W).
-
-    `overlap` is the fraction of the tile shared by neighbouring windows. The weights are divided out, so
-    a pixel seen by one window keeps that window's probability and a pixel seen by several gets their
-    weighted mean (borders of a window, where the receptive field is cut, weigh least).
-    """
-    B, _, H, W = x.shape
-    if tile is None or (tile >= H and tile >= W):
-        return predict(models, x, dtype, tta)  # one window: exactly the untiled prediction
-    th, tw = min(tile, H), min(tile, W)
-    ov = int(round(overlap * tile))
-    stride = max(tile - ov, 1)
-    weight = _ramp(th, ov, x.device)[:, None] * _ramp(tw, ov, x.device)[None, :]  # (th, tw)
-    out = torch.zeros(B, len(LESIONS), H, W, device=x.device)
-    norm = torch.zeros(H, W, device=x.device)
-    for y0 in _window_starts(H, th, stride):
-        for x0 in _window_starts(W, tw, stride):
-            p = predict(models, x[..., y0:y0 + th, x0:x0 + tw], dtype, tta)  # (B, 4, th, tw)
-            out[..., y0:y0 + th, x0:x0 + tw] += p * weight
-            norm[y0:y0 + th, x0:x0 + tw] += weight
-    return out / norm
-
-
-def _predict_fitting(models, x, tile, dtype, tta, overlap):
-    """predict_tiled(), halving the tile while the device runs out of memory -> (probs, tile that fitted)."""
-    while True:
-        try:
-            return predict_tiled(models, x, tile, dtype, tta, overlap), tile
-        except torch.OutOfMemoryError:
-            size = tile or max(x.shape[-2:])
-            if x.device.type != "cuda" or size <= 128:
-                raise
-            torch.cuda.empty_cache()
-            tile = size // 2
-            print(f"warning: out of device memory; predicting in {tile} px tiles from now on", file=sys.stderr)
-
-
-def _to_input(images_uint8, device):
-    """uint8 (B, H, W, 3) numpy -> float (B, 3, H, W) in [0, 1] on the device (the cast happens there)."""
-    t = torch.from_numpy(np.ascontiguousarray(images_uint8))
-    if torch.device(device).type == "cuda":
-        t = t.pin_memory()
-    # NOTE: contiguous NCHW: a permuted (channels_last) input makes conv outputs channels_last as well
-    return t.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float().div_(255)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Counting a prepared test set
-# ---------------------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=None, roi=True,
-                  batch=1, overlap=0.5, thresholds=THRESHOLDS, on_batch=None):
-    """Pooled binned counts of a model ensemble over every full image of a data.PreparedDataset.
-
-    Returns int64 CPU tensors tp (4, T), fp (4, T), pos (4,). The counts stay on the device until the end:
-    no host round trip per image. roi=True counts only pixels inside the FOV; roi=False is the authors'
-    way: every pixel counted, probabilities outside the FOV and the padding set to 0.
-    on_batch(ids, probs (B, 4, H, W), items) is called per batch (used to write maps).
-    """
-    if len(dataset) == 0:
-        raise ValueError(f"test set {getattr(dataset, 'dataset_id', '')} has no images")
-    device = torch.device(device)
-    was_training = [m.training for m in models]
-    for m in models:
-        m.eval()  # NOTE: train.py validates mid-training; BatchNorm must use running stats here
-    tp = fp = pos = None
-    try:
-        for start in range(0, len(dataset), batch):
-            items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-            x = _to_input(np.stack([it["image"] for it in items]), device)  # (B, 3, H, W)
-            masks = torch.from_numpy(np.stack([it["masks"] for it in items])).to(device)  # (B, 4, H, W) bool
-            fov = torch.from_numpy(np.stack([it["fov"] for it in items])).to(device)  # (B, H, W) bool
-            probs, tile = _predict_fitting(models, x, tile, dtype, tta, overlap)  # (B, 4, H, W) float32
-            probs = probs.contiguous()  # no-op unless a model returns channels_last
-            if roi:
-                counts = binned_counts(probs, masks, fov, thresholds)
-            else:
-                probs = probs.masked_fill(~fov[:, None], 0.0)
-                counts = binned_counts(probs, masks, None, thresholds)
-            if tp is None:
-                tp, fp, pos = (c.to(device=device, dtype=torch.int64) for c in counts)
-            else:
-                tp, fp, pos = (a + c.to(device=device, dtype=torch.int64) for a, c in zip((tp, fp, pos), counts))
-            if on_batch is not None:
-                on_batch([it["id"] for it in items], probs, items)
-    finally:
-        for m, w in zip(models, was_training):
-            m.train(w)
-    return tp.cpu(), fp.cpu(), pos.cpu()  # the one host transfer
-
-
-def summarize(tp, fp, pos, n_images):
-    """Counts -> the per-test-set block of the Results JSON (NaN where a lesion is absent)."""
-    m = pr_metrics(tp, fp, pos)
-    lesions = {}
-    for c, name in enumerate(LESIONS):
-        lesions[name] = {"aupr": float(m["aupr"][c]), "dice": float(m["dice"][c]),
-                         "tp": [int(v) for v in tp[c]], "fp": [int(v) for v in fp[c]], "pos": int(pos[c])}
-    return {"n_images": int(n_images),
-            "mean_aupr": nanmean([v["aupr"] for v in lesions.values()]),
-            "mean_dice": nanmean([v["dice"] for v in lesions.values()]),
-            "lesions": lesions}
-
-
-def nanmean(values):
-    """Mean over the lesions present in the test set (NaN only when none is)."""
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,10 +98,6 @@ def load_ensemble(ckpt_paths, device):
     return models, headers
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw", cache_dir="cache",
                          options=None, resolution=None, device=None, dtype="float32", tta=False, tile=None,
                          overlap=0.5, roi=True, batch=1, maps_dir=None, out=None, verbose=True):
@@ -308,29 +151,6 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     return report
 
 
-def null_nan(obj):
-    """JSON has no NaN or inf: write null (a lesion absent from a test set, a diverged loss), recursively."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: null_nan(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [null_nan(v) for v in obj]
-    return obj
-
-
-def write_json(path, report):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    text = json.dumps(null_nan(report), indent=1, allow_nan=False)
-    # one line per list of numbers ("tp": [11 ints]); "[" + newline never occurs inside a JSON string
-    flat = lambda m: "[" + ", ".join(v.strip() for v in m.group()[1:-1].split(",")) + "]"  # noqa: E731
-    text = re.sub(r"\[\n[-+0-9.eE,\s]+\]", flat, text)
-    tmp.write_text(text + "\n")
-    tmp.replace(path)  # atomic: a sweep interrupted here leaves no half-written results.json
-
-
 def print_table(test_id, block):
     """AUPR and Dice per lesion and their mean for one test set."""
     fmt = lambda v: "   nan" if math.isnan(v) else f"{v:6.3f}"  # noqa: E731
@@ -373,8 +193,8 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
         except (OSError, ValueError) as e:
             print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
             continue
-        x = _to_input(image[None], device)  # (1, 3, R, R)
-        probs, tile = _predict_fitting(models, x, tile, dtype, tta, overlap)
+        x = to_input(image[None], device)  # (1, 3, R, R)
+        probs, tile = predict_fitting(models, x, tile, dtype, tta, overlap)
         probs = probs[0]  # (4, R, R)
         probs = probs.masked_fill(~torch.from_numpy(fov).to(device), 0.0).cpu().numpy()
         probs = np.asarray(data.restore_geometry(probs, geometry), dtype=np.float32)  # (4, H0, W0)

@@ -126,6 +126,16 @@ class ModelConfig:
     encoder_weights: str | None = None  # local weights file; used instead of the hub when given
 
 
+# What must agree for a checkpoint's weights to load into (or be averaged with) another model of this file;
+# pretrained / encoder_weights / dropout do not change the weights' shapes or meaning.
+ARCH_FIELDS = ("encoder", "decoder_channels", "attention", "classes")
+
+
+def architecture(cfg):
+    """The ARCH_FIELDS of a model_cfg dict as a comparable tuple (lists and tuples compare equal)."""
+    return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (cfg.get(f) for f in ARCH_FIELDS))
+
+
 def config_from_dict(d):
     """ModelConfig from a checkpoint's "model_cfg" dict; ValueError on unknown fields."""
     names = {f.name for f in fields(ModelConfig)}

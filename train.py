@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from data import (LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options, parse_dataset_ids,
                   prepare_cache)
-from evaluate import count_dataset, nanmean, null_nan
+from jsonio import null_nan
 from kernels import pr_metrics
-from model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from model import ModelConfig, architecture, build_model, load_checkpoint, save_checkpoint
+from protocol import DTYPES, nanmean, pooled_counts
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HIGHER_IS_BETTER = {"aupr": True, "dice": True, "loss": False}
 
 
@@ -136,7 +136,7 @@ def compute_loss(scores, masks, fov, kind, probs=False):
     """Multi-label loss over the 4 lesion channels, counting only pixels inside the FOV.
 
     scores (B, 4, H, W) float32 logits (or sigmoid probabilities with probs=True: validation gets those
-    from evaluate.count_dataset), masks (B, 4, H, W) float 0/1, fov (B, H, W) bool.
+    from protocol.count_dataset), masks (B, 4, H, W) float 0/1, fov (B, H, W) bool.
     NOTE: padding and the black border outside the FOV are ignored (project decision, as the evaluation
     protocol's ROI): the model is neither rewarded nor punished there.
     """
@@ -197,7 +197,7 @@ class StepSampler(Sampler):
 def validate(model, val_sets, device, dtype, loss_kind):
     """Validation loss, per-lesion AUPR and Dice on full images at the training resolution.
 
-    One pass of evaluate.count_dataset: AUPR / Dice pool the counts of all images of all validation
+    One pass of protocol.count_dataset: AUPR / Dice pool the counts of all images of all validation
     sets (the evaluation protocol); the loss, from the same probabilities, is the mean over images.
     """
     losses = []
@@ -207,10 +207,7 @@ def validate(model, val_sets, device, dtype, loss_kind):
         fov = torch.from_numpy(np.stack([it["fov"] for it in items])).to(probs.device)  # (1, R, R)
         losses.append(compute_loss(probs, masks, fov, loss_kind, probs=True))  # stays on the device
 
-    tp = fp = pos = 0
-    for ds in val_sets:
-        t, f, p = count_dataset([model], ds, device, dtype=dtype, on_batch=image_loss)
-        tp, fp, pos = tp + t, fp + f, pos + p
+    tp, fp, pos = pooled_counts([model], val_sets, device, dtype=dtype, on_batch=image_loss)
     m = pr_metrics(tp, fp, pos)
     aupr, dice = [float(v) for v in m["aupr"]], [float(v) for v in m["dice"]]
     return {"loss": torch.stack(losses).mean().item(), "mean_aupr": nanmean(aupr), "mean_dice": nanmean(dice),
@@ -244,11 +241,6 @@ def _plain(args_dict):
 
 def _cpu_state(model):
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _architecture(cfg):
-    """What must match to load a checkpoint's weights into a freshly built model."""
-    return cfg["encoder"], tuple(cfg["decoder_channels"]), bool(cfg["attention"]), cfg["classes"]
 
 
 def _is_finite(model):
@@ -348,7 +340,7 @@ def _run(args, train_ids, out, device, rank, world, master, on_validate):
     torch.manual_seed(args.init_seed)
     raw_model = build_model(cfg if ckpt is None else replace(cfg, pretrained=False, encoder_weights=None))
     if ckpt is not None:
-        if _architecture(ckpt["model_cfg"]) != _architecture(asdict(cfg)):
+        if architecture(ckpt["model_cfg"]) != architecture(asdict(cfg)):
             raise ValueError(f"{last_path} holds another architecture ({ckpt['model_cfg']['encoder']}, "
                              f"decoder {ckpt['model_cfg']['decoder_channels']}); use another --out")
         raw_model.load_state_dict(ckpt["model"])

@@ -27,9 +27,8 @@ FIG4_FLAGS  ?=
 TUNE_FLAGS  ?=
 COMBO      ?= IDR+DDR+MES
 
-IDS    := IDR DDR FGA RET MES
 # All 31 non-empty combinations, in canonical order (IDR DDR FGA RET MES), as run names like IDR+DDR.
-COMBOS := $(shell python3 -c "import itertools as it; i='$(IDS)'.split(); print(' '.join('+'.join(c) for r in range(1, 6) for c in it.combinations(i, r)))")
+COMBOS := $(shell python3 data/ids.py combos)
 SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
 
@@ -67,10 +66,10 @@ $(RUNS)/%/results.json: | $(VENV)
 # ---- Figure 4 for one combination: baseline, ensemble of 4, SWA and soups on encoder / decoder / full ----
 # (FIG4_FLAGS="--bn both" reports each average with averaged and with recomputed BatchNorm statistics)
 # COMBO in any order or case (IDR+MES+DDR) names the canonical run folder (IDR+DDR+MES)
-canonical = $(shell python3 -c "import sys; s = set(sys.argv[1].upper().replace(',', '+').split('+')); print('+'.join(i for i in '$(IDS)'.split() if i in s))" $(1))
+canonical = $(shell python3 data/ids.py canonical $(1))
 fig4: $(RUNS)/$(call canonical,$(COMBO))/fig4.json
 $(RUNS)/%/fig4.json: | $(VENV)
-	$(PY) average.py fig4 $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(FIG4_FLAGS)
+	$(PY) fig4.py $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(FIG4_FLAGS)
 
 # ---- the report: tables and figures regenerated from the results files ----
 characterize: $(VENV)

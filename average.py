@@ -2,20 +2,21 @@
 
     python average.py swa runs/IDR+MES/s0 -o runs/IDR+MES/s0/swa.pt --last 5
     python average.py soup runs/IDR+MES/s*/best.pt -o runs/IDR+MES/soup.pt --greedy --part decoder
-    python average.py ensemble runs/IDR+MES/s[0-3]/best.pt -o runs/IDR+MES/ensemble.pt
-    python average.py fig4 runs/IDR+MES --test IDR,DDR,FGA,RET,MES -o runs/IDR+MES/fig4.json --data-root data_raw
+    python average.py ensemble runs/IDR+MES/s[0-3]/best.pt -o runs/IDR+MES/ensemble.json
+    python average.py soup --help           # each subcommand's own examples and flags
 
 swa and soup write a training-format checkpoint (evaluate.py and average.py take it unchanged) whose
-"provenance" records the method, ingredients, weights, part, BatchNorm mode and reference; ensemble writes
-{"kind": "ensemble", "members": [...]} that evaluate.py / model.load_models read as k models whose sigmoid
-probabilities are averaged. Checkpoints are streamed one at a time and summed in float64 on the CPU.
-Validation scores (greedy soups, --reference best) and BatchNorm recomputation read the training
-combination's own validation / training splits (never test), with the data options recorded in the
-checkpoint's args unless given here.
+"provenance" records the method, ingredients, weights, part, BatchNorm mode and reference; ensemble writes a
+small manifest {"kind": "ensemble", "members": ["s0/best.pt", ...]} (paths relative to the manifest) that
+evaluate.py --ckpt / model.load_models read as k models whose sigmoid probabilities are averaged; it holds no
+weights. Checkpoints are streamed one at a time and summed in float64 on the CPU. Validation scores (greedy
+soups, --reference best) and BatchNorm recomputation read the training combination's own validation /
+training splits (never test), with the data options recorded in the checkpoint's args unless given here.
+The paper's Figure 4 (every method on one combination) is fig4.py, built on these functions.
 """
 import argparse
-import itertools
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -24,14 +25,16 @@ import torch
 import torch.nn as nn
 
 import data
-from data import DATASET_IDS, combo_name
-from evaluate import evaluate_checkpoints
+from data import combo_name
 from jsonio import write_json
-from kernels import pr_metrics
-from model import ARCH_FIELDS, load_checkpoint, load_models, save_checkpoint
+from kernels import AP_BINS, pr_metrics
+from model import ARCH_FIELDS, load_checkpoint, load_models, read_manifest, save_checkpoint
 from protocol import default_device, pooled_counts
 
 PARTS = ("encoder", "decoder", "full")
+# Validation scores a soup may follow: keys of kernels.pr_metrics. dice and ap are floor-free; the protocol's
+# aupr gives a map that predicts nothing about 0.5 (docs/PROTOCOL.md), so a soup on it can prefer a blank model.
+METRICS = ("dice", "ap", "aupr")
 
 
 def in_part(key, part):
@@ -48,7 +51,7 @@ def _float_key(value):
 def check_same_architecture(first_path, first, path, ckpt):
     """ValueError naming `path` and the first key where its architecture or state dict differs from `first`."""
     if ckpt.get("kind") == "ensemble":
-        raise ValueError(f"{path} is an ensemble file: average training checkpoints (or their snapshots) instead")
+        raise ValueError(f"{path} is an ensemble: average training checkpoints (or their snapshots) instead")
     where = f"{path} does not match {first_path}"
     for field in ARCH_FIELDS:
         a, b = first["model_cfg"].get(field), ckpt["model_cfg"].get(field)
@@ -142,7 +145,7 @@ def pick_reference(paths, rule, score=None, memo=None):
 
 def greedy_soup(paths, score, part="full", reference="first", memo=None):
     """Greedy soup (Wortsman et al. 2022, recipe 2): ingredients by decreasing validation score, each kept
-    only if the uniform soup of those kept so far plus it scores at least as well on validation.
+    only if the uniform soup of those kept so far plus it scores strictly better on validation.
 
     score(ckpt dict) -> float, higher is better (the validation split of the combination, never test). Each
     candidate soup is recomputed from its ingredients in float64 (n loads per candidate) so the final soup
@@ -158,7 +161,9 @@ def greedy_soup(paths, score, part="full", reference="first", memo=None):
     for p in order[1:]:
         candidate = average_checkpoints(kept + [p], part, ref)
         s = score(candidate)
-        accept = _rank(s) >= _rank(best) and not math.isnan(s)
+        # NOTE: strictly better, as model-soups' `if held_out_val_accuracy > best_val_acc_so_far`: a tie adds
+        # an ingredient the validation set can't tell apart, so it is left out; NaN ranks -inf, never kept.
+        accept = _rank(s) > _rank(best)
         print(f"  {'kept' if accept else 'left out'} {p}: soup validation score {s:.4f} (was {best:.4f})")
         if accept:
             kept, soup, best = kept + [p], candidate, s
@@ -167,25 +172,37 @@ def greedy_soup(paths, score, part="full", reference="first", memo=None):
     return soup
 
 
-def make_ensemble(paths):
-    """Ensemble file (eq. 1): every member's weights and model_cfg; evaluate.py averages their probabilities."""
+def make_ensemble(paths, out):
+    """Ensemble manifest (eq. 1) to be written at `out`: the members' paths relative to out's folder, no weights.
+
+    evaluate.py averages the members' probabilities. A manifest given as a member contributes its members
+    (a flat list, equally weighted); every member is loaded once (memory-mapped) to check it is a checkpoint.
+    """
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("no checkpoint for the ensemble")
-    members, args, counts = [], None, []
+    out_dir = Path(os.path.abspath(out)).parent
+    members, counts = [], []
     for p in paths:
-        ckpt = load_checkpoint(p)
-        # An ensemble file given as a member contributes its members (a flat list, equally weighted).
-        inner = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
-        members += [{"model": m["model"], "model_cfg": m["model_cfg"], "args": m.get("args") or {}} for m in inner]
-        counts.append(len(inner))
-        if args is None:  # the first member's training args (resolution, combination) describe the file
-            args = ckpt.get("args") or members[0]["args"]
-        del ckpt, inner
-    n = len(members)
-    return {"kind": "ensemble", "members": members, "args": args, "version": 1,
+        ckpt = load_checkpoint(p)  # FileNotFoundError / ValueError naming p, or a member of its manifest
+        counts.append(len(ckpt["members"]) if ckpt.get("kind") == "ensemble" else 1)
+        del ckpt
+        listed = read_manifest(p)[1] if Path(p).suffix == ".json" else [Path(p)]
+        members += [Path(os.path.relpath(os.path.abspath(m), out_dir)).as_posix() for m in listed]
+    n = sum(counts)
+    return {"kind": "ensemble", "version": 1, "members": members,
             "provenance": {"method": "ensemble", "ingredients": paths, "weights": [c / n for c in counts],
                            "part": "full", "bn": "keep", "reference": paths[0]}}
+
+
+def write_ensemble(out, paths):
+    """make_ensemble(paths, out) written to `out` (.json) -> the manifest dict."""
+    if Path(out).suffix != ".json":
+        raise ValueError(f"-o {out}: an ensemble is a JSON manifest listing its members; name it .json "
+                         f"(e.g. {Path(out).with_suffix('.json')})")
+    manifest = make_ensemble(paths, out)
+    write_json(out, manifest)
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,15 +219,24 @@ def combination_sets(train_ids, resolution, split, data_root, cache_dir, options
     return sets
 
 
-def make_scorer(val_sets, metric="aupr", device="cpu"):
-    """score(ckpt) -> mean over lesions of the pooled validation AUPR or Dice (NaN lesions left out)."""
-    if metric not in ("aupr", "dice"):
-        raise ValueError(f"--metric must be aupr or dice, got {metric!r}")
+def make_scorer(val_sets, metric="dice", device="cpu"):
+    """score(ckpt) -> mean over lesions of a pooled validation score (NaN lesions left out), higher is better.
+
+    metric: a key of kernels.pr_metrics (METRICS): "dice" at p >= 0.5 or "ap", the finely binned average
+    precision, both floor-free; or the protocol's "aupr".
+    """
+    if metric not in METRICS:
+        raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    fine = {"ap_bins": AP_BINS} if metric == "ap" else {}  # ap's fine curve, counted in the same pass
 
     def score(ckpt):
         models = load_models(ckpt, device)
-        tp, fp, pos = pooled_counts(models, val_sets, device)  # the union of the validation splits, as train.py
-        values = [float(v) for v in pr_metrics(tp, fp, pos)[metric] if not math.isnan(v)]
+        counts = pooled_counts(models, val_sets, device, **fine)  # the union of the validation splits, as train.py
+        scores = pr_metrics(*counts)
+        if metric not in scores:
+            raise ValueError(f"--metric {metric}: kernels.pr_metrics returns no {metric!r} score "
+                             f"(only {', '.join(scores)})")
+        values = [float(v) for v in scores[metric] if not math.isnan(v)]
         return sum(values) / len(values) if values else float("nan")
 
     return score
@@ -267,7 +293,7 @@ def recompute_bn_checkpoint(ckpt, batches, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command-line plumbing shared by the subcommands
+# Command-line plumbing shared by the subcommands (and fig4.py)
 # ---------------------------------------------------------------------------------------------------------
 class Combination:
     """The training combination in a checkpoint's args: validation scores and training batches, built on first use."""
@@ -301,7 +327,7 @@ class Combination:
                                        self.args.device)
 
 
-def _check_out(out, force):
+def check_out(out, force):
     if Path(out).exists() and not force:
         raise ValueError(f"{out} exists (pass --force to overwrite)")
 
@@ -351,122 +377,61 @@ def select_snapshots(run_dir, last=None, steps=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Figure 4: baseline, ensemble, SWA and soups on encoder / decoder / full for one training combination
-# ---------------------------------------------------------------------------------------------------------
-def _reusable(path, provenance):
-    """Is avg/X.pt already the average we would build (same method, ingredients, part, bn, reference rule)?"""
-    if not Path(path).is_file():
-        return False
-    old = load_checkpoint(path).get("provenance") or {}
-    keys = ("method", "ingredients", "part", "bn", "reference_rule")
-    return all(old.get(k) == provenance.get(k) for k in keys)
+def add_averaging_args(q, reference="first", bn=("keep", "recompute"), bn_help=""):
+    """The flags of averaging with validation scores and BatchNorm recomputation (swa, soup, fig4.py)."""
+    g = q.add_argument_group("averaging")
+    g.add_argument("--reference", choices=("first", "best"), default=reference,
+                   help="ingredient supplying what is not averaged (other part, integer buffers): the first "
+                        "given or the best by validation score (default: %(default)s)")
+    g.add_argument("--bn", choices=bn, default="keep",
+                   help="keep the averaged BatchNorm statistics, or recompute them over training patches"
+                        f"{bn_help} (default: %(default)s)")
+    g.add_argument("--bn-batches", type=int, default=100,
+                   help="training batches (the run's --batch x --patch) for --bn recompute (default: %(default)s)")
+    g.add_argument("--metric", choices=METRICS, default="dice",
+                   help="validation score of --greedy and --reference best: mean over lesions of pooled Dice or "
+                        "AP (floor-free), or the protocol's AUPR, which a blank map scores about 0.5 "
+                        "(default: %(default)s)")
+    g.add_argument("--device", default=default_device(),
+                   help="device of the validation and BatchNorm passes (averaging: CPU) (default: %(default)s)")
+    data.add_data_args(q)
 
 
-def figure4(args, parser):
-    """The paper's Figure 4 for RUNS/COMBO (section 3.3): every method evaluated on the test sets -> fig4.json.
+SWA_HELP = """Average one run's snapshots (eq. 2) into a training-format checkpoint.
 
-    baseline = the first seed's best.pt; ensemble and soups = the first --members seeds' best.pt; SWA = the
-    first seed's snapshots. Averages are written to RUNS/COMBO/avg/ and reused while their provenance
-    matches; --bn applies to the averages only (the baseline and the ensemble members are trained models).
-    """
-    combo_dir = Path(args.combo_dir)
-    seeds = sorted((int(m.group(1)), d) for d in combo_dir.glob("s*")
-                   if (m := re.fullmatch(r"s(\d+)", d.name)) and (d / "best.pt").is_file())
-    if len(seeds) < 2:
-        found = ", ".join(d.name for _, d in seeds) or "none"
-        raise FileNotFoundError(f"fig4 needs best.pt of at least 2 seeds under {combo_dir}/s*/ (found: {found})")
-    if args.members < 1:
-        raise ValueError(f"--members must be >= 1, got {args.members}")
-    run0 = seeds[0][1]
-    members = [str(d / "best.pt") for _, d in seeds[:args.members]]
-    if len(members) < args.members:
-        print(f"note: {len(members)} seeds found: the ensemble and the soups use {len(members)}, not {args.members}")
-    baseline = str(run0 / "best.pt")
-    combo = Combination(load_checkpoint(baseline).get("args") or {}, args, parser)
-    data_root, cache, options = data.data_settings(args, parser, combo.ckpt_args)
-    tests = data.parse_dataset_ids(args.test)
-    for d in sorted(set(combo.train) | set(tests), key=DATASET_IDS.index):  # one summary each, then quiet
-        data.prepare_cache(d, data_root, cache, int(combo.ckpt_args["resolution"]), **options)
-    options = {**options, "verbose": False}
-    avg = combo_dir / "avg"
-    # --bn both: each average twice, e.g. "swa-full" (averaged statistics) and "swa-full+bn" (recomputed)
-    modes = ("keep", "recompute") if args.bn == "both" else (args.bn,)
+    python average.py swa runs/IDR+MES/s0 -o runs/IDR+MES/s0/swa.pt --last 5
+    python average.py swa runs/IDR+MES/s0 -o runs/IDR+MES/s0/swa-enc.pt --steps 2000: --part encoder --bn recompute
+"""
+SOUP_HELP = """Average the final weights of several runs of one combination (eq. 3): uniform, or greedy on validation.
 
-    plan = {"baseline": baseline, "ensemble": str(avg / "ensemble.pt")}
-    ens_prov = {"method": "ensemble", "ingredients": members, "part": "full", "bn": "keep", "reference_rule": None}
-    if not _reusable(plan["ensemble"], ens_prov):
-        ens = make_ensemble(members)
-        ens["provenance"]["reference_rule"] = None
-        save_checkpoint(plan["ensemble"], ens)
-        del ens
-    try:
-        snapshots = select_snapshots(run0)
-    except FileNotFoundError as e:
-        snapshots = []
-        print(f"note: SWA entries skipped: {e}")
-    for bn, (kind, paths), part in itertools.product(modes, (("swa", snapshots), ("soup", members)), PARTS):
-        if not paths:
-            continue
-        name = f"{kind}-{part}"
-        key = name + ("+bn" if bn == "recompute" and len(modes) == 2 else "")
-        plan[key] = str(avg / f"{name}{'-bn' if bn == 'recompute' else ''}.pt")
-        want = {"method": name, "ingredients": paths, "part": part, "bn": bn, "reference_rule": args.reference}
-        if _reusable(plan[key], want):
-            print(f"reusing {plan[key]}")
-            continue
-        print(f"building {plan[key]} from {len(paths)} checkpoint(s)")
-        save_checkpoint(plan[key], build_average(paths, kind, part, combo, args, bn=bn))
+    python average.py soup runs/IDR+MES/s*/best.pt -o runs/IDR+MES/soup.pt
+    python average.py soup runs/IDR+MES/s*/best.pt -o runs/IDR+MES/greedy.pt --greedy --metric dice --part decoder
+"""
+ENSEMBLE_HELP = """Write an ensemble manifest (eq. 1): member paths, no weights; evaluate.py averages them.
 
-    methods = {}
-    for name, path in plan.items():
-        print(f"evaluating {name}: {path}")
-        stem = name if name == "baseline" else Path(path).stem  # e.g. avg/swa-full-bn.results.json
-        res = evaluate_checkpoints(path, tests, data_root, cache, options, device=args.device,
-                                   out=avg / f"{stem}.results.json", verbose=False)
-        methods[name] = {t: {"mean_dice": r["mean_dice"], "mean_aupr": r["mean_aupr"]}
-                         for t, r in res["results"].items()}
-    report = {"version": 1, "combo": combo_name(combo.train), "train": combo.train, "tests": tests, "bn": args.bn,
-              "reference": args.reference, "members": members, "snapshots": snapshots, "checkpoints": plan,
-              "methods": methods}
-    write_json(args.out, report)  # NaN (a lesion absent from a test set) is written as null
-    print(f"\n{'method':16s}" + "".join(f"{t:>8s}" for t in tests) + "   (mean Dice)")
-    for name, block in methods.items():
-        print(f"{name:16s}" + "".join(f"{block[t]['mean_dice']:8.3f}" for t in tests))
-    return report
+    python average.py ensemble runs/IDR+MES/s[0-3]/best.pt -o runs/IDR+MES/ensemble.json
+    python evaluate.py --ckpt runs/IDR+MES/ensemble.json --test MES
+"""
 
 
-# ---------------------------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
+    def command(name, text):
+        return sub.add_parser(name, help=text.splitlines()[0], description=text,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
     def outputs(q, what):
         q.add_argument("-o", "--out", required=True, help=f"{what} to write (required)")
         q.add_argument("--force", action="store_true", help="overwrite an existing output (default: %(default)s)")
-
-    def averaging(q, reference="first", bn=("keep", "recompute")):
-        g = q.add_argument_group("averaging")
-        g.add_argument("--reference", choices=("first", "best"), default=reference,
-                       help="ingredient supplying what is not averaged (other part, integer buffers): the first "
-                            "given or the best by validation score (default: %(default)s)")
-        g.add_argument("--bn", choices=bn, default="keep",
-                       help="keep the averaged BatchNorm statistics, or recompute them over training patches"
-                            + (", or both (fig4: each average twice, '+bn' names the recomputed)" if "both" in bn
-                               else "") + " (default: %(default)s)")
-        g.add_argument("--bn-batches", type=int, default=100,
-                       help="training batches (the run's --batch x --patch) for --bn recompute (default: %(default)s)")
-        g.add_argument("--metric", choices=("aupr", "dice"), default="aupr",
-                       help="validation score: mean over lesions of pooled AUPR or Dice (default: %(default)s)")
-        g.add_argument("--device", default=default_device(),
-                       help="device of the validation and BatchNorm passes (averaging: CPU) (default: %(default)s)")
-        data.add_data_args(q)
 
     def part(q):
         q.add_argument("--part", choices=PARTS, default="full",
                        help="average only the encoder, only the decoder (+ head), or everything (default: %(default)s)")
 
     p.commands = sub.choices  # {name: subparser}: main reads the data flags' defaults there
-    q = sub.add_parser("swa", help="average a run's snapshots (eq. 2)")
+    q = command("swa", SWA_HELP)
     q.add_argument("run_dir", help="run directory holding snapshots/step_N.pt")
     sel = q.add_mutually_exclusive_group()
     sel.add_argument("--last", type=int, default=None, help="only the last K snapshots (default: %(default)s = all)")
@@ -474,48 +439,35 @@ def build_parser():
                      help="only snapshots with A <= step <= B; either side may be empty (default: %(default)s = all)")
     outputs(q, "averaged checkpoint")
     part(q)
-    averaging(q)
+    add_averaging_args(q)
 
-    q = sub.add_parser("soup", help="average the final weights of several runs (eq. 3)")
+    q = command("soup", SOUP_HELP)
     q.add_argument("ckpts", nargs="+", help="checkpoints of runs of the same architecture (e.g. s*/best.pt)")
     q.add_argument("--greedy", action="store_true",
                    help="greedy soup: add ingredients by validation score, keep each only if the soup's "
-                        "validation score does not drop (default: %(default)s = uniform soup)")
+                        "validation score strictly improves (default: %(default)s = uniform soup)")
     outputs(q, "soup checkpoint")
     part(q)
-    averaging(q)
+    add_averaging_args(q)
 
-    q = sub.add_parser("ensemble", help="an ensemble file averaging the members' probabilities (eq. 1)")
-    q.add_argument("ckpts", nargs="+", help="member checkpoints (any architectures)")
-    outputs(q, "ensemble file")
-
-    q = sub.add_parser("fig4", help="the paper's Figure 4 comparison for one training combination")
-    q.add_argument("combo_dir", help="RUNS/COMBO holding the seeds' runs s0/, s1/, ...")
-    q.add_argument("--test", default=",".join(DATASET_IDS), help="test sets (default: %(default)s)")
-    q.add_argument("--members", type=int, default=4,
-                   help="first N seeds' best.pt form the ensemble and the soups (default: %(default)s)")
-    outputs(q, "fig4.json")
-    averaging(q, reference="best", bn=("keep", "recompute", "both"))
+    q = command("ensemble", ENSEMBLE_HELP)
+    q.add_argument("ckpts", nargs="+", help="member checkpoints or manifests (any architectures)")
+    outputs(q, "ensemble manifest (.json)")
     return p
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_out(args.out, args.force)
+    check_out(args.out, args.force)
     if args.command == "ensemble":
-        save_checkpoint(args.out, make_ensemble(args.ckpts))
-        print(f"wrote {args.out}: ensemble of {len(args.ckpts)} checkpoint(s)")
+        manifest = write_ensemble(args.out, args.ckpts)
+        print(f"wrote {args.out}: ensemble manifest of {len(manifest['members'])} member(s)")
         return
     if args.bn_batches < 1:
         raise ValueError(f"--bn-batches must be >= 1, got {args.bn_batches}")
-    sub = parser.commands[args.command]
-    if args.command == "fig4":
-        figure4(args, sub)
-        print(f"\nwrote {args.out}")
-        return
     paths = select_snapshots(args.run_dir, args.last, args.steps) if args.command == "swa" else args.ckpts
-    combo = Combination(load_checkpoint(paths[0]).get("args") or {}, args, sub)
+    combo = Combination(load_checkpoint(paths[0]).get("args") or {}, args, parser.commands[args.command])
     ckpt = build_average(paths, args.command, args.part, combo, args)
     save_checkpoint(args.out, ckpt)
     prov = ckpt["provenance"]

@@ -2,7 +2,7 @@
 
     python evaluate.py --ckpt runs/IDR+DDR/s0/best.pt --test MES --data-root data_raw
     python evaluate.py --ckpt runs/IDR/s0/best.pt runs/IDR/s1/best.pt --test IDR,DDR --tta --tile 768
-    python evaluate.py --ckpt runs/IDR/ensemble.pt --save-maps maps/          # an average.py file, maps as PNG
+    python evaluate.py --ckpt runs/IDR/ensemble.json --save-maps maps/        # an average.py ensemble manifest
     python evaluate.py --ckpt runs/IDR/s0/best.pt --images my_photos/ --save-maps my_maps/   # your own images
 
 Several checkpoints form an ensemble that averages sigmoid probabilities (so does an ensemble file written by
@@ -10,6 +10,7 @@ average.py). Counts are pooled over all pixels of a test set and accumulated on 
 predictions are (protocol.py); the protocol is defined in docs/PROTOCOL.md ("Evaluation protocol").
 """
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -19,10 +20,10 @@ import torch
 
 import data
 from data import DATASET_IDS, LESIONS
-from data.datasets import IMAGE_SUFFIXES
+from data.datasets import IMAGE_SUFFIXES, load_image
 from jsonio import write_json
 from model import load_checkpoint, load_models
-from protocol import (DTYPES, THRESHOLDS, count_dataset, default_device, predict, predict_fitting,  # noqa: F401
+from protocol import (AP_BINS, DTYPES, THRESHOLDS, check_device, count_dataset, default_device, predict, predict_fitting,  # noqa: F401
                       predict_tiled, summarize, to_input)
 
 # Overlay colours (RGB) in LESIONS order: EX yellow, HE red, MA green, CWS cyan.
@@ -90,12 +91,43 @@ def load_ensemble(ckpt_paths, device):
         ckpt = load_checkpoint(p)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{p} is not a checkpoint of this project")
-        models += load_models(ckpt, device)
+        models += load_models(ckpt, device, where=str(p))
         # keep only the small fields; the weights now live in the models
         headers.append({k: v for k, v in ckpt.items() if k in ("args", "kind", "method", "provenance")}
                        | {"members": [{"args": m.get("args")} for m in ckpt.get("members") or []
                                       if isinstance(m, dict)]})
     return models, headers
+
+
+def _read_results(out):
+    """The results file at `out` as a dict, None when there is none; one-line errors for what is not one."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: name a results file, e.g. {out / 'results.json'}")
+    if not out.exists():
+        return None
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--out {out} exists but is not a results file ({e}); remove it or pass another --out")
+    if not isinstance(old, dict) or not isinstance(old.get("results"), dict):
+        raise ValueError(f"--out {out} exists but is not a results file of evaluate.py; pass another --out")
+    return old
+
+
+def check_results_file(out, ckpt_paths, protocol):
+    """Before any work: the results already in `out` (merged into, never lost), or an error if they can't be.
+
+    A results file holds one evaluation set-up (checkpoints + protocol); its test sets accumulate across runs.
+    """
+    old = _read_results(out)
+    if old is None:
+        return {}
+    if old.get("checkpoints") != ckpt_paths or old.get("protocol") != protocol:
+        what = "checkpoints" if old.get("checkpoints") != ckpt_paths else "protocol settings"
+        raise ValueError(f"--out {out} holds results of other {what} ({old.get('checkpoints')}, "
+                         f"{old.get('protocol')}); pass another --out to keep both")
+    return old["results"]
 
 
 def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw", cache_dir="cache",
@@ -105,6 +137,7 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
 
     options: keyword args for data.prepare_cache (data.data_options(args)); resolution: None = the
     checkpoint's args["resolution"]; maps_dir: write per-image probability maps and overlays there.
+    An existing `out` of the same checkpoints and protocol keeps its other test sets (results are merged).
     """
     ckpt_paths = [str(p) for p in ([ckpt_paths] if isinstance(ckpt_paths, (str, Path)) else ckpt_paths)]
     if not ckpt_paths:
@@ -119,12 +152,13 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
             raise ValueError(f"{ckpt_paths[0]} records no resolution in its args: pass --resolution")
     resolution = int(resolution)
 
-    protocol = {"thresholds": THRESHOLDS, "roi": "fov" if roi else "all", "resolution": resolution,
-                "tta": bool(tta), "tile": tile, "overlap": overlap if tile else None, "dtype": str(dtype)}
+    protocol = {"thresholds": THRESHOLDS, "ap_bins": AP_BINS, "roi": "fov" if roi else "all", "resolution": resolution,
+                "tta": bool(tta), "tile": tile, "overlap": overlap if tile else None, "dtype": str(dtype),
+                "split_protocol": (options or {}).get("split_protocol", "paper")}
+    results = check_results_file(out, ckpt_paths, protocol) if out is not None else {}
     if verbose:
         print(f"{len(models)} model(s) from {len(ckpt_paths)} checkpoint(s) on {device}; "
               + ", ".join(f"{k} {v}" for k, v in protocol.items()))
-    results = {}
     for test_id in test_ids:
         data.prepare_cache(test_id, data_root, cache_dir, resolution, **{"verbose": verbose, **(options or {})})
         ds = data.PreparedDataset(cache_dir, test_id, resolution, "test")
@@ -135,7 +169,8 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
             def on_batch(ids, probs, items, _dir=Path(maps_dir) / test_id):
                 for k, item in enumerate(items):
                     save_maps(_dir, ids[k], item["image"], probs[k].float().cpu().numpy())
-        counts = count_dataset(models, ds, device, dtype, tta, tile, roi, batch, overlap, on_batch=on_batch)
+        counts = count_dataset(models, ds, device, dtype, tta, tile, roi, batch, overlap, on_batch=on_batch,
+                               ap_bins=AP_BINS)
         results[test_id] = summarize(*counts, n_images=len(ds))
         if verbose:
             print_table(test_id, results[test_id])
@@ -145,23 +180,30 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     if "n_train_images" in args:
         report["n_train_images"] = args["n_train_images"]
     report["protocol"] = protocol
-    report["results"] = results
+    report["results"] = {t: results[t] for t in sorted(results, key=_test_order)}
     if out is not None:
         write_json(out, report)
     return report
 
 
+def _test_order(test_id):
+    return DATASET_IDS.index(test_id) if test_id in DATASET_IDS else len(DATASET_IDS)
+
+
 def print_table(test_id, block):
-    """AUPR and Dice per lesion and their mean for one test set."""
-    fmt = lambda v: "   nan" if math.isnan(v) else f"{v:6.3f}"  # noqa: E731
+    """Per lesion and their mean for one test set: the protocol's AUPR beside its floor, AP and Dice."""
+    fmt = lambda v: "   nan" if v is None or math.isnan(v) else f"{v:6.3f}"  # noqa: E731
+    columns = (("AUPR", "aupr"), ("floor", "aupr_floor"), ("AP", "ap"), ("Dice", "dice"))
     print(f"\n{test_id} test ({block['n_images']} images)")
-    print(f"{'':8s}{'AUPR':>7s}{'Dice':>7s}")
+    print(f"{'':8s}" + "".join(f"{title:>7s}" for title, _ in columns))
     absent = []
     for name, v in block["lesions"].items():
-        print(f"{name:8s}{fmt(v['aupr']):>7s}{fmt(v['dice']):>7s}")
+        print(f"{name:8s}" + "".join(f"{fmt(v.get(key)):>7s}" for _, key in columns))
         if v["pos"] == 0:
             absent.append(name)
-    print(f"{'mean':8s}{fmt(block['mean_aupr']):>7s}{fmt(block['mean_dice']):>7s}")
+    print(f"{'mean':8s}" + "".join(f"{fmt(block.get('mean_' + key)):>7s}" for _, key in columns))
+    print("  floor: the AUPR of a blank map on these pixels, (1 + prevalence) / 2 (docs/PROTOCOL.md); "
+          "AP: floor-free, a blank map scores the prevalence")
     if absent:
         print(f"  nan: lesion absent from this test set ({', '.join(absent)}); the mean is over the others")
 
@@ -173,8 +215,6 @@ def print_table(test_id, block):
 def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None, dtype="float32", tta=False,
                    tile=None, overlap=0.5):
     """Maps for every image of a folder, restored to each original image's geometry -> list of written names."""
-    from PIL import Image
-
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"--images folder not found: {image_dir}")
@@ -186,12 +226,12 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     written = []
     for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
-            with Image.open(path) as im:
-                original = np.asarray(im.convert("RGB"))  # (H0, W0, 3) uint8
+            original = np.asarray(load_image(path))  # (H0, W0, 3) uint8; 16-bit files scaled by their range
             # NOTE: the same FOV crop + resize + pad as the training data (paper section 2.2).
             image, fov, geometry = data.preprocess_image(original, resolution)
         except (OSError, ValueError) as e:
-            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+            # one bad photograph (unreadable, or over PIL's decompression-bomb limit) never stops the folder
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue
         x = to_input(image[None], device)  # (1, 3, R, R)
         probs, tile = predict_fitting(models, x, tile, dtype, tta, overlap)
@@ -248,6 +288,7 @@ def main(argv=None):
         raise ValueError(f"--tile must be >= 1, got {args.tile}")
     if not 0 <= args.tile_overlap < 1:
         raise ValueError(f"--tile-overlap must be in [0, 1), got {args.tile_overlap}")
+    check_device(args.device)
     common = dict(resolution=args.resolution, device=args.device, dtype=args.dtype, tta=args.tta,
                   tile=args.tile, overlap=args.tile_overlap)
     if args.images is not None:
@@ -268,3 +309,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: nothing was written for the test set in progress; rerun the same command")

@@ -7,6 +7,7 @@ Paper section 2.3: U-Net, ImageNet-pretrained SE-ResNet101 encoder (timm `legacy
 attention as the optional decoder variant. The decoder follows segmentation_models_pytorch's U-Net layout
 (one block per skip plus a final block at input resolution) where the paper is silent, except for a 1x1 head.
 """
+import json
 import os
 import zipfile
 from dataclasses import dataclass, fields
@@ -230,7 +231,7 @@ def build_model(cfg):
     return SegModel(encoder, tuple(cfg.decoder_channels), cfg.attention, cfg.dropout, cfg.classes)
 
 
-# ---- checkpoints (format: STYLE.md; plain types + tensors so torch.load(weights_only=True) works) ----
+# ---- checkpoints: plain Python types and tensors only, so torch.load(weights_only=True) works ----
 
 def strip_prefixes(state_dict):
     """Drop DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") wrappers from state dict keys."""
@@ -291,11 +292,49 @@ def _check_members(ckpt, where):
     return members
 
 
+def read_manifest(path):
+    """An ensemble manifest {"kind": "ensemble", "members": [paths relative to the manifest's folder], ...}
+    -> (the manifest dict, the member paths resolved). Writes nothing, loads no weights."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"ensemble manifest {path} is not readable JSON ({_short(e)})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "ensemble":
+        raise ValueError(f"ensemble manifest {path} lacks \"kind\": \"ensemble\"")
+    members = manifest.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+        raise ValueError(f"ensemble manifest {path} needs a non-empty \"members\" list of checkpoint paths")
+    return manifest, [path.parent / m for m in members]
+
+
+def _load_manifest(path, seen):
+    """The ensemble a manifest names, as one ensemble dict whose members are the loaded training checkpoints
+    (a member that is itself an ensemble contributes its members)."""
+    key = os.path.abspath(path)
+    if key in seen:
+        raise ValueError(f"ensemble manifest {path} lists itself (through its members)")
+    manifest, paths = read_manifest(path)
+    members = []
+    for name, member in zip(manifest["members"], paths):
+        if not member.is_file():
+            raise FileNotFoundError(f"ensemble manifest {path}: member {name} not found ({member})")
+        ckpt = _load_manifest(member, seen | {key}) if member.suffix == ".json" else load_checkpoint(member)
+        members += ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
+    # NOTE: the first member's training args (resolution, combination, data flags) describe the ensemble,
+    # as they did in the older ensemble files that embedded every member's weights.
+    return {"kind": "ensemble", "members": members, "args": members[0].get("args") or {},
+            "provenance": manifest.get("provenance") or {}, "version": manifest.get("version", 1)}
+
+
 def load_checkpoint(path):
-    """torch.load(weights_only=True) on CPU; one-line errors naming the path."""
+    """torch.load(weights_only=True) on CPU; one-line errors naming the path. An ensemble manifest (.json,
+    written by `average.py ensemble`) comes back as {"kind": "ensemble", "members": [checkpoints], ...}."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".json":
+        return _load_manifest(path, frozenset())
     try:
         # mmap: tensors are read lazily, so peeking at "args" is cheap; only zip-format files (torch >= 1.6) allow it
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -305,10 +344,11 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_models(path_or_ckpt, device="cpu"):
-    """[SegModel] in eval mode: one for a training checkpoint, one per member for an ensemble file."""
+def load_models(path_or_ckpt, device="cpu", where=None):
+    """[SegModel] in eval mode: one for a training checkpoint, one per member for an ensemble (a manifest .json,
+    or an older ensemble .pt that embeds its members). where: the name errors give a loaded dict."""
     if isinstance(path_or_ckpt, dict):
-        ckpt, where = path_or_ckpt, "checkpoint"
+        ckpt, where = path_or_ckpt, where or "checkpoint"
     else:
         ckpt, where = load_checkpoint(path_or_ckpt), str(path_or_ckpt)
     models = []
@@ -328,6 +368,11 @@ def load_models(path_or_ckpt, device="cpu"):
         if bad:
             raise ValueError(f"{name}: state dict does not match its model_cfg (encoder {cfg.encoder}): "
                              f"{bad[0]} ({len(bad)} problems)")
+        # NOTE: a diverged run's NaN weights would score a silent 0.000; refuse them instead
+        broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise ValueError(f"{name}: {len(broken)} weight tensor(s) hold NaN or inf (first {broken[0]!r}): "
+                             f"the run diverged; use an earlier checkpoint (its best.pt or snapshots/)")
         model.load_state_dict(sd)
         models.append(model.to(device).eval())
     return models

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data import LESIONS
-from kernels import binned_counts, pr_metrics
+from kernels import AP_BINS, binned_counts, pr_metrics  # noqa: F401 (AP_BINS: the bins callers pass)
 
 THRESHOLDS = 11  # the IDRiD challenge's float32 linspace(0, 1, 11)
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both: the flip group of a square image
@@ -26,6 +26,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(name):
+    """--device value -> torch.device, or a one-line ValueError when it is unknown or absent on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; pass --device cpu")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,13 +134,15 @@ def to_input(images_uint8, device):
 # ---------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=None, roi=True,
-                  batch=1, overlap=0.5, thresholds=THRESHOLDS, on_batch=None):
+                  batch=1, overlap=0.5, thresholds=THRESHOLDS, on_batch=None, ap_bins=0):
     """Pooled binned counts of a model ensemble over every full image of a data.PreparedDataset.
 
-    Returns int64 CPU tensors tp (4, T), fp (4, T), pos (4,). The counts stay on the device until the end:
-    no host round trip per image. roi=True counts only pixels inside the FOV; roi=False is the authors'
-    way: every pixel counted, probabilities outside the FOV and the padding set to 0.
-    on_batch(ids, probs (B, 4, H, W), items) is called per batch (used to write maps).
+    Returns int64 CPU tensors tp (4, T), fp (4, T), pos (4,), and with ap_bins=B > 0 also tp_fine (4, B),
+    fp_fine (4, B): the counts of the finely binned curve behind the floor-free `ap`, counted in the same
+    pass (kernels.binned_counts). The counts stay on the device until the end: no host round trip per
+    image. roi=True counts only pixels inside the FOV; roi=False is the authors' way: every pixel counted,
+    probabilities outside the FOV and the padding set to 0.
+    on_batch(ids, probs (B, 4, H, W), items) is called per batch (used to write maps and validation losses).
     """
     if len(dataset) == 0:
         raise ValueError(f"test set {getattr(dataset, 'dataset_id', '')} has no images")
@@ -133,7 +150,7 @@ def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=
     was_training = [m.training for m in models]
     for m in models:
         m.eval()  # NOTE: train.py validates mid-training; BatchNorm must use running stats here
-    tp = fp = pos = None
+    total = None
     try:
         for start in range(0, len(dataset), batch):
             items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
@@ -142,43 +159,42 @@ def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=
             fov = torch.from_numpy(np.stack([it["fov"] for it in items])).to(device)  # (B, H, W) bool
             probs, tile = predict_fitting(models, x, tile, dtype, tta, overlap)  # (B, 4, H, W) float32
             probs = probs.contiguous()  # no-op unless a model returns channels_last
-            if roi:
-                counts = binned_counts(probs, masks, fov, thresholds)
-            else:
+            if not roi:
                 probs = probs.masked_fill(~fov[:, None], 0.0)
-                counts = binned_counts(probs, masks, None, thresholds)
-            if tp is None:
-                tp, fp, pos = (c.to(device=device, dtype=torch.int64) for c in counts)
-            else:
-                tp, fp, pos = (a + c.to(device=device, dtype=torch.int64) for a, c in zip((tp, fp, pos), counts))
+            fine = {"ap_bins": ap_bins} if ap_bins else {}
+            counts = binned_counts(probs, masks, fov if roi else None, thresholds, **fine)
+            counts = [c.to(device=device, dtype=torch.int64) for c in counts]
+            total = counts if total is None else [a + c for a, c in zip(total, counts)]
             if on_batch is not None:
                 on_batch([it["id"] for it in items], probs, items)
     finally:
         for m, w in zip(models, was_training):
             m.train(w)
-    return tp.cpu(), fp.cpu(), pos.cpu()  # the one host transfer
+    return tuple(c.cpu() for c in total)  # the one host transfer
 
 
-def pooled_counts(models, datasets, device, dtype=torch.float32, on_batch=None):
+def pooled_counts(models, datasets, device, dtype=torch.float32, on_batch=None, ap_bins=0):
     """count_dataset over several datasets, the counts pooled: how a combination's validation splits are scored."""
-    tp = fp = pos = 0
+    total = None
     for ds in datasets:
-        t, f, p = count_dataset(models, ds, device, dtype=dtype, on_batch=on_batch)
-        tp, fp, pos = tp + t, fp + f, pos + p
-    return tp, fp, pos
+        counts = count_dataset(models, ds, device, dtype=dtype, on_batch=on_batch, ap_bins=ap_bins)
+        total = counts if total is None else tuple(a + c for a, c in zip(total, counts))
+    return total
 
 
-def summarize(tp, fp, pos, n_images):
-    """Counts -> the per-test-set block of the Results JSON (NaN where a lesion is absent)."""
-    m = pr_metrics(tp, fp, pos)
-    lesions = {}
-    for c, name in enumerate(LESIONS):
-        lesions[name] = {"aupr": float(m["aupr"][c]), "dice": float(m["dice"][c]),
-                         "tp": [int(v) for v in tp[c]], "fp": [int(v) for v in fp[c]], "pos": int(pos[c])}
-    return {"n_images": int(n_images),
-            "mean_aupr": nanmean([v["aupr"] for v in lesions.values()]),
-            "mean_dice": nanmean([v["dice"] for v in lesions.values()]),
-            "lesions": lesions}
+def summarize(tp, fp, pos, tp_fine=None, fp_fine=None, *, n_images):
+    """Counts -> the per-test-set block of the Results JSON (NaN where a lesion is absent).
+
+    Per lesion: the protocol's aupr beside its blank-map floor aupr_floor, the floor-free ap (when the fine
+    counts are given), dice, and the raw 11-threshold counts tp, fp, pos.
+    """
+    m = pr_metrics(tp, fp, pos, tp_fine, fp_fine)
+    keys = [k for k in ("aupr", "aupr_floor", "ap", "dice") if k in m]
+    lesions = {name: {**{k: float(m[k][c]) for k in keys},
+                      "tp": [int(v) for v in tp[c]], "fp": [int(v) for v in fp[c]], "pos": int(pos[c])}
+               for c, name in enumerate(LESIONS)}
+    means = {f"mean_{k}": nanmean([v[k] for v in lesions.values()]) for k in keys}
+    return {"n_images": int(n_images), **means, "lesions": lesions}
 
 
 def nanmean(values):

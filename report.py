@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from data import DATASET_IDS, LESIONS, combo_name  # noqa: E402
+from jsonio import null_nan, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_REFERENCE = "reference/lesions_database_cross_study.csv"
@@ -30,10 +31,11 @@ ORDER_NAMES = {"n_train_images": "number of training images", "n_datasets": "num
 METHOD_ORDER = ("baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full",
                 "soup-encoder", "soup-decoder", "soup-full")
 
-# Published numbers, transcribed in REFERENCE.md ("Reference numbers"): the paper's Table 2 (AUPR, trained and
-# tested on the same dataset; EX, HE, MA, CWS, mean) and Table 3 (Dice averaged over lesions, per test set and
-# training combination, canonical run names). NOTE: REFERENCE.md calls Table 2's row labels "likely"; a mean
-# is None where the paper gives none (we do not invent it).
+# Published numbers, transcribed from the paper (Playout & Cheriet, arXiv:2405.08329): its Table 2 (AUPR, trained
+# and tested on the same dataset; EX, HE, MA, CWS, mean) and Table 3 (Dice averaged over lesions, per test set and
+# training combination, canonical run names); AUPR as docs/PROTOCOL.md ("Evaluation protocol") defines it.
+# NOTE: Table 2's row labels are uncertain in our transcription; a mean is None where the paper gives none (we do
+# not invent it).
 PAPER = {
     "table2": {
         "IDR": {"L-Seg": (.795, .637, .463, .711, .652), "other method": (.842, .593, .484, .641, None),
@@ -187,9 +189,10 @@ def table2(by_combo):
     out = {}
     for ds, published in PAPER["table2"].items():
         runs = by_combo.get(ds, [])
-        ours = {c: cell(runs, ds, "aupr", c) for c in LESIONS}
-        ours["mean"] = cell(runs, ds, "aupr")
-        out[ds] = {"seeds": [r["seed"] for r in runs], "ours": ours,
+        # the protocol AUPR beside its blank-map floor and the floor-free AP (docs/PROTOCOL.md, "The floor")
+        ours, floor, ap = ({c: cell(runs, ds, metric, c) for c in LESIONS} | {"mean": cell(runs, ds, metric)}
+                           for metric in ("aupr", "aupr_floor", "ap"))
+        out[ds] = {"seeds": [r["seed"] for r in runs], "ours": ours, "ours_floor": floor, "ours_ap": ap,
                    "published": {name: dict(zip(LESIONS + ("mean",), row)) for name, row in published.items()}}
     return out
 
@@ -233,7 +236,7 @@ def figure4_data(fig4):
             values = [v for v in values if math.isfinite(v)]
             if values:
                 per_method.setdefault(method, {})[rec["combo"]] = float(np.mean(values))
-    # each average beside its copy with recomputed BatchNorm statistics ("+bn", average.py fig4 --bn both)
+    # each average beside its copy with recomputed BatchNorm statistics ("+bn", fig4.py --bn both)
     order = [v for m in METHOD_ORDER for v in (m, m + "+bn")]
     methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
     base = per_method.get("baseline", {})
@@ -261,21 +264,6 @@ def reference_pairs(by_combo, reference):
 
 
 # ---------------------------------------------------------------- writing
-def _clean(x):
-    """NaN -> None recursively, so the JSON files hold null as the results files do."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def write_json(path, obj):
-    path.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False) + "\n")
-
-
 def fmt(summary):
     """'—' no run, 'NaN' runs whose metric is undefined, else 'mean ± std (n=k)'."""
     if summary["n_runs"] == 0:
@@ -376,9 +364,12 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note):
           "| Dataset | Model | " + " | ".join(LESIONS) + " | mean |", "|---" * (len(LESIONS) + 3) + "|"]
     for ds, row in t2.items():
         md.append(f"| {TEST_NAMES[ds]} | ours | " + " | ".join(fmt(row["ours"][k]) for k in LESIONS + ("mean",)) + " |")
+        md.append("| | ours: floor (blank map) | " + " | ".join(fmt(row["ours_floor"][k]) for k in LESIONS + ("mean",)) + " |")
+        md.append("| | ours: AP (floor-free) | " + " | ".join(fmt(row["ours_ap"][k]) for k in LESIONS + ("mean",)) + " |")
         for name, pub in row["published"].items():
             md.append(f"| | {name} (published) | " + " | ".join(fmt_paper(pub[k]) for k in LESIONS + ("mean",)) + " |")
-    md += ["", "Published rows: the paper's Table 2 as transcribed in REFERENCE.md (row labels uncertain).", "",
+    md += ["", "Published rows: the paper's Table 2 (Playout & Cheriet, arXiv:2405.08329), row labels uncertain; "
+           "AUPR, floor and AP as defined in docs/PROTOCOL.md (\"Evaluation protocol\").", "",
            "## Table 3: Dice (mean over lesions) on other datasets' test sets", "",
            "| Test set | Trained on | ours | paper |", "|---|---|---|---|"]
     for test, row in t3.items():
@@ -392,8 +383,8 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note):
         md += ["![Figure 4](figure4.png)", "", "Each combination's Dice is averaged over the test sets in its "
                "fig4.json, then over combinations (bars: mean ± std; dots: combinations).", "",
                "| Method | mean Dice | std | combinations | Δ vs baseline (paired) |", "|---|---|---|---|---|"]
-        md += [f"| {m} | {d['mean_dice']:.3f} | {fmt_paper(_clean(d['std']))} | {d['n_combos']} | "
-               f"{fmt_paper(_clean(d['delta_vs_baseline']))} |" for m, d in f4.items()]
+        md += [f"| {m} | {d['mean_dice']:.3f} | {fmt_paper(null_nan(d['std']))} | {d['n_combos']} | "
+               f"{fmt_paper(null_nan(d['delta_vs_baseline']))} |" for m, d in f4.items()]
     else:
         md.append("No fig4.json found.")
     md += ["", "## The authors' published AUPR beside ours", ""]

@@ -10,10 +10,19 @@ train.run under RUNS_DIR/<study>/trial_<n>, and reports the validation score aft
 so the pruner can stop poor trials early. Every trial's train.py command line is stored with it.
 --trials is the total the study should reach: rerunning continues the count. Arguments after `--`
 go to train.py unchanged (e.g. `-- --batch 4 --patch 256 --dtype bfloat16`).
+
+The objective is floor-free by default (validation Dice): under the protocol's AUPR a blank map scores
+(1 + prevalence) / 2, and a short study picked a near-blank model (val AUPR 0.504, Dice 0.01).
+A killed worker's trial (SIGKILL, preempted node) is failed and queued again, keeping its run dir, so the
+retry resumes from its last.pt: at once when the rerun is on the same machine (the dead process is seen
+there), otherwise once its heartbeat is GRACE_PERIOD (120) s old. A live worker's trial is never taken over.
 """
 import argparse
+import copy
 import gc
+import importlib.util
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -38,6 +47,11 @@ OWNED_FLAGS = ("--train", "--out", "--data-root", "--cache", "--lr", "--optimize
 # Choices that fix the categorical distributions of a study: optuna cannot change them once trials exist.
 FIXED_SETTINGS = ("train", "objective", "encoders", "decoder_widths", "attention", "resolutions", "optimizers",
                   "losses")
+# A study name names files (tune/<study>.db, RUNS_DIR/<study>/, <study>_history.png): a plain file name only.
+STUDY_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
+# Workers write a heartbeat every HEARTBEAT_INTERVAL s; a trial of another machine whose heartbeat is older than
+# GRACE_PERIOD s is taken for dead. MAX_RETRY: a trial whose worker keeps dying (it kills the node) is given up.
+HEARTBEAT_INTERVAL, GRACE_PERIOD, MAX_RETRY = 20, 120, 2
 
 
 # ----------------------------------------------------------------------------- command line
@@ -85,8 +99,10 @@ def build_parser():
                    help="total trials the study should reach, all workers together (default: %(default)s)")
     g.add_argument("--worker-trials", type=int, default=None,
                    help="at most this many trials in this process, e.g. per batch job (default: no limit)")
-    g.add_argument("--objective", choices=("aupr", "dice"), default="aupr",
-                   help="validation mean over lesions to maximise (default: %(default)s)")
+    g.add_argument("--objective", choices=("dice", "ap", "aupr"), default="dice",
+                   help="validation mean over lesions to maximise: dice, ap (fine-binned average precision) or "
+                        "aupr (the protocol's: a blank map scores (1 + prevalence) / 2, so a blank model can win) "
+                        "(default: %(default)s)")
     g.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
                    help="early stopping of poor trials (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0,
@@ -140,6 +156,9 @@ def parse_args(argv=None):
         if args.train is None:
             raise ValueError("--show needs --study (or --train, whose combination name is the default study)")
         args.study = data.combo_name(args.train)
+    if not STUDY_NAME.fullmatch(args.study):
+        raise ValueError(f"--study {args.study!r}: a study name must be a plain file name (letters, digits, . _ + -, "
+                         f"not starting with '.'): it names tune/<study>.db and RUNS_DIR/<study>/")
     if args.storage is None:
         args.storage = f"sqlite:///tune/{args.study}.db"
     if len(args.lr_range) != 2 or not 0 < args.lr_range[0] <= args.lr_range[1]:
@@ -198,6 +217,9 @@ def without_out(argv):
 
 def run_trial(trial, args):
     """Objective: train one trial in-process, report every validation, return the best validation score."""
+    # First of all: who runs the trial, so that a rerun can tell a dead worker's trial from a live one's.
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("process", this_process())
     params = search_space(trial, args)
     # NOTE: the retry of a trial that was interrupted (Ctrl-C) or whose worker died inherits its user
     # attributes, so it resumes the same run directory from last.pt (train.py's own resume).
@@ -210,12 +232,12 @@ def run_trial(trial, args):
         trial.set_user_attr("run_dir", out)
     argv = train_argv(params, args, out)
     trial.set_user_attr("argv", argv)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     print(f"trial {trial.number}: {command_line(argv)}", flush=True)
-    key, reported = f"mean_{args.objective}", {}
+    key = f"mean_{args.objective}"
 
     def on_validate(step, metrics):
-        reported[step] = metrics[key]
+        if key not in metrics:
+            raise ValueError(f"--objective {args.objective}: train.py's validation gives no {key}")
         trial.report(metrics[key], step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"val {key} {metrics[key]:.4f} at step {step}")
@@ -227,9 +249,8 @@ def run_trial(trial, args):
         raise
     except KeyboardInterrupt:
         # Ctrl-C: optuna records this trial as failed; a queued copy resumes its run dir on the next start.
-        trial.study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            user_attrs=trial.user_attrs, intermediate_values=reported))
+        (frozen,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
+        queue_retry(trial.study, frozen, max_retry=None)
         keep = True
         raise
     except Exception as e:  # OOM, a diverged (NaN) run, an encoder that cannot be built: the trial fails
@@ -244,7 +265,70 @@ def run_trial(trial, args):
             for name in ("last.pt", "best.pt"):
                 Path(out, name).unlink(missing_ok=True)
             shutil.rmtree(Path(out, "snapshots"), ignore_errors=True)
-    return result["best"]  # best validation score of the run: what best.pt holds
+    if key not in result:
+        raise ValueError(f"--objective {args.objective}: train.py's result gives no {key}")
+    return result["best"]  # best validation score of the run (--val-metric is the objective): what best.pt holds
+
+
+# ----------------------------------------------------------------------------- dead or alive workers
+def _proc_stat(pid):
+    """(state letter, start time in clock ticks since boot) of a process, from Linux's /proc; None if none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (name)"
+        return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _machine():
+    """Where a PID means one process: host, kernel boot and PID namespace; None where /proc cannot tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def this_process(pid=None):
+    """The record of a worker process kept with its trial: machine, PID and start time (a reused PID differs)."""
+    pid = os.getpid() if pid is None else pid
+    stat = _proc_stat(pid)
+    return {"machine": _machine(), "pid": pid, "start": stat and stat[1]}
+
+
+def worker_alive(process):
+    """True or False for a trial's worker on this machine; None where it is out of sight (the heartbeat decides)."""
+    if not process or process.get("machine") is None or process["machine"] != _machine():
+        return None
+    stat = _proc_stat(process["pid"])
+    return stat is not None and stat[0] not in "ZX" and stat[1] == process["start"]  # Z: killed, not yet reaped
+
+
+class WorkerAwareStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, whose stale trials (failed and retried by optuna) are judged by their worker process
+    wherever this machine can see it: a dead worker's trial is stale at once, so an immediate rerun resumes it;
+    a live worker's trial never is, even when its heartbeat is late (a loaded machine, a locked SQLite file).
+    Trials of other machines are stale when their heartbeat is older than grace_period, as in optuna."""
+
+    def _get_stale_trial_ids(self, study_id):
+        stale = set(super()._get_stale_trial_ids(study_id))
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            alive = worker_alive(t.user_attrs.get("process"))
+            if alive is not None:
+                (stale.discard if alive else stale.add)(t._trial_id)
+        return sorted(stale)
+
+
+def queue_retry(study, trial, max_retry=MAX_RETRY):
+    """Queue a copy of a dead or interrupted trial: its parameters, run_dir and reports, so the copy resumes
+    the run from its last.pt. optuna records the chain in system_attrs["retry_history"] (see trial_count)."""
+    trial = copy.deepcopy(trial)
+    trial.user_attrs.pop("process", None)  # the dead worker's record would make the queued copy look dead too
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # optuna >= 4.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental in older optuna
+        retry = retry or optuna.storages.RetryFailedTrialCallback
+        retry(max_retry=max_retry, inherit_intermediate_values=True)(study, trial)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -254,24 +338,62 @@ def sqlite_path(url):
     return Path(path) if path and path != ":memory:" else None
 
 
+def masked(url):
+    """The URL with its password as ***, for messages."""
+    return re.sub(r"(://[^:/@]*):[^/]*@", r"\1:***@", url)
+
+
+def _storage_error(url, e):
+    """One line for a --storage that cannot work: what failed, in the driver's words, the password masked."""
+    reason = str(getattr(e, "orig", None) or e)  # DBAPIError: the driver's own message, without the SQL
+    password = re.search(r"://[^:/@]*:([^/]*)@", url)
+    if password and password.group(1):
+        reason = reason.replace(password.group(1), "***")
+    hint = " (the database's driver is missing; postgresql://: pip install psycopg2-binary)" \
+        if isinstance(e, ImportError) else ""
+    return ValueError(f"--storage {masked(url)}: {type(e).__name__}: {' '.join(reason.split())}{hint}")
+
+
+def driver_url(url):
+    """postgresql:// through psycopg2 where SQLAlchemy's default driver for it (psycopg 3 since SQLAlchemy 2.1)
+    is not installed but psycopg2 (psycopg2-binary) is."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def make_storage(url):
-    """RDB storage with a heartbeat, so trials of killed workers are failed and retried (resuming their run)."""
+    """RDB storage with heartbeats, so trials of killed workers are failed and queued again (queue_retry).
+    An unusable URL (unparsable, no driver, unreachable server, unwritable file) stops here in one line."""
     engine_kwargs = {}
-    if url.startswith("sqlite:///"):
-        if sqlite_path(url) is not None:
-            sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite:"):
         # NOTE: several processes on one SQLite file wait for its lock instead of failing at once.
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # heartbeat and retry are marked experimental
-        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
-            retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=2, inherit_intermediate_values=True)}
-        else:
-            retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(
-                max_retry=2, inherit_intermediate_values=True)}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=300,
-                                          **retry)
+    try:
+        if sqlite_path(url) is not None:
+            sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
+        engine = sqlalchemy.create_engine(driver_url(url), **engine_kwargs)
+        try:
+            engine.connect().close()  # reach the server once, before optuna's 30-70-line tracebacks could
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.DBAPIError, ImportError, OSError) as e:
+        raise _storage_error(url, e) from None
+    callback = "heartbeat_stale_trial_callback"  # optuna >= 4.9, before: failed_trial_callback
+    if not hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        callback = "failed_trial_callback"
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # heartbeat and retry are marked experimental
+                return WorkerAwareStorage(driver_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                          grace_period=GRACE_PERIOD, **{callback: queue_retry})
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            # NOTE: workers started together on a new database race to create its tables; the loser retries.
+            if attempt == 4:
+                raise _storage_error(url, e) from None
+            time.sleep(1 + attempt)
 
 
 def make_pruner(args):
@@ -286,20 +408,12 @@ def make_pruner(args):
 def open_study(args):
     if args.show and sqlite_path(args.storage) is not None and not sqlite_path(args.storage).exists():
         raise FileNotFoundError(f"no study database {sqlite_path(args.storage)} (see --storage, --study)")
-    for attempt in range(5):
-        try:
-            storage = make_storage(args.storage)
-            break
-        except sqlalchemy.exc.SQLAlchemyError:
-            # NOTE: workers started together on a new database race to create its tables; the loser retries.
-            if attempt == 4:
-                raise
-            time.sleep(1 + attempt)
+    storage = make_storage(args.storage)
     if args.show:
         try:
             return optuna.load_study(study_name=args.study, storage=storage)
         except KeyError:
-            raise ValueError(f"no study {args.study!r} in {args.storage} (see --study, --storage)")
+            raise ValueError(f"no study {args.study!r} in {masked(args.storage)} (see --study, --storage)")
     study = optuna.create_study(study_name=args.study, storage=storage, pruner=make_pruner(args),
                                 direction="maximize", load_if_exists=True)
     # NOTE: seeded with --seed + the trial count, so a resumed study does not replay its first random trials.
@@ -313,8 +427,9 @@ def open_study(args):
     else:
         for k in FIXED_SETTINGS:
             if saved[k] != settings[k]:
-                raise ValueError(f"study {args.study!r} in {args.storage} was created with --{k.replace('_', '-')} "
-                                 f"{_text(saved[k])}, not {_text(settings[k])}: use the same value or another --study")
+                raise ValueError(f"study {args.study!r} in {masked(args.storage)} was created with "
+                                 f"--{k.replace('_', '-')} {_text(saved[k])}, not {_text(settings[k])}: "
+                                 f"use the same value or another --study")
     return study
 
 
@@ -328,12 +443,16 @@ def _text(value):
 def trial_count(study):
     """(trials that count towards --trials, queued trials).
 
-    One count per run directory: the retry of a killed or interrupted trial shares its run_dir and is
-    the same trial resumed. Queued (WAITING) trials count once they start.
+    A trial whose worker died or was interrupted lives on in its queued copy, which resumes the same run
+    dir: it counts once, through the copy (optuna lists the trials a copy retries in its retry_history).
+    Queued (WAITING) trials count once they start; one count per run directory in any case.
     """
     trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     waiting = [t.state == optuna.trial.TrialState.WAITING for t in trials]
-    return len({t.user_attrs.get("run_dir", t.number) for t, w in zip(trials, waiting) if not w}), sum(waiting)
+    counted = {t.user_attrs.get("run_dir", t.number) for t, w in zip(trials, waiting)
+               if not w and t.number not in retried}
+    return len(counted), sum(waiting)
 
 
 def _first_choices(args, resolution):
@@ -344,6 +463,11 @@ def _first_choices(args, resolution):
 def check_inputs(args):
     """User errors stop here, once, rather than failing every trial: train.py's command line at every
     resolution, and every encoder with every decoder width list (built without weights)."""
+    # The objective is also train.py's --val-metric (best.pt follows it): this train.py must know it.
+    (metrics,) = [a.choices for a in train.build_parser()._actions if a.dest == "val_metric"]
+    if args.objective not in metrics:
+        raise ValueError(f"--objective {args.objective}: this train.py has no --val-metric {args.objective} "
+                         f"(it has {', '.join(metrics)}); choose another --objective")
     for resolution in args.resolutions:
         train.parse_args(train_argv(_first_choices(args, resolution), args))
     for encoder in args.encoders:
@@ -389,7 +513,7 @@ def show(study, args):
     states = {}
     for t in trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-    print(f"study {study.study_name!r} ({args.storage}): {len(trials)} trials: "
+    print(f"study {study.study_name!r} ({masked(args.storage)}): {len(trials)} trials: "
           + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:

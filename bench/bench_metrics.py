@@ -5,7 +5,9 @@
     python bench/bench_metrics.py --device cuda                    # Triton kernel: GB/s vs a device copy
     python bench/bench_metrics.py --dtype float16                  # shows torchmetrics' float16 threshold rule
 
-On the CPU `binned_counts` runs its torch twin; on CUDA the Triton kernel. torchmetrics gets one metric per
+On the CPU `binned_counts` runs its fast CPU path; on CUDA the Triton kernel; both are first checked against
+`reference_binned_counts`, the definition. The fine counts behind the floor-free AP (ap_bins=AP_BINS, the same
+pass) are timed beside the 11-threshold ones. torchmetrics gets one metric per
 lesion fed image by image (contiguous (H, W) slices: its most favourable input), the way an evaluation
 streams a test set. Synthetic maps: smooth blobs as lesions, a circular FOV, 1% of the pixels planted
 exactly on the float32 thresholds so the `>=` convention is exercised.
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import binned_counts, binned_counts_torch, threshold_values  # noqa: E402
+from kernels import (AP_BINS, binned_counts, binned_counts_torch, reference_binned_counts,  # noqa: E402
+                     threshold_values)
 
 T = 11  # the protocol's thresholds: float32 linspace(0, 1, 11)
 
@@ -154,6 +157,24 @@ def check_counts(ours, theirs, probs, target, roi, label):
     print("\n".join(lines) + "\n  every other count identical")
 
 
+def check_fine_counts(probs, target, roi):
+    """ap_bins=AP_BINS: the first three counts unchanged, the fine ones equal to the reference's (on the CPU)."""
+    if probs.is_cuda:  # the Triton kernel against the fast CPU path, fine counts included
+        fast = binned_counts_torch(probs.cpu(), target.cpu(), roi.cpu(), ap_bins=AP_BINS)
+        for a, b in zip(binned_counts(probs, target, roi, ap_bins=AP_BINS), fast):
+            assert torch.equal(a.cpu(), b), "Triton kernel and fast CPU path differ"
+        print(f"counts identical: Triton kernel (CUDA) and fast CPU path, with the ROI and {AP_BINS} AP bins")
+    coarse = binned_counts(probs, target, roi)
+    ours = binned_counts(probs, target, roi, ap_bins=AP_BINS)
+    want = reference_binned_counts(probs.cpu(), target.cpu(), roi.cpu(), ap_bins=AP_BINS)
+    for name, a, b in zip(("tp", "fp", "pos"), ours, coarse):
+        assert torch.equal(a, b), f"{name} changed with ap_bins={AP_BINS}"
+    for name, a, b in zip(("tp", "fp", "pos", "tp_fine", "fp_fine"), ours, want):
+        assert torch.equal(a.cpu(), b), f"{name} differs from reference_binned_counts"
+    print(f"counts identical (inside the ROI): ours and the reference, with {AP_BINS} AP bins; "
+          f"11-threshold counts unchanged by them")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -194,17 +215,14 @@ def main():
                  "whole maps")
     check_counts(binned_counts(probs, target, roi), torchmetrics_counts(probs, target, roi), probs, target, roi,
                  "inside the ROI")
-    if device.type == "cuda":  # the Triton kernel against the torch twin, on the CPU
-        twin = binned_counts_torch(probs.cpu(), target.cpu(), roi.cpu())
-        for a, b in zip(binned_counts(probs, target, roi), twin):
-            assert torch.equal(a.cpu(), b), "Triton kernel and torch twin differ"
-        print("counts identical: Triton kernel (CUDA) and torch twin (CPU), with the ROI")
+    check_fine_counts(probs, target, roi)
 
     # 2. Time: medians after warm-up, both in this run on the same maps
-    ours_label = "Triton kernel" if device.type == "cuda" else "torch twin"
+    ours_label = "Triton kernel" if device.type == "cuda" else "fast CPU path"
     timed = {
         f"binned_counts ({ours_label})": lambda: binned_counts(probs, target),
         "binned_counts with the ROI": lambda: binned_counts(probs, target, roi),
+        f"  + {AP_BINS} AP bins": lambda: binned_counts(probs, target, roi, ap_bins=AP_BINS),
         "torchmetrics (11 thresholds)": lambda: torchmetrics_counts(probs, target),
         "  with validate_args=False": lambda: torchmetrics_counts(probs, target, validate_args=False),
     }
@@ -214,6 +232,7 @@ def main():
     print(f"{'median of ' + str(args.repeats) + ' runs:':32s}{'wall':>10s}    {'CPU':>10s}")
     for label, (wall, cpu) in times.items():
         versus = "" if label.startswith("binned_counts") else \
+            f"  -> {wall / t_roi:.2f}x the time with the ROI alone" if "AP bins" in label else \
             f"  -> ours {wall / t_ours:.1f}x faster (wall), {cpu / c_ours:.1f}x (CPU)"
         cpu_text = f"{cpu * 1e3:10.2f} ms" if device.type == "cpu" else f"{'-':>10s}   "
         print(f"{label + ':':32s}{wall * 1e3:10.2f} ms {cpu_text}{versus}")

@@ -3,11 +3,16 @@
     python bench/bench_train.py
     python bench/bench_train.py --encoder resnet18 --size 256 --batch 4 --steps 10
     python bench/bench_train.py --encoder legacy_seresnet101.in1k --size 512 --batch 8 --attention
+    python bench/bench_train.py --encoder legacy_seresnet101.in1k --peer-encoder se_resnet101 --size 512 \
+        --batch 8 --no-float32 --compile --json out/train_step.json      # the GPU check (bench/gpu_check.sh)
 
 Same timm encoder, same decoder widths, same input, measured alternately in the same run. Correctness
 first: parameter counts must agree and, with our weights copied into smp, the logits must match.
+On CUDA each step also records its peak memory; --json writes every figure, rewritten after each config
+so that a run killed during --compile still leaves the eager figures.
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -32,7 +37,7 @@ def build_pair(args):
     torch.manual_seed(args.seed)
     ours = build_model(ModelConfig(encoder=args.encoder, pretrained=False, decoder_channels=args.decoder_channels,
                                    attention=args.attention))
-    peer = smp.Unet(encoder_name="tu-" + args.encoder, encoder_weights=None, classes=4,
+    peer = smp.Unet(encoder_name=args.peer_encoder or "tu-" + args.encoder, encoder_weights=None, classes=4,
                     decoder_channels=args.decoder_channels, decoder_attention_type="scse" if args.attention else None)
     smp_raw = count(peer.parameters())
     peer.segmentation_head[0] = nn.Conv2d(args.decoder_channels[-1], 4, 1)
@@ -67,8 +72,13 @@ def check_same_model(ours, peer, x):
 
 
 def time_steps(nets, x, target, steps, warmup, amp_dtype=None):
-    """Median seconds per training step for each net; nets alternate step by step to share any drift."""
+    """Per net: median seconds a training step, first-step seconds (compile time with --compile), and on
+    CUDA the peak bytes allocated during a step (both nets resident) and that peak above the step's start.
+
+    Nets alternate step by step to share any drift.
+    """
     device = x.device
+    cuda = device.type == "cuda"
     opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in nets]
 
     def step(net, opt):
@@ -78,29 +88,57 @@ def time_steps(nets, x, target, steps, warmup, amp_dtype=None):
         loss.backward()
         opt.step()
 
-    times = [[] for _ in nets]
+    times, first = [[] for _ in nets], [None for _ in nets]
+    peak, extra = [0 for _ in nets], [0 for _ in nets]
     for i in range(warmup + steps):
         order = range(len(nets)) if i % 2 == 0 else reversed(range(len(nets)))  # ABBA: no first-mover bias
-        for net, opt, ts in ((nets[j], opts[j], times[j]) for j in order):
-            if device.type == "cuda":
+        for j in order:
+            if cuda:
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                start_bytes = torch.cuda.memory_allocated(device)
             t0 = time.perf_counter()
-            step(net, opt)
-            if device.type == "cuda":
+            step(nets[j], opts[j])
+            if cuda:
                 torch.cuda.synchronize()
+                peak[j] = max(peak[j], torch.cuda.max_memory_allocated(device))
+                extra[j] = max(extra[j], torch.cuda.max_memory_allocated(device) - start_bytes)
+            dt = time.perf_counter() - t0
+            first[j] = dt if first[j] is None else first[j]
             if i >= warmup:
-                ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+                times[j].append(dt)
+    return [{"step_s": statistics.median(ts), "first_step_s": f,
+             "peak_bytes": pk if cuda else None, "step_extra_bytes": ex if cuda else None}
+            for ts, f, pk, ex in zip(times, first, peak, extra)]
 
 
-def report(label, t_ours, t_peer, batch):
+def report(label, ours, peer, batch):
+    """Print one config's line; return its figures (ratio = ours / smp step time: < 1 means ours is faster)."""
+    t_ours, t_peer = ours["step_s"], peer["step_s"]
+    memory = ""
+    if ours["peak_bytes"] is not None:
+        memory = f" | peak {ours['peak_bytes'] / 2**30:.2f} / {peer['peak_bytes'] / 2**30:.2f} GiB"
     print(f"{label}: ours {t_ours * 1e3:8.1f} ms/step ({batch / t_ours:7.1f} patches/s) | "
-          f"smp {t_peer * 1e3:8.1f} ms/step ({batch / t_peer:7.1f} patches/s) | ratio ours/smp {t_ours / t_peer:.3f}")
+          f"smp {t_peer * 1e3:8.1f} ms/step ({batch / t_peer:7.1f} patches/s) | ratio ours/smp "
+          f"{t_ours / t_peer:.3f}{memory}")
+    return {"label": label, "ratio": t_ours / t_peer,
+            "ours": {**ours, "patches_per_s": batch / t_ours}, "smp": {**peer, "patches_per_s": batch / t_peer}}
 
 
-def main():
+def write_json(path, figures):
+    """Rewrite the figures so far (after every config: a later hang or kill keeps the earlier ones)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(figures, indent=2) + "\n")
+        tmp.replace(path)
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoder", default="resnet18", help="timm encoder name (default: %(default)s)")
+    p.add_argument("--peer-encoder", default=None,
+                   help="smp encoder name, e.g. se_resnet101 for legacy_seresnet101 (default: tu-<encoder>)")
     p.add_argument("--size", type=int, default=256, help="square patch side in pixels (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="patches per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (default: %(default)s)")
@@ -110,26 +148,41 @@ def main():
     p.add_argument("--attention", action="store_true", help="scSE decoder blocks in both (default: %(default)s)")
     p.add_argument("--bf16", action="store_true",
                    help="also time bfloat16 autocast + channels_last; always done on CUDA (default: %(default)s)")
+    p.add_argument("--no-float32", action="store_true",
+                   help="skip the float32 config (implies --bf16) (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="then time the last config again with both nets torch.compile'd (default: %(default)s)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend; eager or aot_eager trace without generating code (CPU dry runs) "
+                        "(default: %(default)s)")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads; 1 is steadier on a shared machine (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights and input seed (default: %(default)s)")
     args = p.parse_args()
-    torch.set_num_threads(max(1, args.threads))
     try:
         args.decoder_channels = tuple(int(c) for c in args.decoder_channels.split(","))
     except ValueError:
         raise ValueError(f"--decoder-channels must be comma-separated integers, got {args.decoder_channels!r}")
     if args.steps < 1 or args.batch < 1 or args.size < 32:
         raise ValueError("--steps and --batch must be >= 1 and --size >= 32")
+    if args.compile and args.warmup < 1:
+        raise ValueError("--compile needs --warmup >= 1: the first step compiles")
+    return args
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(max(1, args.threads))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but torch sees no GPU")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name} | torch {torch.__version__}, timm {timm.__version__}, smp {smp.__version__}")
-    print(f"encoder {args.encoder}, decoder {args.decoder_channels}, attention {args.attention}, "
-          f"batch {args.batch} x 3 x {args.size} x {args.size}")
+    print(f"encoder {args.encoder} (smp: {args.peer_encoder or 'tu-' + args.encoder}), decoder "
+          f"{args.decoder_channels}, attention {args.attention}, batch {args.batch} x 3 x {args.size} x {args.size}")
 
     ours, peer, smp_raw = build_pair(args)
     ours, peer = ours.to(device), peer.to(device)
@@ -139,14 +192,28 @@ def main():
     n, diff = check_same_model(ours, peer, x[:2])
     print(f"parameters: ours {n:,} | smp {n:,} used, 1x1 head (as built by smp: {smp_raw:,}, 3x3 head "
           f"and the unused scSE) | same logits with same weights: max |diff| {diff:.1e}")
+    figures = {"device": name, "torch": torch.__version__, "encoder": args.encoder,
+               "peer_encoder": args.peer_encoder or "tu-" + args.encoder, "size": args.size, "batch": args.batch,
+               "steps": args.steps, "parameters": n, "logits_max_abs_diff": diff, "configs": []}
 
-    t_ours, t_peer = time_steps([ours, peer], x, target, args.steps, args.warmup)
-    report(f"float32 ({args.steps} steps, median)", t_ours, t_peer, args.batch)
-    if device.type == "cuda" or args.bf16:
-        ours, peer = ours.to(memory_format=torch.channels_last), peer.to(memory_format=torch.channels_last)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        t_ours, t_peer = time_steps([ours, peer], x_cl, target, args.steps, args.warmup, amp_dtype=torch.bfloat16)
-        report("bfloat16 autocast + channels_last", t_ours, t_peer, args.batch)
+    # (label, autocast dtype, channels_last): float32 first, then what a GPU run trains with
+    configs = [] if args.no_float32 else [(f"float32 ({args.steps} steps, median)", None, False)]
+    if device.type == "cuda" or args.bf16 or args.no_float32:
+        configs.append(("bfloat16 autocast + channels_last", torch.bfloat16, True))
+    if args.compile:  # NOTE: compiled after the eager runs: a compile that hangs leaves their figures written
+        configs.append(configs[-1])
+    nets = [ours, peer]
+    for i, (label, amp_dtype, channels_last) in enumerate(configs):
+        xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        nets = [net.to(memory_format=torch.channels_last) if channels_last else net for net in nets]
+        if args.compile and i == len(configs) - 1:
+            nets = [torch.compile(net, backend=args.compile_backend) for net in nets]
+            label += f" + torch.compile ({args.compile_backend})"
+        t_ours, t_peer = time_steps(nets, xi, target, args.steps, args.warmup, amp_dtype=amp_dtype)
+        figures["configs"].append({**report(label, t_ours, t_peer, args.batch),
+                                   "dtype": str(amp_dtype or torch.float32).replace("torch.", ""),
+                                   "channels_last": channels_last, "compile": "torch.compile" in label})
+        write_json(args.json, figures)
 
 
 if __name__ == "__main__":

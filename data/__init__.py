@@ -2,39 +2,31 @@
 
     python -m data.synthetic --out demo/data                  # the embedded default (all five layouts)
     python -m data.prepare --dataset IDR --data-root demo/data --out cache --resolution 1536
+
+ids.py      dataset IDs, lesion names, distributed folder names
+datasets.py one adapter per dataset: the distributed files -> samples; decoding
+splits.py   train / val / test under the paper's protocol or the authors' code
+preprocess.py  FOV crop, resize, pad (paper section 2.2)
+prepare.py  the prepared cache, written once (python -m data.prepare)
+cache.py    the prepared cache, read back (PreparedDataset)
+patches.py  random augmented training patches from prepared caches
+flags.py    the command-line data flags shared by every script
+synthetic.py   synthetic datasets in the five layouts (the demo)
 """
-LESIONS = ("EX", "HE", "MA", "CWS")  # channel order everywhere: files, tensors, tables
-DATASET_IDS = ("IDR", "DDR", "FGA", "RET", "MES")  # canonical order: run names follow it
+import warnings
 
+from data.ids import DATASET_IDS, FOLDERS, LESIONS, combo_name, parse_dataset_ids
+from data.cache import PreparedDataset
+from data.flags import DATA_FLAGS, add_data_args, data_options, data_settings
+from data.patches import PatchDataset
+from data.preprocess import preprocess_image, restore_geometry
 
-def parse_dataset_ids(text):
-    """'MES,idr' -> ['IDR', 'MES'] (canonical order, no duplicates)."""
-    ids = [t.strip().upper() for t in str(text).replace("+", ",").split(",") if t.strip()]
-    if not ids:
-        raise ValueError(f"empty dataset list {text!r} (choose from {', '.join(DATASET_IDS)})")
-    for i in ids:
-        if i not in DATASET_IDS:
-            raise ValueError(f"unknown dataset ID {i!r} (choose from {', '.join(DATASET_IDS)})")
-    return [i for i in DATASET_IDS if i in ids]
+# NOTE: `python -m data.prepare` imports this package, hence data.prepare, before running prepare.py as
+# __main__; runpy then warns that the module is already loaded. Running it twice is harmless here (it holds
+# no state), so the warning would only be noise on the command line.
+warnings.filterwarnings("ignore", message="'data.prepare' found in sys.modules", category=RuntimeWarning)
+from data.prepare import prepare_cache  # noqa: E402
 
-
-def combo_name(ids):
-    """Canonical run name of a training combination: ['MES', 'IDR'] -> 'IDR+MES'."""
-    return "+".join(parse_dataset_ids(",".join(ids)))
-
-
-
-# The public API, imported on first use (PEP 562): `from data import LESIONS` stays light (no torch), and
-# `python -m data.prepare` does not import its own module twice.
-_API = {"prepare_cache": "data.prepare", "PreparedDataset": "data.prepare", "add_data_args": "data.prepare",
-        "data_options": "data.prepare", "data_settings": "data.prepare", "PatchDataset": "data.patches", "preprocess_image": "data.preprocess",
-        "restore_geometry": "data.preprocess"}
-__all__ = ["LESIONS", "DATASET_IDS", "parse_dataset_ids", "combo_name", *_API]
-
-
-def __getattr__(name):
-    if name in _API:
-        import importlib
-
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
+__all__ = ["LESIONS", "DATASET_IDS", "FOLDERS", "parse_dataset_ids", "combo_name", "PreparedDataset",
+           "DATA_FLAGS", "add_data_args", "data_options", "data_settings", "PatchDataset", "preprocess_image",
+           "restore_geometry", "prepare_cache"]

@@ -1,13 +1,12 @@
-"""The five lesion datasets read exactly as distributed: one adapter per dataset ID, plus the splits.
+"""The five lesion datasets read exactly as distributed: one adapter per dataset ID (data/splits.py splits them).
 
     python -c "from data.datasets import list_samples, dataset_root; print(len(list_samples('IDR', dataset_root('IDR', 'data_raw'))))"
-    python -c "from data.datasets import *; r = dataset_root('RET', 'data_raw'); print(make_splits(list_samples('RET', r), 'RET'))"
+    python -c "from data.datasets import *; r = dataset_root('RET', 'data_raw'); print(len(list_samples('RET', r)))"
 
 An adapter turns a dataset root into a sorted list of `Sample`s (id, image file, mask files per lesion,
 distributed split folder). `load_image` / `load_masks` decode them; every quirk of the distributed layouts
-(REFERENCE.md) lives in this file and nowhere else.
+(docs/PROTOCOL.md, "Datasets") lives in this file and nowhere else.
 """
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data import DATASET_IDS, LESIONS
+from data.ids import DATASET_IDS, FOLDERS, LESIONS
 
-# Folder name of each dataset under --data-root, as distributed.
-FOLDERS = {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set", "RET": "retinal-lesions-v20191227",
-           "MES": "MAPLES-DR"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-SPLITS = ("train", "val", "test")
-TEST_FRACTION, VAL_FRACTION = 0.30, 0.15  # paper section 2.4: 30% test, rest 85% train / 15% validation
-OFFICIAL = ("IDR", "DDR")  # datasets whose distributed split is the default
+# A subfolder every copy of the dataset has at its root: tells the dataset's folder from a wrapper around it.
+LANDMARKS = {"IDR": ("A. Segmentation",), "DDR": ("lesion_segmentation",), "FGA": ("Original_Images",),
+             "RET": ("images_896x896",), "MES": ("train", "test")}
 
 
 @dataclass
@@ -36,17 +32,46 @@ class Sample:
 
 # ----------------------------------------------------------------------------- roots
 
+def _is_dataset(folder, dataset_id):
+    return any((folder / name).is_dir() for name in LANDMARKS[dataset_id])
+
+
+def _one_level_down(base, dataset_id, data_root):
+    """Copies of the dataset one level below where it was expected: BASE/<name> (DATA/IDRiD/IDRiD) and, for
+    --data-root, DATA/*/<name> (DATA/idrid/IDRiD): (found, where it looked, as text)."""
+    name = FOLDERS[dataset_id]
+    places, looked = [base / name], [str(base / name)]
+    if data_root is not None:
+        looked.append(str(Path(data_root) / "*" / name))
+        if Path(data_root).is_dir():
+            places += sorted(d / name for d in Path(data_root).iterdir() if d.is_dir() and d != base)
+    return [p for p in places if p.is_dir() and _is_dataset(p, dataset_id)], " and ".join(looked)
+
+
 def dataset_root(dataset_id, data_root, roots=None):
-    """Folder of one dataset: --root ID=DIR, else env <ID>_ROOT, else DATA_ROOT/<distributed folder name>."""
+    """Folder of one dataset: --root ID=DIR, else env <ID>_ROOT, else DATA_ROOT/<distributed folder name>.
+
+    NOTE: users often unpack an archive into a folder of its own (DATA/IDRiD/IDRiD/A. Segmentation, or
+    DATA/idrid/IDRiD/...): when the expected folder is missing or lacks the dataset's top-level subfolder,
+    the distributed folder name is looked for one level down.
+    """
     if dataset_id not in DATASET_IDS:
         raise ValueError(f"unknown dataset ID {dataset_id!r} (choose from {', '.join(DATASET_IDS)})")
-    root = (roots or {}).get(dataset_id) or os.environ.get(f"{dataset_id}_ROOT")
-    root = Path(root) if root else Path(data_root) / FOLDERS[dataset_id]
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{dataset_id} dataset not found: expected folder {root} (set --data-root DIR holding "
-            f"{FOLDERS[dataset_id]}/, or --root {dataset_id}=DIR, or {dataset_id}_ROOT=DIR)")
-    return root
+    given = (roots or {}).get(dataset_id) or os.environ.get(f"{dataset_id}_ROOT")
+    root = Path(given) if given else Path(data_root) / FOLDERS[dataset_id]
+    if root.is_dir() and _is_dataset(root, dataset_id):
+        return root
+    found, looked = _one_level_down(root, dataset_id, None if given else data_root)
+    if len(found) > 1:
+        raise ValueError(f"{dataset_id}: several copies found ({', '.join(map(str, found))}): choose one with "
+                         f"--root {dataset_id}=DIR")
+    if found:
+        return found[0]
+    if root.is_dir():  # not the expected layout: the adapter names what is missing
+        return root
+    raise FileNotFoundError(
+        f"{dataset_id} dataset not found: expected folder {root} (set --data-root DIR holding "
+        f"{FOLDERS[dataset_id]}/, or --root {dataset_id}=DIR, or {dataset_id}_ROOT=DIR; also looked in {looked})")
 
 
 def _index(folder, suffixes=IMAGE_SUFFIXES):
@@ -95,7 +120,7 @@ def _idr(root, ret_he):
         images = _index(seg / "1. Original Images" / folder)
         if images:
             _mask_folder(seg / "2. All Segmentation Groundtruths" / folder, "IDR")
-        # NOTE: a lesion folder may be absent (the real sample in fixtures/idrid ships only "2. Haemorrhages")
+        # NOTE: a lesion folder may be absent (the real sample tests/fixtures/idrid-he14 has only "2. Haemorrhages")
         masks = {les: _index(seg / "2. All Segmentation Groundtruths" / folder / sub)
                  for les, (sub, _) in IDR_MASKS.items()}
         for stem, path in images.items():
@@ -214,9 +239,23 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                return _wide_to_rgb(im)
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _unreadable(path, e) from None
+
+
+def _wide_to_rgb(im):
+    """A 16-bit (or 32-bit / float) grey image -> 8-bit RGB, scaled by its own range.
+
+    NOTE: PIL's convert("RGB") clips such values at 255, which turns a 16-bit photograph white. The real
+    range is unknown (12-bit sensors store 0..4095 in 16 bits), so the image's own maximum maps to 255.
+    """
+    a = np.asarray(im, dtype=np.float64)
+    top = a.max() if a.size and np.isfinite(a.max()) and a.max() > 0 else 1.0
+    grey = np.clip(np.nan_to_num(a) / top * 255 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
 
 
 def _decode_mask(im, threshold):
@@ -260,64 +299,3 @@ def load_sample(sample, threshold=0):
     """Native-resolution (image uint8 (H, W, 3), masks bool (4, H, W))."""
     image = load_image(sample.image)
     return np.asarray(image), load_masks(sample, image.size, threshold)
-
-
-# ----------------------------------------------------------------------------- splits
-
-def _hold_out(ids, fraction, seed):
-    """Seeded hold-out of round(fraction * n) ids (at least one when n >= 2): (rest, held), both sorted."""
-    ids = sorted(ids)
-    n = round(fraction * len(ids))
-    if len(ids) >= 2:
-        n = min(max(n, 1), len(ids) - 1)
-    pick = set(np.random.default_rng(seed).permutation(len(ids))[:n].tolist())
-    return [x for k, x in enumerate(ids) if k not in pick], [x for k, x in enumerate(ids) if k in pick]
-
-
-def _read_split_file(path, dataset_id, ids):
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"split file {path} not found (--splits {dataset_id}=FILE)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"split file {path} is not valid JSON ({e})") from None
-    raw = {("val" if k in ("valid", "validation") else k): v for k, v in raw.items()} if isinstance(raw, dict) else raw
-    if not isinstance(raw, dict) or set(raw) - set(SPLITS) or not all(isinstance(v, list) for v in raw.values()):
-        raise ValueError(f"split file {path} must be a JSON object {{\"train\": [ids], \"val\": [ids], \"test\": [ids]}}")
-    known, seen = set(ids), set()
-    for name, members in raw.items():
-        for x in members:
-            if x not in known:
-                raise ValueError(f"split file {path}: unknown {dataset_id} image id {x!r} in {name!r}")
-            if x in seen:
-                raise ValueError(f"split file {path}: image id {x!r} is in more than one split")
-            seen.add(x)
-    return {k: sorted(v) for k, v in raw.items()}
-
-
-def make_splits(samples, dataset_id, seed=0, split_file=None):
-    """{"train", "val", "test"} -> sorted ids.
-
-    split_file: None (official for IDR/DDR, seeded 30% test + 15% val for the others), "official" (the
-    distributed train/test folders, also for MES), "seeded", or a JSON file {split: [ids]} (val, when
-    missing, is a seeded 15% of train).
-    """
-    ids = sorted(s.id for s in samples)
-    mode = split_file or ("official" if dataset_id in OFFICIAL else "seeded")
-    if mode == "official":
-        folder = {s.id: s.split for s in samples}
-        if any(v is None for v in folder.values()):
-            raise ValueError(f"--splits {dataset_id}=official: {dataset_id} has no official split (give a file)")
-        splits = {name: [x for x in ids if folder[x] == name] for name in SPLITS}
-    elif mode == "seeded":
-        rest, test = _hold_out(ids, TEST_FRACTION, [seed, 0])
-        splits = {"train": rest, "test": test}
-    else:
-        splits = _read_split_file(split_file, dataset_id, ids)
-    if not splits.get("val"):  # validation: seeded 15% of train (IDR, MES official, files without val)
-        splits["train"], splits["val"] = _hold_out(splits.get("train", []), VAL_FRACTION, [seed, 1])
-    if not splits.get("test"):
-        where = f"split file {split_file}" if mode not in ("official", "seeded") else f"the {mode} split"
-        raise ValueError(f"{dataset_id}: the test split has no images ({where}; check the dataset folders or "
-                         f"--splits {dataset_id}=FILE)")
-    return {name: splits.get(name, []) for name in SPLITS}

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import LESIONS
-from data.prepare import FOV_BIT  # cached bitmask: bits 0-3 = LESIONS, bit 4 = FOV
+from data.cache import FOV_BIT  # cached bitmask: bits 0-3 = LESIONS, bit 4 = FOV
+from data.ids import LESIONS
+
 AUGMENT = {  # ranges of the random augmentation; PatchDataset.aug is a copy that can be edited
     "flip": 0.5,  # probability of a horizontal flip (with a free rotation, it also covers vertical flips)
     "rotate": 180.0,  # degrees, uniform in +-rotate: fundus photographs have no canonical orientation
@@ -91,15 +92,31 @@ def _warp(win, bwin, A, t, P):
     return img, bits
 
 
-def make_patch(image, bits, geometry, patch, rng, aug=None):
-    """One (P, P) patch centred on a random FOV pixel of a prepared image.
+def lesion_pixels(bits, lesion_bits=0b1111, cap=1024):
+    """Per lesion present in the image (of those in lesion_bits): int64 flat indices of up to `cap` of its pixels.
+
+    The subsample is evenly strided over the sorted pixels (deterministic, so item i stays a function of
+    (seed, i)); it only needs to spread the patch centres over every lesion of the image.
+    """
+    flat = np.asarray(bits).reshape(-1)
+    pools = []
+    for c in range(len(LESIONS)):
+        if lesion_bits >> c & 1:
+            idx = np.flatnonzero(flat & (1 << c))
+            if idx.size:
+                pools.append(idx[np.linspace(0, idx.size - 1, min(cap, idx.size)).astype(np.int64)])
+    return pools
+
+
+def make_patch(image, bits, geometry, patch, rng, aug=None, centre=None):
+    """One (P, P) patch centred on `centre` (y, x), or on a random FOV pixel of a prepared image.
 
     image (R, R, 3) and bits (R, R) may be memmaps (only the window is read). aug=None: a plain crop (exactly
     the same pixels as the prepared image); else a dict like AUGMENT.
     Returns {"image": uint8 (3, P, P), "masks": uint8 (4, P, P) of 0/1, "fov": bool (P, P)} torch tensors.
     """
     P = patch
-    cy, cx = _fov_centre(bits, geometry, rng)
+    cy, cx = centre if centre is not None else _fov_centre(bits, geometry, rng)
     if aug is None:
         y0, x0 = cy - P // 2, cx - P // 2
         img, b = np.zeros((P, P, 3), np.uint8), np.zeros((P, P), np.uint8)
@@ -144,11 +161,22 @@ def make_patch(image, bits, geometry, patch, rng, aug=None):
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """`length` random patches from the union of the given PreparedDatasets (each image equally likely)."""
+    """`length` random patches from the union of the given PreparedDatasets (each image equally likely).
 
-    def __init__(self, datasets, patch=512, length=1000, seed=0, augment=True):
+    lesion_patches=q: a fraction q of the patches is centred on a lesion pixel instead of a random FOV pixel
+    (a lesion of the image drawn uniformly among those it has, then one of its pixels: the smallest lesions,
+    microaneurysms, get as many centres as the largest); lesions: the lesion names that count (the annotated
+    ones). q = 0 draws exactly the stream of plain random patches (paper section 2.2).
+    """
+
+    def __init__(self, datasets, patch=512, length=1000, seed=0, augment=True, lesion_patches=0.0, lesions=LESIONS):
         self.datasets, self.patch, self.length, self.seed = list(datasets), int(patch), int(length), int(seed)
         self.augment, self.aug = augment, dict(AUGMENT)
+        if not 0.0 <= lesion_patches <= 1.0:
+            raise ValueError(f"--lesion-patches must be in [0, 1], got {lesion_patches}")
+        self.lesion_patches = float(lesion_patches)
+        self.lesion_bits = sum(1 << LESIONS.index(name) for name in lesions)
+        self._pools = {}  # (dataset, image) -> lesion_pixels(); filled on first use, per process
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])  # (D + 1,)
         if self.offsets[-1] == 0:
             raise ValueError("PatchDataset: the chosen dataset splits hold no images")
@@ -169,8 +197,17 @@ class PatchDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, i])
         d, j = self.pick(rng)
         image, bits = read(d, j) if read else self.datasets[d].read(j)
+        centre = None
+        # NOTE: no extra draw when lesion_patches is 0: the plain stream stays bit-identical
+        if self.lesion_patches and rng.random() < self.lesion_patches:
+            if (d, j) not in self._pools:
+                self._pools[d, j] = lesion_pixels(bits, self.lesion_bits)
+            pools = self._pools[d, j]
+            if pools:  # an image without lesions: a random FOV centre, as usual
+                pool = pools[int(rng.integers(len(pools)))]
+                centre = divmod(int(pool[int(rng.integers(pool.size))]), bits.shape[1])
         return make_patch(image, bits, self.datasets[d].geometry(j), self.patch, rng,
-                          self.aug if self.augment else None)
+                          self.aug if self.augment else None, centre)
 
     def __getitem__(self, i):
         return self.sample(i)

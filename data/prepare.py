@@ -1,19 +1,23 @@
-"""Prepare a dataset once into a memory-mapped cache (crop to FOV, resize, pad), and read it back.
+"""Prepare a dataset once into a memory-mapped cache (crop to FOV, resize, pad); data/cache.py reads it back.
 
     python -m data.prepare --dataset IDR --data-root data_raw --out cache --resolution 1536
     python -m data.prepare --dataset all --data-root demo/data --out demo/cache --resolution 512
     python -m data.prepare --dataset FGA,MES --mask-threshold FGA=127 --splits MES=official --out cache
+    python -m data.prepare --dataset FGA,RET --split-protocol authors --out cache
 
 CACHE/<ID>/<resolution>/ holds images.npy uint8 (N, R, R, 3), masks.npy uint8 (N, R, R) with bits 0-3 =
-EX, HE, MA, CWS and bit 4 = FOV, splits.json (split -> sorted ids) and meta.json (ids in row order,
-per-image geometry and lesion statistics, options, and a fingerprint of the sources + options that makes
-a re-run a no-op). It is written into a temporary folder and renamed into place, so an interrupted or
-failed preparation never leaves a cache that looks complete. Concurrent preparations of the same cache
-(make -j, several jobs on first use) take turns on a lock file CACHE/<ID>/.<resolution>.lock: the first
-prepares, the others find it up to date.
+EX, HE, MA, CWS and bit 4 = FOV, splits.json (the split protocol, split -> sorted ids) and meta.json (ids in
+row order, per-image geometry and lesion statistics, options, the arrays' sizes, and a fingerprint of the
+sources + options that makes a re-run a no-op). It is written into a temporary folder and renamed into place,
+so an interrupted or failed preparation never leaves a cache that looks complete, and the temporary folder is
+removed on any failure. Free space is checked first and reserved before the memory-mapped writes (a full disk
+under a memory map is a SIGBUS, not an error). A cache whose files no longer match meta.json (truncated, garbled)
+is prepared again. Concurrent preparations of the same cache (make -j, several jobs on first use) take turns on
+a lock file CACHE/<ID>/.<resolution>.lock: the first prepares, the others find it up to date.
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,80 +34,14 @@ import numpy as np
 if __package__ in (None, ""):  # `python data/prepare.py` as well as `python -m data.prepare`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import DATASET_IDS, LESIONS, parse_dataset_ids
-from data.datasets import dataset_root, list_samples, load_image, load_masks, make_splits
+from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta
+from data.datasets import dataset_root, list_samples, load_image, load_masks
+from data.flags import add_data_args, data_options
+from data.ids import DATASET_IDS, LESIONS, parse_dataset_ids
 from data.preprocess import fit_geometry, fov_box, fov_mask, pad_square, resize_image
+from data.splits import make_splits
 
-CACHE_VERSION = 1  # bump when the cache format or the preprocessing changes
-FOV_BIT = 4  # bits 0-3: LESIONS; bit 4: field of view
-
-
-# ----------------------------------------------------------------------------- shared command-line flags
-
-def add_data_args(parser):
-    """The data flags shared by data.prepare, train.py, evaluate.py and characterize.py."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data_raw"),
-                   help="folder holding the datasets under their distributed names (IDRiD/, DDR-dataset/, "
-                        "Seg-set/, retinal-lesions-v20191227/, MAPLES-DR/) (default: env DATA_ROOT or %(default)s)")
-    g.add_argument("--cache", default="cache", help="prepared-data cache folder (default: %(default)s)")
-    g.add_argument("--root", action="append", default=[], metavar="ID=DIR",
-                   help="folder of one dataset, overrides --data-root and env <ID>_ROOT; repeatable (default: none)")
-    g.add_argument("--mask-threshold", action="append", default=[], metavar="ID=T",
-                   help="lesion where mask value > T for that dataset, e.g. FGA=127 drops anti-aliased edges, "
-                        "RET=127 keeps only the 255 (guideline) labels; repeatable (default: 0 for all)")
-    g.add_argument("--splits", action="append", default=[], metavar="ID=FILE",
-                   help="split of one dataset: a JSON file {train,val,test: [ids]}, 'official' or 'seeded'; "
-                        "repeatable (default: official for IDR and DDR, seeded 30%% test for FGA, RET, MES)")
-    g.add_argument("--ret-he", choices=("retinal", "all"), default="retinal",
-                   help="Retinal-Lesions HE: retinal_hemorrhage only, or also preretinal + vitreous "
-                        "(default: %(default)s)")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the seeded splits (default: %(default)s)")
-    return parser
-
-
-def _pairs(values, flag):
-    """['idr=/x', 'FGA=3'] -> {'IDR': '/x', 'FGA': '3'}; ValueError naming the flag."""
-    out = {}
-    for v in values:
-        key, sep, val = v.partition("=")
-        if not sep or not val or not key.strip():
-            raise ValueError(f"{flag} expects ID=VALUE, got {v!r}")
-        try:
-            (key,) = parse_dataset_ids(key)
-        except ValueError as e:
-            raise ValueError(f"{flag} {v}: {e}") from None
-        out[key] = val
-    return out
-
-
-def data_options(args):
-    """Keyword arguments of prepare_cache from the add_data_args flags."""
-    thresholds = {}
-    for k, v in _pairs(args.mask_threshold, "--mask-threshold").items():
-        if not v.isdigit() or int(v) > 254:
-            raise ValueError(f"--mask-threshold {k}={v}: the threshold must be an integer in 0..254")
-        thresholds[k] = int(v)
-    return {"roots": _pairs(args.root, "--root"), "thresholds": thresholds,
-            "split_files": _pairs(args.splits, "--splits"), "ret_he": args.ret_he, "split_seed": args.split_seed}
-
-
-# The flags above that decide which images are read and how they are split.
-DATA_FLAGS = ("data_root", "cache", "root", "mask_threshold", "splits", "ret_he", "split_seed")
-
-
-def data_settings(args, parser, recorded):
-    """(data_root, cache, prepare_cache options): a data flag given on this command line wins, else the
-    training run's recorded value (its checkpoint's "args"), else the default.
-
-    NOTE: split flags decide which images are validation and test; reading a run's data with other split
-    options would re-split the cache and could score on images the run trained on.
-    """
-    merged = argparse.Namespace(**vars(args))
-    for key in DATA_FLAGS:
-        if getattr(args, key) == parser.get_default(key) and recorded.get(key) is not None:
-            setattr(merged, key, recorded[key])
-    return merged.data_root, merged.cache, data_options(merged)
+SPACE_MARGIN = 1.02, 64 << 20  # free space needed: arrays x 1.02 + 64 MiB (JSON files, file system slack)
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -115,13 +53,18 @@ def preprocess_sample(sample, resolution, threshold=0):
     geometry = fit_geometry(image.width, image.height, box, resolution, t)
     out = resize_image(image, geometry)  # (R, R, 3)
     fov = fov_mask(out, geometry)  # (R, R)
+    if not fov.any():  # NOTE: a black or blank photograph: training never samples it, evaluation scores nothing
+        print(f"warning: {sample.image}: no field of view found (black or blank image?); it has no pixel to "
+              f"train on or to score", file=sys.stderr, flush=True)
     masks = load_masks(sample, image.size, threshold, box=tuple(box), size=tuple(geometry["size"]))  # (4, h, w)
     bits = np.zeros(masks.shape[1:], np.uint8)
     for c in range(len(LESIONS)):
         bits |= masks[c].astype(np.uint8) << c
     bits = pad_square(bits, geometry)
+    inside = bits[fov]  # (FOV pixels,): the lesion bits where the lesions are counted
     bits |= fov.astype(np.uint8) << FOV_BIT
-    stats = {"lesion_pixels": [int(m.sum()) for m in masks], "fov_pixels": int(fov.sum())}
+    stats = {"lesion_pixels": [int(m.sum()) for m in masks], "fov_pixels": int(fov.sum()),
+             "lesion_fov_pixels": [int((inside >> c & 1).sum()) for c in range(len(LESIONS))]}
     return out, bits, geometry, stats
 
 
@@ -132,29 +75,37 @@ def _split_key(split_file):
     return split_file
 
 
-def _options(threshold, ret_he, split_file, split_seed):
+def _options(threshold, ret_he, split_file, split_seed, split_protocol):
     """The options recorded in meta.json: everything besides the source files that changes the cache."""
     return {"mask_threshold": threshold, "ret_he": ret_he, "splits": split_file or "default",
-            "split_key": _split_key(split_file), "split_seed": split_seed}
+            "split_key": _split_key(split_file), "split_seed": split_seed, "split_protocol": split_protocol}
 
 
-def _fingerprint(dataset_id, root, samples, resolution, threshold, ret_he, split_file, split_seed):
+def _fingerprint(dataset_id, root, samples, resolution, options):
     """Hash of the source files (path, size, mtime) and of every option that changes the cache."""
     files = []
     for s in samples:
         for p in (s.image, *[f for les in LESIONS for f in s.masks.get(les, ())]):
             st = p.stat()
             files.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
-    key = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution, "threshold": threshold,
-           "ret_he": ret_he if dataset_id == "RET" else None, "split": _split_key(split_file),
-           "split_seed": split_seed, "files": files}
+    key = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution,
+           "threshold": options["mask_threshold"], "ret_he": options["ret_he"] if dataset_id == "RET" else None,
+           "split": options["split_key"], "split_seed": options["split_seed"], "files": files}
+    # NOTE: the default protocol adds no key, so caches prepared before --split-protocol existed stay valid;
+    # except RET's, whose paper split now keeps both eyes of a patient on the same side.
+    if options["split_protocol"] != "paper":
+        key["split_protocol"] = options["split_protocol"]
+    elif dataset_id == "RET":
+        key["split_by"] = "patient"
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _option_changes(dataset_id, recorded, requested):
     """['--mask-threshold FGA=127 (cache: 0)', ...]: the requested options that differ from a cache's."""
     flags = {"mask_threshold": f"--mask-threshold {dataset_id}=", "splits": f"--splits {dataset_id}=",
-             "split_seed": "--split-seed ", "ret_he": "--ret-he "}
+             "split_seed": "--split-seed ", "split_protocol": "--split-protocol ", "ret_he": "--ret-he "}
+    # NOTE: caches prepared before --split-protocol existed used the paper protocol
+    recorded = {"split_protocol": "paper", **recorded}
     changes = [f"{flag}{requested[k]} (cache: {recorded[k]})" for k, flag in flags.items()
                if k in recorded and recorded[k] != requested[k] and (k != "ret_he" or dataset_id == "RET")]
     # NOTE: caches of older versions record no "split_key"
@@ -219,7 +170,7 @@ def _remove_leftovers(parent, resolution):
 
 
 def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thresholds=None, split_files=None,
-                  ret_he="retinal", split_seed=0, workers=None, verbose=True):
+                  ret_he="retinal", split_seed=0, split_protocol="paper", workers=None, verbose=True):
     """Prepare CACHE/<ID>/<resolution> on first use; a no-op when sources and options are unchanged."""
     ids = parse_dataset_ids(dataset_id)
     if len(ids) != 1:
@@ -229,47 +180,39 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     if resolution < 16:
         raise ValueError(f"--resolution must be at least 16, got {resolution}")
     out = Path(cache_dir) / dataset_id / str(resolution)
-    threshold = int((thresholds or {}).get(dataset_id, 0))
     split_file = (split_files or {}).get(dataset_id)
+    options = _options(int((thresholds or {}).get(dataset_id, 0)), ret_he, split_file, split_seed, split_protocol)
     try:
         root = dataset_root(dataset_id, data_root, roots)
     except FileNotFoundError:
         if (out / "meta.json").is_file():  # sources gone but a complete cache remains: use it if it fits
-            recorded = json.loads((out / "meta.json").read_text()).get("options", {})
-            changes = _option_changes(dataset_id, recorded,
-                                      _options(threshold, ret_he, split_file, split_seed))
-            if changes:
-                raise FileNotFoundError(
-                    f"{dataset_id} sources not found and the existing cache {out} was prepared with other options "
-                    f"({'; '.join(changes)}): restore the sources or pass the cache's options") from None
-            if verbose:
-                print(f"note: {dataset_id} sources not found, using the existing cache {out}")
-            return out
+            return _use_without_sources(out, dataset_id, options, verbose)
         raise
     samples = list_samples(dataset_id, root, ret_he)
-    splits = make_splits(samples, dataset_id, split_seed, split_file)
-    fingerprint = _fingerprint(dataset_id, root, samples, resolution, threshold, ret_he, split_file, split_seed)
-    meta = _read_meta(out)
-    if meta and meta.get("fingerprint") == fingerprint:  # the common case, without touching the lock
+    splits = make_splits(samples, dataset_id, split_seed, split_file, split_protocol)
+    fingerprint = _fingerprint(dataset_id, root, samples, resolution, options)
+    if _up_to_date(out, fingerprint, verbose):  # the common case, without touching the lock
         if verbose:
-            print(summary(out, meta, splits, note="up to date"))
+            print(summary(out, read_meta(out), splits, note="up to date"))
         return out
 
     # Only the images of some split are cached (a user split file may name a subset), in sorted id order.
     keep = set(sum(splits.values(), []))
     samples = [s for s in samples if s.id in keep]
+    meta = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution, "root": str(root),
+            "lesions": list(LESIONS), "bits": {**{les: c for c, les in enumerate(LESIONS)}, "FOV": FOV_BIT},
+            "ids": [s.id for s in samples], "options": options, "fingerprint": fingerprint}
     created = [p for p in (Path(cache_dir), out.parent) if not p.exists()]
     try:
         waiting = f"note: {out} is being prepared by another process, waiting" if verbose else None
         with _locked(out.parent / f".{resolution}.lock", waiting):
-            meta = _read_meta(out)
-            if meta and meta.get("fingerprint") == fingerprint:  # another process prepared it while we waited
+            if _up_to_date(out, fingerprint, False):  # another process prepared it while we waited
                 if verbose:
-                    print(summary(out, meta, splits, note="up to date: prepared by another process meanwhile"))
+                    print(summary(out, read_meta(out), splits,
+                                  note="up to date: prepared by another process meanwhile"))
                 return out
             _remove_leftovers(out.parent, resolution)
-            meta = _build(out, dataset_id, root, samples, splits, resolution, threshold, ret_he, split_file,
-                          split_seed, fingerprint, workers)
+            meta = _build(out, meta, samples, {"protocol": split_protocol, **splits}, workers)
     except BaseException:
         for p in reversed(created):  # folders this call created, when left empty
             with contextlib.suppress(OSError):  # not empty (another process uses it) or already gone
@@ -280,26 +223,77 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     return out
 
 
-def _read_meta(out):
-    """out/meta.json as a dict, None when there is no complete cache."""
+def _use_without_sources(out, dataset_id, options, verbose):
+    """The sources are gone but a complete cache remains: use it when it was prepared with these options."""
     try:
-        return json.loads((out / "meta.json").read_text())
-    except FileNotFoundError:
-        return None
+        meta = read_meta(out)
+    except ValueError as e:
+        raise ValueError(f"{dataset_id} sources not found, and {e}") from None
+    changes = _option_changes(dataset_id, meta.get("options", {}), options)
+    if changes:
+        raise FileNotFoundError(
+            f"{dataset_id} sources not found and the existing cache {out} was prepared with other options "
+            f"({'; '.join(changes)}): restore the sources or pass the cache's options")
+    if verbose:
+        print(f"note: {dataset_id} sources not found, using the existing cache {out}")
+    return out
 
 
-def _build(out, dataset_id, root, samples, splits, resolution, threshold, ret_he, split_file, split_seed,
-           fingerprint, workers):
+def _up_to_date(out, fingerprint, verbose):
+    """Whether out holds a complete, intact cache with this fingerprint. A garbled meta.json or splits.json,
+    or arrays that do not match meta.json (truncated, replaced), mean: prepare again (with a note)."""
+    try:
+        meta = read_meta(out)
+        if meta is None or meta.get("fingerprint") != fingerprint:
+            return False
+        damage = damaged_arrays(out, meta)
+        if damage is None:
+            json.loads((out / "splits.json").read_text())["test"]
+            return True
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        damage = " ".join(str(e).split())
+    if verbose:
+        print(f"note: {out} is damaged ({damage}): preparing it again", flush=True)
+    return False
+
+
+def _check_free_space(folder, N, R):
+    """ValueError naming the folder and the space needed when the disk cannot hold the arrays."""
+    need = int(N * R * R * 4 * SPACE_MARGIN[0]) + SPACE_MARGIN[1]  # images (R, R, 3) + bitmask (R, R)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ValueError(f"not enough free space in {folder}: the {N} images at {R} px need {need / 1e9:.2f} GB, "
+                         f"{free / 1e9:.2f} GB are free (free some space or choose another --cache)")
+
+
+def _reserve(path):
+    """Allocate the whole file now: a full disk is then an error here instead of a SIGBUS in a mapped write."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        # EOPNOTSUPP / EINVAL: a file system without fallocate; the free-space check above has to do
+    finally:
+        os.close(fd)
+
+
+def _build(out, meta, samples, splits, workers):
     """Write the cache into a temporary folder, then rename it into place -> meta. Call with the lock held."""
-    tmp = out.parent / f".tmp-{resolution}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    R, N = meta["resolution"], len(samples)
+    _check_free_space(out.parent, N, R)
+    tmp = out.parent / f".tmp-{R}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     start = time.time()
     try:
-        R, N = resolution, len(samples)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (N, R, R, 3))
         bitmasks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (N, R, R))
+        for name in ARRAYS:
+            _reserve(tmp / name)
 
         def one(k):
+            threshold = meta["options"]["mask_threshold"]
             images[k], bitmasks[k], geometry, stats = preprocess_sample(samples[k], R, threshold)
             return geometry, stats
 
@@ -314,20 +308,23 @@ def _build(out, dataset_id, root, samples, splits, resolution, threshold, ret_he
                 raise
         images.flush(), bitmasks.flush()
         del images, bitmasks
-        meta = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": R, "root": str(root),
-                "lesions": list(LESIONS), "bits": {**{les: c for c, les in enumerate(LESIONS)}, "FOV": FOV_BIT},
-                "ids": [s.id for s in samples], "geometry": [g for g, _ in results],
-                "lesion_pixels": [st["lesion_pixels"] for _, st in results],
-                "fov_pixels": [st["fov_pixels"] for _, st in results],
-                "options": _options(threshold, ret_he, split_file, split_seed),
-                "fingerprint": fingerprint, "seconds": round(time.time() - start, 1)}
+        meta = {**meta, "geometry": [g for g, _ in results], **{key: [st[key] for _, st in results] for key in
+                ("lesion_pixels", "fov_pixels", "lesion_fov_pixels")},
+                "bytes": {name: (tmp / name).stat().st_size for name in ARRAYS},
+                "seconds": round(time.time() - start, 1)}
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")  # written last: marks the folder complete
-        old = out.parent / f".old-{resolution}-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".old-{R}-{uuid.uuid4().hex[:8]}"
         if out.exists():
             os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ValueError(f"no space left in {out.parent} while preparing {out} (the {N} images at {R} px need "
+                             f"{(N * R * R * 4) / 1e9:.2f} GB; free some space or choose another --cache)") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -337,96 +334,21 @@ def _build(out, dataset_id, root, samples, splits, resolution, threshold, ret_he
 def summary(out, meta, splits, note=""):
     """Images per split and lesion prevalence: images with the lesion and its share of FOV pixels."""
     row = {x: k for k, x in enumerate(meta["ids"])}
+    # NOTE: lesion pixels inside the FOV over FOV pixels, so a share is at most 100 % even when an image has no
+    # FOV (a black photograph); caches prepared before "lesion_fov_pixels" existed count all lesion pixels.
+    lesion = meta.get("lesion_fov_pixels", meta["lesion_pixels"])
     lines = [f"{meta['dataset']} @ {meta['resolution']} px -> {out} ({note})",
              f"  {'split':<6}{'images':>7}" + "".join(f"{les:>15}" for les in LESIONS)]
     for name in ("train", "val", "test"):
         rows = [row[x] for x in splits[name]]
-        pix = np.array([meta["lesion_pixels"][r] for r in rows], dtype=np.int64).reshape(-1, len(LESIONS))
-        fov = max(1, sum(meta["fov_pixels"][r] for r in rows))
-        cells = [f"{int((pix[:, c] > 0).sum()):>7} {100 * pix[:, c].sum() / fov:6.2f}%" for c in range(len(LESIONS))]
+        present = np.array([meta["lesion_pixels"][r] for r in rows], dtype=np.int64).reshape(-1, len(LESIONS)) > 0
+        pix = np.array([lesion[r] for r in rows], dtype=np.int64).reshape(-1, len(LESIONS))
+        fov = sum(meta["fov_pixels"][r] for r in rows)
+        shares = [f"{100 * pix[:, c].sum() / fov:6.2f}%" if fov else f"{'-':>7}" for c in range(len(LESIONS))]
+        cells = [f"{int(present[:, c].sum()):>7} {shares[c]}" for c in range(len(LESIONS))]
         lines.append(f"  {name:<6}{len(rows):>7}" + "".join(cells))
-    lines.append("  (per lesion: images containing it, lesion pixels as % of FOV pixels)")
+    lines.append("  (per lesion: images containing it, lesion pixels in the FOV as % of FOV pixels)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- reading back
-
-class PreparedDataset:
-    """One split of a prepared cache: ds[i] -> {"id", "image" (R, R, 3) uint8, "masks" (4, R, R) bool, "fov"}.
-
-    split: "train", "val", "test" or "all". Arrays are memory-mapped lazily, per process (DataLoader workers
-    re-open them instead of pickling them); each (re)opening checks that the cache still has the fingerprint
-    read here, since a job with other data options re-prepares the same folder in place.
-    """
-
-    def __init__(self, cache_dir, dataset_id, resolution, split):
-        self.dataset_id, self.resolution, self.split = dataset_id, int(resolution), split
-        self.dir = Path(cache_dir) / dataset_id / str(int(resolution))
-        if not (self.dir / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"no prepared {dataset_id} cache at {self.dir} (run: python -m data.prepare --dataset {dataset_id} "
-                f"--out {cache_dir} --resolution {resolution})")
-        self.meta = json.loads((self.dir / "meta.json").read_text())
-        self.fingerprint = self.meta.get("fingerprint")
-        splits = json.loads((self.dir / "splits.json").read_text())
-        self._check_fingerprint()  # meta.json and splits.json come from the same preparation
-        if split != "all" and split not in splits:
-            raise ValueError(f"unknown split {split!r} (choose from train, val, test, all)")
-        self.ids = list(self.meta["ids"]) if split == "all" else list(splits[split])
-        row = {x: k for k, x in enumerate(self.meta["ids"])}
-        self.rows = [row[x] for x in self.ids]
-        self._arrays = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
-
-    def arrays(self):
-        """(images (N, R, R, 3), bitmasks (N, R, R)) memory maps over all cached rows."""
-        if self._arrays is None:
-            try:
-                arrays = (np.load(self.dir / "images.npy", mmap_mode="r"),
-                          np.load(self.dir / "masks.npy", mmap_mode="r"))
-            except FileNotFoundError:
-                arrays = None  # mid-swap, or removed: reported below
-            # NOTE: checked after opening: maps opened before a swap keep the old files, which match self.ids
-            self._check_fingerprint()
-            if arrays is None:
-                raise FileNotFoundError(f"{self.dir} lost its arrays while in use (removed?); rerun")
-            self._arrays = arrays
-        return self._arrays
-
-    def _check_fingerprint(self):
-        meta = _read_meta(self.dir)
-        if meta is None:
-            raise FileNotFoundError(f"{self.dir} was removed or is being re-prepared while in use; rerun")
-        if meta.get("fingerprint") != self.fingerprint:
-            was, now = self.meta.get("options", {}), meta.get("options", {})
-            what = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
-                    if k != "split_key" and was.get(k) != now.get(k)]
-            if not what and was.get("split_key") != now.get("split_key"):
-                what = ["split file content changed"]
-            what = ", ".join(what) or "source files changed"
-            raise ValueError(f"{self.dir} was re-prepared with other options while in use ({what}); rerun")
-
-    def read(self, i):
-        """Lazy views (image (R, R, 3), bitmask (R, R)) of item i: slicing them reads only that window."""
-        images, bitmasks = self.arrays()
-        return images[self.rows[i]], bitmasks[self.rows[i]]
-
-    def geometry(self, i):
-        return self.meta["geometry"][self.rows[i]]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        image, bits = self.read(i)
-        bits = np.asarray(bits)
-        masks = (bits[None] >> np.arange(len(LESIONS), dtype=np.uint8)[:, None, None]) & 1  # (4, R, R)
-        return {"id": self.ids[i], "image": np.array(image), "masks": masks.astype(bool),
-                "fov": (bits >> FOV_BIT & 1).astype(bool)}
 
 
 # ----------------------------------------------------------------------------- command line

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-FOV_THRESHOLD = (20, 40)  # red-channel range for the FOV (REFERENCE.md: "around 20-40 after a small blur")
+FOV_THRESHOLD = (20, 40)  # red-channel range for the FOV, after a small blur (docs/PROTOCOL.md, "Preprocessing")
 WORK_SIZE = 1024  # the crop box is found on a copy reduced to about this size: a few pixels of precision
 
 

@@ -10,7 +10,8 @@ a vessel tree grown from the disc, and the four lesions (EX, HE, MA, CWS). Masks
 drawing, then pass through the dataset's labelling style, the paper's finding: "fine" (IDR, DDR, MES)
 keeps the drawn outlines, tiny MAs included; "coarse" (RET) merges lesions into dilated blobs, leaves
 most small MAs unlabelled and degrades the photograph (blur, noise, uneven light); "mixed" (FGA) is
-fine for about half of the images and coarse for the rest. Files use the real encodings (REFERENCE.md).
+fine for about half of the images and coarse for the rest. Files use the real encodings (docs/PROTOCOL.md,
+"Datasets").
 """
 import argparse
 import csv
@@ -25,15 +26,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from data import DATASET_IDS, LESIONS, parse_dataset_ids
+from data.ids import DATASET_IDS, FOLDERS, LESIONS, parse_dataset_ids
 
-ROOT_NAMES = {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set", "RET": "retinal-lesions-v20191227",
-              "MES": "MAPLES-DR"}
+ROOT_NAMES = FOLDERS  # each dataset under its distributed folder name
 MARKER = ".synthetic"  # written inside each generated root: only such a folder may be replaced on a re-run
 
 # Per dataset: labelling style, lesion prevalence (EX, HE, MA, CWS), fundus colour, JPEG quality,
 # optional extra lesions {name: probability}. NOTE: IDRiD has MA and EX masks for all 81 images and
-# SE for 40 (REFERENCE.md); RET's extras are the haemorrhages the paper leaves out of HE.
+# SE for 40 (docs/PROTOCOL.md, "Datasets"); RET's extras are the haemorrhages the paper leaves out of HE.
 SPECS = {
     "IDR": dict(style="fine", prevalence=(1.0, 0.97, 1.0, 0.5), tint=(0.84, 0.42, 0.13), quality=92, extras={}),
     "DDR": dict(style="fine", prevalence=(0.8, 0.85, 0.9, 0.45), tint=(0.80, 0.38, 0.15), quality=90, extras={}),

@@ -1,22 +1,32 @@
 """Binned confusion counts for the IDRiD-style AUPR: one pass, every threshold and lesion at once.
 
-    from kernels import binned_counts
+    from kernels import binned_counts, AP_BINS
     tp, fp, pos = binned_counts(probs, target, roi)     # (C, 11), (C, 11), (C,) int64; p >= t_k
+    tp, fp, pos, tp_fine, fp_fine = binned_counts(probs, target, roi, ap_bins=AP_BINS)  # + (C, 1024) x 2
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py
     python bench/bench_metrics.py --images 4 --size 1536
 
-Definition (../shared/REFERENCE.md, "Evaluation protocol"), for lesion c and t_k = float32 linspace(0, 1, T)[k]:
+Definition (docs/PROTOCOL.md, "Evaluation protocol"), for lesion c and t_k = float32 linspace(0, 1, T)[k]:
     TP[c, k] = #{p >= t_k, y = 1}    FP[c, k] = #{p >= t_k, y = 0}    pos[c] = #{y = 1}
-counted over the pixels inside the ROI (the FOV) only. Both implementations below reduce a pixel to its bin
-= #{k : t_k <= p} (0..T) and build a (C, 2, T+1) histogram of (label, bin); a reverse cumulative sum turns
-it into the counts, so no (pixels x thresholds) tensor ever exists. Probabilities are upcast to float32 and
-compared with the float32 thresholds themselves (exact for float16/bfloat16); NaN counts as below every
-threshold (`NaN >= t` is False); a target is positive where it is non-zero.
+counted over the pixels inside the ROI (the FOV) only. With ap_bins = F > 0 the same pass also counts the
+fine curve behind the floor-free average precision (kernels.pr_metrics "ap"), at the F fine thresholds
+    u_j = j / F rounded to the nearest float32, j = 0..F-1 (exact binary fractions for F = AP_BINS = 1024)
+    TP_fine[c, j] = #{p >= u_j, y = 1}    FP_fine[c, j] = #{p >= u_j, y = 0}
+Probabilities are upcast to float32 and compared with the float32 thresholds themselves (exact for
+float16/bfloat16); NaN counts as below every threshold (`NaN >= t` is False); a target is positive where it
+is non-zero. The 11-threshold counts do not depend on ap_bins.
 
-File layout (STYLE.md): the Triton kernel, its launcher, the torch twin that defines correctness, and
-`binned_counts`, which takes Triton for CUDA tensors and the twin elsewhere.
+Three implementations, all giving identical counts:
+- `reference_binned_counts`: the definition, a few lines of bucketize + bincount (the tests check the others
+  against it);
+- `binned_counts_triton`: the Triton kernel and its launcher (CUDA);
+- `binned_counts_torch`: the fast CPU path, the same histogram with table look-ups instead of bucketize.
+`binned_counts` takes Triton for CUDA tensors and the fast CPU path elsewhere. The fast paths reduce a pixel
+to its bin = #{k : t_k <= p} (0..T) and build a (C, 2, T+1) histogram of (label, bin); a reverse cumulative
+sum turns it into the counts, so no (pixels x thresholds) tensor ever exists.
 """
 import functools
+import math
 import os
 
 import torch
@@ -24,11 +34,16 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # NOTE: triton ships for Linux x86_64 only (requirements.txt); the twin serves elsewhere
+except ImportError:  # NOTE: triton ships for Linux x86_64 only (requirements.txt); the CPU path serves elsewhere
     triton = None
 
 PROB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.bool, torch.uint8)
+# Fine thresholds of the AP curve: at least 1000, so that AP stays within 1e-3 of scikit-learn's unbinned
+# average_precision_score on continuous maps (tests/test_kernels.py), and a power of two, so that u_j = j / 1024
+# is exact in float32 and the kernel's (label, j) histogram fills 2 x 1024 bins exactly
+AP_BINS = 1024
+MAX_AP_BINS = 4096  # the Triton kernel keeps a (C, 2 F) int32 histogram in registers
 
 
 def threshold_values(n=11):
@@ -38,9 +53,18 @@ def threshold_values(n=11):
     return torch.linspace(0, 1, n, dtype=torch.float32)
 
 
-def _check_inputs(probs, target, roi, thresholds):
+def fine_threshold_values(n=AP_BINS):
+    """The AP curve's thresholds u_j = j / n, j = 0..n-1, as float32 (IEEE division: correctly rounded)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_AP_BINS:
+        raise ValueError(f"ap_bins must be 0 (no fine counts) or an integer in 1..{MAX_AP_BINS}, got {n!r}")
+    return torch.arange(n, dtype=torch.float32) / n
+
+
+def _check_inputs(probs, target, roi, thresholds, ap_bins=0):
     """One-line ValueErrors for the shapes, dtypes and devices binned_counts accepts."""
     threshold_values(thresholds)
+    if ap_bins != 0 or isinstance(ap_bins, bool):
+        fine_threshold_values(ap_bins)
     if not isinstance(probs, torch.Tensor) or probs.ndim != 4:
         raise ValueError(f"probs must be a (B, C, H, W) tensor, got {getattr(probs, 'shape', type(probs))}")
     if probs.dtype not in PROB_DTYPES:
@@ -62,6 +86,37 @@ def _check_inputs(probs, target, roi, thresholds):
         raise ValueError(f"probs, target and roi must be on one device, got {sorted(map(str, devices))}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The reference: the definition of correctness, plainly (memory and time are not its concern).
+
+def reference_binned_counts(probs, target, roi=None, thresholds=11, ap_bins=0):
+    """The definition of the counts (docs/PROTOCOL.md, "Evaluation protocol"): bucketize + bincount.
+
+    Same arguments and results as binned_counts: tp (C, T), fp (C, T), pos (C,) int64, and with ap_bins = F
+    also tp_fine (C, F), fp_fine (C, F) at u_j = fine_threshold_values(F)[j].
+    """
+    _check_inputs(probs, target, roi, thresholds, ap_bins)
+    C = probs.shape[1]
+    p = probs.float().transpose(0, 1).reshape(C, -1)  # (C, N): every pixel of every image
+    p = torch.where(p.isnan(), -math.inf, p).contiguous()  # `NaN >= t` is False: below every threshold
+    y = (target != 0).transpose(0, 1).reshape(C, -1)  # (C, N)
+    keep = torch.ones_like(y[0]) if roi is None else roi.reshape(-1)  # (N,) in the same (b, h, w) order
+
+    def at_least(thr):  # thr (n,) ascending -> tp (C, n), fp (C, n): counts of p >= thr[k]
+        n = len(thr)
+        bins = torch.bucketize(p, thr.to(p.device), right=True)  # (C, N) = #{k : thr[k] <= p}, 0..n
+        tp = torch.stack([torch.bincount(bins[c][keep & y[c]], minlength=n + 1) for c in range(C)])  # (C, n+1)
+        fp = torch.stack([torch.bincount(bins[c][keep & ~y[c]], minlength=n + 1) for c in range(C)])
+        # p >= thr[k]  <=>  bin > k: the pixels in bins k+1..n, a reverse cumulative sum
+        return tp.flip(1).cumsum(1).flip(1)[:, 1:], fp.flip(1).cumsum(1).flip(1)[:, 1:]
+
+    tp, fp = at_least(threshold_values(thresholds))
+    pos = (y & keep).sum(1)  # (C,)
+    if not ap_bins:
+        return tp, fp, pos
+    return (tp, fp, pos, *at_least(fine_threshold_values(ap_bins)))
+
+
 def _counts_from_histogram(hist, T):
     """(C, 2, T+1) histogram of (label, bin) -> tp (C, T), fp (C, T), pos (C,), all int64."""
     # at_least[..., j] = #pixels with bin >= j; p >= t_k  <=>  bin >= k + 1 (thresholds ascend)
@@ -69,21 +124,50 @@ def _counts_from_histogram(hist, T):
     return at_least[:, 1, 1:].clone(), at_least[:, 0, 1:].clone(), at_least[:, 1, 0].clone()
 
 
+def _fine_counts(fine, C, F):
+    """The kernel's (C_PAD, >= 2F) histogram of (label, j - 1) -> tp_fine (C, F), fp_fine (C, F)."""
+    at_least = fine[:C, : 2 * F].view(C, 2, F).flip(-1).cumsum(-1).flip(-1)  # [.., j] = #{p >= u_j}
+    return at_least[:, 1].clone(), at_least[:, 0].clone()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernel: grid (programs, B); each program walks the pixels of image b with a grid stride, reads
 # probabilities, targets and ROI once, and keeps a private (C, bins) histogram; the launcher sums programs.
+# With NFINE > 0 the same loads also feed the fine (label, j) histogram, added atomically into one buffer.
 
 if triton is not None:
 
     @triton.jit
+    def _fine_bin(p, fine_thr_ptr, NFINE: tl.constexpr):
+        """p (BLOCK,) float32 -> j = #{u_j <= p} (BLOCK,) int32, fine_thr_ptr as in _binned_counts_kernel."""
+        # floor(p * NFINE) + 1 is off by at most one (float32 rounding of p * NFINE and of u_j), so two exact
+        # comparisons with the thresholds around it settle j. NaN and p < 0 give q = 0, then j = 0.
+        q = tl.where(p >= 0.0, tl.where(p <= 1.0, p, 1.0), 0.0)
+        e = tl.minimum(tl.floor(q * NFINE).to(tl.int32), NFINE - 1)  # (BLOCK,) in 0..NFINE-1
+        return e + (p >= tl.load(fine_thr_ptr + e)).to(tl.int32) + (p >= tl.load(fine_thr_ptr + e + 1)).to(tl.int32)
+
+    @triton.jit
     def _binned_counts_kernel(
-        p_ptr, y_ptr, roi_ptr, thr_ptr, out_ptr,
-        H, W,
-        p_sb, p_sc, p_sh, p_sw,
-        y_sb, y_sc, y_sh, y_sw,
-        r_sb, r_sh, r_sw,
-        C: tl.constexpr, T: tl.constexpr, NBINS: tl.constexpr, C_PAD: tl.constexpr,
-        HAS_ROI: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr,
+        p_ptr,  # *Pointer* to the probabilities (B, C, H, W), float32/float16/bfloat16, any strides
+        y_ptr,  # *Pointer* to the targets (B, C, H, W), uint8 (bool viewed as uint8), non-zero = lesion
+        roi_ptr,  # *Pointer* to the ROI (B, H, W), uint8, non-zero = counted; never read when not HAS_ROI
+        thr_ptr,  # *Pointer* to the T protocol thresholds t_k, float32, ascending
+        fine_thr_ptr,  # *Pointer* to the NFINE + 1 fine thresholds u_j = j / NFINE then +inf, float32
+        out_ptr,  # *Pointer* to the partial histograms (B, programs, C_PAD, NBINS), int64, one per program
+        fine_ptr,  # *Pointer* to the fine histogram (C_PAD, NBINS_FINE), int64, zeroed; programs add into it
+        H, W,  # image height and width in pixels (the launcher checks H * W < 2**31)
+        p_sb, p_sc, p_sh, p_sw,  # strides of the probabilities along B, C, H, W, in elements
+        y_sb, y_sc, y_sh, y_sw,  # strides of the targets, in elements
+        r_sb, r_sh, r_sw,  # strides of the ROI along B, H, W, in elements (0 when there is none)
+        C: tl.constexpr,  # lesions (channels)
+        T: tl.constexpr,  # protocol thresholds (11)
+        NBINS: tl.constexpr,  # power of two >= 2 (T + 1) + 1: the (label, bin) pairs and the dump bin
+        C_PAD: tl.constexpr,  # power of two >= C (Triton tensor shapes are powers of two)
+        NFINE: tl.constexpr,  # fine thresholds of the AP curve; 0: none, the 11-threshold kernel alone
+        NBINS_FINE: tl.constexpr,  # power of two >= 2 NFINE: the (label, j) pairs of the fine histogram
+        HAS_ROI: tl.constexpr,  # count only the pixels where roi != 0
+        FLAT: tl.constexpr,  # every (H, W) plane contiguous: pixel hw sits at plane offset hw
+        BLOCK: tl.constexpr,  # pixels a program handles per loop iteration (a power of two)
     ):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -93,6 +177,10 @@ if triton is not None:
         rows = tl.arange(0, C_PAD)[:, None]  # (C_PAD, 1)
         bins = tl.arange(0, NBINS)[None, :]  # (1, NBINS)
         acc = tl.zeros((C_PAD, NBINS), dtype=tl.int64)
+        # int32 is enough: a program counts at most H * W < 2**31 pixels of one image
+        acc_fine = tl.zeros((C_PAD, NBINS_FINE), dtype=tl.int32)
+        fine_bins = tl.arange(0, NBINS_FINE)[None, :]  # (1, NBINS_FINE)
+        uncounted = tl.zeros((C_PAD, 1), dtype=tl.int32)  # pixels parked in fine bin 0, per lesion
         for start in range(pid * BLOCK, HW, nprog * BLOCK):
             # (BLOCK,) int32 (the launcher checks H * W < 2**31); a block start is a multiple of BLOCK: aligned loads
             hw = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
@@ -121,13 +209,29 @@ if triton is not None:
                 idx = tl.where(keep, (y != 0).to(tl.int32) * (T + 1) + k_bin, DUMP)
                 hist = tl.histogram(idx, NBINS)  # (NBINS,) int32
                 acc += tl.where(rows == c, hist[None, :].to(tl.int64), 0)
+                if NFINE > 0:
+                    j = _fine_bin(p, fine_thr_ptr, NFINE)  # (BLOCK,) #{u_j <= p} in 0..NFINE
+                    # (label, j - 1): j = 0 (below u_0 = 0) adds to no fine count, so the 2 NFINE pairs fill
+                    # a power-of-two histogram exactly when NFINE is one. NOTE: tl.histogram has no mask before
+                    # Triton 3.4, so the pixels not counted are parked in bin 0 and taken out at the end.
+                    counted = keep & (j > 0)
+                    f_idx = tl.where(counted, (y != 0).to(tl.int32) * NFINE + j - 1, 0)
+                    f_hist = tl.histogram(f_idx, NBINS_FINE)  # (NBINS_FINE,) int32
+                    acc_fine += tl.where(rows == c, f_hist[None, :], 0)
+                    uncounted += tl.where(rows == c, BLOCK - tl.sum(counted.to(tl.int32), axis=0), 0)
         out = out_ptr + (b * nprog + pid) * (C_PAD * NBINS)
         tl.store(out + rows * NBINS + bins, acc)
+        if NFINE > 0:
+            # NOTE: atomics rather than per-program partials: a (programs, C, 2 x 1024) int64 buffer would
+            # be written and summed per call, as many bytes as a 1536^2 map itself. Integer sums are exact
+            # in any order, so the counts stay deterministic.
+            acc_fine -= tl.where(fine_bins == 0, uncounted, 0)
+            tl.atomic_add(fine_ptr + rows * NBINS_FINE + fine_bins, acc_fine.to(tl.int64))
 
 
-def binned_counts_triton(probs, target, roi=None, thresholds=11, block=1024, programs=None):
+def binned_counts_triton(probs, target, roi=None, thresholds=11, ap_bins=0, block=1024, programs=None):
     """Launcher: CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), any strides, no copies."""
-    _check_inputs(probs, target, roi, thresholds)
+    _check_inputs(probs, target, roi, thresholds, ap_bins)
     if triton is None:
         raise ValueError("binned_counts_triton needs triton (pip install triton); use binned_counts_torch")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -137,12 +241,14 @@ def binned_counts_triton(probs, target, roi=None, thresholds=11, block=1024, pro
     B, C, H, W = probs.shape
     if H * W + block >= 2**31:
         raise ValueError(f"image of {H}x{W} pixels is too large for int32 pixel indices")
-    T = thresholds
+    T, F = thresholds, ap_bins
     hist = torch.zeros(C, 2, T + 1, dtype=torch.int64, device=probs.device)
-    if probs.numel() == 0:
-        return _counts_from_histogram(hist, T)
-    nbins = triton.next_power_of_2(2 * (T + 1) + 1)  # (label, bin) pairs + the dump bin
     c_pad = triton.next_power_of_2(C)
+    nbins_fine = triton.next_power_of_2(2 * F) if F else 1  # 1: a placeholder shape, unused when F = 0
+    fine = torch.zeros(c_pad, nbins_fine, dtype=torch.int64, device=probs.device)  # (C_PAD, 2F + padding)
+    if probs.numel() == 0:
+        return _counts_from_histogram(hist, T) + (_fine_counts(fine, C, F) if F else ())
+    nbins = triton.next_power_of_2(2 * (T + 1) + 1)  # (label, bin) pairs + the dump bin
     if programs is None:  # enough programs to fill the GPU, few enough that the partials stay tiny
         sms = torch.cuda.get_device_properties(probs.device).multi_processor_count if probs.is_cuda else 1
         programs = max(1, (8 * sms) // B)
@@ -152,20 +258,23 @@ def binned_counts_triton(probs, target, roi=None, thresholds=11, block=1024, pro
     r = roi.view(torch.uint8) if roi is not None else y  # y: a dummy pointer, never read when HAS_ROI=False
     r_strides = roi.stride() if roi is not None else (0, 0, 0)
     thr = threshold_values(T).to(probs.device)
+    # u_0..u_{F-1} then +inf: the kernel compares p with u_e and u_{e+1} for e up to F - 1
+    fine_thr = torch.cat([fine_threshold_values(F), torch.tensor([math.inf])]) if F else thr
     planes = [probs.stride()[2:], y.stride()[2:]] + ([roi.stride()[1:]] if roi is not None else [])
     flat = all(tuple(st) == (W, 1) for st in planes)  # (H, W) planes contiguous: index pixels directly
     partial = torch.empty(B, programs, c_pad, nbins, dtype=torch.int64, device=probs.device)
     _binned_counts_kernel[(programs, B)](
-        probs, y, r, thr, partial, H, W,
+        probs, y, r, thr, fine_thr.to(probs.device), partial, fine, H, W,
         *probs.stride(), *y.stride(), *r_strides,
-        C=C, T=T, NBINS=nbins, C_PAD=c_pad, HAS_ROI=roi is not None, FLAT=flat, BLOCK=block,
+        C=C, T=T, NBINS=nbins, C_PAD=c_pad, NFINE=F, NBINS_FINE=nbins_fine,
+        HAS_ROI=roi is not None, FLAT=flat, BLOCK=block,
     )
     hist = partial.sum((0, 1))[:C, : 2 * (T + 1)].view(C, 2, T + 1)  # (C, 2, T+1)
-    return _counts_from_histogram(hist, T)
+    return _counts_from_histogram(hist, T) + (_fine_counts(fine, C, F) if F else ())
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Torch twin: the definition of correctness. Rows of one image at a time, so memory is bounded by the chunk.
+# Fast CPU path: the reference's counts, rows of one image at a time, so memory is bounded by the chunk.
 # NOTE: torch.bucketize costs ~20 ns a value on CPU (a binary search per element), slower than torchmetrics'
 # own passes. A float32's top 16 bits instead name a bucket of 65536 consecutive floats holding at most one
 # threshold (for T <= 256 or so), so bin(p) = below[bucket] + (p >= inside[bucket]): two table look-ups and
@@ -175,7 +284,7 @@ def binned_counts_triton(probs, target, roi=None, thresholds=11, block=1024, pro
 def _bucket_tables(T):
     """For each float32 bucket (bits >> 16): #thresholds <= its smallest value, the threshold inside it (or inf).
 
-    None when some bucket holds two thresholds (T in the hundreds); the twin then falls back to bucketize.
+    None when some bucket holds two thresholds (T in the hundreds); the fast path then falls back to bucketize.
     """
     thr = threshold_values(T)  # (T,)
     first = torch.arange(1 << 16, dtype=torch.int64) << 16  # bit patterns 0xXXXX0000
@@ -207,11 +316,24 @@ def _bins(p, thr, tables):
     return k_bin.add_(above.view(k_bin.dtype) if k_bin.dtype == torch.uint8 else above)  # a view: no cast
 
 
-def binned_counts_torch(probs, target, roi=None, thresholds=11, chunk=1 << 16):
-    """Same counts as the kernel with plain torch ops, `chunk` pixels (x C lesions) at a time."""
-    _check_inputs(probs, target, roi, thresholds)
+def _fine_bins(p, fine_thr):
+    """(C, n) float32 without NaN or +inf, (F + 1,) thresholds u_j then +inf -> (C, n) int32 j = #{u_j <= p}.
+
+    floor(p F) + 1 is j give or take one (float32 rounding of p F and of u_j = j / F), so two exact
+    comparisons with the thresholds on either side settle it, as in the kernel.
+    """
+    F = fine_thr.numel() - 1
+    e = (p * F).floor_().clamp_(0, F - 1).to(torch.int32).view(-1)  # (C*n,) in 0..F-1; p < 0 -> 0
+    j = (p.view(-1) >= fine_thr.index_select(0, e)).to(torch.int32).add_(e)
+    j += p.view(-1) >= fine_thr.index_select(0, e.add_(1))
+    return j.view_as(p)  # (C, n) in 0..F
+
+
+def binned_counts_torch(probs, target, roi=None, thresholds=11, ap_bins=0, chunk=1 << 16):
+    """The fast CPU path: reference_binned_counts' counts with table look-ups, `chunk` pixels (x C) at a time."""
+    _check_inputs(probs, target, roi, thresholds, ap_bins)
     B, C, H, W = probs.shape
-    T = thresholds
+    T, F = thresholds, ap_bins
     device = probs.device
     thr = threshold_values(T).to(device)
     tables = _bucket_tables(T)
@@ -219,6 +341,10 @@ def binned_counts_torch(probs, target, roi=None, thresholds=11, chunk=1 << 16):
         tables = tuple(t.to(device) for t in tables)
     dump = 2 * (T + 1)  # bin of the pixels outside the ROI, dropped at the end
     hist = torch.zeros(C, dump + 1, dtype=torch.int64, device=device)
+    if F:
+        fine_thr = torch.cat([fine_threshold_values(F), torch.tensor([math.inf])]).to(device)  # (F + 1,)
+        fine_dump = 2 * (F + 1)
+        hist_fine = torch.zeros(C, fine_dump + 1, dtype=torch.int64, device=device)
     rows = max(1, chunk // max(W, 1))
     for b in range(B):
         for h0 in range(0, H, rows):
@@ -232,23 +358,36 @@ def binned_counts_torch(probs, target, roi=None, thresholds=11, chunk=1 << 16):
             k_bin = _bins(p, thr, tables)  # (C, n) in 0..T
             y = target[b, :, h0:h0 + rows].reshape(C, -1)  # (C, n)
             y = y if y.dtype == torch.bool else y != 0
+            outside = None if roi is None else ~roi[b, h0:h0 + rows].reshape(1, -1)  # (1, n)
+            if F:  # the fine (label, j) index from the same chunk: (C, n) in 0..2F+1
+                j = _fine_bins(p, fine_thr).add_(y, alpha=F + 1)
+                if outside is not None:
+                    j.masked_fill_(outside, fine_dump)
+                for c in range(C):
+                    hist_fine[c] += torch.bincount(j[c], minlength=fine_dump + 1)
             if k_bin.dtype == torch.uint8:  # bool -> uint8 is a free view; add_ would cast a copy
                 y = y.view(torch.uint8)
             k_bin.add_(y, alpha=T + 1)  # (C, n) index of (label, bin)
-            if roi is not None:
-                k_bin.masked_fill_(~roi[b, h0:h0 + rows].reshape(1, -1), dump)
+            if outside is not None:
+                k_bin.masked_fill_(outside, dump)
             for c in range(C):
                 hist[c] += torch.bincount(k_bin[c], minlength=dump + 1)
-    return _counts_from_histogram(hist[:, :dump].view(C, 2, T + 1), T)
+    counts = _counts_from_histogram(hist[:, :dump].view(C, 2, T + 1), T)
+    if not F:
+        return counts
+    return counts + _counts_from_histogram(hist_fine[:, :fine_dump].view(C, 2, F + 1), F)[:2]
 
 
-def binned_counts(probs, target, roi=None, thresholds=11):
-    """tp (C, T), fp (C, T), pos (C,) int64 for p >= float32 linspace(0, 1, T); Triton on CUDA, torch elsewhere.
+def binned_counts(probs, target, roi=None, thresholds=11, ap_bins=0):
+    """tp (C, T), fp (C, T), pos (C,) int64 for p >= float32 linspace(0, 1, T); Triton on CUDA, CPU path elsewhere.
 
     probs (B, C, H, W) float32/float16/bfloat16, target (B, C, H, W) bool/uint8, roi (B, H, W) bool or None
-    (pixels outside it are not counted). Counts add across batches: accumulate, then call pr_metrics once.
+    (pixels outside it are not counted). ap_bins = F > 0 (evaluation: AP_BINS) also returns tp_fine (C, F),
+    fp_fine (C, F) for p >= u_j = j / F (float32), counted in the same pass; the first three results are the
+    same for every ap_bins. Counts add across batches: accumulate, then call pr_metrics once.
+    Definition: reference_binned_counts and docs/PROTOCOL.md ("Evaluation protocol").
     """
-    _check_inputs(probs, target, roi, thresholds)
+    _check_inputs(probs, target, roi, thresholds, ap_bins)
     if probs.is_cuda and triton is not None:
-        return binned_counts_triton(probs, target, roi, thresholds)
-    return binned_counts_torch(probs, target, roi, thresholds)
+        return binned_counts_triton(probs, target, roi, thresholds, ap_bins)
+    return binned_counts_torch(probs, target, roi, thresholds, ap_bins)

@@ -1,19 +1,19 @@
-"""average.py: exact averaging identities, parts, integer buffers, greedy soups, ensembles, BN recompute, fig4.
+"""average.py: exact averaging identities, parts, integer buffers, greedy soups, ensemble manifests, BN recompute.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_average.py
 """
+import functools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_runs
 import torch
 
 import average
 import evaluate
-import report
-import train
 from data import PreparedDataset
 from kernels import pr_metrics
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
@@ -107,7 +107,7 @@ def test_part_takes_the_rest_from_the_reference(abc, part):
 def test_greedy_never_accepts_a_drop(abc):
     paths = {n: p for (p, _), n in zip(abc, "ABCD")}
     single = {"A": 0.50, "B": 0.60, "C": 0.40, "D": 0.55}  # order: B, D, A, C
-    soups = {"B": 0.60, "BD": 0.58, "AB": 0.61, "ABC": 0.61}  # D lowers it; A raises it; C keeps it equal
+    soups = {"B": 0.60, "BD": 0.58, "AB": 0.61, "ABC": 0.61}  # D lowers it; A raises it; C only ties it
     name = {p: n for n, p in paths.items()}
     seen = []
 
@@ -120,13 +120,113 @@ def test_greedy_never_accepts_a_drop(abc):
 
     soup = average.greedy_soup([paths[n] for n in "ABCD"], score)
     prov = soup["provenance"]
-    assert prov["ingredients"] == [paths["B"], paths["A"], paths["C"]]
+    # NOTE: C ties the soup (0.61 = 0.61) and is left out: kept only on a strict improvement (model-soups)
+    assert prov["ingredients"] == [paths["B"], paths["A"]]
     assert prov["soup_score"] == 0.61 and seen == ["BD", "AB", "ABC"]
     ref = load_checkpoint(paths["A"])["model"]  # --reference first: A supplies the integer buffers
-    sds = [load_checkpoint(paths[n])["model"] for n in "BAC"]
+    sds = [load_checkpoint(paths[n])["model"] for n in "BA"]
     for k, v in soup["model"].items():
-        want = ref[k] if is_int(v) else (sum(sd[k].double() for sd in sds) / 3).float()
+        want = ref[k] if is_int(v) else (sum(sd[k].double() for sd in sds) / 2).float()
         assert torch.equal(v, want), k
+
+
+def test_greedy_rejects_a_tie(abc):
+    """A scripted scorer where every ingredient and every soup ties, except A+D: only D joins A."""
+    paths = {n: p for (p, _), n in zip(abc, "ABCD")}
+    name = {p: n for n, p in paths.items()}
+    seen = []
+
+    def score(ckpt):
+        if "provenance" not in ckpt:
+            return 0.5  # all ingredients tie: the command-line order A, B, C, D is kept
+        key = "".join(sorted(name[p] for p in ckpt["provenance"]["ingredients"]))
+        seen.append(key)
+        return 0.7 if key == "AD" else 0.5
+
+    soup = average.greedy_soup([paths[n] for n in "ABCD"], score)
+    prov = soup["provenance"]
+    assert seen == ["AB", "AC", "AD"]  # B and C were tried and tied
+    assert prov["ingredients"] == [paths["A"], paths["D"]] and prov["soup_score"] == 0.7
+    a, d = (load_checkpoint(paths[n])["model"] for n in "AD")
+    for k, v in soup["model"].items():
+        want = a[k] if is_int(v) else ((a[k].double() + d[k].double()) / 2).float()
+        assert torch.equal(v, want), k
+
+    # Nothing ever improves: the soup is the best ingredient alone, bit for bit.
+    alone = average.greedy_soup([paths[n] for n in "ABCD"], lambda ckpt: 0.5)
+    assert alone["provenance"]["ingredients"] == [paths["A"]]
+    for k, v in alone["model"].items():
+        assert torch.equal(v, a[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The validation scorer: a key of kernels.pr_metrics, Dice by default
+# ---------------------------------------------------------------------------------------------------------
+def scripted_counts():
+    """Pooled 11-threshold counts whose Dice at t = 0.5 (index 5) is easy by hand; MA absent (pos 0)."""
+    tp, fp = torch.zeros(4, 11, dtype=torch.int64), torch.zeros(4, 11, dtype=torch.int64)
+    tp[:, 5], fp[:, 5] = torch.tensor([2, 0, 0, 3]), torch.tensor([2, 1, 0, 1])
+    pos = torch.tensor([4, 2, 0, 3])
+    return tp, fp, pos
+
+
+def test_scorer_default_is_dice_and_any_metric_key_works(abc, monkeypatch):
+    (_, a), _, _, _ = abc
+    calls = []
+
+    def fake_pooled(models, sets, device, **kw):
+        calls.append(kw)
+        return scripted_counts()
+
+    monkeypatch.setattr(average, "pooled_counts", fake_pooled)
+    # Dice = 2 TP / (2 TP + FP + FN): EX 4 / (4 + 2 + 2), HE 0 / (0 + 1 + 2), CWS 6 / (6 + 1 + 0); MA left out
+    assert average.make_scorer([])(a) == pytest.approx((0.5 + 0.0 + 6 / 7) / 3, abs=1e-12)
+    assert calls == [{}]
+    for sub in (["soup", "x.pt", "-o", "y.pt"], ["swa", "run", "-o", "y.pt"]):
+        assert average.build_parser().parse_args(sub).metric == "dice"
+
+    # "ap" asks for the fine counts and reads pr_metrics(...)["ap"] as soon as pr_metrics returns that key.
+    ap = torch.tensor([0.2, 0.4, float("nan"), 0.9], dtype=torch.float64)
+    monkeypatch.setattr(average, "pr_metrics", lambda *c: {"dice": torch.zeros(4), "ap": ap})
+    assert average.make_scorer([], "ap")(a) == pytest.approx(0.5, abs=1e-12)
+    assert calls[-1] == {"ap_bins": average.AP_BINS} and average.AP_BINS >= 1000
+
+
+def test_scorer_ap_matches_sklearn_on_the_binned_maps(abc, cache_dir):
+    """Real counts: the scorer's "ap" is sklearn's average precision on the probabilities binned to
+    1 / AP_BINS (the fine curve's resolution), per lesion over the FOV pixels, averaged over present lesions."""
+    from sklearn.metrics import average_precision_score
+
+    (_, a), _, _, _ = abc
+    val = PreparedDataset(cache_dir, "IDR", 128, "val")
+    assert len(val)
+    models = load_models(a)
+    probs, masks = [], []
+    for i in range(len(val)):
+        item = val[i]
+        x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+        with torch.no_grad():
+            p = evaluate.predict(models, x)[0]  # (4, H, W)
+        fov = torch.from_numpy(item["fov"])
+        probs.append(p[:, fov])  # (4, N) FOV pixels only
+        masks.append(torch.from_numpy(item["masks"])[:, fov])
+    probs, masks = torch.cat(probs, 1).double(), torch.cat(masks, 1)
+    binned = torch.floor(probs * average.AP_BINS)  # the bin each pixel falls in: its rank on the fine curve
+    want = [average_precision_score(masks[c].numpy(), binned[c].numpy()) for c in range(4) if masks[c].any()]
+    assert want  # at least one lesion present in the validation split
+    got = average.make_scorer([val], "ap")(a)
+    assert got == pytest.approx(sum(want) / len(want), rel=1e-4, abs=1e-9)  # values here are ~0.01
+
+
+def test_scorer_without_the_metric_key_fails_in_one_line(abc, monkeypatch):
+    (_, a), _, _, _ = abc
+    monkeypatch.setattr(average, "pooled_counts", lambda *args, **kw: scripted_counts())
+    monkeypatch.setattr(average, "pr_metrics", lambda *c: {"aupr": torch.zeros(4), "dice": torch.zeros(4)})
+    with pytest.raises(ValueError) as e:
+        average.make_scorer([], "ap")(a)
+    assert "--metric ap" in str(e.value) and "'ap'" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="--metric must be one of dice, ap, aupr"):
+        average.make_scorer([], "loss")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,23 +243,88 @@ def test_ensemble_of_one_and_mean_of_members(abc, tmp_path):
         with torch.no_grad():
             singles.append(torch.sigmoid(m.eval()(x)))
 
-    average.main(["ensemble", pa, "-o", str(tmp_path / "one.pt")])
-    (m1,) = load_models(tmp_path / "one.pt")
+    average.main(["ensemble", pa, "-o", str(tmp_path / "one.json")])
+    (m1,) = load_models(tmp_path / "one.json")
     with torch.no_grad():
         assert torch.equal(evaluate.predict([m1], x), singles[0])
 
-    average.main(["ensemble", pa, pb, "-o", str(tmp_path / "two.pt")])
-    ens = load_checkpoint(tmp_path / "two.pt")
+    average.main(["ensemble", pa, pb, "-o", str(tmp_path / "two.json")])
+    ens = load_checkpoint(tmp_path / "two.json")
     assert ens["kind"] == "ensemble" and ens["args"] == a["args"] and len(ens["members"]) == 2
     assert ens["provenance"]["method"] == "ensemble" and ens["provenance"]["ingredients"] == [pa, pb]
-    models = load_models(tmp_path / "two.pt")
+    models = load_models(tmp_path / "two.json")
     with torch.no_grad():
         torch.testing.assert_close(evaluate.predict(models, x), (singles[0] + singles[1]) / 2, rtol=0, atol=1e-6)
 
     # An ensemble file as a member contributes its members: ((A, B), A) = three equal votes.
-    average.main(["ensemble", str(tmp_path / "two.pt"), pa, "-o", str(tmp_path / "three.pt")])
-    three = load_checkpoint(tmp_path / "three.pt")
+    average.main(["ensemble", str(tmp_path / "two.json"), pa, "-o", str(tmp_path / "three.json")])
+    three = load_checkpoint(tmp_path / "three.json")
     assert len(three["members"]) == 3 and three["provenance"]["weights"] == [2 / 3, 1 / 3]
+
+
+def test_ensemble_is_a_manifest_of_relative_paths(abc, tmp_path):
+    (pa, a), (pb, b), _, _ = abc
+    runs = tmp_path / "runs"
+    for n, ckpt in (("s0", a), ("s1", b)):
+        save_checkpoint(runs / n / "best.pt", ckpt)
+    out = runs / "avg" / "ens.json"
+    average.main(["ensemble", str(runs / "s0" / "best.pt"), str(runs / "s1" / "best.pt"), "-o", str(out)])
+    manifest = json.loads(out.read_text())  # plain JSON: no weights in it
+    assert manifest["kind"] == "ensemble" and manifest["members"] == ["../s0/best.pt", "../s1/best.pt"]
+    assert out.stat().st_size < 2000
+
+    # The folder moves as a whole: members are found relative to the manifest, not the working directory.
+    moved = tmp_path / "moved"
+    runs.rename(moved)
+    models = load_models(moved / "avg" / "ens.json")
+    for m, ckpt in zip(models, (a, b)):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, ckpt["model"][k]), k
+    got, headers = evaluate.load_ensemble([str(moved / "avg" / "ens.json")], "cpu")
+    assert len(got) == 2 and evaluate._ckpt_method(headers) == "ensemble"
+    assert evaluate._ckpt_args(headers[0]) == a["args"]
+
+    # A member gone: one line naming the manifest and the member, from the library and from evaluate.py.
+    (moved / "s1" / "best.pt").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        load_models(moved / "avg" / "ens.json")
+    msg = str(e.value)
+    assert str(moved / "avg" / "ens.json") in msg and "../s1/best.pt" in msg and "\n" not in msg, msg
+    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(moved / "avg" / "ens.json"), "--test", "IDR"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "ens.json" in err and "../s1/best.pt" in err
+
+
+def test_ensemble_refusals_and_older_ensemble_files(abc, tmp_path):
+    (pa, a), (pb, b), _, _ = abc
+    with pytest.raises(ValueError, match=r"-o .*ens\.pt: an ensemble is a JSON manifest.*\.json"):
+        average.main(["ensemble", pa, "-o", str(tmp_path / "ens.pt")])
+    assert not (tmp_path / "ens.pt").exists()
+    loop = tmp_path / "loop.json"
+    loop.write_text(json.dumps({"kind": "ensemble", "members": ["loop.json"]}))
+    with pytest.raises(ValueError, match="lists itself"):
+        load_models(loop)
+    (tmp_path / "bad.json").write_text(json.dumps({"kind": "ensemble", "members": []}))
+    with pytest.raises(ValueError, match=r"bad\.json needs a non-empty \"members\" list"):
+        load_models(tmp_path / "bad.json")
+    manifest = tmp_path / "m.json"
+    average.write_ensemble(manifest, [pa, pb])
+    with pytest.raises(ValueError, match=r"m\.json is an ensemble"):  # a manifest is not a soup ingredient
+        average.average_checkpoints([manifest, pa])
+
+    # An ensemble file of the older format (every member's weights embedded) still loads, alone or as a member.
+    old = tmp_path / "old_ensemble.pt"
+    save_checkpoint(old, {"kind": "ensemble", "version": 1, "args": a["args"],
+                          "members": [{"model": c["model"], "model_cfg": c["model_cfg"], "args": c["args"]}
+                                      for c in (a, b)]})
+    assert len(load_models(old)) == 2
+    average.main(["ensemble", str(old), pa, "-o", str(tmp_path / "mixed.json")])
+    mixed = load_checkpoint(tmp_path / "mixed.json")
+    assert len(mixed["members"]) == 3 and mixed["provenance"]["weights"] == [2 / 3, 1 / 3]
+    k = "head.weight"
+    assert [torch.equal(m["model"][k], c["model"][k]) for m, c in zip(mixed["members"], (a, b, a))] == [True] * 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,41 +419,36 @@ def test_swa_selects_snapshots(abc, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tiny real runs: greedy with the real validation scorer, BN recompute from the CLI, fig4 + report.py
+# Tiny real runs: greedy with the real validation scorer, BN recompute from the CLI (fig4: test_fig4.py)
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(synth_root, tmp_path_factory):
-    """Two seeds of IDR+MES at 64 px, 4 steps, snapshots every 2 steps."""
-    base = tmp_path_factory.mktemp("avg_runs")
-    cache, runs_dir = base / "cache", base / "runs"
-    for seed in (0, 1):
-        train.run(train.parse_args([
-            "--train", "IDR,MES", "--seed", str(seed), "--out", str(runs_dir / "IDR+MES" / f"s{seed}"),
-            "--data-root", str(synth_root), "--cache", str(cache), "--encoder", "test_resnet", "--no-pretrained",
-            "--decoder-channels", "16,8,8,8,8", "--resolution", "64", "--patch", "64", "--batch", "2",
-            "--iters", "4", "--val-every", "2", "--snapshot-every", "2", "--warmup", "1", "--lr", "1e-2",
-            "--device", "cpu", "--dtype", "float32", "--workers", "0"]))
-    return runs_dir, cache
+    """Two seeds of IDR+MES at 64 px, 4 steps, snapshots every 2 steps (this module's own copy)."""
+    return tiny_runs(synth_root, tmp_path_factory.mktemp("avg_runs"))
 
 
-def val_score(ckpt, cache):
-    """Independent of average.py: pooled validation counts of IDR + MES, mean AUPR over present lesions."""
+def _val_score(ckpt, cache, metric="aupr"):
+    """Independent of average.py: pooled validation counts of IDR + MES, mean AUPR (or Dice) over present lesions."""
     models = load_models(ckpt)
     tp = fp = pos = 0
     for ds_id in ("IDR", "MES"):
         t, f, p = evaluate.count_dataset(models, PreparedDataset(cache, ds_id, 64, "val"), "cpu")
         tp, fp, pos = tp + t, fp + f, pos + p
-    aupr = pr_metrics(tp, fp, pos)["aupr"]
-    return float(aupr[~aupr.isnan()].mean())
+    values = pr_metrics(tp, fp, pos)[metric]
+    return float(values[~values.isnan()].mean())
 
 
-def test_greedy_soup_on_real_runs(runs, tmp_path):
+@pytest.mark.parametrize("metric", [None, "aupr"])  # None: the default, Dice
+def test_greedy_soup_on_real_runs(runs, tmp_path, metric):
     runs_dir, cache = runs
     paths = [str(runs_dir / "IDR+MES" / f"s{s}" / "best.pt") for s in (0, 1)]
     out = tmp_path / "greedy.pt"
-    average.main(["soup", *paths, "--greedy", "--device", "cpu", "-o", str(out)])  # data flags: the run's own
+    flags = ["--metric", metric] if metric else []
+    average.main(["soup", *paths, "--greedy", "--device", "cpu", "-o", str(out), *flags])  # data flags: the run's own
     soup = load_checkpoint(out)
     prov = soup["provenance"]
+    assert prov["metric"] == (metric or "dice")
+    val_score = functools.partial(_val_score, metric=metric or "dice")
     singles = {p: val_score(load_checkpoint(p), cache) for p in paths}
     assert prov["scores"] == pytest.approx(singles, abs=1e-9)
     assert prov["ingredients"][0] == max(singles, key=singles.get)
@@ -311,64 +471,6 @@ def test_bn_recompute_from_the_cli(runs, tmp_path):
             assert not torch.equal(v, bn["model"][k]), k
         else:
             assert torch.equal(v, bn["model"][k]), k
-
-
-def test_fig4_writes_what_report_reads(runs, synth_root, tmp_path, capsys):
-    runs_dir, cache = runs
-    combo = runs_dir / "IDR+MES"
-    out = combo / "fig4.json"
-    flags = ["--test", "IDR,MES", "--data-root", str(synth_root), "--cache", str(cache), "--device", "cpu"]
-    average.main(["fig4", str(combo), *flags, "-o", str(out)])
-    fig = json.loads(out.read_text())
-    methods = ["baseline", "ensemble"] + [f"{k}-{p}" for k in ("swa", "soup") for p in ("encoder", "decoder", "full")]
-    assert sorted(fig["methods"]) == sorted(methods)
-    assert fig["combo"] == "IDR+MES" and fig["train"] == ["IDR", "MES"] and fig["bn"] == "keep"
-    for m in methods:
-        assert set(fig["methods"][m]) == {"IDR", "MES"}
-        assert set(fig["methods"][m]["IDR"]) == {"mean_dice", "mean_aupr"}
-    # The ensemble file scores exactly what evaluate.py gives the two checkpoints passed together.
-    both = evaluate.evaluate_checkpoints([combo / "s0" / "best.pt", combo / "s1" / "best.pt"], "IDR", synth_root,
-                                         cache, device="cpu", verbose=False)["results"]["IDR"]
-    assert fig["methods"]["ensemble"]["IDR"]["mean_aupr"] == pytest.approx(both["mean_aupr"], abs=1e-12)
-    for name in ("ensemble", "swa-full", "soup-encoder"):
-        assert (combo / "avg" / f"{name}.pt").is_file()
-
-    # A rerun reuses the averages and refuses to overwrite fig4.json without --force.
-    with pytest.raises(ValueError, match="--force"):
-        average.main(["fig4", str(combo), *flags, "-o", str(out)])
-    capsys.readouterr()
-    average.main(["fig4", str(combo), *flags, "-o", str(out), "--force", "--test", "IDR"])
-    assert "reusing" in capsys.readouterr().out
-
-    # --bn both: every average twice; the "+bn" copies differ from the kept ones only in BN running stats.
-    both_out = tmp_path / "fig4-both.json"
-    average.main(["fig4", str(combo), *flags, "-o", str(both_out), "--test", "IDR", "--bn", "both",
-                  "--bn-batches", "2"])
-    fig_both = json.loads(both_out.read_text())
-    assert sorted(fig_both["methods"]) == sorted(methods + [m + "+bn" for m in methods[2:]])
-    kept, recomputed = (load_checkpoint(combo / "avg" / f"soup-full{s}.pt")["model"] for s in ("", "-bn"))
-    changed = {k for k in kept if not torch.equal(kept[k], recomputed[k])}
-    assert changed and all(k.endswith(("running_mean", "running_var")) for k in changed)
-
-    report.main([str(runs_dir), "-o", str(tmp_path / "report"), "--reference", "none"])
-    f4 = json.loads((tmp_path / "report" / "figure4.json").read_text())
-    assert sorted(f4) == sorted(methods)
-
-
-def test_fig4_needs_two_seeds_and_skips_swa_without_snapshots(runs, synth_root, tmp_path, capsys):
-    runs_dir, cache = runs
-    one = tmp_path / "IDR+MES"
-    (one / "s0").mkdir(parents=True)
-    (one / "s0" / "best.pt").write_bytes((runs_dir / "IDR+MES" / "s0" / "best.pt").read_bytes())
-    flags = ["--test", "IDR", "--data-root", str(synth_root), "--cache", str(cache), "--device", "cpu"]
-    with pytest.raises(FileNotFoundError, match=r"at least 2 seeds .*found: s0\)"):
-        average.main(["fig4", str(one), *flags, "-o", str(one / "fig4.json")])
-    (one / "s3").mkdir()
-    (one / "s3" / "best.pt").write_bytes((runs_dir / "IDR+MES" / "s1" / "best.pt").read_bytes())
-    average.main(["fig4", str(one), *flags, "-o", str(one / "fig4.json")])
-    assert "SWA entries skipped" in capsys.readouterr().out
-    fig = json.loads((one / "fig4.json").read_text())
-    assert sorted(fig["methods"]) == ["baseline", "ensemble", "soup-decoder", "soup-encoder", "soup-full"]
 
 
 def test_soup_refuses_runs_of_another_combination(tmp_path):

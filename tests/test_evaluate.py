@@ -83,7 +83,8 @@ def assert_block_matches(block, tp, fp, pos, n_images):
         assert got["fp"] == fp[c].tolist(), lesion
         assert got["pos"] == int(pos[c]), lesion
         aupr, dice = ref_metrics(tp[c], fp[c], pos[c])
-        for name, want in (("aupr", aupr), ("dice", dice)):
+        floor = (1 + pos[c] / (tp[c][0] + fp[c][0])) / 2 if pos[c] else math.nan  # every pixel has p >= t_0 = 0
+        for name, want in (("aupr", aupr), ("dice", dice), ("aupr_floor", floor)):
             if math.isnan(want):
                 assert got[name] is None or math.isnan(got[name]), (lesion, name)
             else:
@@ -154,8 +155,8 @@ def test_cli_json_equals_brute_force(ckpts, cache_dir, synth_root, tmp_path):
     assert res["version"] == 1 and res["checkpoints"] == [str(ckpts["a"])]
     assert res["train"] == ["MES"] and res["seed"] == 0 and res["method"] == "baseline"
     assert res["n_train_images"] == 8
-    assert res["protocol"] == {"thresholds": 11, "roi": "fov", "resolution": R, "tta": False, "tile": None,
-                               "overlap": None, "dtype": "float32"}
+    assert res["protocol"] == {"thresholds": 11, "ap_bins": 1024, "roi": "fov", "resolution": R, "tta": False, "tile": None,
+                               "overlap": None, "dtype": "float32", "split_protocol": "paper"}
     assert list(res["results"]) == ["IDR", "MES"]  # canonical order
     model = model_from(ckpts["a"])
     for test_id, block in res["results"].items():
@@ -354,3 +355,130 @@ def test_count_dataset_bfloat16_and_train_mode(ckpts, cache_dir):
     assert tp16.dtype == torch.int64 and torch.equal(pos16, pos32)
     assert torch.equal(tp16[:, 0] + fp16[:, 0], tp32[:, 0] + fp32[:, 0])  # same ROI pixels, batched by 3
     assert ((tp16 + fp16 - tp32 - fp32).abs().sum(1) < 0.1 * 11 * (tp32[:, 0] + fp32[:, 0])).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults: one line naming the flag or file, nothing lost
+# ---------------------------------------------------------------------------------------------------------
+def test_out_directory_refused_before_any_work(ckpts, cache_dir, synth_root, tmp_path, monkeypatch):
+    counted = []
+    monkeypatch.setattr(evaluate, "count_dataset", lambda *a, **k: counted.append(1))
+    with pytest.raises(ValueError) as e:
+        run_eval([ckpts["a"]], cache_dir, synth_root, out=tmp_path)
+    assert "--out" in str(e.value) and str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    assert counted == [] and list(tmp_path.iterdir()) == []  # checked first: no work, no orphan .tmp
+
+
+def test_results_merge_by_test_set_and_refuse_other_protocol(ckpts, cache_dir, synth_root, tmp_path):
+    out = tmp_path / "results.json"
+    mes = run_eval([ckpts["a"]], cache_dir, synth_root, tests=("MES",), out=out)["results"]["MES"]
+    run_eval([ckpts["a"]], cache_dir, synth_root, tests=("IDR",), out=out)
+    saved = json.loads(out.read_text())
+    assert list(saved["results"]) == ["IDR", "MES"]  # the earlier test set is kept, canonical order
+    assert saved["results"]["MES"]["lesions"]["EX"]["tp"] == mes["lesions"]["EX"]["tp"]
+    before = out.read_text()
+    with pytest.raises(ValueError) as e:  # another protocol (TTA) into the same file: refused, file untouched
+        run_eval([ckpts["a"]], cache_dir, synth_root, tests=("IDR",), out=out, tta=True)
+    assert "another --out" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError):  # other checkpoints likewise
+        run_eval([ckpts["b"]], cache_dir, synth_root, tests=("IDR",), out=out)
+    assert out.read_text() == before
+    out.write_text("{not json")
+    with pytest.raises(ValueError) as e:
+        run_eval([ckpts["a"]], cache_dir, synth_root, tests=("IDR",), out=out)
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_images_oversized_photo_is_skipped_with_a_warning(ckpts, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    fundus_jpeg(photos / "a_huge.jpg", 240, 200)  # 48,000 px: over twice the limit below, a decompression bomb
+    fundus_jpeg(photos / "b_small.jpg", 100, 90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    out = tmp_path / "maps"
+    evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--save-maps", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "a_huge.jpg" in err
+    assert (out / "b_small_overlay.png").is_file() and not (out / "a_huge_overlay.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_without_gpu_is_one_line(ckpts):
+    for device, needle in (("cuda", "no CUDA GPU"), ("cuda:3", "no CUDA GPU"), ("gpu0", "not a torch device")):
+        with pytest.raises(ValueError) as e:
+            evaluate.main(["--ckpt", str(ckpts["a"]), "--test", "MES", "--device", device])
+        assert needle in str(e.value) and "--device" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ctrl_c_is_one_line(ckpts, cache_dir, synth_root, tmp_path):
+    # KeyboardInterrupt raised where the work starts, through the script's own __main__ block
+    code = ("import runpy, sys, data\n"
+            "def stop(*a, **k): raise KeyboardInterrupt\n"
+            "data.prepare_cache = stop\n"
+            f"sys.argv = ['evaluate.py', '--ckpt', {str(ckpts['a'])!r}, '--test', 'MES', '--device', 'cpu',"
+            f" '--data-root', {str(synth_root)!r}, '--cache', {str(cache_dir)!r}, '--out', {str(tmp_path / 'r.json')!r}]\n"
+            "runpy.run_path('evaluate.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and r.stderr.strip().startswith("interrupted"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+def test_sixteen_bit_photo_scaled_by_its_range(ckpts, tmp_path):
+    from PIL import Image, ImageDraw
+
+    from data.datasets import load_image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    disc = Image.new("L", (120, 100))
+    ImageDraw.Draw(disc).ellipse([12, 2, 108, 98], fill=255)
+    wide = (np.asarray(disc, np.uint16) * 12).astype(np.uint16)  # a 12-bit camera's range in a 16-bit file
+    Image.fromarray(wide).save(photos / "deep.png")
+    with Image.open(photos / "deep.png") as im:
+        assert im.mode.startswith("I")  # PIL reads it as 16-bit grey; convert("RGB") would clip it to white
+    rgb = np.asarray(load_image(photos / "deep.png"))
+    expected = np.floor(wide.astype(np.float64) / wide.max() * 255 + 0.5).astype(np.uint8)
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert rgb.min() == 0 and (rgb == 0).mean() > 0.1  # the black surround stays black, not white
+    out = tmp_path / "maps"
+    evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--save-maps", str(out), "--device", "cpu"])
+    with Image.open(out / "deep_overlay.png") as im:
+        assert im.size == (120, 100)
+
+
+def test_results_ap_against_sklearn(ckpts, cache_dir, single):
+    """results.json's floor-free ap: scikit-learn's average precision of the pooled FOV pixels, within 1e-3."""
+    from sklearn.metrics import average_precision_score
+
+    block = single[0]["results"]["MES"]
+    ds = PreparedDataset(cache_dir, "MES", R, "test")
+    probs = dataset_probs([model_from(ckpts["a"])], ds)  # (N, 4, R, R)
+    masks, fov = dataset_truth(ds)
+    checked = 0
+    for c, lesion in enumerate(LESIONS):
+        y, p = masks[:, c][fov], probs[:, c][fov]
+        got = block["lesions"][lesion]["ap"]
+        if not y.any():
+            assert got is None or math.isnan(got)
+            continue
+        assert got == pytest.approx(average_precision_score(y, p), abs=1e-3), lesion
+        assert got < block["lesions"][lesion]["aupr_floor"]  # a weak random model: far below the protocol's floor
+        checked += 1
+    assert checked >= 2 and block["mean_ap"] == pytest.approx(np.mean([block["lesions"][k]["ap"] for k in LESIONS
+                                                                       if block["lesions"][k]["pos"]]))
+
+
+def test_non_finite_weights_refused(ckpts, cache_dir, synth_root, tmp_path):
+    ck = torch.load(ckpts["a"], weights_only=True)
+    key = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][key] = ck["model"][key].clone().fill_(float("nan"))
+    bad = tmp_path / "nan.pt"
+    save_checkpoint(bad, ck)
+    with pytest.raises(ValueError) as e:
+        evaluate.main(["--ckpt", str(bad), "--test", "MES", "--data-root", str(synth_root), "--cache",
+                       str(cache_dir), "--device", "cpu", "--out", str(tmp_path / "r.json")])
+    assert "nan.pt" in str(e.value) and "NaN" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "r.json").exists()

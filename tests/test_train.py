@@ -272,3 +272,61 @@ def test_bad_train_flag_is_a_one_line_error(tmp_path):
         assert stderr.strip().startswith(cases[ids]), stderr
         assert len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- faults on a real run (issue 13)
+def test_resume_with_other_settings_is_refused_in_one_line(straight_run, synth_root, cache_dir, tmp_path):
+    out, args, _, _ = straight_run
+    common = ["--iters", "6", "--val-every", "2", "--snapshot-every", "3", "--dropout", "0.3", "--val-metric", "loss"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ValueError) as err:
+        train.run(tiny_args(synth_root, cache_dir, out, *common, "--lr", "1e-3", "--loss", "bce", "--patch", "32"))
+    msg = str(err.value)
+    assert "\n" not in msg and str(out / "last.pt") in msg and "another --out" in msg
+    for change in ("--lr 0.0003 -> 0.001", "--loss bce+dice -> bce", "--patch 64 -> 32"):
+        assert change in msg, msg
+    with pytest.raises(ValueError, match="--train IDR -> IDR,MES"):
+        train.run(tiny_args(synth_root, cache_dir, out, *common, train_ids="IDR,MES"))
+    with pytest.raises(ValueError, match="--iters 4 is below step 6"):
+        train.run(tiny_args(synth_root, cache_dir, out, *common[2:], "--iters", "4"))
+    # The flags that may change on resume are accepted (here: a finished run, so nothing to do).
+    assert train.run(tiny_args(synth_root, cache_dir, out, *common, "--log-every", "3", "--stop-at", "9"))["finished"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # args.json was not rewritten
+    # The number of training images is recorded (evaluate.py copies it into results.json, report.py orders by it).
+    n = len(train.PreparedDataset(cache_dir, "IDR", 128, "train"))
+    assert json.loads((out / "args.json").read_text())["n_train_images"] == n > 0
+    assert torch.load(out / "best.pt", weights_only=True)["args"]["n_train_images"] == n
+
+
+def test_ctrl_c_keeps_last_pt_and_the_rerun_is_bit_identical(straight_run, synth_root, cache_dir, tmp_path,
+                                                             monkeypatch, capsys):
+    ref_dir = straight_run[0]
+    real, calls = train.compute_loss, []
+
+    def ctrl_c_at_step_5(scores, masks, fov, kind, probs=False):
+        if not probs:
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+        return real(scores, masks, fov, kind, probs)
+
+    out = tmp_path / "run"
+    common = ["--iters", "6", "--val-every", "2", "--snapshot-every", "3", "--dropout", "0.3", "--val-metric", "loss"]
+    monkeypatch.setattr(train, "compute_loss", ctrl_c_at_step_5)
+    with pytest.raises(KeyboardInterrupt) as err:  # tune.py catches KeyboardInterrupt
+        train.run(tiny_args(synth_root, cache_dir, out, *common))
+    assert str(err.value) == f"interrupted at step 4; rerun the same command to resume from {out / 'last.pt'} " \
+                             f"(saved at step 4)"
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(train, "compute_loss", real)
+    capsys.readouterr()
+    train.run(tiny_args(synth_root, cache_dir, out, *common))
+    ref, got = (torch.load(d / "last.pt", weights_only=True) for d in (ref_dir, out))
+    assert got["step"] == 6 and all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])
+    # Each validation prints one line above the bar; the run ends with a summary naming its outputs.
+    printed = capsys.readouterr().out.splitlines()
+    (val,) = read_log(out, "val")[-1:]
+    (line,) = [p for p in printed if p.startswith("step 6: ")]
+    assert f"val loss {val['loss']:.4f}" in line and f"EX {val['dice']['EX']:.3f}" in line and "best" in line
+    (summary,) = [p for p in printed if p.startswith("done: ")]
+    assert str(out / "best.pt") in summary and str(out / "log.jsonl") in summary and "at step" in summary

@@ -1,0 +1,93 @@
+"""The data flags shared by data.prepare, train.py, evaluate.py, average.py, tune.py and characterize.py.
+
+    python -m data.prepare --help            # the "data" group is these flags
+    python train.py --train IDR --split-protocol authors --splits MES=official
+
+add_data_args adds them to a parser, data_options turns the parsed values into prepare_cache's keyword
+arguments, data_settings merges them with the values a training run recorded in its checkpoint.
+"""
+import argparse
+import os
+
+from data.ids import parse_dataset_ids
+
+SPLIT_PROTOCOLS = ("paper", "authors")  # docs/PROTOCOL.md, "splits"
+
+
+def add_data_args(parser):
+    """The data flags shared by data.prepare, train.py, evaluate.py and characterize.py."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data_raw"),
+                   help="folder holding the datasets under their distributed names (IDRiD/, DDR-dataset/, "
+                        "Seg-set/, retinal-lesions-v20191227/, MAPLES-DR/), also found one level down, e.g. "
+                        "DATA/idrid/IDRiD/ (default: env DATA_ROOT or %(default)s)")
+    g.add_argument("--cache", default="cache", help="prepared-data cache folder (default: %(default)s)")
+    g.add_argument("--root", action="append", default=[], metavar="ID=DIR",
+                   help="folder of one dataset, overrides --data-root and env <ID>_ROOT; repeatable (default: none)")
+    g.add_argument("--mask-threshold", action="append", default=[], metavar="ID=T",
+                   help="lesion where mask value > T for that dataset, e.g. FGA=127 drops anti-aliased edges, "
+                        "RET=127 keeps only the 255 (guideline) labels; repeatable (default: 0 for all)")
+    g.add_argument("--splits", action="append", default=[], metavar="ID=FILE",
+                   help="split of one dataset: a JSON file {train,val,test: [ids]}, 'official' or 'seeded'; "
+                        "repeatable (default: the --split-protocol's)")
+    g.add_argument("--split-protocol", choices=SPLIT_PROTOCOLS, default="paper",
+                   help="paper: section 2.4, IDR and DDR official, FGA, RET, MES seeded 30%% test then 85/15 "
+                        "train/val (RET: both eyes of a patient on the same side); authors: the authors' public "
+                        "code, FGA and RET torch.randperm seed 42 80/20, validation int(15%%) of train the same "
+                        "way, IDR, DDR, MES official (default: %(default)s)")
+    g.add_argument("--ret-he", choices=("retinal", "all"), default="retinal",
+                   help="Retinal-Lesions HE: retinal_hemorrhage only, or also preretinal + vitreous "
+                        "(default: %(default)s)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the paper protocol's seeded splits; the authors protocol always uses 42 "
+                        "(default: %(default)s)")
+    return parser
+
+
+def _pairs(values, flag):
+    """['idr=/x', 'FGA=3'] -> {'IDR': '/x', 'FGA': '3'}; ValueError naming the flag."""
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not val or not key.strip():
+            raise ValueError(f"{flag} expects ID=VALUE, got {v!r}")
+        try:
+            (key,) = parse_dataset_ids(key)
+        except ValueError as e:
+            raise ValueError(f"{flag} {v}: {e}") from None
+        out[key] = val
+    return out
+
+
+def data_options(args):
+    """Keyword arguments of prepare_cache from the add_data_args flags."""
+    thresholds = {}
+    for k, v in _pairs(args.mask_threshold, "--mask-threshold").items():
+        if not v.isdigit() or int(v) > 254:
+            raise ValueError(f"--mask-threshold {k}={v}: the threshold must be an integer in 0..254")
+        thresholds[k] = int(v)
+    # NOTE: namespaces rebuilt from runs recorded before --split-protocol existed have no such attribute
+    protocol = getattr(args, "split_protocol", None) or "paper"
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"--split-protocol {protocol}: choose from {', '.join(SPLIT_PROTOCOLS)}")
+    return {"roots": _pairs(args.root, "--root"), "thresholds": thresholds,
+            "split_files": _pairs(args.splits, "--splits"), "ret_he": args.ret_he, "split_seed": args.split_seed,
+            "split_protocol": protocol}
+
+
+# The flags above that decide which images are read and how they are split.
+DATA_FLAGS = ("data_root", "cache", "root", "mask_threshold", "splits", "split_protocol", "ret_he", "split_seed")
+
+
+def data_settings(args, parser, recorded):
+    """(data_root, cache, prepare_cache options): a data flag given on this command line wins, else the
+    training run's recorded value (its checkpoint's "args"), else the default.
+
+    NOTE: split flags decide which images are validation and test; reading a run's data with other split
+    options would re-split the cache and could score on images the run trained on.
+    """
+    merged = argparse.Namespace(**vars(args))
+    for key in DATA_FLAGS:
+        if getattr(args, key) == parser.get_default(key) and recorded.get(key) is not None:
+            setattr(merged, key, recorded[key])
+    return merged.data_root, merged.cache, data_options(merged)

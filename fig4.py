@@ -1,0 +1,159 @@
+"""The paper's Figure 4 for one training combination (section 3.3): baseline, ensemble, SWA and soups per part.
+
+    python fig4.py runs/IDR+DDR+MES --test IDR,DDR,MES --data-root data_raw
+    python fig4.py runs/IDR+DDR+MES --test IDR,DDR,FGA,RET,MES --members 4 --bn both -o runs/IDR+DDR+MES/fig4.json
+    make fig4 COMBO=IDR+DDR+MES FIG4_FLAGS="--bn both"
+
+COMBO_DIR holds the seeds' runs s0/, s1/, ... (train.py). baseline = the first seed's best.pt; ensemble and
+soups = the first --members seeds' best.pt; SWA = the first seed's snapshots. The averages (average.py) go
+to COMBO_DIR/avg/ (the ensemble as a manifest, avg/ensemble.json) and are reused while their provenance
+matches; each is evaluated on the test sets with evaluate.py's protocol (docs/PROTOCOL.md) and the mean
+scores per method and test set go to fig4.json, which report.py reads.
+"""
+import argparse
+import itertools
+import re
+import sys
+from pathlib import Path
+
+import data
+from average import (PARTS, Combination, add_averaging_args, build_average, check_out, select_snapshots,
+                     write_ensemble)
+from data import DATASET_IDS, combo_name
+from evaluate import evaluate_checkpoints
+from jsonio import write_json
+from model import load_checkpoint, read_manifest, save_checkpoint
+
+# What fig4.json keeps of each test set's results block: the means over lesions that evaluate.py writes
+SCORES = ("mean_dice", "mean_aupr", "mean_ap", "mean_aupr_floor")
+
+
+def find_seeds(combo_dir):
+    """COMBO_DIR/s<N>/ folders holding best.pt, sorted by N; at least two (a soup needs two runs)."""
+    combo_dir = Path(combo_dir)
+    seeds = sorted((int(m.group(1)), d) for d in combo_dir.glob("s*")
+                   if (m := re.fullmatch(r"s(\d+)", d.name)) and (d / "best.pt").is_file())
+    if len(seeds) < 2:
+        found = ", ".join(d.name for _, d in seeds) or "none"
+        raise FileNotFoundError(f"fig4 needs best.pt of at least 2 seeds under {combo_dir}/s*/ (found: {found})")
+    return [d for _, d in seeds]
+
+
+def _reusable(path, provenance):
+    """Is avg/X already the average we would build (same method, ingredients, part, bn, reference rule)?"""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    # a manifest is read without loading its members' weights
+    old = (read_manifest(path)[0] if path.suffix == ".json" else load_checkpoint(path)).get("provenance") or {}
+    keys = ("method", "ingredients", "part", "bn", "reference_rule")
+    return all(old.get(k) == provenance.get(k) for k in keys)
+
+
+def _stale_results(path):
+    """The results file evaluate_checkpoints writes for avg/X; a rebuilt average must not inherit it."""
+    return Path(path).with_name(Path(path).stem + ".results.json")
+
+
+def build_plan(combo, args, avg, baseline, members, snapshots):
+    """{method name: checkpoint path}, building the averages (and the ensemble manifest) not already there."""
+    plan = {"baseline": baseline, "ensemble": str(avg / "ensemble.json")}
+    want = {"method": "ensemble", "ingredients": members, "part": "full", "bn": "keep", "reference_rule": None}
+    if not _reusable(plan["ensemble"], want):
+        write_ensemble(plan["ensemble"], members)
+        _stale_results(plan["ensemble"]).unlink(missing_ok=True)
+    # --bn both: each average twice, e.g. "swa-full" (averaged statistics) and "swa-full+bn" (recomputed)
+    modes = ("keep", "recompute") if args.bn == "both" else (args.bn,)
+    for bn, (kind, paths), part in itertools.product(modes, (("swa", snapshots), ("soup", members)), PARTS):
+        if not paths:
+            continue
+        name = f"{kind}-{part}"
+        key = name + ("+bn" if bn == "recompute" and len(modes) == 2 else "")
+        plan[key] = str(avg / f"{name}{'-bn' if bn == 'recompute' else ''}.pt")
+        want = {"method": name, "ingredients": paths, "part": part, "bn": bn, "reference_rule": args.reference}
+        if _reusable(plan[key], want):
+            print(f"reusing {plan[key]}")
+            continue
+        print(f"building {plan[key]} from {len(paths)} checkpoint(s)")
+        save_checkpoint(plan[key], build_average(paths, kind, part, combo, args, bn=bn))
+        _stale_results(plan[key]).unlink(missing_ok=True)
+    return plan
+
+
+def evaluate_plan(plan, tests, data_root, cache, options, device, avg):
+    """{method: {test set: {mean_dice, mean_aupr, ...}}}: each checkpoint of the plan on every test set."""
+    methods = {}
+    for name, path in plan.items():
+        print(f"evaluating {name}: {path}")
+        stem = name if name == "baseline" else Path(path).stem  # e.g. avg/swa-full-bn.results.json
+        res = evaluate_checkpoints(path, tests, data_root, cache, options, device=device,
+                                   out=avg / f"{stem}.results.json", verbose=False)["results"]
+        # NOTE: only this call's test sets: the results file may keep others from an earlier run
+        methods[name] = {t: {k: res[t][k] for k in SCORES if k in res[t]} for t in tests}
+    return methods
+
+
+def figure4(args, parser):
+    """Build, evaluate and tabulate every method of Figure 4 for args.combo_dir -> the fig4.json dict (written)."""
+    combo_dir = Path(args.combo_dir)
+    if args.members < 1:
+        raise ValueError(f"--members must be >= 1, got {args.members}")
+    seeds = find_seeds(combo_dir)
+    members = [str(d / "best.pt") for d in seeds[:args.members]]
+    if len(members) < args.members:
+        print(f"note: {len(members)} seeds found: the ensemble and the soups use {len(members)}, not {args.members}")
+    baseline = str(seeds[0] / "best.pt")
+    combo = Combination(load_checkpoint(baseline).get("args") or {}, args, parser)
+    data_root, cache, options = data.data_settings(args, parser, combo.ckpt_args)
+    tests = data.parse_dataset_ids(args.test)
+    for d in sorted(set(combo.train) | set(tests), key=DATASET_IDS.index):  # one summary each, then quiet
+        data.prepare_cache(d, data_root, cache, int(combo.ckpt_args["resolution"]), **options)
+    try:
+        snapshots = select_snapshots(seeds[0])
+    except FileNotFoundError as e:
+        snapshots = []
+        print(f"note: SWA entries skipped: {e}")
+    avg = combo_dir / "avg"
+    plan = build_plan(combo, args, avg, baseline, members, snapshots)
+    methods = evaluate_plan(plan, tests, data_root, cache, {**options, "verbose": False}, args.device, avg)
+    report = {"version": 1, "combo": combo_name(combo.train), "train": combo.train, "tests": tests, "bn": args.bn,
+              "reference": args.reference, "metric": args.metric, "members": members, "snapshots": snapshots,
+              "checkpoints": plan, "methods": methods}
+    write_json(args.out, report)  # NaN (a lesion absent from a test set) is written as null
+    print(f"\n{'method':16s}" + "".join(f"{t:>8s}" for t in tests) + "   (mean Dice)")
+    for name, block in methods.items():
+        print(f"{name:16s}" + "".join(f"{block[t]['mean_dice']:8.3f}" for t in tests))
+    return report
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("combo_dir", help="RUNS/COMBO holding the seeds' runs s0/, s1/, ...")
+    p.add_argument("--test", default=",".join(DATASET_IDS), help="test sets, e.g. IDR,DDR,MES (default: %(default)s)")
+    p.add_argument("--members", type=int, default=4,
+                   help="first N seeds' best.pt form the ensemble and the soups (default: %(default)s)")
+    p.add_argument("-o", "--out", default=None, help="fig4.json to write (default: COMBO_DIR/fig4.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out (default: %(default)s)")
+    add_averaging_args(p, reference="best", bn=("keep", "recompute", "both"),
+                       bn_help=", or both (each average twice, '+bn' names the recomputed)")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.out = args.out or str(Path(args.combo_dir) / "fig4.json")
+    check_out(args.out, args.force)
+    if args.bn_batches < 1:
+        raise ValueError(f"--bn-batches must be >= 1, got {args.bn_batches}")
+    report = figure4(args, parser)
+    print(f"\nwrote {args.out}: {len(report['methods'])} methods of {report['combo']} on {', '.join(report['tests'])}; "
+          f"the averages and each method's results.json are in {Path(args.combo_dir) / 'avg'}/")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

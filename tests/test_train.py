@@ -167,7 +167,8 @@ def test_val_loss_minima_are_kept_as_snapshots(synth_root, cache_dir, tmp_path, 
     def fake_validate(model, val_sets, device, dtype, loss_kind):
         step = 2 * (len(seen) + 1)
         seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
-        return {"loss": script[step], "mean_aupr": 0.5, "mean_dice": 0.5, "aupr": [0.5] * 4, "dice": [0.5] * 4}
+        return {"loss": script[step], "mean_aupr": 0.5, "mean_ap": 0.5, "mean_dice": 0.5, "aupr": [0.5] * 4,
+                "ap": [0.5] * 4, "dice": [0.5] * 4}
 
     monkeypatch.setattr(train, "validate", fake_validate)
     out = tmp_path / "run"

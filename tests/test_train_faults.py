@@ -51,7 +51,8 @@ def test_killed_run_leaves_no_pending_file_that_misleads_the_rerun(synth_root, c
         if step in seen:  # the redone validation sees the very same weights (CPU resume is bit-identical)
             assert all(torch.equal(seen[step][k], v) for k, v in state.items())
         seen[step] = state
-        return {"loss": script[step], "mean_aupr": 0.5, "mean_dice": 0.5, "aupr": [0.5] * 4, "dice": [0.5] * 4}
+        return {"loss": script[step], "mean_aupr": 0.5, "mean_ap": 0.5, "mean_dice": 0.5, "aupr": [0.5] * 4,
+                "ap": [0.5] * 4, "dice": [0.5] * 4}
 
     class Killed(Exception):
         pass

@@ -296,7 +296,10 @@ def plot_figure3(data, path):
         for i, row in enumerate(rows):
             if row["best"]:
                 ax.plot(i, row["mean"], marker="*", ms=16, color="gold", mec="k", zorder=5)
-        ax.set_xticks(x, [r["combo"] for r in rows], rotation=90, fontsize=7)
+        images = data["order_by"] == "n_train_images"
+        ax.set_xticks(x, [f"{r['combo']} ({r['n_train']})" if images else r["combo"] for r in rows], rotation=90,
+                      fontsize=7)
+        ax.set_xlabel("training sets (training images)" if images else "training sets", fontsize=8)
         ax.set_xlim(-0.5, len(rows) - 0.5)
     axes[0][0].set_ylabel("Dice (mean over lesions)")
     handles = [Patch(color=c, label=s) for s, c in STYLE_COLORS.items()] + [Patch(color="C0", alpha=0.3,

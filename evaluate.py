@@ -22,9 +22,10 @@ import data
 from data import DATASET_IDS, LESIONS
 from data.datasets import IMAGE_SUFFIXES, load_image
 from jsonio import write_json
+from kernels import AP_BINS
 from model import load_checkpoint, load_models
-from protocol import (AP_BINS, DTYPES, THRESHOLDS, check_device, count_dataset, default_device, predict, predict_fitting,  # noqa: F401
-                      predict_tiled, summarize, to_input)
+from protocol import (DTYPES, THRESHOLDS, check_device, count_dataset, default_device,  # noqa: F401
+                      predict, predict_fitting, predict_tiled, summarize, to_input)
 
 # Overlay colours (RGB) in LESIONS order: EX yellow, HE red, MA green, CWS cyan.
 COLOURS = np.array([[255, 230, 0], [230, 20, 20], [40, 230, 40], [0, 200, 255]], dtype=np.float32)

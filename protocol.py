@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data import LESIONS
-from kernels import AP_BINS, binned_counts, pr_metrics  # noqa: F401 (AP_BINS: the bins callers pass)
+from kernels import binned_counts, pr_metrics
 
 THRESHOLDS = 11  # the IDRiD challenge's float32 linspace(0, 1, 11)
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both: the flip group of a square image

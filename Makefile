@@ -32,7 +32,7 @@ COMBOS := $(shell python3 data/ids.py combos)
 SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
 
-.PHONY: print-combos setup test test-all bench demo demo-runs all-combos report table2 table3 fig3 fig4 characterize tune clean-demo
+.PHONY: print-combos setup test test-all bench real-he demo demo-runs all-combos authors-models report table2 table3 fig3 fig4 characterize tune clean-demo
 .DELETE_ON_ERROR:
 
 setup: $(VENV)
@@ -52,15 +52,25 @@ bench: $(VENV)
 	$(PY) bench/bench_metrics.py --threads 1
 	$(PY) bench/bench_train.py --threads 1 --steps 20
 
+# Does the recipe learn real lesions? Real IDRiD haemorrhages (tests/fixtures/idrid-he14), from scratch on CPU
+# (BENCHMARKS.md, "Real HE"); REAL_HE_FLAGS go to train.py after the recipe's own.
+REAL_HE_OUT ?= bench/out/real_he
+REAL_HE_FLAGS ?=
+real-he: $(VENV)
+	OMP_NUM_THREADS=1 $(PY) bench/real_he.py --out $(REAL_HE_OUT) -- $(REAL_HE_FLAGS)
+
 print-combos:   # the 31 run names, one line (for cluster array jobs)
 	@echo $(COMBOS)
 
 # ---- the sweep: each run's results.json is a target, so an interrupted sweep resumes where it stopped ----
 all-combos: $(RESULTS)
 
-# $* is COMBO/sSEED; train.py itself resumes from last.pt and skips a finished run.
+# $* is COMBO/sSEED, or COMBO/cond-sSEED for a style-conditioned run (train.py --style-condition style, evaluated
+# at the fine style); train.py itself resumes from last.pt and skips a finished run.
+run_seed = $(lastword $(subst s, ,$(notdir $(1))))
+run_flags = $(if $(filter cond-s%,$(notdir $(1))),--style-condition style)
 $(RUNS)/%/results.json: | $(VENV)
-	sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(patsubst s%,%,$(notdir $*)) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(TRAIN_FLAGS)
+	sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(call run_flags,$*) $(TRAIN_FLAGS)
 	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(EVAL_FLAGS)
 
 # ---- Figure 4 for one combination: baseline, ensemble of 4, SWA and soups on encoder / decoder / full ----
@@ -75,8 +85,16 @@ $(RUNS)/%/fig4.json: | $(VENV)
 characterize: $(VENV)
 	$(PY) characterize.py --datasets $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out report/characterize
 
+# ---- the authors' 31 released models (hub:COMBO, downloaded once into the Hugging Face cache), each scored on the
+# test sets under our protocol, on their own splits (their test images), at their 1024 px; report.py shows them ----
+AUTHORS       ?= authors
+AUTHORS_FLAGS ?= --split-protocol authors --dice-argmax
+authors-models: $(foreach c,$(COMBOS),$(AUTHORS)/$(c)/results.json)
+$(AUTHORS)/%/results.json: | $(VENV)
+	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt hub:$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(AUTHORS_FLAGS) $(EVAL_FLAGS)
+
 report table2 table3 fig3: $(VENV)
-	$(PY) report.py $(RUNS) -o report
+	$(PY) report.py $(RUNS) -o report --authors $(AUTHORS)
 
 # ---- the paper's Optuna search (tune.py --help; many workers: TUNE_FLAGS="--storage postgresql://... --seed N")
 comma := ,
@@ -90,32 +108,45 @@ tune: $(VENV)
 DEMO := demo
 DEMO_IMAGES ?= 30
 DEMO_SIZE ?= 256
-DEMO_RESOLUTION ?= 128
+DEMO_RESOLUTION ?= 256
 DEMO_PATCH ?= 64
 DEMO_ITERS ?= 300
 DEMO_BATCH ?= 16
 DEMO_COMBOS ?= IDR DDR FGA RET MES IDR+DDR IDR+DDR+RET IDR+DDR+MES \
 	DDR+FGA+RET+MES IDR+FGA+RET+MES IDR+DDR+RET+MES IDR+DDR+FGA+MES IDR+DDR+FGA+RET IDR+DDR+FGA+RET+MES
 DEMO_FIG4 ?= IDR+DDR+MES
+# style conditioning (beyond the paper): DEMO_COND with and without --style-condition style, two seeds each,
+# beside the fine-only DEMO_FIG4 (its two seeds); maps of both styles for one test photograph
+DEMO_COND ?= IDR+DDR+RET+MES
 DEMO_VARS = DATA_ROOT=$(DEMO)/data CACHE=$(DEMO)/cache RUNS=$(DEMO)/runs RESOLUTION=$(DEMO_RESOLUTION) \
 	PATCH=$(DEMO_PATCH) ITERS=$(DEMO_ITERS) BATCH=$(DEMO_BATCH) LR=3e-3 ENCODER=test_resnet VAL_EVERY=50 \
 	TRAIN_FLAGS="--no-pretrained --decoder-channels 64,32,32,16,16 --warmup 10 --snapshot-every 100 --device cpu --workers 0" \
 	EVAL_FLAGS="--device cpu"
-DEMO_RESULTS = $(foreach c,$(DEMO_COMBOS),$(DEMO)/runs/$(c)/s0/results.json) $(DEMO)/runs/$(DEMO_FIG4)/s1/results.json
+DEMO_RESULTS = $(foreach c,$(DEMO_COMBOS),$(DEMO)/runs/$(c)/s0/results.json) $(DEMO)/runs/$(DEMO_FIG4)/s1/results.json \
+	$(foreach r,s1 cond-s0 cond-s1,$(DEMO)/runs/$(DEMO_COND)/$(r)/results.json)
 
 demo: $(VENV)
 	@test -f $(DEMO)/data/.done || { $(PY) -m data.synthetic --out $(DEMO)/data --images $(DEMO_IMAGES) \
 		--size $(DEMO_SIZE) && touch $(DEMO)/data/.done; }
-	$(PY) -m data.prepare --dataset all --data-root $(DEMO)/data --out $(DEMO)/cache --resolution $(DEMO_RESOLUTION)
+	$(PY) -m data.prepare --dataset all --data-root $(DEMO)/data --cache $(DEMO)/cache --resolution $(DEMO_RESOLUTION)
 	$(PY) characterize.py --data-root $(DEMO)/data --cache $(DEMO)/cache --resolution $(DEMO_RESOLUTION) \
 		--out $(DEMO)/report/characterize
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 demo-runs $(DEMO_VARS) DEMO_COMBOS="$(DEMO_COMBOS)"
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory fig4 COMBO=$(DEMO_FIG4) TESTS=IDR,DDR,MES \
 		FIG4_FLAGS="--members 2 --bn both --bn-batches 20 --device cpu" $(DEMO_VARS)
-	$(PY) report.py $(DEMO)/runs -o $(DEMO)/report
+	@mkdir -p $(DEMO)/style_photo && cp "$$(ls "$(DEMO)/data/IDRiD/A. Segmentation/1. Original Images/b. Testing Set/"*.jpg \
+		| head -1)" $(DEMO)/style_photo/
+	for s in fine coarse; do OMP_NUM_THREADS=1 $(PY) evaluate.py --ckpt $(DEMO)/runs/$(DEMO_COND)/cond-s0/best.pt \
+		--images $(DEMO)/style_photo --style $$s --save-maps $(DEMO)/report/style_maps/$$s --device cpu || exit 1; done
+	$(PY) report.py $(DEMO)/runs -o $(DEMO)/report --real-he $(DEMO)/real_he/real_he.json
 	@echo "demo done: $(DEMO)/report/report.md"
 
-demo-runs: $(DEMO_RESULTS)
+# the real-data check (BENCHMARKS.md, "Real HE"), shorter than `make real-he`: one more job of the -j2 pool
+DEMO_REAL_HE_FLAGS ?= --iters 200 --val-every 50
+$(DEMO)/real_he/real_he.json: | $(VENV)
+	OMP_NUM_THREADS=1 $(PY) bench/real_he.py --out $(DEMO)/real_he -- $(DEMO_REAL_HE_FLAGS)
+
+demo-runs: $(DEMO_RESULTS) $(DEMO)/real_he/real_he.json
 
 clean-demo:
 	rm -rf $(DEMO)

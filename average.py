@@ -28,7 +28,8 @@ import data
 from data import combo_name
 from jsonio import write_json
 from kernels import AP_BINS, pr_metrics
-from model import ARCH_FIELDS, load_checkpoint, load_models, read_manifest, save_checkpoint
+from model import (ARCH_FIELDS, architecture, is_hub_spec, load_checkpoint, load_models, read_manifest,
+                   save_checkpoint)
 from protocol import default_device, pooled_counts
 
 PARTS = ("encoder", "decoder", "full")
@@ -53,13 +54,16 @@ def check_same_architecture(first_path, first, path, ckpt):
     if ckpt.get("kind") == "ensemble":
         raise ValueError(f"{path} is an ensemble: average training checkpoints (or their snapshots) instead")
     where = f"{path} does not match {first_path}"
-    for field in ARCH_FIELDS:
-        a, b = first["model_cfg"].get(field), ckpt["model_cfg"].get(field)
-        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+    # NOTE: architecture() fills a field an older checkpoint lacks with its default (e.g. style_tokens = ()),
+    # so a style-conditioned model is averaged only with models of the same tokens
+    for field, a, b in zip(ARCH_FIELDS, architecture(first["model_cfg"]), architecture(ckpt["model_cfg"])):
+        if a != b:
             raise ValueError(f"{where}: model_cfg key {field!r} is {b!r}, not {a!r}")
     # NOTE: a soup averages runs of one training combination (issue / paper eq. 3); its validation splits
-    # and BatchNorm patches come from the first ingredient's combination.
-    for field in ("train", "resolution"):
+    # and BatchNorm patches come from the first ingredient's combination. The authors released one model per
+    # combination: a soup of theirs mixes combinations.
+    authors = first.get("method") == ckpt.get("method") == "authors"
+    for field in ("resolution",) if authors else ("train", "resolution"):
         a, b = ((c.get("args") or {}).get(field) for c in (first, ckpt))
         if a is not None and b is not None and a != b:
             raise ValueError(f"{where}: trained with {field} {b!r}, not {a!r} (average runs of one combination)")
@@ -96,7 +100,7 @@ def average_checkpoints(paths, part="full", reference=None, method="average"):
     first = load_checkpoint(paths[0])
     check_same_architecture(paths[0], first, paths[0], first)  # refuses an ensemble file
     # What every ingredient is checked against: the first one's model_cfg and tensor shapes (meta: no memory)
-    spec = {"model_cfg": first["model_cfg"], "args": first.get("args"),
+    spec = {"model_cfg": first["model_cfg"], "args": first.get("args"), "method": first.get("method"),
             "model": {k: v.to("meta") for k, v in first["model"].items()}}
     ref = first if reference == paths[0] else load_checkpoint(reference)
     check_same_architecture(paths[0], spec, reference, ref)
@@ -187,8 +191,9 @@ def make_ensemble(paths, out):
         ckpt = load_checkpoint(p)  # FileNotFoundError / ValueError naming p, or a member of its manifest
         counts.append(len(ckpt["members"]) if ckpt.get("kind") == "ensemble" else 1)
         del ckpt
-        listed = read_manifest(p)[1] if Path(p).suffix == ".json" else [Path(p)]
-        members += [Path(os.path.relpath(os.path.abspath(m), out_dir)).as_posix() for m in listed]
+        listed = read_manifest(p)[1] if Path(p).suffix == ".json" else [p]
+        members += [str(m) if is_hub_spec(m) else Path(os.path.relpath(os.path.abspath(m), out_dir)).as_posix()
+                    for m in listed]
     n = sum(counts)
     return {"kind": "ensemble", "version": 1, "members": members,
             "provenance": {"method": "ensemble", "ingredients": paths, "weights": [c / n for c in counts],
@@ -419,7 +424,9 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name, text):
-        return sub.add_parser(name, help=text.splitlines()[0], description=text,
+        # `average.py NAME --help`: what NAME does on top, its own examples below the flags (the epilog)
+        summary, _, examples = text.partition("\n")
+        return sub.add_parser(name, help=summary, description=summary, epilog="examples:\n" + examples.strip("\n"),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def outputs(q, what):

@@ -26,7 +26,8 @@ from scipy import ndimage, stats  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
-from data import DATASET_IDS, LESIONS, parse_dataset_ids  # noqa: E402
+from data import DATASET_IDS, LESIONS  # noqa: E402
+from data.flags import add_dataset_list  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 STYLE_LESIONS = ("EX", "MA")  # the lesions whose outlines differ most between labelling styles (paper, Fig. 2)
@@ -373,7 +374,7 @@ def _jsonable(x):
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default=",".join(DATASET_IDS), help="dataset IDs, comma separated (default: %(default)s)")
+    add_dataset_list(p, "--datasets", "datasets to characterize", default=list(DATASET_IDS))
     p.add_argument("--out", default="report/characterize", help="output folder (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=1536,
                    help="common prepared resolution at which lesions are counted and measured; the training "
@@ -394,7 +395,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ids = parse_dataset_ids(args.datasets)
+    ids = args.datasets  # canonical IDs already (data.flags.DatasetList)
     if args.resolution < 32:
         raise ValueError(f"--resolution {args.resolution} is too small (at least 32)")
     if args.coarse_ratio <= 1:

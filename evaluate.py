@@ -4,6 +4,7 @@
     python evaluate.py --ckpt runs/IDR/s0/best.pt runs/IDR/s1/best.pt --test IDR,DDR --tta --tile 768
     python evaluate.py --ckpt runs/IDR/ensemble.json --save-maps maps/        # an average.py ensemble manifest
     python evaluate.py --ckpt runs/IDR/s0/best.pt --images my_photos/ --save-maps my_maps/   # your own images
+    python evaluate.py --ckpt hub:IDR+DDR --test MES --dice-argmax   # the authors' released model, IDR+DDR
 
 Several checkpoints form an ensemble that averages sigmoid probabilities (so does an ensemble file written by
 average.py). Counts are pooled over all pixels of a test set and accumulated on the device where the
@@ -17,46 +18,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
+import hub
 from data import DATASET_IDS, LESIONS
 from data.datasets import IMAGE_SUFFIXES, load_image
+from data.flags import add_dataset_list
 from jsonio import write_json
 from kernels import AP_BINS
-from model import load_checkpoint, load_models
-from protocol import (DTYPES, THRESHOLDS, check_device, count_dataset, default_device,  # noqa: F401
+from maps import save_maps, save_test_maps
+from model import argmax_lesions, is_hub_spec, load_checkpoint, load_models
+from protocol import (DTYPES, THRESHOLDS, check_device, count_dataset, default_device, nanmean,  # noqa: F401
                       predict, predict_fitting, predict_tiled, summarize, to_input)
 
-# Overlay colours (RGB) in LESIONS order: EX yellow, HE red, MA green, CWS cyan.
-COLOURS = np.array([[255, 230, 0], [230, 20, 20], [40, 230, 40], [0, 200, 255]], dtype=np.float32)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Maps as PNG
+# Maps of test images (the pictures themselves: maps.py)
 # ---------------------------------------------------------------------------------------------------------
-def _save_png(path, array):
-    from PIL import Image
+def maps_writer(out_dir, ds):
+    """count_dataset's on_batch writing each test image's maps, overlay and panel at its photograph's geometry."""
+    geometry = {x: ds.geometry(i) for i, x in enumerate(ds.ids)}  # from the cache's meta.json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-def overlay(image, probs):
-    """Colour the four lesions onto an image: uint8 (H, W, 3), float (4, H, W) in [0, 1] -> uint8 (H, W, 3)."""
-    out = image.astype(np.float32)
-    for c in range(len(LESIONS)):
-        a = probs[c][..., None]  # (H, W, 1): the probability is the opacity
-        out = out * (1 - a) + COLOURS[c] * a
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
-def save_maps(out_dir, name, image, probs):
-    """Write <name>_<LESION>.png (probability x 255, 8 bit) and <name>_overlay.png."""
-    out_dir = Path(out_dir)
-    probs = np.clip(np.asarray(probs, dtype=np.float32), 0.0, 1.0)  # (4, H, W)
-    for c, lesion in enumerate(LESIONS):
-        _save_png(out_dir / f"{name}_{lesion}.png", np.round(probs[c] * 255).astype(np.uint8))
-    _save_png(out_dir / f"{name}_overlay.png", overlay(image, probs))
+    def on_batch(ids, probs, items):
+        for k, item in enumerate(items):
+            save_test_maps(out_dir, item, probs[k].float().cpu().numpy(), geometry[ids[k]])
+    return on_batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,9 +73,7 @@ def load_ensemble(ckpt_paths, device):
     """Load every checkpoint (training or ensemble file) -> (list of models, list of checkpoint headers)."""
     models, headers = [], []
     for p in ckpt_paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-        ckpt = load_checkpoint(p)
+        ckpt = load_checkpoint(p)  # a file, a manifest, the authors' hub folder or spec; FileNotFoundError naming p
         if not isinstance(ckpt, dict):
             raise ValueError(f"{p} is not a checkpoint of this project")
         models += load_models(ckpt, device, where=str(p))
@@ -98,6 +82,18 @@ def load_ensemble(ckpt_paths, device):
                        | {"members": [{"args": m.get("args")} for m in ckpt.get("members") or []
                                       if isinstance(m, dict)]})
     return models, headers
+
+
+def check_style(models, style=None):
+    """--style for these models -> the style they run at (None when none is style-conditioned: train.py
+    --style-condition); a one-line ValueError for a style given to an unconditioned model or one it lacks."""
+    for m in models:
+        try:
+            m.style_mix(style, 1)
+        except ValueError as e:
+            raise ValueError(f"--style {style}: {e}") from None
+    defaults = [m.default_style for m in models if m.style_tokens]  # fine, for a model trained on a fine set
+    return style if style is not None else defaults[0] if defaults else None
 
 
 def _read_results(out):
@@ -133,11 +129,15 @@ def check_results_file(out, ckpt_paths, protocol):
 
 def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw", cache_dir="cache",
                          options=None, resolution=None, device=None, dtype="float32", tta=False, tile=None,
-                         overlap=0.5, roi=True, batch=1, maps_dir=None, out=None, verbose=True):
+                         overlap=0.5, roi=True, batch=1, maps_dir=None, out=None, verbose=True, lesions=None,
+                         style=None, dice_argmax=False):
     """Evaluate one checkpoint or an ensemble on test sets -> the Results JSON dict (written to `out` if given).
 
     options: keyword args for data.prepare_cache (data.data_options(args)); resolution: None = the
-    checkpoint's args["resolution"]; maps_dir: write per-image probability maps and overlays there.
+    checkpoint's args["resolution"]; lesions: the lesions scored (None = those the checkpoint was trained
+    on, train.py --lesions; the others score NaN); maps_dir: write per-image probability maps and overlays there.
+    dice_argmax: also the authors' Dice of softmax models ("dice_argmax": a pixel is the lesion its 5-way argmax names).
+    style: the labelling style asked of style-conditioned models (check_style; default fine).
     An existing `out` of the same checkpoints and protocol keeps its other test sets (results are merged).
     """
     ckpt_paths = [str(p) for p in ([ckpt_paths] if isinstance(ckpt_paths, (str, Path)) else ckpt_paths)]
@@ -146,16 +146,25 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     test_ids = data.parse_dataset_ids(",".join(test_ids) if not isinstance(test_ids, str) else test_ids)
     device = torch.device(device or default_device())
     models, headers = load_ensemble(ckpt_paths, device)
+    style = check_style(models, style)
     args = _ckpt_args(headers[0])
     if resolution is None:
         resolution = args.get("resolution")
         if resolution is None:
             raise ValueError(f"{ckpt_paths[0]} records no resolution in its args: pass --resolution")
     resolution = int(resolution)
+    lesions = data.parse_lesions(",".join(lesions or args.get("lesions") or LESIONS))
+    if dice_argmax and not all(getattr(m, "softmax", False) for m in models):
+        raise ValueError(f"--dice-argmax is the argmax of a softmax over background and lesions; {ckpt_paths[0]} "
+                         f"has one sigmoid per lesion (its Dice is at p >= 0.5)")
 
     protocol = {"thresholds": THRESHOLDS, "ap_bins": AP_BINS, "roi": "fov" if roi else "all", "resolution": resolution,
                 "tta": bool(tta), "tile": tile, "overlap": overlap if tile else None, "dtype": str(dtype),
-                "split_protocol": (options or {}).get("split_protocol", "paper")}
+                "split_protocol": (options or {}).get("split_protocol", "paper"), "lesions": list(lesions)}
+    if dice_argmax:
+        protocol["dice_argmax"] = True
+    if style is not None:  # NOTE: only for conditioned models: older results files keep their protocol
+        protocol["style"] = style
     results = check_results_file(out, ckpt_paths, protocol) if out is not None else {}
     if verbose:
         print(f"{len(models)} model(s) from {len(ckpt_paths)} checkpoint(s) on {device}; "
@@ -165,14 +174,22 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
         ds = data.PreparedDataset(cache_dir, test_id, resolution, "test")
         if len(ds) == 0:
             raise ValueError(f"test set {test_id} has no images (test split of {Path(cache_dir) / test_id})")
-        on_batch = None
-        if maps_dir is not None:
-            def on_batch(ids, probs, items, _dir=Path(maps_dir) / test_id):
-                for k, item in enumerate(items):
-                    save_maps(_dir, ids[k], item["image"], probs[k].float().cpu().numpy())
-        counts = count_dataset(models, ds, device, dtype, tta, tile, roi, batch, overlap, on_batch=on_batch,
-                               ap_bins=AP_BINS)
-        results[test_id] = summarize(*counts, n_images=len(ds))
+        on_batch = None if maps_dir is None else maps_writer(Path(maps_dir) / test_id, ds)
+        # Images of this test set, with an ETA, on stderr; disable=None: silent where stderr is no terminal (logs)
+        argmax = torch.zeros(2, len(LESIONS), dtype=torch.int64, device=device)  # the argmax Dice's TP, FP
+        with tqdm(total=len(ds), desc=f"{test_id} test", unit="image", leave=verbose, disable=None) as bar:
+            def progress(ids, probs, items, maps=on_batch):
+                if maps is not None:
+                    maps(ids, probs, items)
+                if dice_argmax:
+                    argmax.add_(argmax_counts(probs, items, roi))
+                bar.update(len(ids))
+
+            counts = count_dataset(models, ds, device, dtype, tta, tile, roi, batch, overlap, on_batch=progress,
+                                   ap_bins=AP_BINS, style=style)
+        results[test_id] = summarize(*counts, n_images=len(ds), lesions=lesions)
+        if dice_argmax:
+            add_dice_argmax(results[test_id], *argmax.cpu().tolist())
         if verbose:
             print_table(test_id, results[test_id])
 
@@ -187,6 +204,29 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     return report
 
 
+def argmax_counts(probs, items, roi):
+    """TP and FP per lesion (2, 4) of the authors' Dice: a pixel is the lesion its 5-way softmax argmax names."""
+    pred = argmax_lesions(probs)  # (B, 4, H, W) bool
+    masks = torch.from_numpy(np.stack([it["masks"] for it in items])).to(probs.device)  # (B, 4, H, W) bool
+    if roi:  # NOTE: without roi, count_dataset set p = 0 outside the FOV already: the background wins there
+        pred &= torch.from_numpy(np.stack([it["fov"] for it in items])).to(probs.device)[:, None]
+    return torch.stack([(pred & masks).sum((0, 2, 3)), (pred & ~masks).sum((0, 2, 3))])
+
+
+def add_dice_argmax(block, tp, fp):
+    """Per lesion "dice_argmax" = 2 TP / (TP + FP + P) beside the protocol's dice (NaN where dice is), and its mean."""
+    for c, v in enumerate(block["lesions"].values()):
+        v["dice_argmax"] = float("nan") if math.isnan(v["dice"]) else 2 * tp[c] / (tp[c] + fp[c] + v["pos"])
+    block["mean_dice_argmax"] = nanmean([v["dice_argmax"] for v in block["lesions"].values()])
+
+
+def default_out(ckpt):
+    """results.json next to a checkpoint file, inside a hub-layout folder, authors/<COMBO>/ for a hub spec."""
+    if is_hub_spec(ckpt):
+        return Path("authors") / data.combo_name(hub.parse_spec(ckpt)) / "results.json"
+    return Path(ckpt) / "results.json" if Path(ckpt).is_dir() else Path(ckpt).with_name("results.json")
+
+
 def _test_order(test_id):
     return DATASET_IDS.index(test_id) if test_id in DATASET_IDS else len(DATASET_IDS)
 
@@ -195,54 +235,100 @@ def print_table(test_id, block):
     """Per lesion and their mean for one test set: the protocol's AUPR beside its floor, AP and Dice."""
     fmt = lambda v: "   nan" if v is None or math.isnan(v) else f"{v:6.3f}"  # noqa: E731
     columns = (("AUPR", "aupr"), ("floor", "aupr_floor"), ("AP", "ap"), ("Dice", "dice"))
+    columns += (("argmax", "dice_argmax"),) if "mean_dice_argmax" in block else ()
     print(f"\n{test_id} test ({block['n_images']} images)")
     print(f"{'':8s}" + "".join(f"{title:>7s}" for title, _ in columns))
-    absent = []
+    absent, untrained = [], []
     for name, v in block["lesions"].items():
         print(f"{name:8s}" + "".join(f"{fmt(v.get(key)):>7s}" for _, key in columns))
         if v["pos"] == 0:
             absent.append(name)
+        elif v.get("dice") is None or math.isnan(v["dice"]):
+            untrained.append(name)
     print(f"{'mean':8s}" + "".join(f"{fmt(block.get('mean_' + key)):>7s}" for _, key in columns))
     print("  floor: the AUPR of a blank map on these pixels, (1 + prevalence) / 2 (docs/PROTOCOL.md); "
           "AP: floor-free, a blank map scores the prevalence")
     if absent:
         print(f"  nan: lesion absent from this test set ({', '.join(absent)}); the mean is over the others")
+    if untrained:
+        print(f"  nan: lesion not scored (not in --lesions: {', '.join(untrained)}); the mean is over the others")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The user's own photographs
 # ---------------------------------------------------------------------------------------------------------
+def _segmenter(ckpt, resolution, device):
+    """segment()'s `ckpt` -> (models, resolution, device): path(s), load_ensemble's pair, or load_models' list."""
+    if isinstance(ckpt, tuple) and len(ckpt) == 2 and isinstance(ckpt[0], list):  # (models, headers)
+        models, headers = ckpt
+    elif isinstance(ckpt, (list, tuple)) and ckpt and all(isinstance(m, torch.nn.Module) for m in ckpt):
+        models, headers = list(ckpt), [{}]
+    else:
+        paths = [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt)
+        models, headers = load_ensemble([str(p) for p in paths], torch.device(device or default_device()))
+    resolution = int(resolution or _ckpt_args(headers[0]).get("resolution") or 0)
+    if resolution <= 0:
+        raise ValueError("the checkpoint records no resolution in its args (or models were given): pass resolution")
+    return models, resolution, next(models[0].parameters()).device  # loaded models stay where they are
+
+
 @torch.inference_mode()
+def segment(image, ckpt, resolution=None, device=None, dtype="float32", tta=False, tile=None, overlap=0.5,
+            style=None):
+    """Segment one photograph: uint8 (H, W, 3) RGB -> float32 (4, H, W) probabilities, EX HE MA CWS.
+
+        from evaluate import segment
+        image = np.asarray(PIL.Image.open("photo.jpg").convert("RGB"))
+        probs = segment(image, "runs/IDR+MES/s0/best.pt")   # probs[1] >= 0.5: haemorrhages
+
+    ckpt: a checkpoint or average.py ensemble path (or a list: an ensemble), load_ensemble's (models, headers),
+    or a list of models (model.load_models; pass resolution, they stay on their device). The photograph gets
+    the training data's FOV crop, resize and pad (paper section 2.2) at `resolution` (default: the checkpoint's
+    training resolution); the maps come back on its own geometry, 0 outside the fundus (FOV). dtype, tta,
+    tile, overlap, style: as evaluate.py --dtype, --tta, --tile, --tile-overlap, --style.
+    """
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        what = f"{image.dtype} {tuple(image.shape)}" if hasattr(image, "shape") else type(image).__name__
+        raise ValueError(f"segment expects an RGB photograph as a uint8 numpy array (H, W, 3), got {what}")
+    models, resolution, device = _segmenter(ckpt, resolution, device)
+    square, fov, geometry = data.preprocess_image(image, resolution)  # (R, R, 3), (R, R), plain numbers
+    probs, _ = predict_fitting(models, to_input(square[None], device), tile, dtype, tta, overlap, style)  # (1, 4, R, R)
+    fov = torch.from_numpy(fov).to(device)
+    probs = probs[0].masked_fill_(~fov, 0.0)  # (4, R, R), in place
+    # (H, W) outside the fundus, where the bilinear edge would leak: the FOV restored bilinearly, then cut at
+    # 0.5, for a smooth rim rather than the prepared pixels' staircase (17 px steps from a 64 px model)
+    outside = data.restore_geometry(fov.float(), geometry) < 0.5
+    out = np.empty((probs.shape[0],) + tuple(outside.shape), np.float32)  # (4, H, W)
+    for c in range(len(out)):  # NOTE: one lesion at a time (on the device): one full-size float copy, not four
+        out[c] = data.restore_geometry(probs[c], geometry).masked_fill_(outside, 0.0).cpu().numpy()
+    return out
+
+
 def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None, dtype="float32", tta=False,
-                   tile=None, overlap=0.5):
-    """Maps for every image of a folder, restored to each original image's geometry -> list of written names."""
+                   tile=None, overlap=0.5, style=None):
+    """Maps for every image of a folder (segment()), on each photograph's own geometry -> list of written names."""
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"--images folder not found: {image_dir}")
     device = torch.device(device or default_device())
-    models, headers = load_ensemble([str(p) for p in ckpt_paths], device)
-    resolution = int(resolution or _ckpt_args(headers[0]).get("resolution") or 0)
-    if resolution <= 0:
+    models = load_ensemble([str(p) for p in ckpt_paths], device)  # (models, headers), loaded once
+    if not (resolution or _ckpt_args(models[1][0]).get("resolution")):
         raise ValueError(f"{ckpt_paths[0]} records no resolution in its args: pass --resolution")
+    check_style(models[0], style)
     written = []
     for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             original = np.asarray(load_image(path))  # (H0, W0, 3) uint8; 16-bit files scaled by their range
-            # NOTE: the same FOV crop + resize + pad as the training data (paper section 2.2).
-            image, fov, geometry = data.preprocess_image(original, resolution)
         except (OSError, ValueError) as e:
             # one bad photograph (unreadable, or over PIL's decompression-bomb limit) never stops the folder
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue
-        x = to_input(image[None], device)  # (1, 3, R, R)
-        probs, tile = predict_fitting(models, x, tile, dtype, tta, overlap)
-        probs = probs[0]  # (4, R, R)
-        probs = probs.masked_fill(~torch.from_numpy(fov).to(device), 0.0).cpu().numpy()
-        probs = np.asarray(data.restore_geometry(probs, geometry), dtype=np.float32)  # (4, H0, W0)
+        probs = segment(original, models, resolution, device, dtype, tta, tile, overlap, style)  # (4, H0, W0)
         name = path.stem if path.stem not in written else f"{path.stem}_{path.suffix[1:]}"  # a.jpg and a.png
         save_maps(out_dir, name, original, probs)
+        del original, probs  # NOTE: freed before the next photograph is read: one photograph's arrays at a time
         written.append(name)
-        print(f"{path.name}: maps in {Path(out_dir) / name}_*.png")
+        print(f"{path.name}: maps in {Path(out_dir) / name}_*")
     if not written:
         raise ValueError(f"no readable image in --images {image_dir}")
     return written
@@ -252,12 +338,13 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", action="extend", required=True,
-                   help="checkpoint(s) or average.py ensemble file(s); several = an ensemble averaging "
-                        "probabilities (required)")
-    p.add_argument("--test", nargs="+", action="extend", default=None,
-                   help="test set IDs, e.g. MES or IDR,DDR (default: all of " + ",".join(DATASET_IDS) + ")")
+                   help="checkpoint(s) or average.py ensemble file(s), or the authors' released models: "
+                        "hub:IDR+DDR (hub: alone = trained on all five) or a folder with their config.json and "
+                        "model.safetensors; several = an ensemble averaging probabilities (required)")
+    add_dataset_list(p, "--test", "test sets, e.g. MES or IDR,DDR", default=list(DATASET_IDS))
     p.add_argument("--out", default=None,
-                   help="results JSON (default: %(default)s = results.json next to the first checkpoint)")
+                   help="results JSON (default: %(default)s = results.json next to the first checkpoint; "
+                        "authors/COMBO/results.json for hub:COMBO)")
     g = p.add_argument_group("protocol")
     g.add_argument("--resolution", type=int, default=None,
                    help="square image size (default: %(default)s = the checkpoint's training resolution)")
@@ -266,9 +353,19 @@ def main(argv=None):
     g.add_argument("--tile-overlap", type=float, default=0.5,
                    help="fraction of a tile shared with its neighbour (default: %(default)s)")
     g.add_argument("--tta", action="store_true", help="average over the 4 flips (default: %(default)s)")
+    g.add_argument("--lesions", default=None, metavar="LIST",
+                   help="lesions to score, e.g. HE (default: %(default)s = those the checkpoint was trained on, "
+                        "train.py --lesions)")
     g.add_argument("--no-roi", action="store_true",
                    help="the authors' way: count pixels outside the FOV and padding with p = 0 "
                         "(default: %(default)s = only FOV pixels counted)")
+    g.add_argument("--dice-argmax", action="store_true",
+                   help="softmax models (the authors'): also the authors' Dice, a pixel being the class of its "
+                        "argmax (default: %(default)s = only Dice at p >= 0.5 of each lesion's probability)")
+    g.add_argument("--style", default=None, metavar="NAME",
+                   help="labelling style asked of a style-conditioned model (train.py --style-condition): fine, "
+                        "mixed, coarse, or a training set's ID for per-dataset tokens; refused for other models "
+                        "(default: fine; a model trained on no fine set: its first style)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=default_device(), help="torch device (default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES),
@@ -291,17 +388,17 @@ def main(argv=None):
         raise ValueError(f"--tile-overlap must be in [0, 1), got {args.tile_overlap}")
     check_device(args.device)
     common = dict(resolution=args.resolution, device=args.device, dtype=args.dtype, tta=args.tta,
-                  tile=args.tile, overlap=args.tile_overlap)
+                  tile=args.tile, overlap=args.tile_overlap, style=args.style)
     if args.images is not None:
         out_dir = args.save_maps or f"{Path(args.images).resolve()}_maps"
         predict_images(args.ckpt, args.images, out_dir, **common)
         return
-    tests = ",".join(args.test) if args.test else ",".join(DATASET_IDS)
-    out = args.out or Path(args.ckpt[0]).with_name("results.json")
+    out = args.out or default_out(args.ckpt[0])
     # Test splits as the run was trained: its recorded data flags unless given here (see data_settings).
     data_root, cache, options = data.data_settings(args, p, load_checkpoint(args.ckpt[0]).get("args", {}))
-    evaluate_checkpoints(args.ckpt, tests, data_root, cache, options, roi=not args.no_roi,
-                         batch=args.batch, maps_dir=args.save_maps, out=out, **common)
+    lesions = data.parse_lesions(args.lesions) if args.lesions else None
+    evaluate_checkpoints(args.ckpt, args.test, data_root, cache, options, roi=not args.no_roi, lesions=lesions,
+                         batch=args.batch, maps_dir=args.save_maps, out=out, dice_argmax=args.dice_argmax, **common)
     print(f"\nwrote {out}")
 
 

@@ -20,6 +20,7 @@ import data
 from average import (PARTS, Combination, add_averaging_args, build_average, check_out, select_snapshots,
                      write_ensemble)
 from data import DATASET_IDS, combo_name
+from data.flags import add_dataset_list
 from evaluate import evaluate_checkpoints
 from jsonio import write_json
 from model import load_checkpoint, read_manifest, save_checkpoint
@@ -105,7 +106,7 @@ def figure4(args, parser):
     baseline = str(seeds[0] / "best.pt")
     combo = Combination(load_checkpoint(baseline).get("args") or {}, args, parser)
     data_root, cache, options = data.data_settings(args, parser, combo.ckpt_args)
-    tests = data.parse_dataset_ids(args.test)
+    tests = list(args.test)  # canonical IDs already (data.flags.DatasetList)
     for d in sorted(set(combo.train) | set(tests), key=DATASET_IDS.index):  # one summary each, then quiet
         data.prepare_cache(d, data_root, cache, int(combo.ckpt_args["resolution"]), **options)
     try:
@@ -129,7 +130,7 @@ def figure4(args, parser):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("combo_dir", help="RUNS/COMBO holding the seeds' runs s0/, s1/, ...")
-    p.add_argument("--test", default=",".join(DATASET_IDS), help="test sets, e.g. IDR,DDR,MES (default: %(default)s)")
+    add_dataset_list(p, "--test", "test sets, e.g. IDR,DDR,MES", default=list(DATASET_IDS))
     p.add_argument("--members", type=int, default=4,
                    help="first N seeds' best.pt form the ensemble and the soups (default: %(default)s)")
     p.add_argument("-o", "--out", default=None, help="fig4.json to write (default: COMBO_DIR/fig4.json)")

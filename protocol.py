@@ -50,8 +50,11 @@ def _as_dtype(dtype):
     return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
-def predict(models, x, dtype=torch.float32, tta=False):
-    """Mean sigmoid probability over models (and flips): x float (B, 3, H, W) in [0, 1] -> float32 (B, 4, H, W)."""
+def predict(models, x, dtype=torch.float32, tta=False, style=None):
+    """Mean sigmoid probability over models (and flips): x float (B, 3, H, W) in [0, 1] -> float32 (B, 4, H, W).
+
+    style: the labelling style asked of every style-conditioned model (fine, coarse, a dataset ID: model.SegModel
+    .style_mix); None = each model's default (fine)."""
     dtype = _as_dtype(dtype)
     flips = FLIPS if tta else FLIPS[:1]
     total = None
@@ -59,7 +62,7 @@ def predict(models, x, dtype=torch.float32, tta=False):
         for dims in flips:
             xi = x.flip(dims) if dims else x
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = m(xi)  # (B, 4, H, W)
+                logits = m(xi) if style is None else m(xi, style=style)  # (B, 4, H, W)
             # NOTE: an ensemble averages probabilities, not logits (the paper's ensembles, section 3.3).
             p = torch.sigmoid(logits.float())
             p = p.flip(dims) if dims else p
@@ -82,7 +85,7 @@ def _ramp(n, overlap, device):
     return (edge / max(overlap, 1)).clamp(max=1.0)
 
 
-def predict_tiled(models, x, tile, dtype=torch.float32, tta=False, overlap=0.5):
+def predict_tiled(models, x, tile, dtype=torch.float32, tta=False, overlap=0.5, style=None):
     """predict() over overlapping tile x tile windows, blended with linear ramps: (B, 3, H, W) -> (B, 4, H, W).
 
     `overlap` is the fraction of the tile shared by neighbouring windows. The weights are divided out, so
@@ -91,7 +94,7 @@ def predict_tiled(models, x, tile, dtype=torch.float32, tta=False, overlap=0.5):
     """
     B, _, H, W = x.shape
     if tile is None or (tile >= H and tile >= W):
-        return predict(models, x, dtype, tta)  # one window: exactly the untiled prediction
+        return predict(models, x, dtype, tta, style)  # one window: exactly the untiled prediction
     th, tw = min(tile, H), min(tile, W)
     ov = int(round(overlap * tile))
     stride = max(tile - ov, 1)
@@ -100,17 +103,17 @@ def predict_tiled(models, x, tile, dtype=torch.float32, tta=False, overlap=0.5):
     norm = torch.zeros(H, W, device=x.device)
     for y0 in _window_starts(H, th, stride):
         for x0 in _window_starts(W, tw, stride):
-            p = predict(models, x[..., y0:y0 + th, x0:x0 + tw], dtype, tta)  # (B, 4, th, tw)
+            p = predict(models, x[..., y0:y0 + th, x0:x0 + tw], dtype, tta, style)  # (B, 4, th, tw)
             out[..., y0:y0 + th, x0:x0 + tw] += p * weight
             norm[y0:y0 + th, x0:x0 + tw] += weight
     return out / norm
 
 
-def predict_fitting(models, x, tile, dtype, tta, overlap):
+def predict_fitting(models, x, tile, dtype, tta, overlap, style=None):
     """predict_tiled(), halving the tile while the device runs out of memory -> (probs, tile that fitted)."""
     while True:
         try:
-            return predict_tiled(models, x, tile, dtype, tta, overlap), tile
+            return predict_tiled(models, x, tile, dtype, tta, overlap, style), tile
         except torch.OutOfMemoryError:
             size = tile or max(x.shape[-2:])
             if x.device.type != "cuda" or size <= 128:
@@ -134,7 +137,7 @@ def to_input(images_uint8, device):
 # ---------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=None, roi=True,
-                  batch=1, overlap=0.5, thresholds=THRESHOLDS, on_batch=None, ap_bins=0):
+                  batch=1, overlap=0.5, thresholds=THRESHOLDS, on_batch=None, ap_bins=0, style=None):
     """Pooled binned counts of a model ensemble over every full image of a data.PreparedDataset.
 
     Returns int64 CPU tensors tp (4, T), fp (4, T), pos (4,), and with ap_bins=B > 0 also tp_fine (4, B),
@@ -143,6 +146,7 @@ def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=
     image. roi=True counts only pixels inside the FOV; roi=False is the authors' way: every pixel counted,
     probabilities outside the FOV and the padding set to 0.
     on_batch(ids, probs (B, 4, H, W), items) is called per batch (used to write maps and validation losses).
+    style: as predict's (style-conditioned models).
     """
     if len(dataset) == 0:
         raise ValueError(f"test set {getattr(dataset, 'dataset_id', '')} has no images")
@@ -157,7 +161,7 @@ def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=
             x = to_input(np.stack([it["image"] for it in items]), device)  # (B, 3, H, W)
             masks = torch.from_numpy(np.stack([it["masks"] for it in items])).to(device)  # (B, 4, H, W) bool
             fov = torch.from_numpy(np.stack([it["fov"] for it in items])).to(device)  # (B, H, W) bool
-            probs, tile = predict_fitting(models, x, tile, dtype, tta, overlap)  # (B, 4, H, W) float32
+            probs, tile = predict_fitting(models, x, tile, dtype, tta, overlap, style)  # (B, 4, H, W) float32
             probs = probs.contiguous()  # no-op unless a model returns channels_last
             if not roi:
                 probs = probs.masked_fill(~fov[:, None], 0.0)
@@ -182,19 +186,21 @@ def pooled_counts(models, datasets, device, dtype=torch.float32, on_batch=None, 
     return total
 
 
-def summarize(tp, fp, pos, tp_fine=None, fp_fine=None, *, n_images):
+def summarize(tp, fp, pos, tp_fine=None, fp_fine=None, *, n_images, lesions=LESIONS):
     """Counts -> the per-test-set block of the Results JSON (NaN where a lesion is absent).
 
     Per lesion: the protocol's aupr beside its blank-map floor aupr_floor, the floor-free ap (when the fine
-    counts are given), dice, and the raw 11-threshold counts tp, fp, pos.
+    counts are given), dice, and the raw 11-threshold counts tp, fp, pos. `lesions`: the ones the model was
+    trained on (train.py --lesions); the others keep their counts but score NaN and leave the means.
     """
     m = pr_metrics(tp, fp, pos, tp_fine, fp_fine)
     keys = [k for k in ("aupr", "aupr_floor", "ap", "dice") if k in m]
-    lesions = {name: {**{k: float(m[k][c]) for k in keys},
-                      "tp": [int(v) for v in tp[c]], "fp": [int(v) for v in fp[c]], "pos": int(pos[c])}
-               for c, name in enumerate(LESIONS)}
-    means = {f"mean_{k}": nanmean([v[k] for v in lesions.values()]) for k in keys}
-    return {"n_images": int(n_images), **means, "lesions": lesions}
+    nan = float("nan")
+    blocks = {name: {**{k: float(m[k][c]) if name in lesions else nan for k in keys},
+                     "tp": [int(v) for v in tp[c]], "fp": [int(v) for v in fp[c]], "pos": int(pos[c])}
+              for c, name in enumerate(LESIONS)}
+    means = {f"mean_{k}": nanmean([blocks[n][k] for n in lesions]) for k in keys}
+    return {"n_images": int(n_images), **means, "lesions": blocks}
 
 
 def nanmean(values):

@@ -1,8 +1,10 @@
-"""Rebuild the paper's Tables 2-3 and Figures 3-4 from a sweep's results JSON files, as report.md + PNG + JSON.
+"""Rebuild the paper's Tables 2-3 and Figures 3-4 from a sweep's results JSON files, as report.md + PNG + JSON,
+with the sweep's validation curves (every run's log.jsonl) beside them.
 
     python report.py runs -o report/
     python report.py demo/runs -o demo/report --characterize demo/characterize/characterize.json
     python report.py runs -o report/ --reference none      # leave out the authors' published AUPR
+    python report.py runs -o report/ --authors authors     # beside `make authors-models` (their released models)
 """
 import argparse
 import csv
@@ -19,11 +21,13 @@ matplotlib.use("Agg")  # files only, never a window (works on headless machines)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from curves import plot_sweep  # noqa: E402
 from data import DATASET_IDS, LESIONS, combo_name  # noqa: E402
 from jsonio import null_nan, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_REFERENCE = "reference/lesions_database_cross_study.csv"
+DEFAULT_AUTHORS = "authors"  # `make authors-models`: authors/<COMBO>/results.json of evaluate.py --ckpt hub:COMBO
 DEFAULT_CHARACTERIZE = "OUT/characterize/characterize.json"
 TEST_NAMES = {"IDR": "IDRiD", "DDR": "DDR", "FGA": "FGADR", "RET": "Retinal-Lesions", "MES": "Messidor"}
 STYLE_COLORS = {"fine": "#b7e4c7", "mixed": "#ffe8a3", "coarse": "#f4b6b6"}
@@ -153,6 +157,19 @@ def load_reference(path):
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
+def load_authors(folder):
+    """FOLDER/<COMBO>/results.json written by evaluate.py --ckpt hub:COMBO (method "authors") -> {combo: record}."""
+    out = {}
+    for path in sorted(Path(folder).glob("*/results.json")):
+        rec = _read_json(path)
+        if isinstance(rec, dict) and rec.get("method") == "authors" and isinstance(rec.get("results"), dict):
+            try:
+                out[_combo(rec.get("train"), path.parent.name)] = rec
+            except ValueError:
+                continue
+    return out
+
+
 # ---------------------------------------------------------------- numbers
 def run_metric(run, test, metric, lesion=None):
     """One run's AUPR or Dice on a test set: a lesion's value, or the mean over lesions. None: not evaluated."""
@@ -263,6 +280,25 @@ def reference_pairs(by_combo, reference):
     return pairs
 
 
+def authors_rows(by_combo, authors, reference):
+    """Per (combination, test set), means over lesions: our AUPR and Dice (over seeds), the authors' released model
+    under our protocol (AUPR, Dice at p >= 0.5, argmax Dice) and the AUPR of their own export (reference/)."""
+    rows = []
+    for combo in sorted(set(by_combo) | set(authors), key=_combo_key):
+        for test in DATASET_IDS:
+            res = ((authors.get(combo) or {}).get("results") or {}).get(test) or {}
+            export = [reference[k] for k in ((combo, test, lesion) for lesion in LESIONS) if k in reference]
+            if not res and not export:
+                continue
+            runs = by_combo.get(combo, [])
+            rows.append({"combo": combo, "test": test, "ours_aupr": cell(runs, test, "aupr"),
+                         "ours_dice": cell(runs, test, "dice"), "model_aupr": _num(res.get("mean_aupr")),
+                         "model_dice": _num(res.get("mean_dice")),
+                         "model_dice_argmax": _num(res.get("mean_dice_argmax")),
+                         "export_aupr": float(np.mean(export)) if export else float("nan")})
+    return rows
+
+
 # ---------------------------------------------------------------- writing
 def fmt(summary):
     """'—' no run, 'NaN' runs whose metric is undefined, else 'mean ± std (n=k)'."""
@@ -355,7 +391,80 @@ def protocol_lines(runs):
     return lines or ["- (no results.json found: Figure 4 only)"]
 
 
-def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note):
+def real_he_lines(path, out):
+    """The real-data check (bench/real_he.py's real_he.json, its heldout.png copied beside report.md) -> md lines."""
+    import shutil
+
+    rec = json.loads(Path(path).read_text())
+    figure = Path(path).with_name("heldout.png")
+    if figure.is_file():
+        shutil.copyfile(figure, out / "real_he_heldout.png")
+    md = ["", "## The real-data check: IDRiD haemorrhages", "",
+          f"`bench/real_he.py`: {rec['train']['n_images']} real IDRiD photographs (tests/fixtures/idrid-he14, "
+          f"downscaled 4x, HE masks only) trained from scratch on CPU, {rec['test']['n_images']} held out, "
+          f"at {rec['resolution']} px; train.py flags `{' '.join(rec['flags'])}`. AP is floor-free (a blank map "
+          "scores the prevalence); *darkness*: the green channel's darkness relative to its median in the FOV, "
+          "no learning.", "", "| images | n | AP | prevalence | AP / prevalence | darkness AP |", "|---|---|---|---|---|---|"]
+    for split, name in (("train", "its training images"), ("test", "held out")):
+        r = rec[split]
+        md.append(f"| {name} | {r['n_images']} | {r['ap']:.3f} | {r['prevalence']:.4f} | "
+                  f"{r['ap'] / r['prevalence']:.1f} | {r['baseline_ap']:.3f} |")
+    if figure.is_file():
+        md += ["", "![held-out photographs: image | ground truth | prediction](real_he_heldout.png)"]
+    return md
+
+
+def style_data(runs_dir, by_combo, styles):
+    """Style conditioning (beyond the paper): per combination with style-conditioned runs (COMBO/cond-s<SEED>), Dice
+    (mean over lesions) on its fine sets' test sets, for the fine sets alone, the combination and the combination
+    conditioned (evaluated at the style its results record, fine by default) -> {combo: {"tests", "rows"}}."""
+    from style import STYLE_TABLE
+
+    styles = {**STYLE_TABLE, **styles}  # characterize.json where measured, else the README's table
+    conditioned = {}
+    for path in sorted(Path(runs_dir).glob("*/cond-s*/results.json")):
+        rec = _read_json(path)
+        if isinstance(rec, dict) and isinstance(rec.get("results"), dict):
+            combo = _combo(rec.get("train"), path.parent.parent.name)
+            conditioned.setdefault(combo, []).append({"results": rec["results"], "path": path,
+                                                      "style": (rec.get("protocol") or {}).get("style")})
+    out = {}
+    for combo, cond in sorted(conditioned.items(), key=lambda kv: _combo_key(kv[0])):
+        fine = [d for d in combo.split("+") if styles.get(d) == "fine"]
+        chosen = sorted({str(r["style"]) for r in cond})
+        rows = [(f"{'+'.join(fine)} (fine sets only)", by_combo.get("+".join(fine), [])),
+                (combo, by_combo.get(combo, [])), (f"{combo}, conditioned, style {'/'.join(chosen)}", cond)]
+        out[combo] = {"tests": fine, "rows": [
+            {"name": name, **{t: cell(runs, t, "dice") for t in fine},
+             "mean": summarize([float(np.mean([run_metric(r, t, "dice") for t in fine])) for r in runs
+                                if all(run_metric(r, t, "dice") is not None for t in fine)])}
+            for name, runs in rows]}
+    return out
+
+
+def style_lines(data, out):
+    """The style-conditioning section of report.md (style_data), with the maps of both styles when the demo wrote
+    them (OUT/style_maps/<style>/*_overlay.*)."""
+    md = ["", "## Style conditioning (beyond the paper)", ""]
+    if not data:
+        return md + ["No style-conditioned runs (`train.py --style-condition style`, run folders COMBO/cond-sSEED)."]
+    for combo, d in data.items():
+        md += [f"Dice (mean over lesions) on the fine test sets of {combo}; cells: mean ± std over seeds (n).", "",
+               "| Trained on | " + " | ".join(f"{t}-test" for t in d["tests"]) + " | mean |",
+               "|---" * (len(d["tests"]) + 2) + "|"]
+        md += [f"| {r['name']} | " + " | ".join(fmt(r[t]) for t in d["tests"] + ["mean"]) + " |" for r in d["rows"]]
+        md.append("")
+    md.append("The claim under test: conditioning the decoder on each training set's labelling style (FiLM, "
+              "`train.py --style-condition style`) recovers at the fine style what adding the coarse set cost.")
+    maps = {s: sorted((out / "style_maps" / s).glob("*_overlay.*")) for s in ("fine", "coarse")}
+    if maps["fine"] and maps["coarse"]:
+        md += ["", "One test photograph, the first conditioned model, `evaluate.py --images --style fine` and "
+               "`--style coarse`:", "", "| style fine | style coarse |", "|---|---|",
+               "| " + " | ".join(f"![{s}]({maps[s][0].relative_to(out).as_posix()})" for s in ("fine", "coarse")) + " |"]
+    return md
+
+
+def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, authors=None, extra=()):
     seeds = sorted({r["seed"] for r in runs})
     combos = sorted({r["combo"] for r in runs}, key=_combo_key)
     md = ["# Cross-dataset lesion segmentation: report", "",
@@ -390,12 +499,42 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note):
                f"{fmt_paper(null_nan(d['delta_vs_baseline']))} |" for m, d in f4.items()]
     else:
         md.append("No fig4.json found.")
+    md += ["", "## Training curves of the sweep", ""]
+    if curves:
+        md += [f"![Validation curves]({curves.name})", "",
+               "Validation Dice (mean over lesions) against step, from each run's `log.jsonl`: one panel per "
+               "combination, one line per seed; a star marks the step of the run's `best.pt`, the checkpoint the "
+               "tables evaluate. Each run folder also holds its own `curves.png` (losses and per-lesion Dice)."]
+    else:
+        md.append("No run's log.jsonl holds a validation yet.")
     md += ["", "## The authors' published AUPR beside ours", ""]
     if pairs:
         md += ["![Reference AUPR](reference_aupr.png)", "",
                f"{len(pairs)} (combination, test set, lesion) pairs. {ref_note}"]
     else:
         md.append("Not plotted (no reference file or no matching combination).")
+    md += ["", "## The authors' released models beside ours", ""]
+    if authors:
+        num = lambda v: "—" if not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
+        md += ["Means over lesions. *model*: the authors' released model of that combination "
+               "(`make authors-models`: `evaluate.py --ckpt hub:COMBO`), scored here under our protocol; *export*: "
+               "the AUPR of their own evaluation (`reference/`).", "",
+               "| Trained on | Test set | AUPR ours | AUPR model | AUPR export | Dice ours | Dice model | "
+               "Dice model (argmax) |", "|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['combo']} | {TEST_NAMES[r['test']]} | {fmt(r['ours_aupr'])} | {num(r['model_aupr'])} | "
+               f"{num(r['export_aupr'])} | {fmt(r['ours_dice'])} | {num(r['model_dice'])} | "
+               f"{num(r['model_dice_argmax'])} |" for r in authors]
+        md += ["", "Where our protocol and their export differ: (1) ROI: we count the FOV's pixels only, their export "
+               "counted every pixel with p = 0 outside it (only the lowest threshold's point moves; `evaluate.py "
+               "--no-roi` is their way); (2) resolution: their models run at 1024 px, as trained (their model card), "
+               "ours at their training resolution; (3) softmax vs sigmoid: a lesion's softmax probability shares "
+               "its mass with the background and the other lesions, so Dice at p >= 0.5 is stricter for their models "
+               "than for our independent sigmoids, and their own Dice takes the argmax (last column); (4) splits: "
+               "they held out their own test images (`--split-protocol authors`, used by `make authors-models`), "
+               "and their export averages lesions absent from a test set that our means leave out."]
+    else:
+        md.append("No results of the authors' released models (run `make authors-models`).")
+    md += list(extra)
     (out / "report.md").write_text("\n".join(md) + "\n")
 
 
@@ -409,8 +548,16 @@ def main(argv=None):
     p.add_argument("--reference", default=DEFAULT_REFERENCE,
                    help="the authors' published CSV, relative to here or to this script; 'none' to leave it "
                         "out (default: %(default)s)")
+    p.add_argument("--authors", default=DEFAULT_AUTHORS,
+                   help="folder of the authors' released models' results, <COMBO>/results.json (`make "
+                        "authors-models`; default: %(default)s, used when present)")
+    p.add_argument("--real-he", default=None, metavar="JSON",
+                   help="real_he.json of bench/real_he.py (`make real-he`), shown with its figure "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.real_he is not None and not Path(args.real_he).is_file():
+        raise FileNotFoundError(f"--real-he {args.real_he} not found")
 
     runs, fig4, skipped = load_runs(args.runs_dir)
     for path in skipped:
@@ -438,13 +585,17 @@ def main(argv=None):
         by_combo.setdefault(r["combo"], []).append(r)
     t2, t3, f3, f4 = table2(by_combo), table3(by_combo), figure3_data(by_combo, styles), figure4_data(fig4)
     pairs = reference_pairs(by_combo, reference)
+    if not Path(args.authors).is_dir() and args.authors != DEFAULT_AUTHORS:
+        raise FileNotFoundError(f"--authors {args.authors} not found")
+    authors = authors_rows(by_combo, load_authors(args.authors), reference) if Path(args.authors).is_dir() else []
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "table2.json", t2)
     write_json(out / "table3.json", t3)
     write_json(out / "figure3.json", f3)
     plot_figure3(f3, out / "figure3.png")
-    for name in ("figure4.json", "figure4.png", "reference_aupr.json", "reference_aupr.png"):
+    for name in ("figure4.json", "figure4.png", "reference_aupr.json", "reference_aupr.png", "sweep_curves.png",
+                 "authors.json", "real_he_heldout.png"):
         (out / name).unlink(missing_ok=True)  # a rerun without them must not leave stale ones beside report.md
     if f4:
         write_json(out / "figure4.json", f4)
@@ -452,7 +603,14 @@ def main(argv=None):
     if pairs:
         write_json(out / "reference_aupr.json", pairs)
         plot_reference(pairs, out / "reference_aupr.png")
-    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note)
+    curves = plot_sweep(args.runs_dir, out / "sweep_curves.png")
+    if authors:
+        write_json(out / "authors.json", authors)
+    extra = real_he_lines(args.real_he, out) if args.real_he else []
+    styled = style_data(args.runs_dir, by_combo, styles)
+    write_json(out / "style.json", styled)
+    extra = extra + style_lines(styled, out)
+    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves, authors, extra)
     print(f"report: {len(runs)} run(s), {len(fig4)} fig4 file(s) -> {out / 'report.md'}")
 
 

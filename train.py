@@ -36,11 +36,14 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from data import (LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options, parse_dataset_ids,
-                  prepare_cache)
+                  parse_lesions, prepare_cache)
+from curves import refresh as refresh_curves
+from data.flags import add_dataset_list
 from jsonio import null_nan
 from kernels import AP_BINS, pr_metrics
 from model import ModelConfig, architecture, build_model, load_checkpoint, save_checkpoint
 from protocol import DTYPES, check_device, nanmean, pooled_counts
+from style import MODES, style_tokens
 
 HIGHER_IS_BETTER = {"loss": False, "dice": True, "ap": True, "aupr": True}
 # The flags that may differ between a run and its resume (the docstring, hence --help, lists them).
@@ -60,8 +63,7 @@ def build_parser():
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--train", required=True,
-                   help="datasets to train on, comma-separated, any order: IDR,DDR,FGA,RET,MES (required)")
+    add_dataset_list(g, "--train", "datasets to train on", required=True)
     g.add_argument("--out", default=None,
                    help="run directory; rerunning on it resumes (see above) (default: runs/<COMBO>/s<SEED>)")
     g.add_argument("--seed", type=int, default=0, help="seed of the patch stream and dropout (default: %(default)s)")
@@ -82,6 +84,18 @@ def build_parser():
     g.add_argument("--decoder-attention", action="store_true",
                    help="scSE attention in the decoder blocks (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=0.0, help="channel dropout before the head (default: %(default)s)")
+    g.add_argument("--local-contrast", type=float, default=0.0, metavar="SIGMA",
+                   help="subtract the input's local mean (Gaussian of SIGMA pixels at --resolution, fundus only) "
+                        "inside the model, Graham's fundus normalisation; 0 = off, the paper (default: %(default)s)")
+    g.add_argument("--style-condition", choices=MODES, default="off",
+                   help="condition the decoder on each patch's labelling style (FiLM after every decoder block, "
+                        "style.py): style = one token per style (fine, mixed, coarse) of the training sets, dataset "
+                        "= one token per training set; validation and evaluate.py use the fine style unless told "
+                        "otherwise (evaluate.py --style); off = the paper's model (default: %(default)s)")
+    g.add_argument("--characterize", default=None, metavar="PATH",
+                   help="characterize.json (characterize.py) giving each training set's labelling style for "
+                        "--style-condition (default: %(default)s = the README's table: IDR, DDR, MES fine; FGA "
+                        "mixed; RET coarse)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--resolution", type=int, default=1536,
@@ -103,6 +117,10 @@ def build_parser():
                         "iters // 10 with a warning (default: %(default)s)")
     g.add_argument("--loss", choices=("bce", "dice", "bce+dice"), default="bce+dice",
                    help="per-pixel BCE, soft Dice, or their sum, inside the FOV only (default: %(default)s)")
+    g.add_argument("--lesions", default=",".join(LESIONS), metavar="LIST",
+                   help="lesions to train, validate and score, e.g. HE: the others are left out of the loss, "
+                        "not trained as negatives (for data where only some lesions are annotated); the model "
+                        "keeps its 4 output channels (default: EX,HE,MA,CWS)")
 
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val-every", type=int, default=1000,
@@ -139,7 +157,6 @@ def parse_args(argv=None):
     """Parse and check the command line: a user error raises a one-line ValueError naming the flag, before
     any data or model setup."""
     args = build_parser().parse_args(argv)
-    args.train = parse_dataset_ids(args.train)
     for flag in ("resolution", "patch", "batch", "iters", "val_every", "log_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -148,8 +165,17 @@ def parse_args(argv=None):
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    try:
+        args.lesions = parse_lesions(args.lesions)
+    except ValueError as e:
+        raise ValueError(f"--lesions: {e}") from None
+    if not (0 <= args.local_contrast < args.resolution):  # `not`: NaN fails too
+        raise ValueError(f"--local-contrast must be in [0, --resolution), got {args.local_contrast}")
     if not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.characterize and args.style_condition == "off":
+        raise ValueError("--characterize gives the styles of --style-condition style or dataset; pass one of them")
+    style_tokens(args.style_condition, args.train, args.characterize)  # a file without a style for a training set
     if not 0 <= args.lesion_patches <= 1:
         raise ValueError(f"--lesion-patches must be in [0, 1], got {args.lesion_patches}")
     if args.stop_at is not None and args.stop_at < 1:
@@ -194,6 +220,11 @@ def compute_loss(scores, masks, fov, kind, probs=False):
         dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + y.sum((0, 2, 3)) + 1)
         loss = loss + (1 - dice).mean()
     return loss
+
+
+def lesion_channels(lesions):
+    """Channel indices of the trained lesions (train.py --lesions), in LESIONS order."""
+    return [LESIONS.index(name) for name in lesions]
 
 
 def lr_factor(step, warmup, iters):
@@ -251,8 +282,10 @@ def validation_loss(sums, kind):
     return loss
 
 
-def validate(model, val_sets, device, dtype, loss_kind):
+def validate(model, val_sets, device, dtype, loss_kind, lesions=LESIONS):
     """Validation loss, per-lesion AUPR, AP and Dice on full images at the training resolution.
+
+    Only the trained `lesions` (--lesions) enter the loss and the means; the others score NaN.
 
     One pass of protocol.pooled_counts: AUPR / AP / Dice pool the counts of all images of all validation
     sets (the evaluation protocol); the loss, from the same probabilities, pools its sums the same way
@@ -277,8 +310,11 @@ def validate(model, val_sets, device, dtype, loss_kind):
     tp, fp, pos, tp_fine, fp_fine = pooled_counts([model], val_sets, device, dtype=dtype, on_batch=add_sums,
                                                   ap_bins=AP_BINS)
     m = pr_metrics(tp, fp, pos, tp_fine, fp_fine)
-    aupr, ap, dice = ([float(v) for v in m[k]] for k in ("aupr", "ap", "dice"))
-    loss = float("nan") if torch.stack(bad).sum().item() else validation_loss([t.cpu() for t in sums], loss_kind)
+    aupr, ap, dice = ([float(v) if n in lesions else float("nan") for n, v in zip(LESIONS, m[k])]
+                      for k in ("aupr", "ap", "dice"))
+    trained = lesion_channels(lesions)
+    loss = float("nan") if torch.stack(bad).sum().item() else \
+        validation_loss([t.cpu()[trained] for t in sums], loss_kind)
     return {"loss": loss, "mean_aupr": nanmean(aupr), "mean_ap": nanmean(ap), "mean_dice": nanmean(dice),
             "aupr": aupr, "ap": ap, "dice": dice}
 
@@ -514,7 +550,9 @@ def make_model(s, ckpt):
     args = s.args
     s.cfg = ModelConfig(encoder=args.encoder, pretrained=args.pretrained, decoder_channels=tuple(args.decoder_channels),
                         attention=args.decoder_attention, dropout=args.dropout, classes=len(LESIONS),
-                        encoder_weights=args.encoder_weights)
+                        encoder_weights=args.encoder_weights, local_contrast=args.local_contrast)
+    if args.style_condition != "off":
+        s.cfg.style_tokens, s.cfg.token_styles, _ = style_tokens(args.style_condition, args.train, args.characterize)
     # NOTE: one decoder init for every seed (like the shared pretrained encoder): model soups average runs
     # that start from the same weights (Wortsman et al. 2022); seeds differ in patches and dropout.
     torch.manual_seed(args.init_seed)
@@ -654,13 +692,13 @@ def check_val_metric(s):
     """--val-metric must name a score that validate() gives: tried on one validation image before training."""
     if s.args.val_metric != "loss":
         one = Subset(s.val_sets[0], [0])
-        selection_value(validate(s.raw_model, [one], s.device, s.dtype, s.args.loss), s.args.val_metric)
+        selection_value(validate(s.raw_model, [one], s.device, s.dtype, s.args.loss, s.args.lesions), s.args.val_metric)
 
 
 def validate_and_save(s, on_validate=None):
     """Validate, then write the pending snapshot, best.pt, the log line and last.pt; then call on_validate."""
     check_finite(s)
-    metrics = validate(s.raw_model, s.val_sets, s.device, s.dtype, s.args.loss)
+    metrics = validate(s.raw_model, s.val_sets, s.device, s.dtype, s.args.loss, s.args.lesions)
     if not math.isfinite(metrics["loss"]):
         raise diverged(s, "the validation loss", metrics["loss"], s.step)
     metric = selection_value(metrics, s.args.val_metric)
@@ -686,6 +724,7 @@ def validate_and_save(s, on_validate=None):
                                          "dice": dict(zip(LESIONS, metrics["dice"])), "best": better,
                                          "minimum_at": minimum})
         tqdm.write(validation_line(s, record, better))
+        refresh_curves(s.out)  # OUT/curves.png from log.jsonl (a failure to draw is a warning, not the end)
     save_last(s)
     if on_validate is not None:
         on_validate(s.step, dict(record))
@@ -703,7 +742,7 @@ def summary_line(s):
     """The run's last line: where its results are."""
     kept = len(list((s.out / "snapshots").glob("step_*.pt")))
     return (f"done: {s.step} steps; best val {s.args.val_metric} {s.best['value']:.4f} at step {s.best['step']} in "
-            f"{s.out / 'best.pt'}; {kept} snapshots in {s.out / 'snapshots'}; curves in {s.out / 'log.jsonl'}")
+            f"{s.out / 'best.pt'}; {kept} snapshots in {s.out / 'snapshots'}; curves in {s.out / 'curves.png'}")
 
 
 # ----------------------------------------------------------------------------- the step loop
@@ -721,8 +760,11 @@ def train_step(s, batch):
     masks = batch["masks"].to(device, non_blocking=True).float()  # (B, 4, P, P) 0/1
     fov = batch["fov"].to(device, non_blocking=True)  # (B, P, P) bool
     with torch.autocast(device.type, dtype=s.dtype, enabled=s.dtype != torch.float32):
-        logits = s.model(images)  # (B, 4, P, P)
-    loss = compute_loss(logits.float(), masks, fov, args.loss)
+        # a style-conditioned model gets each patch's token (its dataset's style), (B,) int64
+        style = batch["style"].to(device, non_blocking=True) if "style" in batch else None
+        logits = s.model(images) if style is None else s.model(images, style=style)  # (B, 4, P, P)
+    trained = lesion_channels(args.lesions)
+    loss = compute_loss(logits.float()[:, trained], masks[:, trained], fov, args.loss)
     # The mean loss over ranks: logged, and checked on every rank so that all stop together,
     # before the update, so a NaN never reaches the weights.
     loss_value = loss.detach().clone()
@@ -795,8 +837,10 @@ def start(s, train_ids, ckpt):
         trim_log(s.out / "log.jsonl", s.step)
     # Batches: each rank reads its own slice of the global patch stream, from the current step on.
     args = s.args
+    token_of = style_tokens(args.style_condition, train_ids, args.characterize)[2]  # {dataset: token}, {} when off
     patches = PatchDataset(train_sets, patch=args.patch, length=args.iters * args.batch * s.world, seed=args.seed,
-                           lesion_patches=args.lesion_patches)
+                           lesion_patches=args.lesion_patches, lesions=args.lesions,
+                           styles=[token_of[d] for d in train_ids] if token_of else None)
     sampler = StepSampler(s.step, args.iters, args.batch, s.rank, s.world)
     return DataLoader(patches, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                       pin_memory=s.device.type == "cuda",

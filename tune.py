@@ -38,6 +38,7 @@ import torch
 
 import data
 import train
+from data.flags import add_dataset_list
 from model import ModelConfig, build_model
 
 # train.py flags written by tune.py for every trial: passing one of them after `--` is an error.
@@ -86,8 +87,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [options] [-- train.py options]")
     g = p.add_argument_group("study")
-    g.add_argument("--train", default=None,
-                   help="datasets the trials train and validate on, e.g. IDR,DDR (required unless --show)")
+    add_dataset_list(g, "--train", "datasets the trials train and validate on, e.g. IDR,DDR; required unless "
+                     "--show")
     g.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data_raw"),
                    help="passed to train.py (default: %(default)s)")
     g.add_argument("--cache", default="cache", help="prepared-data cache, passed to train.py (default: %(default)s)")
@@ -148,9 +149,7 @@ def parse_args(argv=None):
         if flag.split("=")[0] in OWNED_FLAGS:
             raise ValueError(f"{flag.split('=')[0]} after `--` would override what tune.py sets; use tune.py's own "
                              f"flags (--train, --data-root, --cache, --iters, --val-every, --warmup, the search space)")
-    if args.train is not None:
-        args.train = data.parse_dataset_ids(args.train)
-    elif not args.show:
+    if args.train is None and not args.show:
         raise ValueError("--train is required (e.g. --train IDR,DDR)")
     if args.study is None:
         if args.train is None:

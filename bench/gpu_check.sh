@@ -93,7 +93,7 @@ step train_step 110 "$PY" bench/bench_train.py --device "$DEVICE" --encoder "$EN
 # Synthetic IDRiD at full size, prepared once so that `train` times training, not preprocessing
 step synth 30 bash -c "rm -rf '$W/data' '$W/cache' && '$PY' -m data.synthetic --out '$W/data' --images 8 \
   --size $SYNTH_SIZE --datasets IDR && '$PY' -m data.prepare --dataset IDR --data-root '$W/data' \
-  --out '$W/cache' --resolution $RESOLUTION"
+  --cache '$W/cache' --resolution $RESOLUTION"
 step train 75 "$PY" train.py "${TRAIN_ARGS[@]}" --out "$W/runs/train" --iters "$ITERS" --val-every "$VAL_EVERY"
 step evaluate 25 "$PY" evaluate.py --ckpt "$W/runs/train/best.pt" --test IDR --data-root "$W/data" \
   --cache "$W/cache" --device "$DEVICE" --dtype bfloat16 --out "$OUT/steps/evaluate.json"

@@ -1,7 +1,7 @@
 """The five public fundus datasets, read as distributed, prepared once into a fast patch cache.
 
     python -m data.synthetic --out demo/data                  # the embedded default (all five layouts)
-    python -m data.prepare --dataset IDR --data-root demo/data --out cache --resolution 1536
+    python -m data.prepare --dataset IDR --data-root demo/data --cache cache --resolution 1536
 
 ids.py      dataset IDs, lesion names, distributed folder names
 datasets.py one adapter per dataset: the distributed files -> samples; decoding
@@ -15,7 +15,7 @@ synthetic.py   synthetic datasets in the five layouts (the demo)
 """
 import warnings
 
-from data.ids import DATASET_IDS, FOLDERS, LESIONS, combo_name, parse_dataset_ids
+from data.ids import DATASET_IDS, FOLDERS, LESIONS, combo_name, parse_dataset_ids, parse_lesions
 from data.cache import PreparedDataset
 from data.flags import DATA_FLAGS, add_data_args, data_options, data_settings
 from data.patches import PatchDataset
@@ -27,6 +27,6 @@ from data.preprocess import preprocess_image, restore_geometry
 warnings.filterwarnings("ignore", message="'data.prepare' found in sys.modules", category=RuntimeWarning)
 from data.prepare import prepare_cache  # noqa: E402
 
-__all__ = ["LESIONS", "DATASET_IDS", "FOLDERS", "parse_dataset_ids", "combo_name", "PreparedDataset",
+__all__ = ["LESIONS", "DATASET_IDS", "FOLDERS", "parse_dataset_ids", "parse_lesions", "combo_name", "PreparedDataset",
            "DATA_FLAGS", "add_data_args", "data_options", "data_settings", "PatchDataset", "preprocess_image",
            "restore_geometry", "prepare_cache"]

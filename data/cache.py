@@ -24,7 +24,7 @@ SPLITS = ("train", "val", "test")
 def prepare_command(folder):
     """The command that prepares CACHE/<ID>/<R> again (the user adds the --data-root they used)."""
     folder = Path(folder)
-    return (f"python -m data.prepare --dataset {folder.parent.name} --out {folder.parent.parent} "
+    return (f"python -m data.prepare --dataset {folder.parent.name} --cache {folder.parent.parent} "
             f"--resolution {folder.name} --data-root DIR")
 
 

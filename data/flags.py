@@ -5,11 +5,12 @@
 
 add_data_args adds them to a parser, data_options turns the parsed values into prepare_cache's keyword
 arguments, data_settings merges them with the values a training run recorded in its checkpoint.
+add_dataset_list is the one syntax of every dataset-list flag (--train, --test, --datasets, --dataset).
 """
 import argparse
 import os
 
-from data.ids import parse_dataset_ids
+from data.ids import DATASET_IDS, parse_dataset_ids
 
 SPLIT_PROTOCOLS = ("paper", "authors")  # docs/PROTOCOL.md, "splits"
 
@@ -42,6 +43,37 @@ def add_data_args(parser):
                    help="seed of the paper protocol's seeded splits; the authors protocol always uses 42 "
                         "(default: %(default)s)")
     return parser
+
+
+class DatasetList(argparse.Action):
+    """Dataset IDs as one list, however they are typed: `--test IDR,DDR MES`, `--test IDR+DDR+mes` and
+    `--test all` parse to the canonical list (data.ids.parse_dataset_ids: canonical order, no duplicates).
+    Given twice, the last one wins, as for any flag: `make ... EVAL_FLAGS="--test MES"` overrides the default.
+
+    NOTE: an unknown ID raises ValueError naming the flag (not argparse's usage + exit 2), so every script's
+    `except ValueError` prints it as one line, like its other user errors.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        words = [values] if isinstance(values, str) else list(values)
+        for word in words:
+            if "/" in word or os.sep in word:  # `fig4.py --test IDR runs/X`: the list took the positional
+                raise ValueError(f"{option_string}: {word!r} is not a dataset ID; a folder or file goes before "
+                                 f"{option_string}, whose list takes every word after it")
+        text = ",".join(words)
+        try:
+            ids = list(DATASET_IDS) if text.strip().lower() == "all" else parse_dataset_ids(text)
+        except ValueError as e:
+            raise ValueError(f"{option_string}: {e}") from None
+        setattr(namespace, self.dest, ids)
+
+
+def add_dataset_list(parser, flag, what, default=None, required=False):
+    """Add a dataset-list flag (see DatasetList) whose help names its syntax; the parsed value is a list of IDs."""
+    shown = "required" if required else f"default: {','.join(default) if default else 'none'}"
+    parser.add_argument(flag, nargs="+", action=DatasetList, default=default, required=required, metavar="IDS",
+                        help=f"{what}: IDs of {', '.join(DATASET_IDS)} in any order or case, separated by commas, "
+                             f"+ or spaces (IDR,DDR MES = IDR+DDR+MES), or 'all' ({shown})")
 
 
 def _pairs(values, flag):

@@ -27,6 +27,17 @@ def parse_dataset_ids(text):
     return [i for i in DATASET_IDS if i in ids]
 
 
+def parse_lesions(text):
+    """'he,ex' -> ('EX', 'HE') (LESIONS order, no duplicates): the lesions a run is trained and scored on."""
+    names = [t.strip().upper() for t in str(text).replace("+", ",").split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"empty lesion list {text!r} (choose from {', '.join(LESIONS)})")
+    for n in names:
+        if n not in LESIONS:
+            raise ValueError(f"unknown lesion {n!r} (choose from {', '.join(LESIONS)})")
+    return tuple(n for n in LESIONS if n in names)
+
+
 def combo_name(ids):
     """Canonical run name of a training combination: ['MES', 'IDR'] -> 'IDR+MES'."""
     return "+".join(parse_dataset_ids(",".join(ids)))

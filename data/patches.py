@@ -167,10 +167,16 @@ class PatchDataset(torch.utils.data.Dataset):
     (a lesion of the image drawn uniformly among those it has, then one of its pixels: the smallest lesions,
     microaneurysms, get as many centres as the largest); lesions: the lesion names that count (the annotated
     ones). q = 0 draws exactly the stream of plain random patches (paper section 2.2).
+    styles: one style-token index per dataset (train.py --style-condition): each item then has "style", an int64
+    scalar tensor (a (B,) batch once collated); None leaves the items as they are.
     """
 
-    def __init__(self, datasets, patch=512, length=1000, seed=0, augment=True, lesion_patches=0.0, lesions=LESIONS):
+    def __init__(self, datasets, patch=512, length=1000, seed=0, augment=True, lesion_patches=0.0, lesions=LESIONS,
+                 styles=None):
         self.datasets, self.patch, self.length, self.seed = list(datasets), int(patch), int(length), int(seed)
+        if styles is not None and len(styles) != len(self.datasets):
+            raise ValueError(f"PatchDataset: {len(styles)} style tokens for {len(self.datasets)} datasets")
+        self.styles = None if styles is None else [int(t) for t in styles]
         self.augment, self.aug = augment, dict(AUGMENT)
         if not 0.0 <= lesion_patches <= 1.0:
             raise ValueError(f"--lesion-patches must be in [0, 1], got {lesion_patches}")
@@ -206,8 +212,11 @@ class PatchDataset(torch.utils.data.Dataset):
             if pools:  # an image without lesions: a random FOV centre, as usual
                 pool = pools[int(rng.integers(len(pools)))]
                 centre = divmod(int(pool[int(rng.integers(pool.size))]), bits.shape[1])
-        return make_patch(image, bits, self.datasets[d].geometry(j), self.patch, rng,
+        item = make_patch(image, bits, self.datasets[d].geometry(j), self.patch, rng,
                           self.aug if self.augment else None, centre)
+        if self.styles is not None:
+            item["style"] = torch.tensor(self.styles[d])  # int64 (): the token of the patch's dataset
+        return item
 
     def __getitem__(self, i):
         return self.sample(i)

@@ -1,9 +1,9 @@
 """Prepare a dataset once into a memory-mapped cache (crop to FOV, resize, pad); data/cache.py reads it back.
 
-    python -m data.prepare --dataset IDR --data-root data_raw --out cache --resolution 1536
-    python -m data.prepare --dataset all --data-root demo/data --out demo/cache --resolution 512
-    python -m data.prepare --dataset FGA,MES --mask-threshold FGA=127 --splits MES=official --out cache
-    python -m data.prepare --dataset FGA,RET --split-protocol authors --out cache
+    python -m data.prepare --dataset IDR --data-root data_raw --cache cache --resolution 1536
+    python -m data.prepare --dataset all --data-root demo/data --cache demo/cache --resolution 512
+    python -m data.prepare --dataset FGA,MES --mask-threshold FGA=127 --splits MES=official --cache cache
+    python -m data.prepare --dataset FGA RET --split-protocol authors --cache cache
 
 CACHE/<ID>/<resolution>/ holds images.npy uint8 (N, R, R, 3), masks.npy uint8 (N, R, R) with bits 0-3 =
 EX, HE, MA, CWS and bit 4 = FOV, splits.json (the split protocol, split -> sorted ids) and meta.json (ids in
@@ -30,14 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 if __package__ in (None, ""):  # `python data/prepare.py` as well as `python -m data.prepare`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta
 from data.datasets import dataset_root, list_samples, load_image, load_masks
-from data.flags import add_data_args, data_options
-from data.ids import DATASET_IDS, LESIONS, parse_dataset_ids
+from data.flags import add_data_args, add_dataset_list, data_options
+from data.ids import LESIONS, parse_dataset_ids
 from data.preprocess import fit_geometry, fov_box, fov_mask, pad_square, resize_image
 from data.splits import make_splits
 
@@ -212,7 +213,7 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
                                   note="up to date: prepared by another process meanwhile"))
                 return out
             _remove_leftovers(out.parent, resolution)
-            meta = _build(out, meta, samples, {"protocol": split_protocol, **splits}, workers)
+            meta = _build(out, meta, samples, {"protocol": split_protocol, **splits}, workers, verbose)
     except BaseException:
         for p in reversed(created):  # folders this call created, when left empty
             with contextlib.suppress(OSError):  # not empty (another process uses it) or already gone
@@ -279,8 +280,9 @@ def _reserve(path):
         os.close(fd)
 
 
-def _build(out, meta, samples, splits, workers):
-    """Write the cache into a temporary folder, then rename it into place -> meta. Call with the lock held."""
+def _build(out, meta, samples, splits, workers, verbose=True):
+    """Write the cache into a temporary folder, then rename it into place -> meta. Call with the lock held.
+    verbose: a bar of images with an ETA on stderr (only where stderr is a terminal)."""
     R, N = meta["resolution"], len(samples)
     _check_free_space(out.parent, N, R)
     tmp = out.parent / f".tmp-{R}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -301,7 +303,10 @@ def _build(out, meta, samples, splits, workers):
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
             futures = [pool.submit(one, k) for k in range(N)]
             try:
-                results = [f.result() for f in futures]
+                # NOTE: disable=None hides the bar where stderr is no terminal (logs, make -j, tests)
+                with tqdm(futures, desc=f"{meta['dataset']} @ {R} px", unit="image",
+                          disable=None if verbose else True) as bar:
+                    results = [f.result() for f in bar]
             except BaseException:
                 for f in futures:
                     f.cancel()
@@ -354,20 +359,26 @@ def summary(out, meta, splits, note=""):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True,
-                        help="dataset ID(s), comma-separated, or 'all' (IDs: " + ", ".join(DATASET_IDS) + ")")
-    parser.add_argument("--out", default=None, help="cache folder (default: the value of --cache)")
+    # NOTE: prog: run as `python -m data.prepare`, argparse would call itself prepare.py (a file one can't run as is)
+    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_list(parser, "--dataset", "datasets to prepare", required=True)
     parser.add_argument("--resolution", type=int, default=1536,
                         help="side of the square prepared images (default: %(default)s, the paper's)")
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding threads (default: min(8, CPU count))")
-    add_data_args(parser)
+    # NOTE: --out was this script's name for --cache (the one the other scripts use); kept, hidden, for old commands
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    add_data_args(parser)  # --cache among them
     args = parser.parse_args(argv)
-    ids = DATASET_IDS if args.dataset.strip().lower() == "all" else parse_dataset_ids(args.dataset)
-    for dataset_id in ids:
-        prepare_cache(dataset_id, args.data_root, args.out or args.cache, args.resolution,
-                      workers=args.workers, **data_options(args))
+    if args.out is not None:
+        if args.cache != parser.get_default("cache") and args.cache != args.out:
+            raise ValueError(f"--out {args.out} and --cache {args.cache} name two cache folders: pass only --cache")
+        print(f"note: --out is deprecated, use --cache {args.out}", file=sys.stderr)
+        args.cache = args.out
+    for dataset_id in args.dataset:
+        prepare_cache(dataset_id, args.data_root, args.cache, args.resolution, workers=args.workers,
+                      **data_options(args))
 
 
 if __name__ == "__main__":

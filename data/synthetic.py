@@ -2,7 +2,7 @@
 
     python -m data.synthetic --out demo/data                      # 40 images per dataset, 512 px
     python -m data.synthetic --out /tmp/synth --images 6 --size 192 --datasets IDR,RET
-    python -m data.prepare --dataset RET --data-root demo/data --out cache --resolution 512
+    python -m data.prepare --dataset RET --data-root demo/data --cache cache --resolution 512
 
 Every image comes from a numpy Generator seeded by (seed, dataset, image): a circular field of view
 (FOV) on black, an orange-red fundus with illumination falloff, a darker macula, a bright optic disc,

@@ -4,6 +4,7 @@
 """
 import functools
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -480,3 +481,18 @@ def test_soup_refuses_runs_of_another_combination(tmp_path):
     save_checkpoint(b, {**ckpt, "args": {**ckpt["args"], "train": ["RET"]}})
     with pytest.raises(ValueError, match=r"b\.pt does not match .*a\.pt: trained with train \['RET'\]"):
         average.average_checkpoints([a, b], "full", a, "soup-full")
+
+
+@pytest.mark.parametrize("command", ["swa", "soup", "ensemble"])
+def test_each_subcommand_help_has_its_own_examples(command, capsys):
+    """`average.py NAME --help` ends with NAME's own examples, and each of them parses as NAME's command line."""
+    parser = average.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    examples = text.split("\nexamples:\n", 1)[1].strip().splitlines()
+    own = [shlex.split(line)[2:] for line in examples if line.split()[:3] == ["python", "average.py", command]]
+    assert own, text
+    for argv in own:
+        assert parser.parse_args(argv).command == command, argv
+    assert text.index("examples:") > text.index("--out")  # below the flags, as an epilog

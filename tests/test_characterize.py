@@ -383,3 +383,10 @@ def test_cli_errors_are_one_line(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
     assert res.stderr.startswith("error:") and "unknown dataset ID 'XYZ'" in res.stderr
+
+
+def test_datasets_same_list_syntax():
+    """--datasets as every dataset-list flag reads it (data.flags.DatasetList)."""
+    assert ch.parse_args(["--datasets", "RET,idr", "MES"]).datasets == ["IDR", "RET", "MES"]
+    assert ch.parse_args(["--datasets", "IDR+DDR"]).datasets == ["IDR", "DDR"]
+    assert ch.parse_args([]).datasets == ["IDR", "DDR", "FGA", "RET", "MES"]

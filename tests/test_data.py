@@ -7,6 +7,7 @@ References are independent of the code under test: file paths spelled out per la
 plain PIL, FOV boxes estimated from red-channel profiles, patch regions found by brute-force search.
 """
 import argparse
+import io
 import json
 import os
 import pickle
@@ -25,6 +26,7 @@ from PIL import Image
 from data import (DATASET_IDS, LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options,
                   parse_dataset_ids, prepare_cache, preprocess_image, restore_geometry)
 from data.datasets import Sample, dataset_root, list_samples, load_masks, load_sample
+from data.flags import add_dataset_list
 from data.splits import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,41 @@ def test_data_flags(monkeypatch):
                       (["--mask-threshold", "FGA=high"], "--mask-threshold FGA=high")):
         with pytest.raises(ValueError, match=msg):
             data_options(parser.parse_args(argv))
+
+
+# The same dataset list, however it is typed (`--test` of evaluate.py and fig4.py, `--train` of tune.py,
+# `--datasets` of characterize.py, `--dataset` of data.prepare): what each spelling must give.
+DATASET_LISTS = [
+    (["IDR,DDR", "MES"], ["IDR", "DDR", "MES"]),  # commas and spaces
+    (["IDR+DDR"], ["IDR", "DDR"]),  # a run name
+    (["mes", "idr+Ddr,MES"], ["IDR", "DDR", "MES"]),  # any case, duplicates dropped, canonical order
+    (["all"], list(DATASET_IDS)),
+]
+
+
+def parse_list(flag, argv, **kw):
+    parser = argparse.ArgumentParser()
+    add_dataset_list(parser, flag, "sets", **kw)
+    return getattr(parser.parse_args(argv), flag[2:])
+
+
+@pytest.mark.parametrize("words, ids", DATASET_LISTS)
+def test_dataset_list_syntax(words, ids):
+    assert parse_list("--test", ["--test", *words]) == ids
+    assert parse_list("--test", ["--test", "RET", "--test", *words]) == ids  # the last one wins, as for any flag
+
+
+def test_dataset_list_default_and_errors():
+    assert parse_list("--test", ["--test", "MES"], default=list(DATASET_IDS)) == ["MES"]  # replaces the default
+    assert parse_list("--test", [], default=list(DATASET_IDS)) == list(DATASET_IDS)
+    for argv, msg in ((["--test", "IDR,XYZ"], "--test: unknown dataset ID 'XYZ' (choose from IDR, DDR, FGA, RET, MES)"),
+                      (["--test", ","], "--test: empty dataset list"),
+                      (["--test", "IDR", "runs/X"], "--test: 'runs/X' is not a dataset ID; a folder or file goes before")):
+        with pytest.raises(ValueError, match=re.escape(msg)) as e:
+            parse_list("--test", argv)
+        assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit):  # required and absent: argparse's own message
+        parse_list("--train", [], required=True)
 
 
 # ----------------------------------------------------------------------------- adapters on synthetic data
@@ -666,16 +703,56 @@ def test_real_idrid_without_testing_set_is_an_empty_test_split(fixture_idrid, tm
 
 
 def test_prepare_command_line(synth_root, tmp_path):
-    run = [sys.executable, "-m", "data.prepare", "--data-root", str(synth_root), "--out", str(tmp_path)]
-    ok = subprocess.run(run + ["--dataset", "mes,ddr", "--resolution", "64"], cwd=ROOT, capture_output=True, text=True)
+    run = [sys.executable, "-m", "data.prepare", "--data-root", str(synth_root), "--cache", str(tmp_path)]
+    ok = subprocess.run(run + ["--dataset", "mes", "ddr", "--resolution", "64"], cwd=ROOT, capture_output=True,
+                        text=True)
     assert ok.returncode == 0, ok.stderr
+    assert ok.stderr == ""  # stderr is a pipe, no terminal: no progress bar in logs
     assert "MES @ 64 px" in ok.stdout and "DDR @ 64 px" in ok.stdout and "CWS" in ok.stdout and "test" in ok.stdout
     splits = json.loads((tmp_path / "MES" / "64" / "splits.json").read_text())
     assert splits["protocol"] == "paper"
     assert sorted(sum((splits[k] for k in ("train", "val", "test")), [])) == sorted(p.stem for p in (synth_root / "MAPLES-DR").glob(IMAGES["MES"]))
     bad = subprocess.run(run + ["--dataset", "XYZ"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
-        "error: unknown dataset ID 'XYZ' (choose from IDR, DDR, FGA, RET, MES)"]
+        "error: --dataset: unknown dataset ID 'XYZ' (choose from IDR, DDR, FGA, RET, MES)"]
+    usage = subprocess.run([sys.executable, "-m", "data.prepare", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m data.prepare ")
+    # one flag for the cache folder, the other scripts' --cache; the old --out is not offered
+    assert "--cache CACHE" in usage.stdout and "--out" not in usage.stdout
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal: where tqdm draws its bars."""
+
+    def isatty(self):
+        return True
+
+
+def test_prepare_shows_a_bar_of_images_on_a_terminal(synth_root, tmp_path, monkeypatch):
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    prepare_cache("RET", synth_root, tmp_path, 48, workers=2)
+    n = len(PreparedDataset(tmp_path, "RET", 48, "all"))
+    bars = term.getvalue()
+    assert "RET @ 48 px: 100%" in bars and f"{n}/{n}" in bars and "image/s" in bars
+    prepare_cache("RET", synth_root, tmp_path / "quiet", 48, verbose=False)
+    assert term.getvalue() == bars  # verbose=False (evaluate.py inside fig4.py): no bar
+
+
+def test_prepare_out_is_a_deprecated_cache(monkeypatch, tmp_path, capsys):
+    """--out, this script's old name for --cache (older Makefiles and notes use it), still works, with a note."""
+    import data.prepare
+
+    calls = []
+    monkeypatch.setattr(data.prepare, "prepare_cache", lambda ds, root, cache, R, **kw: calls.append((ds, cache, R)))
+    data.prepare.main(["--dataset", "IDR+MES", "--out", str(tmp_path), "--resolution", "64"])
+    assert calls == [("IDR", str(tmp_path), 64), ("MES", str(tmp_path), 64)]
+    assert capsys.readouterr().err == f"note: --out is deprecated, use --cache {tmp_path}\n"
+    calls.clear()
+    data.prepare.main(["--dataset", "all", "--cache", str(tmp_path)])
+    assert calls == [(ds, str(tmp_path), 1536) for ds in DATASET_IDS]
+    with pytest.raises(ValueError, match="--out a and --cache b name two cache folders"):
+        data.prepare.main(["--dataset", "IDR", "--out", "a", "--cache", "b"])
 
 
 def test_lesion_centred_patches(cache_dir):

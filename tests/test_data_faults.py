@@ -173,7 +173,7 @@ def small_cache(synth_root, tmp_path):
 
 
 def _command(folder):
-    return f"python -m data.prepare --dataset DDR --out {folder.parent.parent} --resolution 32"
+    return f"python -m data.prepare --dataset DDR --cache {folder.parent.parent} --resolution 32"
 
 
 def test_truncated_array_is_one_line_then_prepared_again(synth_root, small_cache, capsys):

@@ -1,4 +1,5 @@
 """evaluate.py end to end on the synthetic test sets, against brute-force counts and a float64 AUPR/Dice."""
+import io
 import json
 import math
 import os
@@ -156,7 +157,8 @@ def test_cli_json_equals_brute_force(ckpts, cache_dir, synth_root, tmp_path):
     assert res["train"] == ["MES"] and res["seed"] == 0 and res["method"] == "baseline"
     assert res["n_train_images"] == 8
     assert res["protocol"] == {"thresholds": 11, "ap_bins": 1024, "roi": "fov", "resolution": R, "tta": False, "tile": None,
-                               "overlap": None, "dtype": "float32", "split_protocol": "paper"}
+                               "overlap": None, "dtype": "float32", "split_protocol": "paper",
+                               "lesions": list(LESIONS)}
     assert list(res["results"]) == ["IDR", "MES"]  # canonical order
     model = model_from(ckpts["a"])
     for test_id, block in res["results"].items():
@@ -482,3 +484,36 @@ def test_non_finite_weights_refused(ckpts, cache_dir, synth_root, tmp_path):
                        str(cache_dir), "--device", "cpu", "--out", str(tmp_path / "r.json")])
     assert "nan.pt" in str(e.value) and "NaN" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "r.json").exists()
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal: where tqdm draws its bars."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_per_test_set_only_on_a_terminal(ckpts, cache_dir, synth_root, monkeypatch, capsys):
+    n = {t: len(PreparedDataset(cache_dir, t, R, "test")) for t in ("IDR", "MES")}
+    run_eval([ckpts["a"]], cache_dir, synth_root, tests=("MES", "IDR"), batch=3)
+    assert capsys.readouterr().err == ""  # captured stderr is no terminal: no bar (logs and tests stay clean)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    run_eval([ckpts["a"]], cache_dir, synth_root, tests=("MES", "IDR"), batch=3, verbose=True)  # as the CLI
+    bars = term.getvalue()
+    for t in ("IDR", "MES"):  # images of each test set counted to the end, batches of 3 included
+        assert f"{t} test: 100%" in bars and f"{n[t]}/{n[t]}" in bars and "image/s" in bars
+
+
+def test_test_sets_same_list_syntax(monkeypatch, tmp_path):
+    """--test IDR,DDR MES, IDR+DDR, 'all', the last one given: the syntax of every dataset-list flag (data.flags)."""
+    seen = []
+    monkeypatch.setattr(evaluate, "load_checkpoint", lambda path: {"args": {}})
+    monkeypatch.setattr(evaluate, "evaluate_checkpoints", lambda ckpts, tests, *a, **kw: seen.append(tests))
+    for argv, ids in ((["--test", "IDR,DDR", "MES"], ["IDR", "DDR", "MES"]), (["--test", "mes+idr"], ["IDR", "MES"]),
+                      (["--test", "MES", "--test", "IDR"], ["IDR"]), ([], ["IDR", "DDR", "FGA", "RET", "MES"]),
+                      (["--test", "all"], ["IDR", "DDR", "FGA", "RET", "MES"])):
+        evaluate.main(["--ckpt", str(tmp_path / "a.pt"), *argv, "--device", "cpu"])
+        assert seen.pop() == ids, argv
+    with pytest.raises(ValueError, match=r"^--test: unknown dataset ID 'XYZ'"):
+        evaluate.main(["--ckpt", str(tmp_path / "a.pt"), "--test", "IDR", "XYZ", "--device", "cpu"])

@@ -100,3 +100,13 @@ def test_fig4_cli_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="--members must be >= 1"):
         fig4.main([str(tmp_path), "--members", "0"])
     assert fig4.build_parser().parse_args([str(tmp_path)]).metric == "dice"
+
+
+def test_test_sets_same_list_syntax(tmp_path):
+    """--test as every dataset-list flag reads it (data.flags.DatasetList); COMBO_DIR first, as in --help."""
+    parse = fig4.build_parser().parse_args
+    assert parse([str(tmp_path), "--test", "IDR,DDR", "MES"]).test == ["IDR", "DDR", "MES"]
+    assert parse([str(tmp_path), "--test", "mes+idr"]).test == ["IDR", "MES"]
+    assert parse([str(tmp_path)]).test == ["IDR", "DDR", "FGA", "RET", "MES"]
+    with pytest.raises(ValueError, match="^--test: unknown dataset ID 'XYZ'"):
+        parse([str(tmp_path), "--test", "XYZ"])

@@ -236,3 +236,37 @@ def test_bad_flags_one_line(fixture_dirs, tmp_path):
     char.write_text(json.dumps({"datasets": {"IDR": {"style": "blurry"}}}))
     with pytest.raises(ValueError, match="unknown labelling style"):
         report.main([str(runs), "-o", str(out), "--characterize", str(char)])
+
+
+def test_sweep_curves_figure(fixture_dirs):
+    """Runs with a log.jsonl get the sweep's validation curves, linked in report.md; a rerun without logs drops it."""
+    runs, char, out = fixture_dirs
+    for combo, seed, dice in (("IDR", 0, (.1, .3)), ("IDR", 1, (.2, .25)), ("DDR+MES", 0, (.05, .4))):
+        val = [{"step": s, "split": "val", "loss": 1.0 / s, "mean_dice": d, "best": True} for s, d in zip((5, 10), dice)]
+        (runs / combo / f"s{seed}" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    build(fixture_dirs)
+    md = (out / "report.md").read_text()
+    assert (out / "sweep_curves.png").read_bytes()[:8] == PNG_MAGIC and "](sweep_curves.png)" in md
+    assert "## Training curves of the sweep" in md and "best.pt" in md
+    for path in runs.glob("*/s*/log.jsonl"):
+        path.unlink()
+    build(fixture_dirs)
+    assert not (out / "sweep_curves.png").exists()
+    assert "No run's log.jsonl holds a validation yet." in (out / "report.md").read_text()
+
+
+def test_real_he_section(fixture_dirs, tmp_path):
+    rec = {"flags": ["--lesions", "HE"], "resolution": 512,
+           "train": {"n_images": 8, "ap": 0.75, "prevalence": 0.032, "baseline_ap": 0.23},
+           "test": {"n_images": 4, "ap": 0.058, "prevalence": 0.0052, "baseline_ap": 0.017}}
+    (tmp_path / "he").mkdir()
+    (tmp_path / "he" / "real_he.json").write_text(json.dumps(rec))
+    (tmp_path / "he" / "heldout.png").write_bytes(PNG_MAGIC + b"x")
+    out = build(fixture_dirs, "--real-he", str(tmp_path / "he" / "real_he.json"))
+    md = (out / "report.md").read_text()
+    assert "| held out | 4 | 0.058 | 0.0052 | 11.2 | 0.017 |" in md and "`--lesions HE`" in md
+    assert (out / "real_he_heldout.png").read_bytes() == PNG_MAGIC + b"x" and "](real_he_heldout.png)" in md
+    build(fixture_dirs)  # a rerun without it drops the section and the stale figure
+    assert not (out / "real_he_heldout.png").exists() and "real-data" not in (out / "report.md").read_text()
+    with pytest.raises(FileNotFoundError, match="--real-he"):
+        build(fixture_dirs, "--real-he", str(tmp_path / "nope.json"))

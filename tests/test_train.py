@@ -261,7 +261,7 @@ def test_ddp_two_cpu_processes_only_rank0_writes(synth_root, cache_dir, tmp_path
 
 
 def test_bad_train_flag_is_a_one_line_error(tmp_path):
-    cases = {"IDR,XYZ": "error: unknown dataset ID 'XYZ'", "": "error: empty dataset list"}
+    cases = {"IDR,XYZ": "error: --train: unknown dataset ID 'XYZ'", "": "error: --train: empty dataset list"}
     # Both processes at once: most of their time is importing torch on a busy CPU.
     procs = {ids: subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--train", ids, "--data-root",
                                     str(tmp_path), "--out", str(tmp_path / "run")],
@@ -330,4 +330,4 @@ def test_ctrl_c_keeps_last_pt_and_the_rerun_is_bit_identical(straight_run, synth
     (line,) = [p for p in printed if p.startswith("step 6: ")]
     assert f"val loss {val['loss']:.4f}" in line and f"EX {val['dice']['EX']:.3f}" in line and "best" in line
     (summary,) = [p for p in printed if p.startswith("done: ")]
-    assert str(out / "best.pt") in summary and str(out / "log.jsonl") in summary and "at step" in summary
+    assert str(out / "best.pt") in summary and str(out / "curves.png") in summary and "at step" in summary

@@ -479,3 +479,12 @@ def test_bad_storage_from_the_command_line_is_one_line(tmp_path):
     assert p.returncode == 1 and p.stdout == "" and "secret" not in p.stderr
     assert p.stderr.count("\n") == 1
     assert p.stderr.startswith("error: --storage postgresql://me:***@127.0.0.1:1/optuna: ")
+
+
+def test_train_same_list_syntax():
+    """--train as every dataset-list flag reads it (data.flags.DatasetList); `--` still ends tune.py's flags."""
+    args = tune.parse_args(["--train", "DDR", "idr", "--", "--batch", "4"])
+    assert args.train == ["IDR", "DDR"] and args.study == "IDR+DDR" and args.train_extra == ["--batch", "4"]
+    assert tune.parse_args(["--train", "IDR+DDR,MES"]).train == ["IDR", "DDR", "MES"]
+    assert tune.train_argv({"encoder": "e", "decoder_channels": "8,8,8,8,8", "decoder_attention": False, "lr": 1e-3,
+                            "optimizer": "adam", "loss": "bce", "resolution": 64}, args)[:2] == ["--train", "IDR,DDR"]

@@ -1,0 +1,131 @@
+"""Does the recipe learn real lesions? Real IDRiD haemorrhages (HE), trained from scratch on CPU (issue 18).
+
+    python bench/real_he.py --out /tmp/real_he                       # the recipe of BENCHMARKS.md ("Real HE")
+    python bench/real_he.py --out /tmp/real_he_paper -- --lesion-patches 0 --lr 1e-3   # a variant: train.py flags
+
+The 14 real photographs of tests/fixtures/idrid-he14 (downscaled 4x, HE masks only), split by the fixture's
+split.json (8 train, 2 validation, 4 held out), prepared at --resolution. One train.py run with the recipe's
+flags plus any given after `--`, then the floor-free AP (docs/PROTOCOL.md) of best.pt on its own training
+images and on the held-out ones, beside the prevalence and a baseline without learning: the darkness of the
+green channel relative to its median inside the FOV. Prints one table and writes OUT/real_he.json and
+OUT/heldout.png (image | ground truth | prediction per held-out photograph).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import train  # noqa: E402
+from jsonio import write_json  # noqa: E402
+from kernels import AP_BINS, binned_counts, pr_metrics  # noqa: E402
+from model import load_models  # noqa: E402
+from protocol import predict, to_input  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "idrid-he14"
+HE = data.LESIONS.index("HE")
+# The recipe (BENCHMARKS.md, "Real HE"): what the issue's run used, plus the measured changes.
+RECIPE = ["--encoder", "resnet18", "--no-pretrained", "--patch", "128", "--batch", "8", "--iters", "400",
+          "--lr", "1e-3", "--warmup", "20", "--val-every", "50", "--lesions", "HE", "--lesion-patches", "0.5",
+          "--local-contrast", "8"]
+
+
+def darkness(image, fov):
+    """The baseline: how much darker than the fundus median the green channel is, in [0, 1] (no learning)."""
+    g = image[..., 1].astype(np.float32)
+    med = float(np.median(g[fov])) if fov.any() else 1.0
+    return np.clip((med - g) / max(med, 1.0), 0.0, 1.0) * fov
+
+
+def he_ap(dataset, score):
+    """(AP, prevalence) of HE pooled over a prepared split; score(item) -> float (H, W) in [0, 1]."""
+    total = None
+    for i in range(len(dataset)):
+        item = dataset[i]
+        probs = torch.zeros((1, len(data.LESIONS)) + item["fov"].shape)
+        probs[0, HE] = torch.from_numpy(np.asarray(score(item), dtype=np.float32))
+        counts = binned_counts(probs, torch.from_numpy(item["masks"][None]), torch.from_numpy(item["fov"][None]),
+                               ap_bins=AP_BINS)
+        total = counts if total is None else [a + c for a, c in zip(total, counts)]
+    m = pr_metrics(*total)
+    pos, pixels = int(total[2][HE]), sum(int(dataset[i]["fov"].sum()) for i in range(len(dataset)))
+    return float(m["ap"][HE]), pos / max(pixels, 1)
+
+
+def model_score(models):
+    @torch.inference_mode()
+    def score(item):
+        return predict(models, to_input(item["image"][None], "cpu"))[0, HE].numpy()
+    return score
+
+
+def heldout_figure(path, dataset, models):
+    """One row per held-out photograph: image | ground truth | HE probability (0 outside the FOV)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(dataset)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for r in range(n):
+        item = dataset[r]
+        probs = model_score(models)(item) * item["fov"]  # the padding is never scored: not drawn either
+        for c, (title, img) in enumerate((("image", item["image"]), ("ground truth HE", item["masks"][HE]),
+                                          ("prediction (HE probability)", probs))):
+            ax = axes[r, c]
+            ax.imshow(img, cmap=None if c == 0 else "magma", vmin=0, vmax=1 if c else None)
+            ax.set_title(f"{item['id']}: {title}", fontsize=9)
+            ax.axis("off")
+    fig.suptitle("held-out real IDRiD photographs (HE): image | ground truth | prediction", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="work folder: cache, run, real_he.json, heldout.png")
+    p.add_argument("--resolution", type=int, default=512, help="prepared size (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("extra", nargs="*", help="train.py flags after `--`, added to (and overriding) the recipe")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    flags = RECIPE + ["--train", "IDR", "--root", f"IDR={FIXTURE}", "--data-root", str(FIXTURE),
+                      "--splits", f"IDR={FIXTURE / 'split.json'}", "--cache", str(out / "cache"),
+                      "--resolution", str(args.resolution), "--out", str(out / "run"), "--device", "cpu",
+                      "--workers", "0"] + args.extra
+    start = time.perf_counter()
+    train.run(train.parse_args(flags))
+    seconds = time.perf_counter() - start
+    models = load_models(str(out / "run" / "best.pt"), "cpu")
+    rows = {}
+    for split in ("train", "test"):
+        ds = data.PreparedDataset(out / "cache", "IDR", args.resolution, split)
+        (ap, prevalence), (base, _) = he_ap(ds, model_score(models)), he_ap(ds, lambda it: darkness(it["image"], it["fov"]))
+        rows[split] = {"n_images": len(ds), "ap": ap, "prevalence": prevalence, "baseline_ap": base}
+    heldout_figure(out / "heldout.png", data.PreparedDataset(out / "cache", "IDR", args.resolution, "test"), models)
+    report = {"flags": RECIPE + args.extra, "resolution": args.resolution, "train_seconds": round(seconds, 1),
+              "threads": args.threads, **rows}
+    write_json(out / "real_he.json", report)
+    print(f"\nreal HE, {seconds:.0f} s of training; flags: {' '.join(RECIPE + args.extra)}")
+    print(f"{'':10s}{'images':>7s}{'AP':>8s}{'prev.':>8s}{'AP/prev':>8s}{'dark':>8s}")
+    for split, r in rows.items():
+        name = "train" if split == "train" else "held-out"
+        print(f"{name:10s}{r['n_images']:7d}{r['ap']:8.3f}{r['prevalence']:8.4f}{r['ap'] / r['prevalence']:8.1f}"
+              f"{r['baseline_ap']:8.3f}")
+    print(f"figure: {out / 'heldout.png'}; numbers: {out / 'real_he.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

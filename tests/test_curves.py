@@ -1,0 +1,152 @@
+"""curves.py: curves.png from hand-written log.jsonl files (what is drawn, killed runs, errors), train.py's
+curves.png at every validation, and the sweep figure."""
+import json
+import math
+import runpy
+import sys
+
+import pytest
+from PIL import Image
+
+import curves
+from conftest import tiny_runs
+
+SIZE = (1100, 500)  # curves.SIZE x DPI, written out: a change of size is a change the reader should see
+
+
+def write_log(run_dir, records, tail="", args=None):
+    """log.jsonl as train.py writes it (NaN as null), plus `tail` (a line cut short), and args.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    if args is not None:
+        (run_dir / "args.json").write_text(json.dumps(args))
+    return run_dir
+
+
+def train_rec(step, loss):
+    return {"step": step, "split": "train", "loss": loss, "lr": 1e-3, "patches_per_s": 5.0}
+
+
+def val_rec(step, loss, dice, best):
+    """dice: per lesion EX, HE, MA, CWS (None = absent, as train.py writes NaN)."""
+    present = [d for d in dice if d is not None]
+    return {"step": step, "split": "val", "loss": loss, "mean_aupr": 0.6, "mean_ap": 0.25,
+            "mean_dice": sum(present) / len(present), "aupr": {}, "ap": {},
+            "dice": dict(zip(("EX", "HE", "MA", "CWS"), dice)), "best": best, "minimum_at": None}
+
+
+RECORDS = [train_rec(10, 1.5), train_rec(20, 0.9), val_rec(20, 1.2, (0.1, 0.2, 0.05, None), True),
+           train_rec(30, 0.6), train_rec(40, 0.4), val_rec(40, 0.8, (0.3, 0.4, 0.1, None), True),
+           train_rec(50, 0.3), val_rec(50, 0.9, (0.35, 0.45, 0.12, None), False)]
+
+
+def lines_by_label(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_plot_from_hand_written_log(tmp_path):
+    run = write_log(tmp_path / "IDR+MES" / "s0", RECORDS, args={"loss": "bce+dice", "val_metric": "loss"})
+    path = curves.plot_run(run)
+    assert path == run / "curves.png"
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == SIZE
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "curves.png", "log.jsonl"]  # no temporary file
+
+    fig = curves.curves_figure(run)
+    loss_ax, score_ax = fig.axes
+    lines = lines_by_label(loss_ax)
+    train, val = lines["training loss (mean over the last steps)"], lines["validation loss (pooled)"]
+    assert list(train.get_xdata()) == [10, 20, 30, 40, 50] and list(train.get_ydata()) == [1.5, 0.9, 0.6, 0.4, 0.3]
+    assert list(val.get_xdata()) == [20, 40, 50] and list(val.get_ydata()) == [1.2, 0.8, 0.9]
+    assert loss_ax.get_yscale() == "log" and "bce+dice" in loss_ax.get_ylabel() and "step" in loss_ax.get_xlabel()
+    scores = lines_by_label(score_ax)
+    assert list(scores["Dice HE"].get_ydata()) == [0.2, 0.4, 0.45]
+    assert scores["Dice, mean over lesions"].get_ydata()[1] == pytest.approx((0.3 + 0.4 + 0.1) / 3)
+    assert "Dice CWS (absent from validation)" in scores  # all null in the log
+    # best.pt: the last validation written with "best": true (step 40, not the last one)
+    best = [ln for ln in score_ax.get_lines() if ln.get_label().startswith("best.pt")]
+    assert len(best) == 1 and list(best[0].get_xdata()) == [40, 40] and "val loss" in best[0].get_label()
+    for ax in fig.axes:
+        assert ax.get_legend() is not None and ax.get_xlabel() and ax.get_ylabel()
+    assert "IDR+MES/s0" in fig.get_suptitle()
+
+
+def test_lesions_not_trained_are_not_drawn(tmp_path):
+    """train.py --lesions HE: the other lesions score NaN in validation and have no curve."""
+    recs = [train_rec(10, 1.0), {**val_rec(10, 1.0, (None, 0.3, None, None), True)}]
+    fig = curves.curves_figure(write_log(tmp_path / "r", recs, args={"lesions": ["HE"], "loss": "bce"}))
+    labels = lines_by_label(fig.axes[1])
+    assert "Dice HE" in labels and not any(k.startswith(("Dice EX", "Dice MA", "Dice CWS")) for k in labels)
+    assert "bce" in fig.axes[0].get_ylabel()
+
+
+def test_log_without_validation_still_plots_the_loss(tmp_path):
+    run = write_log(tmp_path / "r", [train_rec(10, 1.0), train_rec(20, 0.7)])
+    with Image.open(curves.plot_run(run)) as im:
+        assert im.size == SIZE
+    fig = curves.curves_figure(run)
+    assert list(lines_by_label(fig.axes[0])["training loss (mean over the last steps)"].get_ydata()) == [1.0, 0.7]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["no validation yet"]
+
+
+def test_killed_run_log_does_not_crash(tmp_path):
+    """A run killed mid-write leaves a last line cut short; a resumed run rewrites steps (the last one counts)."""
+    recs = RECORDS[:3] + ["not json", {"no": "step"}] + [train_rec(20, 0.8)]
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs)
+                                   + '{"step": 30, "split": "tra')
+    train, val = curves.read_log(run / "log.jsonl")
+    assert [(r["step"], r["loss"]) for r in train] == [(10, 1.5), (20, 0.8)] and [r["step"] for r in val] == [20]
+    with Image.open(curves.plot_run(run)) as im:
+        assert im.size == SIZE
+
+
+def test_nan_loss_is_a_gap_and_linear_axis(tmp_path):
+    """A NaN validation loss (null in the log, a diverged run) is no point; the loss axis stays usable."""
+    recs = [train_rec(10, 1.0), val_rec(10, None, (0.1, 0.1, 0.1, 0.1), True), train_rec(20, 0.0)]
+    fig = curves.curves_figure(write_log(tmp_path / "r", recs))
+    val = lines_by_label(fig.axes[0])["validation loss (pooled)"]
+    assert math.isnan(val.get_ydata()[0])
+    assert fig.axes[0].get_yscale() == "linear"  # a loss of 0 has no place on a log axis
+
+
+def test_errors_and_refresh_never_raises(tmp_path, capsys, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no log.jsonl in .*nowhere"):
+        curves.plot_run(tmp_path / "nowhere")
+    empty = write_log(tmp_path / "empty", [], tail="garbage")
+    with pytest.raises(ValueError, match="holds no training or validation record"):
+        curves.plot_run(empty)
+    assert curves.refresh(empty) is None  # train.py's hook: a warning, the run goes on
+    err = capsys.readouterr().err
+    assert err.startswith("warning:") and "curves.png not written" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(sys, "argv", ["curves.py", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="^error: no log.jsonl in .*nowhere"):  # the command line: one line
+        runpy.run_path(curves.__file__, run_name="__main__")
+
+
+def test_plot_sweep(tmp_path):
+    runs = tmp_path / "runs"
+    for combo, seed in (("IDR+MES", 0), ("IDR+MES", 1), ("IDR", 0)):
+        write_log(runs / combo / f"s{seed}", RECORDS)
+    write_log(runs / "IDR" / "s1", RECORDS[:2])  # no validation yet: no line
+    write_log(runs / "tune" / "trial_0", RECORDS)  # not a run of the sweep layout
+    assert list(curves.sweep_logs(runs)) == ["IDR", "IDR+MES"]  # all_combos order: by size
+    path = curves.plot_sweep(runs, tmp_path / "out" / "sweep.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 0
+    assert curves.plot_sweep(tmp_path / "empty", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_train_run_writes_curves(synth_root, tmp_path, capsys):
+    runs, _ = tiny_runs(synth_root, tmp_path)
+    out = capsys.readouterr().out
+    for seed in (0, 1):
+        run = runs / "IDR+MES" / f"s{seed}"
+        with Image.open(run / "curves.png") as im:
+            assert im.size == SIZE
+        assert f"curves in {run / 'curves.png'}" in out  # the run's summary names it
+        fig = curves.curves_figure(run)
+        val = lines_by_label(fig.axes[0])["validation loss (pooled)"]
+        assert list(val.get_xdata()) == [2, 4]  # --iters 4 --val-every 2: refreshed at each validation

@@ -1,0 +1,103 @@
+"""bench/real_he.py: the real-HE check (issue 18) and its darkness baseline, and model.local_contrast."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+import data
+import model
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("real_he", ROOT / "bench" / "real_he.py")
+real_he = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(real_he)
+HE = data.LESIONS.index("HE")
+
+
+@pytest.fixture(scope="module")
+def fixture_cache(fixture_idrid, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("he14") / "cache"
+    data.prepare_cache("IDR", fixture_idrid, cache, 128, roots={"IDR": fixture_idrid},
+                       split_files={"IDR": str(fixture_idrid / "split.json")}, verbose=False)
+    return cache
+
+
+def test_split_file_covers_the_fixture_once(fixture_idrid):
+    split = json.loads((fixture_idrid / "split.json").read_text())
+    ids = [s.id for s in data.datasets.list_samples("IDR", fixture_idrid)]
+    members = [x for v in split.values() for x in v]
+    assert sorted(members) == sorted(ids) and len(set(members)) == 14
+    assert {k: len(v) for k, v in split.items()} == {"train": 8, "val": 2, "test": 4}
+
+
+def test_darkness_baseline_ap_equals_sklearn(fixture_cache):
+    # sklearn's exact AP on the scores quantized to the 1024 bins equals the binned AP (thresholds j/1024)
+    ds = data.PreparedDataset(fixture_cache, "IDR", 128, "test")
+    ap, prevalence = real_he.he_ap(ds, lambda it: real_he.darkness(it["image"], it["fov"]))
+    scores, labels = [], []
+    for i in range(len(ds)):
+        it = ds[i]
+        s = real_he.darkness(it["image"], it["fov"]).astype(np.float32)
+        scores.append(np.floor(s[it["fov"]].astype(np.float64) * 1024)), labels.append(it["masks"][HE][it["fov"]])
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    assert prevalence == pytest.approx(labels.mean())
+    assert ap == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+    assert ap > 2 * prevalence  # haemorrhages are darker than the fundus: the baseline is a real one
+
+
+def test_real_he_end_to_end(fixture_idrid, tmp_path):
+    tiny = ["--encoder", "test_resnet", "--decoder-channels", "16,8,8,8,8", "--patch", "64", "--batch", "2",
+            "--iters", "2", "--val-every", "1", "--local-contrast", "2"]
+    report = real_he.main(["--out", str(tmp_path), "--resolution", "128", "--", *tiny])
+    saved = json.loads((tmp_path / "real_he.json").read_text())
+    assert saved["flags"][-len(tiny):] == tiny and saved["train"]["n_images"] == 8 and saved["test"]["n_images"] == 4
+    for split in ("train", "test"):
+        assert 0 <= report[split]["ap"] <= 1 and report[split]["baseline_ap"] == saved[split]["baseline_ap"]
+    assert (tmp_path / "heldout.png").stat().st_size > 10_000
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["lesions"] == ["HE"] and args["local_contrast"] == 2
+
+
+# ----------------------------------------------------------------------------- model.local_contrast
+def test_local_contrast_removes_smooth_illumination():
+    torch.manual_seed(0)
+    H = W = 96
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    fov = ((yy - 48) ** 2 + (xx - 48) ** 2 < 40 ** 2).float()
+    texture = 0.05 * torch.rand(1, 3, H, W)
+    flat = (0.4 + texture) * fov
+    lit = (0.4 + 0.15 * xx / W + texture) * fov  # a smooth gradient of illumination across the fundus
+    a, b = model.local_contrast(flat, 4.0), model.local_contrast(lit, 4.0)
+    inside = fov.bool().expand(1, 3, H, W)
+    assert (a[~inside] == 0.5).all() and (b[~inside] == 0.5).all()  # background: a flat grey
+    assert (a - b)[inside].abs().max() < 0.02  # the gradient is gone; the texture (+-0.1 after x4) stays
+    assert (a[inside] - 0.5).abs().mean() > 0.03
+
+
+def test_local_contrast_off_is_the_plain_model():
+    cfg = model.ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=(16, 8, 8, 8, 8))
+    torch.manual_seed(0)
+    plain = model.build_model(cfg).eval()
+    torch.manual_seed(0)
+    on = model.build_model(model.ModelConfig(**{**cfg.__dict__, "local_contrast": 3.0})).eval()
+    assert plain.state_dict().keys() == on.state_dict().keys()  # a fixed layer: no weights, soups still work
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.equal(plain(x), on(x))
+        on.local_contrast = 0.0
+        assert torch.equal(plain(x), on(x))
+    assert model.architecture({"encoder": "test_resnet", "decoder_channels": [16, 8, 8, 8, 8], "attention": False,
+                               "classes": 4}) == model.architecture(model.asdict(cfg))  # older checkpoints
+
+
+@pytest.mark.parametrize("flags, message", [(["--local-contrast", "-1"], "--local-contrast must be in"),
+                                            (["--local-contrast", "nan"], "--local-contrast must be in"),
+                                            (["--lesions", "HE,SE"], "--lesions: unknown lesion 'SE'")])
+def test_bad_recipe_flags_are_one_line_errors(flags, message):
+    import train
+
+    with pytest.raises(ValueError, match=message):
+        train.parse_args(["--train", "IDR", "--device", "cpu", *flags])

@@ -51,6 +51,7 @@ bench: $(VENV)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_metrics.py --threads 1
 	$(PY) bench/bench_train.py --threads 1 --steps 20
+	$(PY) bench/bench_images.py
 
 # Does the recipe learn real lesions? Real IDRiD haemorrhages (tests/fixtures/idrid-he14), from scratch on CPU
 # (BENCHMARKS.md, "Real HE"); REAL_HE_FLAGS go to train.py after the recipe's own.
@@ -110,7 +111,7 @@ DEMO_IMAGES ?= 30
 DEMO_SIZE ?= 256
 DEMO_RESOLUTION ?= 256
 DEMO_PATCH ?= 64
-DEMO_ITERS ?= 300
+DEMO_ITERS ?= 150
 DEMO_BATCH ?= 16
 DEMO_COMBOS ?= IDR DDR FGA RET MES IDR+DDR IDR+DDR+RET IDR+DDR+MES \
 	DDR+FGA+RET+MES IDR+FGA+RET+MES IDR+DDR+RET+MES IDR+DDR+FGA+MES IDR+DDR+FGA+RET IDR+DDR+FGA+RET+MES
@@ -142,7 +143,7 @@ demo: $(VENV)
 	@echo "demo done: $(DEMO)/report/report.md"
 
 # the real-data check (BENCHMARKS.md, "Real HE"), shorter than `make real-he`: one more job of the -j2 pool
-DEMO_REAL_HE_FLAGS ?= --iters 200 --val-every 50
+DEMO_REAL_HE_FLAGS ?= --iters 150 --val-every 50
 $(DEMO)/real_he/real_he.json: | $(VENV)
 	OMP_NUM_THREADS=1 $(PY) bench/real_he.py --out $(DEMO)/real_he -- $(DEMO_REAL_HE_FLAGS)
 

@@ -5,6 +5,7 @@
     python evaluate.py --ckpt runs/IDR/ensemble.json --save-maps maps/        # an average.py ensemble manifest
     python evaluate.py --ckpt runs/IDR/s0/best.pt --images my_photos/ --save-maps my_maps/   # your own images
     python evaluate.py --ckpt hub:IDR+DDR --test MES --dice-argmax   # the authors' released model, IDR+DDR
+    python -c "import numpy as np; from PIL import Image; from evaluate import segment; print(segment(np.asarray(Image.open('eye.jpg').convert('RGB')), 'runs/IDR/s0/best.pt').shape)"
 
 Several checkpoints form an ensemble that averages sigmoid probabilities (so does an ensemble file written by
 average.py). Counts are pooled over all pixels of a test set and accumulated on the device where the
@@ -373,7 +374,8 @@ def main(argv=None):
     g.add_argument("--batch", type=int, default=1, help="images per forward pass (default: %(default)s)")
     g = p.add_argument_group("maps")
     g.add_argument("--save-maps", default=None, metavar="DIR",
-                   help="write per-image probability maps (8-bit PNG) and overlays here (default: %(default)s)")
+                   help="write per-image probability maps (8-bit PNG), overlays (JPEG) and, for test sets, "
+                        "image | truth | prediction panels here (default: %(default)s)")
     g.add_argument("--images", default=None, metavar="DIR",
                    help="predict on your own fundus photographs in DIR instead of test sets; maps go to "
                         "--save-maps or DIR_maps (default: %(default)s)")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import evaluate
 from data import LESIONS, PreparedDataset
@@ -267,13 +268,23 @@ def test_save_maps(ckpts, cache_dir, single):
     ds = PreparedDataset(cache_dir, "MES", R, "test")
     probs = dataset_probs([model_from(ckpts["a"])], ds)
     for i, image_id in enumerate(ds.ids):
+        # the maps on the photograph's geometry: the prepared maps enlarged into the crop box (PIL, bilinear)
+        geo = ds.geometry(i)
+        (w, h), (left, top), (x0, y0, x1, y1) = geo["size"], geo["pad"], geo["box"]
+        fov = Image.fromarray(ds[i]["fov"][top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.NEAREST)
+        inside = np.zeros((geo["height"], geo["width"]), bool)  # FOV pixels clear of its rim
+        inside[y0:y1, x0:x1] = ndimage.binary_erosion(np.asarray(fov), iterations=3)
         for c, lesion in enumerate(LESIONS):
+            crop = Image.fromarray(probs[i, c, top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.BILINEAR)
+            ref = np.zeros(inside.shape, np.float32)
+            ref[y0:y1, x0:x1] = np.asarray(crop)
             with Image.open(tmp_path / "MES" / f"{image_id}_{lesion}.png") as im:
-                assert im.mode == "L" and im.size == (R, R)
-                diff = np.abs(np.asarray(im).astype(int) - np.round(probs[i, c] * 255).astype(int))
-                assert diff.max() <= 1  # 8-bit quantisation of the same map
-        with Image.open(tmp_path / "MES" / f"{image_id}_overlay.png") as im:
-            assert im.mode == "RGB" and im.size == (R, R)
+                assert im.mode == "L" and im.size == (geo["width"], geo["height"])
+                diff = np.abs(np.asarray(im).astype(int) - np.round(ref * 255).astype(int))
+                assert diff[inside].max() <= 1  # 8-bit quantisation of the same map
+        for picture, tiles in (("overlay", 1), ("panel", 3)):  # the panel: image | ground truth | prediction
+            with Image.open(tmp_path / "MES" / f"{image_id}_{picture}.jpg") as im:
+                assert im.mode == "RGB" and im.width == tiles * geo["width"] and im.height > geo["height"]
 
 
 def fundus_jpeg(path, w, h):
@@ -298,9 +309,11 @@ def test_images_folder(ckpts, tmp_path):
     out = tmp_path / "maps"
     evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--save-maps", str(out), "--device", "cpu"])
     for name, size in sizes.items():
-        for suffix in [*LESIONS, "overlay"]:
-            with Image.open(out / f"{name}_{suffix}.png") as im:
-                assert im.size == size, (name, suffix)
+        for lesion in LESIONS:
+            with Image.open(out / f"{name}_{lesion}.png") as im:
+                assert im.size == size, (name, lesion)
+        with Image.open(out / f"{name}_overlay.jpg") as im:  # the photograph, the legend band below it
+            assert im.width == size[0] and im.height > size[1], name
 
 
 def test_errors(ckpts, cache_dir, synth_root, tmp_path):
@@ -403,7 +416,7 @@ def test_images_oversized_photo_is_skipped_with_a_warning(ckpts, tmp_path, monke
     evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--save-maps", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
     assert "warning" in err and "a_huge.jpg" in err
-    assert (out / "b_small_overlay.png").is_file() and not (out / "a_huge_overlay.png").exists()
+    assert (out / "b_small_overlay.jpg").is_file() and not (out / "a_huge_overlay.jpg").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -447,8 +460,8 @@ def test_sixteen_bit_photo_scaled_by_its_range(ckpts, tmp_path):
     assert rgb.min() == 0 and (rgb == 0).mean() > 0.1  # the black surround stays black, not white
     out = tmp_path / "maps"
     evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--save-maps", str(out), "--device", "cpu"])
-    with Image.open(out / "deep_overlay.png") as im:
-        assert im.size == (120, 100)
+    with Image.open(out / "deep_overlay.jpg") as im:
+        assert im.width == 120 and im.height > 100
 
 
 def test_results_ap_against_sklearn(ckpts, cache_dir, single):

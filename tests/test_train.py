@@ -164,7 +164,7 @@ def test_val_loss_minima_are_kept_as_snapshots(synth_root, cache_dir, tmp_path, 
     script = {2: 5.0, 4: 3.0, 6: 4.0, 8: 2.0, 10: 6.0}
     seen = {}
 
-    def fake_validate(model, val_sets, device, dtype, loss_kind):
+    def fake_validate(model, val_sets, device, dtype, loss_kind, lesions=None):
         step = 2 * (len(seen) + 1)
         seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
         return {"loss": script[step], "mean_aupr": 0.5, "mean_ap": 0.5, "mean_dice": 0.5, "aupr": [0.5] * 4,

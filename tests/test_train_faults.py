@@ -45,7 +45,7 @@ def test_killed_run_leaves_no_pending_file_that_misleads_the_rerun(synth_root, c
     order = iter([2, 4, 6, 6, 8, 10])  # steps of the validate calls: killed at 6, resumed from last.pt at 4
     seen = {}
 
-    def fake_validate(model, val_sets, device, dtype, loss_kind):
+    def fake_validate(model, val_sets, device, dtype, loss_kind, lesions=None):
         step = next(order)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         if step in seen:  # the redone validation sees the very same weights (CPU resume is bit-identical)
@@ -148,8 +148,8 @@ def test_ctrl_c_is_one_line_exit_130_and_last_pt_resumes(synth_root, cache_dir, 
 def test_nan_in_validation_is_the_divergence_hint(synth_root, cache_dir, tmp_path, monkeypatch):
     real_predict, broken = protocol.predict, []
 
-    def nan_after_first_validation(models, x, dtype=torch.float32, tta=False):
-        p = real_predict(models, x, dtype, tta)
+    def nan_after_first_validation(models, x, dtype=torch.float32, tta=False, style=None):
+        p = real_predict(models, x, dtype, tta, style)
         return p * float("nan") if broken else p  # e.g. an overflow only the eval-mode network shows
 
     monkeypatch.setattr(protocol, "predict", nan_after_first_validation)

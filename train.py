@@ -72,6 +72,14 @@ def build_parser():
                         "combination can be souped (average.py soup) (default: %(default)s)")
     add_data_args(p)  # --data-root, --cache, --root, --mask-threshold, --splits, --ret-he, --split-seed
 
+    add_model_args(p)
+    add_optimisation_args(p)
+    add_validation_args(p)
+    add_system_args(p, cuda)
+    return p
+
+
+def add_model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--encoder", default="legacy_seresnet101.in1k",
                    help="timm encoder with features_only support (default: %(default)s)")
@@ -97,6 +105,9 @@ def build_parser():
                         "--style-condition (default: %(default)s = the README's table: IDR, DDR, MES fine; FGA "
                         "mixed; RET coarse)")
 
+
+
+def add_optimisation_args(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--resolution", type=int, default=1536,
                    help="side of the prepared square images (default: %(default)s)")
@@ -122,6 +133,9 @@ def build_parser():
                         "not trained as negatives (for data where only some lesions are annotated); the model "
                         "keeps its 4 output channels (default: EX,HE,MA,CWS)")
 
+
+
+def add_validation_args(p):
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--val-every", type=int, default=1000,
                    help="validate and save last.pt every N steps, and at the end (default: %(default)s)")
@@ -139,6 +153,9 @@ def build_parser():
     g.add_argument("--log-every", type=int, default=10,
                    help="training-loss lines in log.jsonl every N steps (default: %(default)s)")
 
+
+
+def add_system_args(p, cuda):
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if cuda else "cpu",
                    help="torch device; under torchrun CUDA uses cuda:LOCAL_RANK (default: %(default)s)")

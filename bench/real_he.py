@@ -45,17 +45,17 @@ def darkness(image, fov):
 
 def he_ap(dataset, score):
     """(AP, prevalence) of HE pooled over a prepared split; score(item) -> float (H, W) in [0, 1]."""
-    total = None
+    total, pixels = None, 0
     for i in range(len(dataset)):
         item = dataset[i]
+        pixels += int(item["fov"].sum())
         probs = torch.zeros((1, len(data.LESIONS)) + item["fov"].shape)
         probs[0, HE] = torch.from_numpy(np.asarray(score(item), dtype=np.float32))
         counts = binned_counts(probs, torch.from_numpy(item["masks"][None]), torch.from_numpy(item["fov"][None]),
                                ap_bins=AP_BINS)
         total = counts if total is None else [a + c for a, c in zip(total, counts)]
     m = pr_metrics(*total)
-    pos, pixels = int(total[2][HE]), sum(int(dataset[i]["fov"].sum()) for i in range(len(dataset)))
-    return float(m["ap"][HE]), pos / max(pixels, 1)
+    return float(m["ap"][HE]), int(total[2][HE]) / max(pixels, 1)
 
 
 def model_score(models):
@@ -108,7 +108,8 @@ def main(argv=None):
     rows = {}
     for split in ("train", "test"):
         ds = data.PreparedDataset(out / "cache", "IDR", args.resolution, split)
-        (ap, prevalence), (base, _) = he_ap(ds, model_score(models)), he_ap(ds, lambda it: darkness(it["image"], it["fov"]))
+        ap, prevalence = he_ap(ds, model_score(models))
+        base, _ = he_ap(ds, lambda it: darkness(it["image"], it["fov"]))
         rows[split] = {"n_images": len(ds), "ap": ap, "prevalence": prevalence, "baseline_ap": base}
     heldout_figure(out / "heldout.png", data.PreparedDataset(out / "cache", "IDR", args.resolution, "test"), models)
     report = {"flags": RECIPE + args.extra, "resolution": args.resolution, "train_seconds": round(seconds, 1),

@@ -16,26 +16,25 @@ FOLDERS = {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set", "RET": "retin
            "MES": "MAPLES-DR"}
 
 
+def _parse_names(text, known, what, item):
+    """'b,a' -> the names of `known` it lists, in `known`'s order, no duplicates; ValueError naming what / item."""
+    names = [t.strip().upper() for t in str(text).replace("+", ",").split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"empty {what} list {text!r} (choose from {', '.join(known)})")
+    for n in names:
+        if n not in known:
+            raise ValueError(f"unknown {item} {n!r} (choose from {', '.join(known)})")
+    return [n for n in known if n in names]
+
+
 def parse_dataset_ids(text):
     """'MES,idr' -> ['IDR', 'MES'] (canonical order, no duplicates)."""
-    ids = [t.strip().upper() for t in str(text).replace("+", ",").split(",") if t.strip()]
-    if not ids:
-        raise ValueError(f"empty dataset list {text!r} (choose from {', '.join(DATASET_IDS)})")
-    for i in ids:
-        if i not in DATASET_IDS:
-            raise ValueError(f"unknown dataset ID {i!r} (choose from {', '.join(DATASET_IDS)})")
-    return [i for i in DATASET_IDS if i in ids]
+    return _parse_names(text, DATASET_IDS, "dataset", "dataset ID")
 
 
 def parse_lesions(text):
     """'he,ex' -> ('EX', 'HE') (LESIONS order, no duplicates): the lesions a run is trained and scored on."""
-    names = [t.strip().upper() for t in str(text).replace("+", ",").split(",") if t.strip()]
-    if not names:
-        raise ValueError(f"empty lesion list {text!r} (choose from {', '.join(LESIONS)})")
-    for n in names:
-        if n not in LESIONS:
-            raise ValueError(f"unknown lesion {n!r} (choose from {', '.join(LESIONS)})")
-    return tuple(n for n in LESIONS if n in names)
+    return tuple(_parse_names(text, LESIONS, "lesion", "lesion"))
 
 
 def combo_name(ids):

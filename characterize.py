@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage, stats  # noqa: E402
@@ -310,6 +311,11 @@ def plot_labelling_style(rows_by_dataset, styles, reference, rule, coarse_ratio,
         top = max([r[f"{lesion}_count"] for rows in rows_by_dataset.values() for r in rows] + [1])
         ax.set(xscale="log", yscale="log", title=lesion, xlabel=f"mean lesion area (px at {resolution} px)",
                ylim=(0.7, max(20, 1.6 * top)))  # >= 1.5 decades, so the axis shows plain powers of ten
+        lo, hi = np.log10(ax.get_xlim())
+        if hi - lo < 2:  # NOTE: under 2 decades matplotlib labels the minor ticks, which overlap (2x10^0 3x10^0 ...)
+            mid = (lo + hi) / 2
+            ax.set_xlim(10 ** (mid - 1), 10 ** (mid + 1))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("lesions per image (8-connected components)")
     axes[0].legend(fontsize=8, loc="upper right", title="dataset: style (coarse share)", title_fontsize=8)

@@ -28,7 +28,7 @@ from data.datasets import IMAGE_SUFFIXES, load_image
 from data.flags import add_dataset_list
 from jsonio import write_json
 from kernels import AP_BINS
-from maps import save_maps, save_test_maps
+from maps import save_maps, save_test_maps, to_8bit
 from model import argmax_lesions, is_hub_spec, load_checkpoint, load_models
 from protocol import (DTYPES, THRESHOLDS, check_device, count_dataset, default_device, nanmean,  # noqa: F401
                       predict, predict_fitting, predict_tiled, summarize, to_input)
@@ -275,7 +275,7 @@ def _segmenter(ckpt, resolution, device):
 
 @torch.inference_mode()
 def segment(image, ckpt, resolution=None, device=None, dtype="float32", tta=False, tile=None, overlap=0.5,
-            style=None):
+            style=None, uint8=False):
     """Segment one photograph: uint8 (H, W, 3) RGB -> float32 (4, H, W) probabilities, EX HE MA CWS.
 
         from evaluate import segment
@@ -286,7 +286,8 @@ def segment(image, ckpt, resolution=None, device=None, dtype="float32", tta=Fals
     or a list of models (model.load_models; pass resolution, they stay on their device). The photograph gets
     the training data's FOV crop, resize and pad (paper section 2.2) at `resolution` (default: the checkpoint's
     training resolution); the maps come back on its own geometry, 0 outside the fundus (FOV). dtype, tta,
-    tile, overlap, style: as evaluate.py --dtype, --tta, --tile, --tile-overlap, --style.
+    tile, overlap, style: as evaluate.py --dtype, --tta, --tile, --tile-overlap, --style. uint8=True: the maps as
+    uint8 round(255 p) (the PNGs' values; p >= 0.5 is >= 128), a quarter of the memory (evaluate.py --images).
     """
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
         what = f"{image.dtype} {tuple(image.shape)}" if hasattr(image, "shape") else type(image).__name__
@@ -299,9 +300,10 @@ def segment(image, ckpt, resolution=None, device=None, dtype="float32", tta=Fals
     # (H, W) outside the fundus, where the bilinear edge would leak: the FOV restored bilinearly, then cut at
     # 0.5, for a smooth rim rather than the prepared pixels' staircase (17 px steps from a 64 px model)
     outside = data.restore_geometry(fov.float(), geometry) < 0.5
-    out = np.empty((probs.shape[0],) + tuple(outside.shape), np.float32)  # (4, H, W)
+    out = np.empty((probs.shape[0],) + tuple(outside.shape), np.uint8 if uint8 else np.float32)  # (4, H, W)
     for c in range(len(out)):  # NOTE: one lesion at a time (on the device): one full-size float copy, not four
-        out[c] = data.restore_geometry(probs[c], geometry).masked_fill_(outside, 0.0).cpu().numpy()
+        restored = data.restore_geometry(probs[c], geometry).masked_fill_(outside, 0.0).cpu().numpy()
+        out[c] = to_8bit(restored) if uint8 else restored
     return out
 
 
@@ -324,7 +326,7 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
             # one bad photograph (unreadable, or over PIL's decompression-bomb limit) never stops the folder
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue
-        probs = segment(original, models, resolution, device, dtype, tta, tile, overlap, style)  # (4, H0, W0)
+        probs = segment(original, models, resolution, device, dtype, tta, tile, overlap, style, uint8=True)  # 8 bit
         name = path.stem if path.stem not in written else f"{path.stem}_{path.suffix[1:]}"  # a.jpg and a.png
         save_maps(out_dir, name, original, probs)
         del original, probs  # NOTE: freed before the next photograph is read: one photograph's arrays at a time

@@ -24,6 +24,14 @@ from data import LESIONS, restore_geometry
 COLOURS = np.array([[255, 230, 0], [230, 20, 20], [40, 230, 40], [0, 200, 255]], dtype=np.uint8)  # LESIONS order
 NAMES = {"EX": "hard exudates", "HE": "haemorrhages", "MA": "microaneurysms", "CWS": "cotton-wool spots"}
 THRESHOLD = 0.5  # a lesion's region: p >= 0.5, as the protocol's Dice
+
+
+def regions_of(p):
+    """A lesion's region, p >= 0.5, of a float map in [0, 1] or of an 8-bit one (round(255 p)): bool (H, W).
+
+    NOTE: round(255 p) >= 128 exactly when p >= 0.5 (255 * 0.5 = 127.5 rounds to 128, anything below to 127).
+    """
+    return p >= 128 if p.dtype == np.uint8 else p >= THRESHOLD
 FILL_ALPHA = 0.3  # light fill: the photograph stays readable under the region
 TRUTH_COLOUR = (255, 255, 255)
 BAND, INK = (24, 24, 24), (235, 235, 235)  # legend and title background, text
@@ -105,8 +113,9 @@ def draw_regions(canvas, regions, width):
 def overlay(image, probs, truth=None, fov=None):
     """The photograph with the lesions at p >= 0.5 and the ground truth outlined, and a legend band below.
 
-    image uint8 (H, W, 3); probs float (4, H, W); truth bool (4, H, W) or None; fov bool (H, W) or None (None:
-    probs are already 0 outside the fundus, as evaluate.segment returns them) -> uint8 (H + band, W, 3).
+    image uint8 (H, W, 3); probs float (4, H, W) in [0, 1] or uint8 (4, H, W) = round(255 p); truth bool
+    (4, H, W) or None; fov bool (H, W) or None (None: probs are already 0 outside the fundus, as evaluate.segment
+    returns them) -> uint8 (H + band, W, 3).
     """
     H, W = image.shape[:2]
     width = line_width(H, W)
@@ -114,7 +123,7 @@ def overlay(image, probs, truth=None, fov=None):
     out = np.empty((H + band.shape[0], W, 3), np.uint8)
     out[:H], out[H:] = image, band
     inside = (lambda m: m) if fov is None else (lambda m: m & fov)
-    draw_regions(out[:H], (inside(p >= THRESHOLD) for p in probs), width)
+    draw_regions(out[:H], (inside(regions_of(p)) for p in probs), width)
     for t in () if truth is None else truth:
         out[:H][inside(border(t, max(1, width // 2), outside=True))] = TRUTH_COLOUR
     return out
@@ -131,7 +140,7 @@ def panel(image, probs, truth, fov=None):
     w, h = max(1, round(W * scale)), max(1, round(H * scale))
     inside = (lambda m: m) if fov is None else (lambda m: m & fov)
     tiles = []
-    for regions in ((), (inside(t) for t in truth), (inside(p >= THRESHOLD) for p in probs)):
+    for regions in ((), (inside(t) for t in truth), (inside(regions_of(p)) for p in probs)):
         tile = draw_regions(np.array(image, np.uint8), regions, width)  # one full-size copy at a time
         if scale < 1:  # box-filtered shrinking: outlines thin, never vanish
             tile = np.asarray(Image.fromarray(tile).resize((w, h), Image.BOX))
@@ -223,15 +232,20 @@ def save_grey_png(path, a):
                      + chunk(b"IEND", b""))
 
 
+def to_8bit(p):
+    """float probabilities in [0, 1] (any shape) -> uint8 round(255 p), through one float copy."""
+    p8 = np.clip(p, 0.0, 1.0)
+    p8 *= 255
+    return np.rint(p8, out=p8).astype(np.uint8)
+
+
 def save_maps(out_dir, name, image, probs, truth=None, fov=None):
     """Write <name>_<LESION>.png (probability x 255, 8 bit), <name>_overlay.jpg and, when the ground truth is
-    given, <name>_panel.jpg. image uint8 (H, W, 3), probs float (4, H, W), truth bool (4, H, W), fov bool (H, W)."""
+    given, <name>_panel.jpg. image uint8 (H, W, 3), probs float (4, H, W) in [0, 1] or uint8 (4, H, W) = round(255 p)
+    (to_8bit's), truth bool (4, H, W), fov bool (H, W)."""
     out_dir = Path(out_dir)
     for c, lesion in enumerate(LESIONS):
-        p8 = np.clip(probs[c], 0.0, 1.0)  # one lesion at a time, scaled in place: one float copy, not three
-        p8 *= 255
-        p8 = np.rint(p8, out=p8).astype(np.uint8)
-        save_grey_png(out_dir / f"{name}_{lesion}.png", p8)
+        save_grey_png(out_dir / f"{name}_{lesion}.png", probs[c] if probs.dtype == np.uint8 else to_8bit(probs[c]))
     jpeg = {"quality": JPEG_QUALITY, "subsampling": 0}
     _save(out_dir / f"{name}_overlay.jpg", overlay(image, probs, truth, fov), **jpeg)
     if truth is not None:

@@ -36,6 +36,25 @@ RECIPE = ["--encoder", "resnet18", "--no-pretrained", "--patch", "128", "--batch
           "--local-contrast", "8"]
 
 
+def merged_flags(recipe, extra):
+    """The flags train.py ends up with: recipe + extra, a flag given again in extra replacing the recipe's.
+
+    >>> merged_flags(["--iters", "400", "--no-pretrained"], ["--iters", "150"])
+    ['--iters', '150', '--no-pretrained']
+    """
+    def groups(tokens):  # [flag, its values...] in order
+        out = []
+        for t in tokens:
+            if t.startswith("--") or not out:
+                out.append([t])
+            else:
+                out[-1].append(t)
+        return out
+    merged = {g[0].split("=")[0]: g for g in groups(recipe)}  # --iters=150 replaces --iters 400 too
+    merged.update({g[0].split("=")[0]: g for g in groups(extra)})  # a dict keeps the recipe's order, new flags at the end
+    return [t for g in merged.values() for t in g]
+
+
 def darkness(image, fov):
     """The baseline: how much darker than the fundus median the green channel is, in [0, 1] (no learning)."""
     g = image[..., 1].astype(np.float32)
@@ -112,10 +131,11 @@ def main(argv=None):
         base, _ = he_ap(ds, lambda it: darkness(it["image"], it["fov"]))
         rows[split] = {"n_images": len(ds), "ap": ap, "prevalence": prevalence, "baseline_ap": base}
     heldout_figure(out / "heldout.png", data.PreparedDataset(out / "cache", "IDR", args.resolution, "test"), models)
-    report = {"flags": RECIPE + args.extra, "resolution": args.resolution, "train_seconds": round(seconds, 1),
+    used = merged_flags(RECIPE, args.extra)
+    report = {"flags": used, "resolution": args.resolution, "train_seconds": round(seconds, 1),
               "threads": args.threads, **rows}
     write_json(out / "real_he.json", report)
-    print(f"\nreal HE, {seconds:.0f} s of training; flags: {' '.join(RECIPE + args.extra)}")
+    print(f"\nreal HE, {seconds:.0f} s of training; flags: {' '.join(used)}")
     print(f"{'':10s}{'images':>7s}{'AP':>8s}{'prev.':>8s}{'AP/prev':>8s}{'dark':>8s}")
     for split, r in rows.items():
         name = "train" if split == "train" else "held-out"

@@ -216,6 +216,23 @@ def test_segment_takes_loaded_models_and_equals_predict_images(ckpt, photo, tmp_
             assert np.abs(np.asarray(im, np.float32) / 255 - probs[c]).max() <= 0.5 / 255 + 1e-6, lesion
 
 
+def test_8_bit_maps_give_the_same_files_as_float_ones(ckpt, photo, tmp_path):
+    """segment(uint8=True), what --images writes from, is round(255 p) of the float maps, and save_maps draws the
+    same regions (p >= 0.5 is >= 128) from either, including maps that sit on the threshold."""
+    image = np.asarray(load_image(photo))
+    probs = evaluate.segment(image, str(ckpt))
+    p8 = evaluate.segment(image, str(ckpt), uint8=True)
+    assert p8.dtype == np.uint8 and np.array_equal(p8, np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8))
+    edge = np.float32([0.5, np.nextafter(np.float32(0.5), np.float32(0)), 127.5 / 255, 128 / 255, 0.0, 1.0])
+    probs[:, :8, :6] = edge  # on both sides of the threshold
+    p8 = maps.to_8bit(probs)
+    assert np.array_equal(maps.regions_of(p8), probs >= 0.5)
+    maps.save_maps(tmp_path / "f", "a", image, probs)
+    maps.save_maps(tmp_path / "u", "a", image, p8)
+    for name in [f"a_{lesion}.png" for lesion in LESIONS] + ["a_overlay.jpg"]:
+        assert (tmp_path / "f" / name).read_bytes() == (tmp_path / "u" / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("bad", [np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8),
                                  np.zeros((8, 8, 4), np.uint8), [[0, 0, 0]]])
 def test_segment_rejects_what_is_not_an_rgb_photograph_in_one_line(ckpt, bad):

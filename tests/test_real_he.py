@@ -53,7 +53,7 @@ def test_real_he_end_to_end(fixture_idrid, tmp_path):
             "--iters", "2", "--val-every", "1", "--local-contrast", "2"]
     report = real_he.main(["--out", str(tmp_path), "--resolution", "128", "--", *tiny])
     saved = json.loads((tmp_path / "real_he.json").read_text())
-    assert saved["flags"][-len(tiny):] == tiny and saved["train"]["n_images"] == 8 and saved["test"]["n_images"] == 4
+    assert saved["flags"] == real_he.merged_flags(real_he.RECIPE, tiny) and saved["train"]["n_images"] == 8 and saved["test"]["n_images"] == 4
     for split in ("train", "test"):
         assert 0 <= report[split]["ap"] <= 1 and report[split]["baseline_ap"] == saved[split]["baseline_ap"]
     assert (tmp_path / "heldout.png").stat().st_size > 10_000
@@ -101,3 +101,16 @@ def test_bad_recipe_flags_are_one_line_errors(flags, message):
 
     with pytest.raises(ValueError, match=message):
         train.parse_args(["--train", "IDR", "--device", "cpu", *flags])
+
+
+def test_recorded_flags_are_the_ones_train_py_used():
+    """The demo's `-- --iters 150` replaces the recipe's --iters 400 in real_he.json, and train.py agrees."""
+    import train
+
+    extra = ["--iters", "150", "--val-every=25", "--channels-last"]
+    used = real_he.merged_flags(real_he.RECIPE, extra)
+    assert used.count("--iters") == 1 and used[used.index("--iters") + 1] == "150"
+    assert "--val-every" not in used and "--val-every=25" in used and used[-1] == "--channels-last"  # new flags last
+    assert used[:2] == ["--encoder", "resnet18"]  # the recipe's order kept
+    a, b = (train.parse_args(f + ["--train", "IDR"]) for f in (real_he.RECIPE + extra, used))
+    assert vars(a) == vars(b)

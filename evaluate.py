@@ -28,7 +28,7 @@ from data.datasets import IMAGE_SUFFIXES, load_image
 from data.flags import add_dataset_list
 from jsonio import write_json
 from kernels import AP_BINS
-from maps import save_maps, save_test_maps, to_8bit
+from maps import save_maps, save_test_maps
 from model import argmax_lesions, is_hub_spec, load_checkpoint, load_models
 from protocol import (DTYPES, THRESHOLDS, check_device, count_dataset, default_device, nanmean,  # noqa: F401
                       predict, predict_fitting, predict_tiled, summarize, to_input)
@@ -297,13 +297,17 @@ def segment(image, ckpt, resolution=None, device=None, dtype="float32", tta=Fals
     probs, _ = predict_fitting(models, to_input(square[None], device), tile, dtype, tta, overlap, style)  # (1, 4, R, R)
     fov = torch.from_numpy(fov).to(device)
     probs = probs[0].masked_fill_(~fov, 0.0)  # (4, R, R), in place
-    # (H, W) outside the fundus, where the bilinear edge would leak: the FOV restored bilinearly, then cut at
-    # 0.5, for a smooth rim rather than the prepared pixels' staircase (17 px steps from a 64 px model)
-    outside = data.restore_geometry(fov.float(), geometry) < 0.5
-    out = np.empty((probs.shape[0],) + tuple(outside.shape), np.uint8 if uint8 else np.float32)  # (4, H, W)
-    for c in range(len(out)):  # NOTE: one lesion at a time (on the device): one full-size float copy, not four
-        restored = data.restore_geometry(probs[c], geometry).masked_fill_(outside, 0.0).cpu().numpy()
-        out[c] = to_8bit(restored) if uint8 else restored
+    # outside the fundus, where the bilinear edge would leak: the FOV restored bilinearly, then cut at 0.5, for a
+    # smooth rim rather than the prepared pixels' staircase (17 px steps from a 64 px model); in the crop box only
+    # (the photograph is 0 outside it): no full-size float copy of the FOV or of a lesion
+    outside, (x0, y0, x1, y1) = data.restore_crop(fov.float(), geometry)
+    outside = outside < 0.5
+    out = np.zeros((probs.shape[0], geometry["height"], geometry["width"]), np.uint8 if uint8 else np.float32)
+    for c in range(len(out)):  # NOTE: one lesion at a time
+        crop = data.restore_crop(probs[c], geometry)[0].masked_fill_(outside, 0.0)
+        if uint8:  # in place, as maps.to_8bit does it: round half to even of 255 p
+            crop = crop.clamp_(0.0, 1.0).mul_(255).round_().to(torch.uint8)
+        out[c, y0:y1, x0:x1] = crop.cpu().numpy()
     return out
 
 

@@ -7,8 +7,8 @@ The photographs are real IDRiD ones (tests/fixtures/idrid-he14, 1072x712) enlarg
 4288x2848, written as JPEG (quality 95) to a temporary folder. Each path runs in a fresh process on one thread,
 through evaluate.predict_images itself; each stage is timed (CPU seconds: the machine may be shared) by wrapping
 the function that does it: read = load_image, preprocess = data.preprocess_image, restore =
-data.restore_geometry, write = save_maps (PNGs, overlay), network = predict_fitting, load = the checkpoint,
-once. The peer is the previous implementation (overlay in float32 with the probability as opacity, PNGs at
+data.restore_geometry and data.restore_crop, write = save_maps (PNGs, overlay), network = predict_fitting,
+load = the checkpoint, once. The peer is the previous implementation (overlay in float32 with the probability as opacity, PNGs at
 zlib level 6, a float32 copy of the four maps), run in the same way on the same photographs. In both, a
 stand-in replaces the network: blobs darker or brighter than their surroundings, 1-5 % of the fundus per
 lesion, as a trained model's maps look; a third run uses the tiny untrained network itself (p near 0.5
@@ -147,6 +147,7 @@ def measure(path_name, ckpt, photos, out_dir, repeats, network, queue):
     timed(data, "preprocess_image", "preprocess")
     timed(evaluate, "predict_fitting", "network")
     timed(data, "restore_geometry", "restore")
+    timed(data, "restore_crop", "restore")  # segment's per-lesion restore (restore_geometry's own call is not wrapped)
     timed(evaluate, "save_maps", "write")
     run = previous_predict_images if path_name == "previous" else evaluate.predict_images
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: imports, model

@@ -19,7 +19,7 @@ from data.ids import DATASET_IDS, FOLDERS, LESIONS, combo_name, parse_dataset_id
 from data.cache import PreparedDataset
 from data.flags import DATA_FLAGS, add_data_args, data_options, data_settings
 from data.patches import PatchDataset
-from data.preprocess import preprocess_image, restore_geometry
+from data.preprocess import preprocess_image, restore_crop, restore_geometry
 
 # NOTE: `python -m data.prepare` imports this package, hence data.prepare, before running prepare.py as
 # __main__; runpy then warns that the module is already loaded. Running it twice is harmless here (it holds
@@ -29,4 +29,4 @@ from data.prepare import prepare_cache  # noqa: E402
 
 __all__ = ["LESIONS", "DATASET_IDS", "FOLDERS", "parse_dataset_ids", "parse_lesions", "combo_name", "PreparedDataset",
            "DATA_FLAGS", "add_data_args", "data_options", "data_settings", "PatchDataset", "preprocess_image",
-           "restore_geometry", "prepare_cache"]
+           "restore_geometry", "restore_crop", "prepare_cache"]

@@ -113,7 +113,18 @@ def restore_geometry(arr, geometry):
     outside the crop box the result is 0. Returns the input's type (numpy or torch).
     """
     is_numpy = not torch.is_tensor(arr)
-    t = torch.from_numpy(np.ascontiguousarray(arr)) if is_numpy else arr
+    crop, (x0, y0, x1, y1) = restore_crop(torch.from_numpy(np.ascontiguousarray(arr)) if is_numpy else arr, geometry)
+    out = crop.new_zeros(crop.shape[:-2] + (geometry["height"], geometry["width"]))
+    out[..., y0:y1, x0:x1] = crop
+    return out.numpy() if is_numpy else out
+
+
+def restore_crop(t, geometry):
+    """restore_geometry's work inside the crop box only: torch (..., R, R) -> ((..., y1 - y0, x1 - x0), box).
+
+    For callers that write the box into an array of their own (evaluate.segment, one lesion at a time) without a
+    second full-size copy; the photograph is 0 outside the box.
+    """
     (w, h), (left, top) = geometry["size"], geometry["pad"]
     x0, y0, x1, y1 = geometry["box"]
     lead = t.shape[:-2]
@@ -123,6 +134,4 @@ def restore_geometry(arr, geometry):
     else:  # nearest-exact: pixel centres map like PIL's resize; interpolate needs a float/uint8 input
         src = content.to(torch.uint8) if t.dtype == torch.bool else content.float()
         resized = F.interpolate(src, size=(y1 - y0, x1 - x0), mode="nearest-exact").to(t.dtype)
-    out = t.new_zeros(lead + (geometry["height"], geometry["width"]))
-    out[..., y0:y1, x0:x1] = resized.reshape(lead + (y1 - y0, x1 - x0))
-    return out.numpy() if is_numpy else out
+    return resized.reshape(lead + (y1 - y0, x1 - x0)), (x0, y0, x1, y1)

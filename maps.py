@@ -24,14 +24,6 @@ from data import LESIONS, restore_geometry
 COLOURS = np.array([[255, 230, 0], [230, 20, 20], [40, 230, 40], [0, 200, 255]], dtype=np.uint8)  # LESIONS order
 NAMES = {"EX": "hard exudates", "HE": "haemorrhages", "MA": "microaneurysms", "CWS": "cotton-wool spots"}
 THRESHOLD = 0.5  # a lesion's region: p >= 0.5, as the protocol's Dice
-
-
-def regions_of(p):
-    """A lesion's region, p >= 0.5, of a float map in [0, 1] or of an 8-bit one (round(255 p)): bool (H, W).
-
-    NOTE: round(255 p) >= 128 exactly when p >= 0.5 (255 * 0.5 = 127.5 rounds to 128, anything below to 127).
-    """
-    return p >= 128 if p.dtype == np.uint8 else p >= THRESHOLD
 FILL_ALPHA = 0.3  # light fill: the photograph stays readable under the region
 TRUTH_COLOUR = (255, 255, 255)
 BAND, INK = (24, 24, 24), (235, 235, 235)  # legend and title background, text
@@ -43,6 +35,15 @@ JPEG_QUALITY = 92  # overlays and panels are photographs: JPEG (4:4:4, so thin c
 # ---------------------------------------------------------------------------------------------------------
 # Drawing on the photograph
 # ---------------------------------------------------------------------------------------------------------
+def regions_of(p):
+    """A lesion's region, p >= 0.5, of a numpy map: float in [0, 1], or uint8 round(255 p) -> bool (H, W).
+
+    NOTE: round(255 p) >= 128 exactly when p >= 0.5 (255 * 0.5 = 127.5 rounds to 128, anything below to 127).
+    """
+    p = np.asarray(p)
+    return p >= 128 if p.dtype == np.uint8 else p >= THRESHOLD
+
+
 def line_width(height, width):
     """Outline width in pixels: about 1/700 of the longest side (6 px on a 4288x2848 photograph), at least 1."""
     return max(1, round(max(height, width) / 700))

@@ -6,15 +6,15 @@
 The photographs are real IDRiD ones (tests/fixtures/idrid-he14, 1072x712) enlarged 4x back to the originals'
 4288x2848, written as JPEG (quality 95) to a temporary folder. Each path runs in a fresh process on one thread,
 through evaluate.predict_images itself; each stage is timed (CPU seconds: the machine may be shared) by wrapping
-the function that does it: read = load_image, preprocess = data.preprocess_image, restore =
-data.restore_geometry and data.restore_crop, write = save_maps (PNGs, overlay), network = predict_fitting,
-load = the checkpoint, once. The peer is the previous implementation (overlay in float32 with the probability as opacity, PNGs at
-zlib level 6, a float32 copy of the four maps), run in the same way on the same photographs. In both, a
-stand-in replaces the network: blobs darker or brighter than their surroundings, 1-5 % of the fundus per
-lesion, as a trained model's maps look; a third run uses the tiny untrained network itself (p near 0.5
-everywhere: the worst case for the overlay and the PNGs). Peak memory: the process's maximum RSS (getrusage),
-printed with the part that importing torch + timm and loading the model take before the first photograph.
-Correctness first: the probability PNGs of both paths agree within 1/255 inside the FOV.
+the function that does it: read = load_image, preprocess = data.preprocess_image, restore = data.restore_geometry
+and data.restore_crop, write = save_maps (PNGs, overlay), network = predict_fitting, load = the checkpoint, once.
+The peer is the previous implementation (overlay in float32 with the probability as opacity, PNGs at zlib level 6,
+a float32 copy of the four maps), run in the same way on the same photographs. In both, a stand-in replaces the
+network: blobs darker or brighter than their surroundings, 1-5 % of the fundus per lesion, as a trained model's
+maps look; a third run uses the tiny untrained network itself (p near 0.5 everywhere: the worst case for the
+overlay and the PNGs). Peak memory: the process's maximum RSS (getrusage), printed with the part that importing
+torch + timm and loading the model take before the first photograph. Correctness first: the probability PNGs of
+both paths agree within 1/255 inside the FOV.
 """
 import argparse
 import multiprocessing as mp

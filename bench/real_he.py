@@ -37,11 +37,15 @@ RECIPE = ["--encoder", "resnet18", "--no-pretrained", "--patch", "128", "--batch
 
 
 def merged_flags(recipe, extra):
-    """The flags train.py ends up with: recipe + extra, a flag given again in extra replacing the recipe's.
+    """The flags train.py ends up with: recipe + extra, where a flag of extra replaces the recipe's flag of the
+    same destination (`--iters=150` replaces `--iters 400`, `--pretrained` replaces `--no-pretrained`) in its
+    place; flags train.py collects (`append`) are all kept, and new flags come last.
 
     >>> merged_flags(["--iters", "400", "--no-pretrained"], ["--iters", "150"])
     ['--iters', '150', '--no-pretrained']
     """
+    actions = train.build_parser()._option_string_actions  # option string -> argparse action
+
     def groups(tokens):  # [flag, its values...] in order
         out = []
         for t in tokens:
@@ -50,8 +54,13 @@ def merged_flags(recipe, extra):
             else:
                 out[-1].append(t)
         return out
-    merged = {g[0].split("=")[0]: g for g in groups(recipe)}  # --iters=150 replaces --iters 400 too
-    merged.update({g[0].split("=")[0]: g for g in groups(extra)})  # a dict keeps the recipe's order, new flags at the end
+    merged = {}
+    for g in groups(recipe) + groups(extra):
+        action = actions.get(g[0].split("=")[0])
+        key = g[0] if action is None else action.dest
+        if action is not None and isinstance(action, argparse._AppendAction):
+            key = (key, len(merged))  # every occurrence counts
+        merged[key] = g  # a dict keeps the first one's place
     return [t for g in merged.values() for t in g]
 
 
@@ -98,9 +107,11 @@ def heldout_figure(path, dataset, models):
         for c, (title, img) in enumerate((("image", item["image"]), ("ground truth HE", item["masks"][HE]),
                                           ("prediction (HE probability)", probs))):
             ax = axes[r, c]
-            ax.imshow(img, cmap=None if c == 0 else "magma", vmin=0, vmax=1 if c else None)
+            shown = ax.imshow(img, cmap=None if c == 0 else "magma", vmin=0, vmax=1 if c else None)
             ax.set_title(f"{item['id']}: {title}", fontsize=9)
             ax.axis("off")
+            if c == 2:  # the probability's scale, 0 (black) to 1
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     fig.suptitle("held-out real IDRiD photographs (HE): image | ground truth | prediction", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -114,6 +125,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("extra", nargs="*", help="train.py flags after `--`, added to (and overriding) the recipe")
     args = p.parse_args(argv)
+    own = {"--train", "--root", "--data-root", "--splits", "--cache", "--resolution", "--out"}  # set below
+    clash = [t.split("=")[0] for t in args.extra if t.split("=")[0] in own]
+    if clash:
+        p.error(f"{clash[0]} after `--`: real_he.py sets it itself (its own --resolution and --out choose them)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     flags = RECIPE + ["--train", "IDR", "--root", f"IDR={FIXTURE}", "--data-root", str(FIXTURE),

@@ -53,7 +53,8 @@ def test_real_he_end_to_end(fixture_idrid, tmp_path):
             "--iters", "2", "--val-every", "1", "--local-contrast", "2"]
     report = real_he.main(["--out", str(tmp_path), "--resolution", "128", "--", *tiny])
     saved = json.loads((tmp_path / "real_he.json").read_text())
-    assert saved["flags"] == real_he.merged_flags(real_he.RECIPE, tiny) and saved["train"]["n_images"] == 8 and saved["test"]["n_images"] == 4
+    assert saved["flags"] == real_he.merged_flags(real_he.RECIPE, tiny)
+    assert saved["train"]["n_images"] == 8 and saved["test"]["n_images"] == 4
     for split in ("train", "test"):
         assert 0 <= report[split]["ap"] <= 1 and report[split]["baseline_ap"] == saved[split]["baseline_ap"]
     assert (tmp_path / "heldout.png").stat().st_size > 10_000
@@ -114,3 +115,15 @@ def test_recorded_flags_are_the_ones_train_py_used():
     assert used[:2] == ["--encoder", "resnet18"]  # the recipe's order kept
     a, b = (train.parse_args(f + ["--train", "IDR"]) for f in (real_he.RECIPE + extra, used))
     assert vars(a) == vars(b)
+    # one destination, two spellings: the last one given wins, in the recipe's place
+    switch = real_he.merged_flags(real_he.RECIPE, ["--pretrained", "--no-pretrained"])
+    assert switch.count("--no-pretrained") == 1 and "--pretrained" not in switch
+    # flags train.py collects are all kept
+    thresholds = ["--mask-threshold", "IDR=0.5", "--mask-threshold", "DDR=0.3"]
+    assert real_he.merged_flags(real_he.RECIPE, thresholds)[-4:] == thresholds
+
+
+def test_flags_real_he_sets_itself_are_refused_after_the_separator(capsys):
+    with pytest.raises(SystemExit):
+        real_he.main(["--out", "unused", "--", "--resolution=256"])
+    assert "--resolution after `--`: real_he.py sets it itself" in capsys.readouterr().err

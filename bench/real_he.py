@@ -125,18 +125,21 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("extra", nargs="*", help="train.py flags after `--`, added to (and overriding) the recipe")
     args = p.parse_args(argv)
-    own = {"--train", "--root", "--data-root", "--splits", "--cache", "--resolution", "--out"}  # set below
-    clash = [t.split("=")[0] for t in args.extra if t.split("=")[0] in own]
-    if clash:
-        p.error(f"{clash[0]} after `--`: real_he.py sets it itself (its own --resolution and --out choose them)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    flags = RECIPE + ["--train", "IDR", "--root", f"IDR={FIXTURE}", "--data-root", str(FIXTURE),
-                      "--splits", f"IDR={FIXTURE / 'split.json'}", "--cache", str(out / "cache"),
-                      "--resolution", str(args.resolution), "--out", str(out / "run"), "--device", "cpu",
-                      "--workers", "0"] + args.extra
+    own = {"train": ["IDR"], "root": [f"IDR={FIXTURE}"], "data_root": str(FIXTURE),
+           "splits": [f"IDR={FIXTURE / 'split.json'}"], "cache": str(out / "cache"), "resolution": args.resolution,
+           "out": str(out / "run")}  # what this script sets and reads back: not for `--`
+    flags = RECIPE + ["--train", "IDR", "--root", own["root"][0], "--data-root", own["data_root"],
+                      "--splits", own["splits"][0], "--cache", own["cache"], "--resolution", str(args.resolution),
+                      "--out", own["out"], "--device", "cpu", "--workers", "0"] + args.extra
+    parsed = train.parse_args(flags)
+    for dest, value in own.items():  # NOTE: compared after parsing, so abbreviations (--ou x) are caught too
+        if getattr(parsed, dest) != value:
+            p.error(f"--{dest.replace('_', '-')} after `--`: real_he.py sets it itself "
+                    "(its own --resolution and --out choose them)")
     start = time.perf_counter()
-    train.run(train.parse_args(flags))
+    train.run(parsed)
     seconds = time.perf_counter() - start
     models = load_models(str(out / "run" / "best.pt"), "cpu")
     rows = {}

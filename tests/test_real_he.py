@@ -123,7 +123,11 @@ def test_recorded_flags_are_the_ones_train_py_used():
     assert real_he.merged_flags(real_he.RECIPE, thresholds)[-4:] == thresholds
 
 
-def test_flags_real_he_sets_itself_are_refused_after_the_separator(capsys):
+@pytest.mark.parametrize("extra, flag", [(["--resolution=256"], "--resolution"), (["--ou", "x"], "--out"),
+                                         (["--cach=y"], "--cache"), (["--train", "DDR"], "--train")])
+def test_flags_real_he_sets_itself_are_refused_after_the_separator(extra, flag, tmp_path, capsys):
+    """Spelled out, with =, or abbreviated as argparse allows: refused before any work is done."""
     with pytest.raises(SystemExit):
-        real_he.main(["--out", "unused", "--", "--resolution=256"])
-    assert "--resolution after `--`: real_he.py sets it itself" in capsys.readouterr().err
+        real_he.main(["--out", str(tmp_path / "rh"), "--", *extra])
+    assert f"{flag} after `--`: real_he.py sets it itself" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -11,6 +11,7 @@ all count with these functions, so a number means the same wherever it is printe
 ("Evaluation protocol") and computed by kernels/.
 """
 import math
+import numbers
 import sys
 
 import numpy as np
@@ -47,6 +48,8 @@ def check_device(name):
 # Prediction: ensemble mean of sigmoid probabilities, flip TTA, overlapping tiles
 # ---------------------------------------------------------------------------------------------------------
 def _as_dtype(dtype):
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
@@ -92,6 +95,10 @@ def predict_tiled(models, x, tile, dtype=torch.float32, tta=False, overlap=0.5, 
     a pixel seen by one window keeps that window's probability and a pixel seen by several gets their
     weighted mean (borders of a window, where the receptive field is cut, weigh least).
     """
+    if tile is not None and not (isinstance(tile, numbers.Integral) and tile >= 1):
+        raise ValueError(f"tile must be a whole number of pixels >= 1 (or None: whole image), got {tile!r}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
     B, _, H, W = x.shape
     if tile is None or (tile >= H and tile >= W):
         return predict(models, x, dtype, tta, style)  # one window: exactly the untiled prediction

@@ -233,6 +233,18 @@ def test_8_bit_maps_give_the_same_files_as_float_ones(ckpt, photo, tmp_path):
         assert (tmp_path / "f" / name).read_bytes() == (tmp_path / "u" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("options, message", [({"tile": 0}, "tile must be a whole number"),
+                                             ({"tile": -5}, "tile must be a whole number"),
+                                             ({"tile": 64.5}, "tile must be a whole number"),
+                                             ({"tile": 32, "overlap": 1.0}, r"overlap must be in \[0, 1\)"),
+                                             ({"dtype": "int8"}, "dtype must be one of float32")])
+def test_segment_refuses_bad_options_in_one_line(ckpt, photo, options, message):
+    image = np.asarray(load_image(photo))
+    with pytest.raises(ValueError, match=message) as e:
+        evaluate.segment(image, str(ckpt), **options)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("bad", [np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8),
                                  np.zeros((8, 8, 4), np.uint8), [[0, 0, 0]]])
 def test_segment_rejects_what_is_not_an_rgb_photograph_in_one_line(ckpt, bad):

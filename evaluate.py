@@ -28,7 +28,7 @@ from data.datasets import IMAGE_SUFFIXES, load_image
 from data.flags import add_dataset_list
 from jsonio import write_json
 from kernels import AP_BINS
-from maps import save_maps, save_test_maps
+from maps import save_maps, save_test_maps, writable_folder
 from model import argmax_lesions, is_hub_spec, load_checkpoint, load_models
 from protocol import (DTYPES, THRESHOLDS, check_device, count_dataset, default_device, nanmean,  # noqa: F401
                       predict, predict_fitting, predict_tiled, summarize, to_input)
@@ -145,6 +145,8 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
     if not ckpt_paths:
         raise ValueError("no checkpoint given (--ckpt)")
     test_ids = data.parse_dataset_ids(",".join(test_ids) if not isinstance(test_ids, str) else test_ids)
+    if maps_dir is not None:
+        writable_folder(maps_dir, "--save-maps")  # before any scoring, not after the first test set
     device = torch.device(device or default_device())
     models, headers = load_ensemble(ckpt_paths, device)
     style = check_style(models, style)
@@ -267,6 +269,8 @@ def _segmenter(ckpt, resolution, device):
     else:
         paths = [ckpt] if isinstance(ckpt, (str, Path)) else list(ckpt)
         models, headers = load_ensemble([str(p) for p in paths], torch.device(device or default_device()))
+    if resolution is not None and not resolution >= 1:
+        raise ValueError(f"resolution must be >= 1 pixel, got {resolution!r}")
     resolution = int(resolution or _ckpt_args(headers[0]).get("resolution") or 0)
     if resolution <= 0:
         raise ValueError("the checkpoint records no resolution in its args (or models were given): pass resolution")
@@ -317,6 +321,7 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"--images folder not found: {image_dir}")
+    out_dir = writable_folder(out_dir, "--save-maps")  # before the model loads and the first photo is segmented
     device = torch.device(device or default_device())
     models = load_ensemble([str(p) for p in ckpt_paths], device)  # (models, headers), loaded once
     if not (resolution or _ckpt_args(models[1][0]).get("resolution")):
@@ -413,7 +418,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, a full disk
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was written for the test set in progress; rerun the same command")

@@ -55,8 +55,12 @@ def merged_flags(recipe, extra):
                 out[-1].append(t)
         return out
     merged = {}
+    def action_of(flag):  # exact, else a unique prefix, as argparse resolves `--iter 2`
+        name = flag.split("=")[0]
+        found = {actions[o] for o in actions if o.startswith(name)} if name not in actions else {actions[name]}
+        return found.pop() if len(found) == 1 else None
     for g in groups(recipe) + groups(extra):
-        action = actions.get(g[0].split("=")[0])
+        action = action_of(g[0])
         key = g[0] if action is None else action.dest
         if action is not None and isinstance(action, argparse._AppendAction):
             key = (key, len(merged))  # every occurrence counts

@@ -113,18 +113,20 @@ def restore_geometry(arr, geometry):
     outside the crop box the result is 0. Returns the input's type (numpy or torch).
     """
     is_numpy = not torch.is_tensor(arr)
-    crop, (x0, y0, x1, y1) = restore_crop(torch.from_numpy(np.ascontiguousarray(arr)) if is_numpy else arr, geometry)
+    crop, (x0, y0, x1, y1) = restore_crop(arr, geometry)
     out = crop.new_zeros(crop.shape[:-2] + (geometry["height"], geometry["width"]))
     out[..., y0:y1, x0:x1] = crop
     return out.numpy() if is_numpy else out
 
 
 def restore_crop(t, geometry):
-    """restore_geometry's work inside the crop box only: torch (..., R, R) -> ((..., y1 - y0, x1 - x0), box).
+    """restore_geometry's work inside the crop box only: (..., R, R) numpy or torch -> (torch (..., y1 - y0,
+    x1 - x0), box).
 
     For callers that write the box into an array of their own (evaluate.segment, one lesion at a time) without a
     second full-size copy; the photograph is 0 outside the box.
     """
+    t = t if torch.is_tensor(t) else torch.from_numpy(np.ascontiguousarray(t))  # numpy in, torch out
     (w, h), (left, top) = geometry["size"], geometry["pad"]
     x0, y0, x1, y1 = geometry["box"]
     lead = t.shape[:-2]

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from data import (DATASET_IDS, LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options,
-                  parse_dataset_ids, prepare_cache, preprocess_image, restore_geometry)
+                  parse_dataset_ids, prepare_cache, preprocess_image, restore_crop, restore_geometry)
 from data.datasets import Sample, dataset_root, list_samples, load_masks, load_sample
 from data.flags import add_dataset_list
 from data.splits import make_splits
@@ -341,6 +341,8 @@ def test_preprocess_crop_and_restore_geometry():
     assert (red[:, :x0 - 1] == 0).all() and (red[:, x1 + 1:] == 0).all()
     stacked = restore_geometry(torch.from_numpy(np.stack([out[..., 0], out[..., 1]])).float(), geo)
     assert torch.is_tensor(stacked) and stacked.shape == (2, 300, 400)
+    crop, box = restore_crop(out[..., 0].astype(np.float32), geo)  # numpy in: the box alone, as torch
+    assert box == (x0, y0, x1, y1) and torch.equal(crop, torch.from_numpy(red[y0:y1, x0:x1]))
 
 
 def test_real_idrid_adapter(fixture_idrid):

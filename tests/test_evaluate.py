@@ -316,6 +316,25 @@ def test_images_folder(ckpts, tmp_path):
             assert im.width == size[0] and im.height > size[1], name
 
 
+def test_unwritable_maps_folder_is_one_line_before_any_work(ckpts, cache_dir, synth_root, tmp_path):
+    """--save-maps on a file, or under one (an OSError even for root), stops in one line naming the flag,
+    before a photograph is segmented or a test set scored; the file is untouched."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    fundus_jpeg(photos / "eye.jpg", 120, 100)
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        r = cli("--ckpt", ckpts["a"], "--images", photos, "--save-maps", out, "--device", "cpu")
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith(f"error: --save-maps {out}: cannot write maps there")
+        assert "eye.jpg: maps" not in r.stdout
+        with pytest.raises(ValueError, match="--save-maps .*cannot write maps there"):
+            run_eval([ckpts["a"]], cache_dir, synth_root, maps_dir=out, out=tmp_path / "r.json")
+        assert not (tmp_path / "r.json").exists()
+    assert blocker.read_text() == "keep me"
+
+
 def test_errors(ckpts, cache_dir, synth_root, tmp_path):
     common = ["--data-root", str(synth_root), "--cache", str(cache_dir), "--device", "cpu",
               "--out", str(tmp_path / "r.json")]

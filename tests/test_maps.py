@@ -237,7 +237,8 @@ def test_8_bit_maps_give_the_same_files_as_float_ones(ckpt, photo, tmp_path):
                                              ({"tile": -5}, "tile must be a whole number"),
                                              ({"tile": 64.5}, "tile must be a whole number"),
                                              ({"tile": 32, "overlap": 1.0}, r"overlap must be in \[0, 1\)"),
-                                             ({"dtype": "int8"}, "dtype must be one of float32")])
+                                             ({"dtype": "int8"}, "dtype must be one of float32"),
+                                             ({"resolution": -3}, "resolution must be >= 1 pixel")])
 def test_segment_refuses_bad_options_in_one_line(ckpt, photo, options, message):
     image = np.asarray(load_image(photo))
     with pytest.raises(ValueError, match=message) as e:

@@ -118,6 +118,9 @@ def test_recorded_flags_are_the_ones_train_py_used():
     # one destination, two spellings: the last one given wins, in the recipe's place
     switch = real_he.merged_flags(real_he.RECIPE, ["--pretrained", "--no-pretrained"])
     assert switch.count("--no-pretrained") == 1 and "--pretrained" not in switch
+    # abbreviated as argparse allows: still one --iters
+    short = real_he.merged_flags(real_he.RECIPE, ["--iter", "2"])
+    assert "--iters" not in short and short[short.index("--iter") + 1] == "2"
     # flags train.py collects are all kept
     thresholds = ["--mask-threshold", "IDR=0.5", "--mask-threshold", "DDR=0.3"]
     assert real_he.merged_flags(real_he.RECIPE, thresholds)[-4:] == thresholds

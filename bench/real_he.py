@@ -54,15 +54,16 @@ def merged_flags(recipe, extra):
             else:
                 out[-1].append(t)
         return out
-    merged = {}
     def action_of(flag):  # exact, else a unique prefix, as argparse resolves `--iter 2`
         name = flag.split("=")[0]
-        found = {actions[o] for o in actions if o.startswith(name)} if name not in actions else {actions[name]}
+        found = {actions[name]} if name in actions else {actions[o] for o in actions if o.startswith(name)}
         return found.pop() if len(found) == 1 else None
+
+    merged = {}
     for g in groups(recipe) + groups(extra):
         action = action_of(g[0])
         key = g[0] if action is None else action.dest
-        if action is not None and isinstance(action, argparse._AppendAction):
+        if isinstance(action, argparse._AppendAction):
             key = (key, len(merged))  # every occurrence counts
         merged[key] = g  # a dict keeps the first one's place
     return [t for g in merged.values() for t in g]

@@ -10,9 +10,12 @@ attention as the optional decoder variant. The decoder follows segmentation_mode
 The authors' released models (torchseg U-Net / SE-ResNeXt50, softmax over 5 classes; hub.py downloads them) load
 into the same classes: `load_models("hub:IDR+DDR")` or a folder with their config.json and model.safetensors.
 """
+import contextlib
 import json
 import os
 import re
+import signal
+import threading
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -405,9 +408,30 @@ def _to_cpu(obj):
     return obj
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Hold back Ctrl-C (SIGINT) until the block is done, then deliver it to the handler that was in place.
+
+    torch.save interrupted half-way turns the KeyboardInterrupt into a RuntimeError from its zip writer
+    ("unexpected pos ..."), a traceback instead of the one-line exit; held back, the file is written whole
+    and the interrupt arrives after it. Blocks nest; off the main thread (where Python handles no signals)
+    it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)  # now: the previous handler raises KeyboardInterrupt (or ignores it)
+
+
 def save_checkpoint(path, ckpt):
     """Write ckpt atomically (path.tmp in the same folder, then os.replace) with unwrapped model keys and
-    every tensor on the CPU."""
+    every tensor on the CPU. A Ctrl-C during the write takes effect once the file is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = _to_cpu(ckpt)
@@ -417,11 +441,12 @@ def save_checkpoint(path, ckpt):
         ckpt["members"] = [{**m, "model": strip_prefixes(m["model"])} if "model" in m else m for m in ckpt["members"]]
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
-        os.replace(tmp, path)
+        with ctrl_c_deferred():
+            with open(tmp, "wb") as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -41,7 +41,7 @@ from curves import refresh as refresh_curves
 from data.flags import add_dataset_list
 from jsonio import null_nan
 from kernels import AP_BINS, pr_metrics
-from model import ModelConfig, architecture, build_model, load_checkpoint, save_checkpoint
+from model import ModelConfig, architecture, build_model, ctrl_c_deferred, load_checkpoint, save_checkpoint
 from protocol import DTYPES, check_device, nanmean, pooled_counts
 from style import MODES, style_tokens
 
@@ -667,11 +667,12 @@ def save_last(s):
     if s.world > 1:
         gathered = [None] * s.world
         dist.all_gather_object(gathered, states)
-    if s.master:
-        rng = {"torch": [g["torch"] for g in gathered], "cuda": [g["cuda"] for g in gathered] if cuda else None}
-        save_checkpoint(s.out / "last.pt", make_checkpoint(s, "last", validated_now(s),
-                                                           {"best": s.best, "history": s.history, "rng": rng}))
-    s.saved_step = s.step
+    with ctrl_c_deferred():  # a Ctrl-C here finds last.pt and saved_step (which the resume line names) agreeing
+        if s.master:
+            rng = {"torch": [g["torch"] for g in gathered], "cuda": [g["cuda"] for g in gathered] if cuda else None}
+            save_checkpoint(s.out / "last.pt", make_checkpoint(s, "last", validated_now(s),
+                                                               {"best": s.best, "history": s.history, "rng": rng}))
+        s.saved_step = s.step
 
 
 def save_pending(s, record, state=None):

@@ -2,6 +2,9 @@
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_model.py
 """
+import os
+import signal
+import time
 import urllib.error
 from dataclasses import asdict
 
@@ -135,6 +138,38 @@ def test_save_checkpoint_is_atomic(tmp_path):
         save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "model_cfg": {}, "bad": lambda: 0})
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
     assert torch.load(path, weights_only=True)["model"]["w"].tolist() == [1.0, 1.0]
+
+
+def test_ctrl_c_during_a_checkpoint_write_lands_after_the_file_is_whole(tmp_path, monkeypatch):
+    # The CI failure this guards: SIGINT inside torch.save became "RuntimeError: unexpected pos ..." from its
+    # zip writer (a traceback, not the one-line exit). Here SIGINT arrives in the middle of every write.
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, mid-write, as in the real failure
+        real_save(obj, f)
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_cfg": {}, "step": 2})
+    monkeypatch.setattr(model.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model": {"w": torch.full((1000,), 3.0)}, "model_cfg": {}, "step": 4})
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no .tmp left
+    assert torch.load(path, weights_only=True)["step"] == 4  # the new file, whole
+    # nested blocks deliver once, at the outer end; an ignored SIGINT stays ignored
+    with pytest.raises(KeyboardInterrupt):
+        with model.ctrl_c_deferred():
+            save_checkpoint(path, {"model": {}, "model_cfg": {}, "step": 6})
+            reached = True
+    assert reached and torch.load(path, weights_only=True)["step"] == 6
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        save_checkpoint(path, {"model": {}, "model_cfg": {}, "step": 8})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert torch.load(path, weights_only=True)["step"] == 8
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
 
 
 def test_load_models_ensemble(tmp_path):

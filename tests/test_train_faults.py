@@ -123,7 +123,9 @@ def test_ctrl_c_is_one_line_exit_130_and_last_pt_resumes(synth_root, cache_dir, 
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *argv(synth_root, cache_dir, out, "--iters", "5000",
                                                             "--val-every", "2")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    # preexec_fn: a test runner started in the background (`cmd &`) has SIGINT ignored, which the child would inherit
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)

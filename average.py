@@ -18,12 +18,12 @@ import argparse
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import cli
 import data
 from data import combo_name
 from jsonio import write_json
@@ -333,8 +333,12 @@ class Combination:
 
 
 def check_out(out, force):
+    """Before any work: -o is not an existing file (unless --force) nor a folder, and its folder can be written."""
+    if Path(out).is_dir():
+        raise ValueError(f"-o {out} is a folder: name the file to write")
     if Path(out).exists() and not force:
         raise ValueError(f"{out} exists (pass --force to overwrite)")
+    cli.writable_folder(Path(out).parent, "-o", f"write {Path(out).name} there")
 
 
 def build_average(paths, kind, part, combo, args, bn=None):
@@ -483,7 +487,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: nothing was written (the output is written whole, at the end); "
+                              "rerun the same command")

@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import math
-import sys
 import textwrap
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch  # noqa: E402
 from scipy import ndimage, stats  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
 from data import DATASET_IDS, LESIONS  # noqa: E402
 from data.flags import add_dataset_list  # noqa: E402
@@ -451,7 +451,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: rerun the same command (prepared caches are kept)")

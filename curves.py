@@ -22,6 +22,7 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
+import cli
 from data.ids import LESIONS, all_combos
 from maps import COLOURS
 
@@ -225,7 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: rerun the same command")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import hub
 from data import DATASET_IDS, LESIONS
@@ -28,7 +29,7 @@ from data.datasets import IMAGE_SUFFIXES, load_image
 from data.flags import add_dataset_list
 from jsonio import write_json
 from kernels import AP_BINS
-from maps import save_maps, save_test_maps, writable_folder
+from maps import save_maps, save_test_maps
 from model import argmax_lesions, is_hub_spec, load_checkpoint, load_models
 from protocol import (DTYPES, THRESHOLDS, check_device, count_dataset, default_device, nanmean,  # noqa: F401
                       predict, predict_fitting, predict_tiled, summarize, to_input)
@@ -146,7 +147,7 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
         raise ValueError("no checkpoint given (--ckpt)")
     test_ids = data.parse_dataset_ids(",".join(test_ids) if not isinstance(test_ids, str) else test_ids)
     if maps_dir is not None:
-        writable_folder(maps_dir, "--save-maps")  # before any scoring, not after the first test set
+        cli.writable_folder(maps_dir, "--save-maps", "write maps there")  # before any scoring, not after test set 1
     device = torch.device(device or default_device())
     models, headers = load_ensemble(ckpt_paths, device)
     style = check_style(models, style)
@@ -321,7 +322,8 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"--images folder not found: {image_dir}")
-    out_dir = writable_folder(out_dir, "--save-maps")  # before the model loads and the first photo is segmented
+    # before the model loads and the first photo is segmented
+    out_dir = cli.writable_folder(out_dir, "--save-maps", "write maps there")
     device = torch.device(device or default_device())
     models = load_ensemble([str(p) for p in ckpt_paths], device)  # (models, headers), loaded once
     if not (resolution or _ckpt_args(models[1][0]).get("resolution")):
@@ -416,9 +418,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:  # OSError: a missing file, a full disk
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: nothing was written for the test set in progress; rerun the same command")
+    cli.run(main, interrupted="interrupted: nothing was written for the test set in progress; rerun the same command")

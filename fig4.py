@@ -13,9 +13,9 @@ scores per method and test set go to fig4.json, which report.py reads.
 import argparse
 import itertools
 import re
-import sys
 from pathlib import Path
 
+import cli
 import data
 from average import (PARTS, Combination, add_averaging_args, build_average, check_out, select_snapshots,
                      write_ensemble)
@@ -154,7 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: rerun the same command; the averages already built are reused")

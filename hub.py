@@ -14,9 +14,9 @@ huggingface_hub is optional: only these downloads and timm's pretrained weights 
 import argparse
 import contextlib
 import logging
-import sys
 from pathlib import Path
 
+import cli
 from data.ids import DATASET_IDS, parse_dataset_ids
 
 REPO = "ClementP/fundus-lesions-segmentation-unet_seresnext50_32x4d"
@@ -187,7 +187,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: rerun the same command (what is in the cache is kept)")

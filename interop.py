@@ -30,7 +30,6 @@ import importlib
 import json
 import os
 import re
-import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+import cli
 from data import LESIONS
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
 from protocol import predict
@@ -437,7 +437,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: nothing was written; rerun the same command")

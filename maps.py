@@ -12,7 +12,6 @@ is drawn outside the fundus. The probability is never used as opacity: a weak mo
 leaves the photograph as it is. The photograph keeps its own pixel geometry (rows 0..H-1 of the overlay
 are the photograph's rows); a legend band is added below it.
 """
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -208,20 +207,6 @@ def legend(width, truth=False, prefix=None):
 # ---------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------
-def writable_folder(path, flag):
-    """Create the maps folder `path` (and its parents) and check a file can be written there, before any work:
-    an OSError becomes one ValueError naming the `flag` -> Path."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write maps there ({e.strerror or e})") from None
-    return path
-
-
 def _save(path, array, **options):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, **options)

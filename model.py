@@ -447,6 +447,15 @@ def save_checkpoint(path, ckpt):
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
             os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # NOTE: torch's zip writer often replaces a failed write's OSError (a full disk) with its own
+        # RuntimeError ("unexpected pos ..."): the OSError, naming the checkpoint, is what the user can act on.
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"cannot write the checkpoint ({cause.strerror or cause})", str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

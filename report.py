@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # files only, never a window (works on headless machines)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+import cli  # noqa: E402
 from curves import plot_sweep  # noqa: E402
 from data import DATASET_IDS, LESIONS, combo_name  # noqa: E402
 from jsonio import null_nan, write_json  # noqa: E402
@@ -615,7 +616,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: rerun the same command")

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
+import cli
 from data import (LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options, parse_dataset_ids,
                   parse_lesions, prepare_cache)
 from curves import refresh as refresh_curves
@@ -935,11 +936,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        # NOTE: an error raised in a DataLoader worker comes back with the worker's traceback in its message
-        sys.exit(f"error: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
-    except KeyboardInterrupt as e:
-        print(str(e) or "interrupted", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT, as a shell reports a Ctrl-C
+    cli.run(main)

@@ -36,6 +36,7 @@ import optuna
 import sqlalchemy
 import torch
 
+import cli
 import data
 import train
 from data.flags import add_dataset_list
@@ -566,13 +567,11 @@ def main(argv=None):
         try:
             optimize(study, args)
         except KeyboardInterrupt:
-            sys.exit("interrupted: rerun the same command to continue the study (the trial resumes from its last.pt)")
+            raise KeyboardInterrupt("interrupted: rerun the same command to continue the study "
+                                    "(the trial resumes from its last.pt)") from None
         print(f"done in {time.perf_counter() - tic:.0f} s")
     show(study, args)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

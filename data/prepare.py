@@ -35,6 +35,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # `python data/prepare.py` as well as `python -m data.prepare`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli
 from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta
 from data.datasets import dataset_root, list_samples, load_image, load_masks
 from data.flags import add_data_args, add_dataset_list, data_options
@@ -382,7 +383,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: the dataset in progress was not written (its temporary folder is removed); "
+                              "rerun the same command")

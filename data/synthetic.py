@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+import cli
 from data.ids import DATASET_IDS, FOLDERS, LESIONS, parse_dataset_ids
 
 ROOT_NAMES = FOLDERS  # each dataset under its distributed folder name
@@ -614,7 +614,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="interrupted: rerun the same command")

@@ -2,6 +2,9 @@
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_train_faults.py
 """
+import errno
+import io
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import cli
+import model
 import protocol
 import train
 from data import PreparedDataset
@@ -117,6 +122,34 @@ def test_second_run_on_the_same_out_refuses_at_once(synth_root, cache_dir, tmp_p
         holder.kill()  # SIGKILL: no cleanup code runs
         holder.wait(timeout=30)
     os.close(train.lock_run(out))  # a dead process's lock is gone by itself
+
+
+def test_full_disk_at_a_checkpoint_is_one_oserror_and_the_rerun_resumes(synth_root, cache_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    writes = []
+    real_open = open
+
+    def disk_full_at_the_second_last_pt(path, mode="r", *a, **kw):  # last.pt of step 4 finds the disk full
+        if Path(path).name == "last.pt.tmp":
+            writes.append(path)
+            if len(writes) == 2:
+                return FullDisk(path, "w")
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(model, "open", disk_full_at_the_second_last_pt, raising=False)
+    with pytest.raises(OSError) as err:
+        train.run(tiny_args(synth_root, cache_dir, out, "--iters", "6", "--val-every", "2"))
+    assert cli.message(err.value) == f"{out / 'last.pt'}: cannot write the checkpoint (No space left on device)"
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2 and not (out / "last.pt.tmp").exists()
+    monkeypatch.undo()  # space freed: the same command resumes from step 2 and finishes
+    assert train.run(tiny_args(synth_root, cache_dir, out, "--iters", "6", "--val-every", "2"))["step"] == 6
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if r["split"] == "val"] == [2, 4, 6]
+
+
+class FullDisk(io.FileIO):
+    def write(self, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_ctrl_c_is_one_line_exit_130_and_last_pt_resumes(synth_root, cache_dir, tmp_path):

@@ -1,0 +1,51 @@
+"""How the scripts end on a user's error, and the check of an output folder before any work.
+
+    if __name__ == "__main__":
+        cli.run(main, interrupted="interrupted: ...")   # every script's entry point
+
+run() turns a ValueError or an OSError (a missing or unreadable file, a full disk, a folder that cannot be
+written) into one line on stderr, "error: ...", exit status 1, and Ctrl-C into one line, exit status 130 (as a
+shell reports it); any other exception is a bug and keeps its traceback. Standard library only.
+"""
+import os
+import sys
+from pathlib import Path
+
+
+def message(e):
+    """One line for exception e: an OSError as "FILE: reason". An error re-raised from a DataLoader worker
+    carries the worker's traceback in its message: its last line is the error itself."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    text = str(e).strip()
+    if "Traceback" in text:
+        return text.splitlines()[-1]
+    return text or type(e).__name__
+
+
+def run(main, interrupted="interrupted"):
+    """Call main(); a user's error or Ctrl-C ends the process in one line (see the module docstring).
+    A KeyboardInterrupt that carries a message (train.py's says how to resume) prints that message."""
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {message(e)}")
+    except KeyboardInterrupt as e:
+        print(str(e) or interrupted, file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT
+
+
+def writable_folder(path, flag, what="write there"):
+    """Create the folder `path` (and its parents) and check a file can be written in it, before any work:
+    an OSError becomes one ValueError naming the `flag` -> Path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{flag} {path}: cannot {what} (a file, not a folder, is in the way)") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot {what} ({e.strerror or e})") from None
+    return path

@@ -1,0 +1,109 @@
+"""cli.py: every script ends on a user's error in one line (exit 1) and on Ctrl-C in one line (exit 130); an
+output folder is checked before any work; a checkpoint write on a full disk is one OSError naming the file.
+
+    .venv/bin/python -m pytest -q tests/test_cli.py
+"""
+import ast
+import errno
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import average
+import cli
+import model
+from model import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ended(main, capsys, **kw):
+    """(exit status, stderr) of cli.run(main)."""
+    with pytest.raises(SystemExit) as out:
+        cli.run(main, **kw)
+    code = out.value.code
+    if isinstance(code, str):  # sys.exit("message"): Python prints it to stderr and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    return code, capsys.readouterr().err
+
+
+def raising(e):
+    def main():
+        raise e
+    return main
+
+
+def test_errors_and_ctrl_c_end_in_one_line(capsys):
+    assert ended(raising(ValueError("--train: unknown dataset ID 'XYZ'")), capsys) == \
+        (1, "error: --train: unknown dataset ID 'XYZ'\n")
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/run/last.pt")
+    assert ended(raising(full), capsys) == (1, "error: /data/run/last.pt: No space left on device\n")
+    assert ended(raising(FileNotFoundError("no log.jsonl in runs/x (train.py writes it)")), capsys) == \
+        (1, "error: no log.jsonl in runs/x (train.py writes it)\n")
+    worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\nValueError: images.npy of IDR is damaged")
+    assert ended(raising(worker), capsys) == (1, "error: ValueError: images.npy of IDR is damaged\n")
+    assert ended(raising(KeyboardInterrupt()), capsys, interrupted="interrupted: rerun it") == \
+        (130, "interrupted: rerun it\n")
+    assert ended(raising(KeyboardInterrupt("interrupted at step 4; resume from x")), capsys) == \
+        (130, "interrupted at step 4; resume from x\n")
+    with pytest.raises(RuntimeError):  # a bug keeps its traceback
+        cli.run(raising(RuntimeError("bug")))
+
+
+def test_every_script_ends_through_cli_run():
+    scripts = sorted(p for p in ROOT.glob("*.py") if p.name != "cli.py" and 'if __name__ == "__main__":' in p.read_text())
+    scripts += [ROOT / "data" / "prepare.py", ROOT / "data" / "synthetic.py", ROOT / "bench" / "real_he.py"]
+    assert len(scripts) >= 13
+    for path in scripts:
+        tree = ast.parse(path.read_text())
+        (block,) = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        assert ast.unparse(block.body[-1]).startswith("cli.run(main"), path.name
+
+
+def test_writable_folder_is_checked_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ValueError, match=r"^-o .*afile.*: cannot write x.pt there \(a file, not a folder"):
+            cli.writable_folder(bad, "-o", "write x.pt there")
+    assert (tmp_path / "afile").read_text() == "keep"
+    made = cli.writable_folder(tmp_path / "new" / "deeper", "--save-maps")
+    assert made.is_dir() and list(made.iterdir()) == []  # the probe is gone
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after `room` bytes."""
+    room = 100
+
+    def write(self, b):
+        if self.tell() + len(b) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(b)
+
+
+def test_checkpoint_on_a_full_disk_is_one_oserror_and_the_old_file_stays(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_cfg": {}, "step": 2})
+    monkeypatch.setattr(model, "open", lambda p, mode: FullDisk(p, mode.replace("b", "")), raising=False)
+    with pytest.raises(OSError) as err:  # torch's zip writer turned it into "RuntimeError: unexpected pos"
+        save_checkpoint(path, {"model": {"w": torch.zeros(10_000)}, "model_cfg": {}, "step": 4})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert cli.message(err.value) == f"{path}: cannot write the checkpoint (No space left on device)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no .tmp left
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
+def test_average_refuses_an_unwritable_output_before_reading_any_checkpoint(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a folder"):
+        average.check_out(tmp_path, force=False)
+    # the command line: one line, exit 1, nothing read (the checkpoints named do not even exist)
+    r = subprocess.run([sys.executable, str(ROOT / "average.py"), "soup", str(tmp_path / "missing.pt"),
+                        "-o", str(tmp_path / "afile" / "soup.pt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.splitlines() == \
+        [f"error: -o {tmp_path / 'afile'}: cannot write soup.pt there (a file, not a folder, is in the way)"]

@@ -323,7 +323,7 @@ def plot_labelling_style(rows_by_dataset, styles, reference, rule, coarse_ratio,
                  f"dashed = {coarse_ratio:g}x reference (coarse region to the right)", fontsize=10)
     fig.text(0.01, 0.01, textwrap.fill("Rule: " + rule, 230), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.09, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -339,7 +339,7 @@ def plot_quality_measures(rows_by_dataset, path):
         ax.set_title(measure, fontsize=10)
     fig.suptitle("Image quality measures per dataset (median, 25-75%)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -355,17 +355,20 @@ def plot_grades(grades_by_dataset, path):
     ax.set(ylabel="share of images", ylim=(0, 1), title="Image quality (MCF-Net, Fu et al. 2019)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
 def write_per_image_csv(rows, path):
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for r in rows:  # NaN (no lesion, so no mean area) as an empty cell
-            writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()})
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            for r in rows:  # NaN (no lesion, so no mean area) as an empty cell
+                writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()})
+    cli.write_atomic(path, write)
 
 
 def _jsonable(x):
@@ -434,8 +437,9 @@ def main(argv=None):
     report = {"version": 1, "resolution": args.resolution, "rule": rule, "reference": reference,
               "quality_network": network_line, "quality_measures": QUALITY_MEASURES,
               "datasets": {ds: {**styles[ds], **summaries[ds]} for ds in ids}}
-    (out / "characterize.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-    (out / "characterize.md").write_text(markdown_report(report))
+    text = json.dumps(_jsonable(report), indent=1) + "\n"
+    cli.write_atomic(out / "characterize.json", lambda tmp: tmp.write_text(text))
+    cli.write_atomic(out / "characterize.md", lambda tmp: tmp.write_text(markdown_report(report)))
     write_per_image_csv([r for rows in rows_by_dataset.values() for r in rows], out / "per_image.csv")
     plot_labelling_style(rows_by_dataset, styles, reference, rule, args.coarse_ratio,
                          out / "fig2_labelling_style.png", args.resolution)

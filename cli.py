@@ -1,11 +1,14 @@
-"""How the scripts end on a user's error, and the check of an output folder before any work.
+"""How the scripts end on a user's error, and how they write their outputs: the folder checked before any
+work, each file written whole or not at all.
 
     if __name__ == "__main__":
         cli.run(main, interrupted="interrupted: ...")   # every script's entry point
 
 run() turns a ValueError or an OSError (a missing or unreadable file, a full disk, a folder that cannot be
 written) into one line on stderr, "error: ...", exit status 1, and Ctrl-C into one line, exit status 130 (as a
-shell reports it); any other exception is a bug and keeps its traceback. Standard library only.
+shell reports it); any other exception is a bug and keeps its traceback. write_atomic() writes a file
+through a temporary one renamed into place: a full disk or a Ctrl-C never leaves half a PNG or JSON file, and
+the OSError names the file. Standard library only.
 """
 import os
 import sys
@@ -48,4 +51,21 @@ def writable_folder(path, flag, what="write there"):
         raise ValueError(f"{flag} {path}: cannot {what} (a file, not a folder, is in the way)") from None
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot {what} ({e.strerror or e})") from None
+    return path
+
+
+def write_atomic(path, write):
+    """Write the file `path` (parents created) whole or not at all: write(tmp) fills a temporary file beside it
+    (same suffix, so writers that go by it still can), renamed into place -> Path. On failure the temporary file
+    is removed and the OSError names `path` ("PATH: No space left on device")."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -13,7 +13,6 @@ importing this module never changes the backend of a notebook that imports train
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -140,15 +139,7 @@ def curves_figure(run_dir):
 
 def _save(fig, path):
     """Write the figure to path through a temporary file renamed into place (a reader never sees half a PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return cli.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_run(run_dir, path=None):

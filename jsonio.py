@@ -8,7 +8,8 @@ JSON has no NaN or inf; the results files of this project write null there, and 
 import json
 import math
 import re
-from pathlib import Path
+
+from cli import write_atomic
 
 
 def null_nan(obj):
@@ -27,12 +28,8 @@ def _one_line(match):
 
 
 def write_json(path, obj):
-    """Write obj to path (parents created) through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write obj to path (parents created) through a temporary file renamed into place (cli.write_atomic)."""
     text = json.dumps(null_nan(obj), indent=1, allow_nan=False)
     # one line per list of numbers ("tp": [11 ints]); "[" + newline never occurs inside a JSON string
     text = re.sub(r"\[\n[-+0-9.eE,\s]+\]", _one_line, text)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)  # atomic: a sweep interrupted here leaves no half-written file
+    write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))  # a sweep interrupted here leaves no half file

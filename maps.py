@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cli import write_atomic
 from data import LESIONS, restore_geometry
 
 COLOURS = np.array([[255, 230, 0], [230, 20, 20], [40, 230, 40], [0, 200, 255]], dtype=np.uint8)  # LESIONS order
@@ -208,8 +209,7 @@ def legend(width, truth=False, prefix=None):
 # Files
 # ---------------------------------------------------------------------------------------------------------
 def _save(path, array, **options):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, **options)
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, **options))
 
 
 def save_grey_png(path, a):
@@ -228,9 +228,9 @@ def save_grey_png(path, a):
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     header = struct.pack(">IIBBBBB", W, H, 8, 0, 0, 0, 0)  # 8 bit grey; deflate; a filter type per row; no interlace
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, PNG_LEVEL))
-                     + chunk(b"IEND", b""))
+    png = b"".join((b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", header), chunk(b"IDAT", zlib.compress(rows, PNG_LEVEL)),
+                    chunk(b"IEND", b"")))
+    write_atomic(path, lambda tmp: tmp.write_bytes(png))
 
 
 def to_8bit(p):

@@ -345,7 +345,7 @@ def plot_figure3(data, path):
     fig.suptitle(f"Leave-one-out scenarios, training sets ordered by {ORDER_NAMES[data['order_by']]}", x=0.01,
                  ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -363,7 +363,7 @@ def plot_figure4(data, path):
     n = max((d["n_combos"] for d in data.values()), default=0)
     ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -377,7 +377,7 @@ def plot_reference(pairs, path):
     ax.set_title("Per (combination, test set, lesion); setups differ", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -536,7 +536,7 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
     else:
         md.append("No results of the authors' released models (run `make authors-models`).")
     md += list(extra)
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    cli.write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
 
 
 def main(argv=None):

@@ -852,7 +852,8 @@ def start(s, train_ids, ckpt):
         restore(s, ckpt)
     check_val_metric(s)
     if s.master:
-        (s.out / "args.json").write_text(json.dumps(run_args(s), indent=2) + "\n")
+        text = json.dumps(run_args(s), indent=2) + "\n"
+        cli.write_atomic(s.out / "args.json", lambda tmp: tmp.write_text(text))
         trim_log(s.out / "log.jsonl", s.step)
     # Batches: each rank reads its own slice of the global patch stream, from the current step on.
     args = s.args

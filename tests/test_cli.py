@@ -107,3 +107,34 @@ def test_average_refuses_an_unwritable_output_before_reading_any_checkpoint(tmp_
                         "-o", str(tmp_path / "afile" / "soup.pt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.splitlines() == \
         [f"error: -o {tmp_path / 'afile'}: cannot write soup.pt there (a file, not a folder, is in the way)"]
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import maps
+
+    path = cli.write_atomic(tmp_path / "new" / "a.json", lambda tmp: tmp.write_text("old"))
+    assert path.read_text() == "old"
+
+    def half_then_full(tmp):
+        tmp.write_text("ne")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError) as err:
+        cli.write_atomic(path, half_then_full)
+    assert cli.message(err.value) == f"{path}: No space left on device"
+    assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["a.json"]
+    # writers that choose the format by the suffix (PIL, matplotlib) see the file's own suffix
+    jpg = cli.write_atomic(tmp_path / "x.jpg", lambda tmp: Image.new("RGB", (4, 4)).save(tmp))
+    assert Image.open(jpg).format == "JPEG"
+    # a probability map on a full disk: one OSError naming it, no half PNG left
+    real = Path.write_bytes
+
+    def full_after_10_bytes(self, data):
+        real(self, data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_bytes", full_after_10_bytes)
+    with pytest.raises(OSError, match="No space left"):
+        maps.save_grey_png(tmp_path / "maps" / "p_HE.png", np.zeros((8, 8), np.uint8))
+    assert list((tmp_path / "maps").iterdir()) == []

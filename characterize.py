@@ -323,7 +323,7 @@ def plot_labelling_style(rows_by_dataset, styles, reference, rule, coarse_ratio,
                  f"dashed = {coarse_ratio:g}x reference (coarse region to the right)", fontsize=10)
     fig.text(0.01, 0.01, textwrap.fill("Rule: " + rule, 230), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.09, 1, 0.95))
-    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -339,7 +339,7 @@ def plot_quality_measures(rows_by_dataset, path):
         ax.set_title(measure, fontsize=10)
     fig.suptitle("Image quality measures per dataset (median, 25-75%)", fontsize=10)
     fig.tight_layout()
-    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -355,7 +355,7 @@ def plot_grades(grades_by_dataset, path):
     ax.set(ylabel="share of images", ylim=(0, 1), title="Image quality (MCF-Net, Fu et al. 2019)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
-    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

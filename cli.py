@@ -4,14 +4,15 @@ work, each file written whole or not at all.
     if __name__ == "__main__":
         cli.run(main, interrupted="interrupted: ...")   # every script's entry point
 
-run() turns a ValueError or an OSError (a missing or unreadable file, a full disk, a folder that cannot be
-written) into one line on stderr, "error: ...", exit status 1, and Ctrl-C into one line, exit status 130 (as a
+run() turns a ValueError, an OSError (a missing or unreadable file, a full disk, a folder that cannot be
+written) or an ImportError (an optional package not installed) into one line on stderr, "error: ...", exit status 1, and Ctrl-C into one line, exit status 130 (as a
 shell reports it); any other exception is a bug and keeps its traceback. write_atomic() writes a file
 through a temporary one renamed into place: a full disk or a Ctrl-C never leaves half a PNG or JSON file, and
 the OSError names the file. Standard library only.
 """
 import os
 import sys
+import uuid
 from pathlib import Path
 
 
@@ -19,7 +20,8 @@ def message(e):
     """One line for exception e: an OSError as "FILE: reason". An error re-raised from a DataLoader worker
     carries the worker's traceback in its message: its last line is the error itself."""
     if isinstance(e, OSError) and e.strerror:
-        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        return f"{where}: {e.strerror}" if where else e.strerror
     text = str(e).strip()
     if "Traceback" in text:
         return text.splitlines()[-1]
@@ -31,7 +33,7 @@ def run(main, interrupted="interrupted"):
     A KeyboardInterrupt that carries a message (train.py's says how to resume) prints that message."""
     try:
         main()
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         sys.exit(f"error: {message(e)}")
     except KeyboardInterrupt as e:
         print(str(e) or interrupted, file=sys.stderr)
@@ -55,17 +57,27 @@ def writable_folder(path, flag, what="write there"):
 
 
 def write_atomic(path, write):
-    """Write the file `path` (parents created) whole or not at all: write(tmp) fills a temporary file beside it
-    (same suffix, so writers that go by it still can), renamed into place -> Path. On failure the temporary file
-    is removed and the OSError names `path` ("PATH: No space left on device")."""
+    """Write the file `path` (parents created) whole or not at all: write(tmp) fills a temporary file beside it,
+    renamed into place -> Path. The temporary name ends in .tmp, so no glob for *.png or *.json sees it: writers
+    that choose the format by the suffix must be given it (PIL's format=, matplotlib's format=). On failure the
+    temporary file is removed and an OSError with an errno (a full disk) names `path`: "PATH: No space left on
+    device"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
+        if e.errno is None:
+            raise
         raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_figure(fig, path, **savefig):
+    """A matplotlib figure as the file `path` through write_atomic, in the format of its suffix -> Path."""
+    path = Path(path)
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig))

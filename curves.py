@@ -139,7 +139,7 @@ def curves_figure(run_dir):
 
 def _save(fig, path):
     """Write the figure to path through a temporary file renamed into place (a reader never sees half a PNG)."""
-    return cli.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return cli.save_figure(fig, path)
 
 
 def plot_run(run_dir, path=None):

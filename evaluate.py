@@ -330,7 +330,9 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
         raise ValueError(f"{ckpt_paths[0]} records no resolution in its args: pass --resolution")
     check_style(models[0], style)
     written = []
-    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    # NOTE: hidden files are skipped: macOS copies leave "._IMG_1.jpg" (AppleDouble) beside each photograph
+    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.name.startswith(".")):
         try:
             original = np.asarray(load_image(path))  # (H0, W0, 3) uint8; 16-bit files scaled by their range
         except (OSError, ValueError) as e:

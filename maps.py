@@ -209,7 +209,8 @@ def legend(width, truth=False, prefix=None):
 # Files
 # ---------------------------------------------------------------------------------------------------------
 def _save(path, array, **options):
-    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, **options))
+    fmt = Image.registered_extensions()[Path(path).suffix.lower()]  # the temporary name has no image suffix
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **options))
 
 
 def save_grey_png(path, a):

@@ -414,13 +414,23 @@ def ctrl_c_deferred():
 
     torch.save interrupted half-way turns the KeyboardInterrupt into a RuntimeError from its zip writer
     ("unexpected pos ..."), a traceback instead of the one-line exit; held back, the file is written whole
-    and the interrupt arrives after it. Blocks nest; off the main thread (where Python handles no signals)
-    it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    and the interrupt arrives after it. A second Ctrl-C does not wait (a write stuck on a slow disk can still
+    be stopped). Blocks nest; off the main thread (where Python handles no signals), or under a handler
+    installed outside Python, it does nothing. A block that raises drops a held-back Ctrl-C: its own error
+    ends the work anyway."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+
+    def hold(signum, frame):
+        if caught:  # the second Ctrl-C: now
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
@@ -451,10 +461,12 @@ def save_checkpoint(path, ckpt):
         # NOTE: torch's zip writer often replaces a failed write's OSError (a full disk) with its own
         # RuntimeError ("unexpected pos ..."): the OSError, naming the checkpoint, is what the user can act on.
         cause = e
-        while cause is not None and not isinstance(cause, OSError):
+        while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt)):
             cause = cause.__context__
         if cause is None:
             raise
+        if isinstance(cause, KeyboardInterrupt):  # a second Ctrl-C stopped the write (ctrl_c_deferred)
+            raise KeyboardInterrupt from None
         raise OSError(cause.errno, f"cannot write the checkpoint ({cause.strerror or cause})", str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)

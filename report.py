@@ -345,7 +345,7 @@ def plot_figure3(data, path):
     fig.suptitle(f"Leave-one-out scenarios, training sets ordered by {ORDER_NAMES[data['order_by']]}", x=0.01,
                  ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -363,7 +363,7 @@ def plot_figure4(data, path):
     n = max((d["n_combos"] for d in data.values()), default=0)
     ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)", fontsize=10)
     fig.tight_layout()
-    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -377,7 +377,7 @@ def plot_reference(pairs, path):
     ax.set_title("Per (combination, test set, lesion); setups differ", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -457,7 +457,8 @@ def style_lines(data, out):
         md.append("")
     md.append("The claim under test: conditioning the decoder on each training set's labelling style (FiLM, "
               "`train.py --style-condition style`) recovers at the fine style what adding the coarse set cost.")
-    maps = {s: sorted((out / "style_maps" / s).glob("*_overlay.*")) for s in ("fine", "coarse")}
+    maps = {s: sorted(p for p in (out / "style_maps" / s).glob("*_overlay.jpg") if not p.name.startswith("."))
+            for s in ("fine", "coarse")}  # NOTE: a dot name is a temporary file a killed writer left
     if maps["fine"] and maps["coarse"]:
         md += ["", "One test photograph, the first conditioned model, `evaluate.py --images --style fine` and "
                "`--style coarse`:", "", "| style fine | style coarse |", "|---|---|",

@@ -354,8 +354,11 @@ def is_better(name, value, best):
 
 
 def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(null_nan(record)) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(null_nan(record)) + "\n")
+    except OSError as e:  # a full disk: the error names the log
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def trim_log(path, step):
@@ -370,7 +373,7 @@ def trim_log(path, step):
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             pass
-    path.write_text("".join(line + "\n" for line in keep))
+    cli.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))  # never half a log
 
 def _plain(args_dict):
     """argparse namespace -> JSON-able dict (tuples become lists)."""

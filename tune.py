@@ -536,7 +536,7 @@ def show(study, args):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     path = plot_dir / f"{study.study_name}_history.png"
     ax = ovm.plot_optimization_history(study, target_name=target)
-    cli.write_atomic(path, lambda tmp: ax.figure.savefig(tmp, dpi=120, bbox_inches="tight"))
+    cli.save_figure(ax.figure, path, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)
     print(f"wrote {path}")
     # Importances compare completed trials: with fewer than 2, or no parameter that varied, there is nothing to rank.
@@ -551,7 +551,7 @@ def show(study, args):
     except (ImportError, RuntimeError, ValueError) as e:
         print(f"skipped {path}: {type(e).__name__}: {e}")
         return
-    cli.write_atomic(path, lambda tmp: ax.figure.savefig(tmp, dpi=120, bbox_inches="tight"))
+    cli.save_figure(ax.figure, path, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)
     print(f"wrote {path}")
 

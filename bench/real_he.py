@@ -120,7 +120,7 @@ def heldout_figure(path, dataset, models):
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     fig.suptitle("held-out real IDRiD photographs (HE): image | ground truth | prediction", fontsize=10)
     fig.tight_layout()
-    cli.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
+    cli.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 

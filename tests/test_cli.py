@@ -52,6 +52,10 @@ def test_errors_and_ctrl_c_end_in_one_line(capsys):
         (130, "interrupted: rerun it\n")
     assert ended(raising(KeyboardInterrupt("interrupted at step 4; resume from x")), capsys) == \
         (130, "interrupted at step 4; resume from x\n")
+    missing = ImportError("export to ONNX needs onnx and onnxruntime: pip install onnx onnxruntime")
+    assert ended(raising(missing), capsys) == (1, f"error: {missing}\n")
+    moved = OSError(errno.EXDEV, "Invalid cross-device link", "a.pt", None, "b.pt")
+    assert ended(raising(moved), capsys) == (1, "error: a.pt -> b.pt: Invalid cross-device link\n")
     with pytest.raises(RuntimeError):  # a bug keeps its traceback
         cli.run(raising(RuntimeError("bug")))
 
@@ -125,9 +129,15 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
         cli.write_atomic(path, half_then_full)
     assert cli.message(err.value) == f"{path}: No space left on device"
     assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["a.json"]
-    # writers that choose the format by the suffix (PIL, matplotlib) see the file's own suffix
-    jpg = cli.write_atomic(tmp_path / "x.jpg", lambda tmp: Image.new("RGB", (4, 4)).save(tmp))
-    assert Image.open(jpg).format == "JPEG"
+    # while it is written, no glob for the file's suffix sees the temporary file (report.py lists *_overlay.*)
+    seen = []
+
+    def save_jpeg(tmp):
+        Image.new("RGB", (4, 4)).save(tmp, format="JPEG")
+        seen.extend(tmp_path.glob("*.jpg"))
+        seen.extend(tmp_path.glob("x*"))
+    jpg = cli.write_atomic(tmp_path / "x.jpg", save_jpeg)
+    assert Image.open(jpg).format == "JPEG" and seen == []
     # a probability map on a full disk: one OSError naming it, no half PNG left
     real = Path.write_bytes
 

@@ -430,11 +430,13 @@ def test_images_oversized_photo_is_skipped_with_a_warning(ckpts, tmp_path, monke
     photos.mkdir()
     fundus_jpeg(photos / "a_huge.jpg", 240, 200)  # 48,000 px: over twice the limit below, a decompression bomb
     fundus_jpeg(photos / "b_small.jpg", 100, 90)
+    (photos / "._b_small.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS AppleDouble file: hidden, skipped silently
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
     out = tmp_path / "maps"
     evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--save-maps", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert "warning" in err and "a_huge.jpg" in err
+    assert "warning" in err and "a_huge.jpg" in err and "._b_small" not in err
+    assert not list(out.glob("._*"))
     assert (out / "b_small_overlay.jpg").is_file() and not (out / "a_huge_overlay.jpg").exists()
 
 

@@ -155,6 +155,7 @@ def test_ctrl_c_during_a_checkpoint_write_lands_after_the_file_is_whole(tmp_path
     monkeypatch.setattr(model.torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"model": {"w": torch.full((1000,), 3.0)}, "model_cfg": {}, "step": 4})
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no .tmp left
     assert torch.load(path, weights_only=True)["step"] == 4  # the new file, whole
     # nested blocks deliver once, at the outer end; an ignored SIGINT stays ignored
@@ -166,10 +167,28 @@ def test_ctrl_c_during_a_checkpoint_write_lands_after_the_file_is_whole(tmp_path
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         save_checkpoint(path, {"model": {}, "model_cfg": {}, "step": 8})
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # put back, and the Ctrl-C ignored
     finally:
         signal.signal(signal.SIGINT, previous)
     assert torch.load(path, weights_only=True)["step"] == 8
-    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
+
+
+def test_a_second_ctrl_c_stops_a_checkpoint_write_at_once(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def stuck_save(obj, f):  # a write on a slow disk; the user presses Ctrl-C twice
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        real_save(obj, f)
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {}, "model_cfg": {}, "step": 2})
+    monkeypatch.setattr(model.torch, "save", stuck_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model": {}, "model_cfg": {}, "step": 4})
+    assert torch.load(path, weights_only=True)["step"] == 2 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_load_models_ensemble(tmp_path):

@@ -28,7 +28,6 @@ import argparse
 import copy
 import importlib
 import json
-import os
 import re
 import warnings
 from dataclasses import asdict
@@ -140,16 +139,15 @@ def check_onnx(models, path, shape=CHECK_SHAPE):
 
 
 def write_onnx(models, path, opset=17):
-    """export_onnx then check_onnx into path.tmp, renamed to path only once checked -> check_onnx's result."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """export_onnx then check_onnx into a temporary file, renamed to path only once checked (cli.write_atomic)
+    -> check_onnx's result."""
+    result = []
+
+    def write(tmp):
         export_onnx(models, tmp, opset)
-        result = check_onnx(models, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return result
+        result.append(check_onnx(models, tmp))
+    cli.write_atomic(path, write)
+    return result[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

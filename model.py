@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
+
 
 class ConvBNReLU(nn.Module):
     """3x3 conv (no bias: BN follows) -> BatchNorm -> ReLU."""
@@ -440,23 +442,23 @@ def ctrl_c_deferred():
 
 
 def save_checkpoint(path, ckpt):
-    """Write ckpt atomically (path.tmp in the same folder, then os.replace) with unwrapped model keys and
-    every tensor on the CPU. A Ctrl-C during the write takes effect once the file is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ckpt atomically (cli.write_atomic, synced to disk before the rename) with unwrapped model keys and
+    every tensor on the CPU. A Ctrl-C during the write takes effect once the file is complete; a full disk is
+    one OSError naming `path`."""
     ckpt = _to_cpu(ckpt)
     if "model" in ckpt:
         ckpt["model"] = strip_prefixes(ckpt["model"])
     if "members" in ckpt:
         ckpt["members"] = [{**m, "model": strip_prefixes(m["model"])} if "model" in m else m for m in ckpt["members"]]
-    tmp = path.with_name(path.name + ".tmp")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
     try:
         with ctrl_c_deferred():
-            with open(tmp, "wb") as f:
-                torch.save(ckpt, f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
-            os.replace(tmp, path)
+            cli.write_atomic(path, write)
     except (OSError, RuntimeError) as e:
         # NOTE: torch's zip writer often replaces a failed write's OSError (a full disk) with its own
         # RuntimeError ("unexpected pos ..."): the OSError, naming the checkpoint, is what the user can act on.
@@ -468,8 +470,6 @@ def save_checkpoint(path, ckpt):
         if isinstance(cause, KeyboardInterrupt):  # a second Ctrl-C stopped the write (ctrl_c_deferred)
             raise KeyboardInterrupt from None
         raise OSError(cause.errno, f"cannot write the checkpoint ({cause.strerror or cause})", str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_members(ckpt, where):

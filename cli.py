@@ -5,8 +5,9 @@ work, each file written whole or not at all.
         cli.run(main, interrupted="interrupted: ...")   # every script's entry point
 
 run() turns a ValueError, an OSError (a missing or unreadable file, a full disk, a folder that cannot be
-written) or an ImportError (an optional package not installed) into one line on stderr, "error: ...", exit status 1, and Ctrl-C into one line, exit status 130 (as a
-shell reports it); any other exception is a bug and keeps its traceback. write_atomic() writes a file
+written) or an ImportError (an optional package not installed) into one line on stderr, "error: ...", exit
+status 1, and Ctrl-C into one line, exit status 130 (as a shell reports it); any other exception is a bug and
+keeps its traceback. write_atomic() writes a file
 through a temporary one renamed into place: a full disk or a Ctrl-C never leaves half a PNG or JSON file, and
 the OSError names the file. Standard library only.
 """

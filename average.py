@@ -186,18 +186,38 @@ def make_ensemble(paths, out):
     if not paths:
         raise ValueError("no checkpoint for the ensemble")
     out_dir = Path(os.path.abspath(out)).parent
-    members, counts = [], []
+    members, counts, seen = [], [], []
     for p in paths:
         ckpt = load_checkpoint(p)  # FileNotFoundError / ValueError naming p, or a member of its manifest
-        counts.append(len(ckpt["members"]) if ckpt.get("kind") == "ensemble" else 1)
-        del ckpt
+        inner = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
+        counts.append(len(inner))
+        seen += [(p if len(inner) == 1 else f"{p} (member {i})", m) for i, m in enumerate(inner)]
+        del ckpt, inner
         listed = read_manifest(p)[1] if Path(p).suffix == ".json" else [p]
         members += [str(m) if is_hub_spec(m) else Path(os.path.relpath(os.path.abspath(m), out_dir)).as_posix()
                     for m in listed]
+    check_ensemble_members(seen)
     n = sum(counts)
     return {"kind": "ensemble", "version": 1, "members": members,
             "provenance": {"method": "ensemble", "ingredients": paths, "weights": [c / n for c in counts],
                            "part": "full", "bn": "keep", "reference": paths[0]}}
+
+
+def check_ensemble_members(members):
+    """members: [(name, checkpoint dict)]. One line naming the first member that does not run as the first:
+    another training resolution (evaluate.py would run it at the first one's, and the member order would
+    change the score), or style conditioning where the first has none (or the reverse)."""
+    (name0, first), res0 = members[0], (members[0][1].get("args") or {}).get("resolution")
+    cond0 = bool(first["model_cfg"].get("style_tokens"))
+    for name, m in members[1:]:
+        res = (m.get("args") or {}).get("resolution")
+        if res is not None and res0 is not None and str(res) != str(res0):
+            raise ValueError(f"ensemble member {name} was trained at {res} px, {name0} at {res0} px: an ensemble "
+                             f"runs every member at one resolution: list members trained at the same --resolution")
+        if bool(m["model_cfg"].get("style_tokens")) != cond0:
+            which = (name, name0) if cond0 else (name0, name)
+            raise ValueError(f"ensemble member {name}: {which[1]} is style-conditioned (train.py "
+                             f"--style-condition) and {which[0]} is not; an ensemble mixes no such members")
 
 
 def write_ensemble(out, paths):

@@ -11,6 +11,8 @@ keeps its traceback. write_atomic() writes a file
 through a temporary one renamed into place: a full disk or a Ctrl-C never leaves half a PNG or JSON file, and
 the OSError names the file. Standard library only.
 """
+import contextlib
+import fcntl
 import os
 import sys
 import uuid
@@ -82,3 +84,38 @@ def save_figure(fig, path, **savefig):
     """A matplotlib figure as the file `path` through write_atomic, in the format of its suffix -> Path."""
     path = Path(path)
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig))
+
+
+@contextlib.contextmanager
+def locked(path, waiting=None):
+    """Hold an exclusive flock on the file `path` (created on demand) for the block; the file is removed on
+    release, while still held, so a waiter that wakes on a removed file retries on the new one.
+    waiting: note printed when another process holds the lock."""
+    path = Path(path)
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder vanished (a failed preparation tidied up): try again
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    print(waiting, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:  # removed by the holder that just released it
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

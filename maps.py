@@ -98,9 +98,10 @@ def _blend_table(colour):
 
 def draw_regions(canvas, regions, width):
     """In place: per lesion, a light fill and an outline in its colour. canvas uint8 (H, W, 3); regions: one
-    bool (H, W) per lesion, in LESIONS order (a generator is fine: one lesion's mask at a time)."""
+    bool (H, W) per lesion, in LESIONS order, or None for a lesion not drawn (a generator is fine: one lesion's
+    mask at a time)."""
     for c, region in enumerate(regions):
-        box = _box(region, width + 1)
+        box = None if region is None else _box(region, width + 1)
         if box is None:
             continue
         view, m = canvas[box], region[box]  # the region's bounding box only
@@ -112,43 +113,49 @@ def draw_regions(canvas, regions, width):
     return canvas
 
 
-def overlay(image, probs, truth=None, fov=None):
+def overlay(image, probs, truth=None, fov=None, lesions=LESIONS):
     """The photograph with the lesions at p >= 0.5 and the ground truth outlined, and a legend band below.
 
     image uint8 (H, W, 3); probs float (4, H, W) in [0, 1] or uint8 (4, H, W) = round(255 p); truth bool
     (4, H, W) or None; fov bool (H, W) or None (None: probs are already 0 outside the fundus, as evaluate.segment
-    returns them) -> uint8 (H + band, W, 3).
+    returns them); lesions: the ones drawn (a model trained on some only: the others are not its output)
+    -> uint8 (H + band, W, 3).
     """
     H, W = image.shape[:2]
     width = line_width(H, W)
-    band = legend(W, truth=truth is not None, prefix="p >= 0.5:")
+    band = legend(W, truth=truth is not None, prefix="p >= 0.5:", lesions=lesions)
     out = np.empty((H + band.shape[0], W, 3), np.uint8)
     out[:H], out[H:] = image, band
     inside = (lambda m: m) if fov is None else (lambda m: m & fov)
-    draw_regions(out[:H], (inside(regions_of(p)) for p in probs), width)
-    for t in () if truth is None else truth:
-        out[:H][inside(border(t, max(1, width // 2), outside=True))] = TRUTH_COLOUR
+    drawn = [name in lesions for name in LESIONS]
+    draw_regions(out[:H], (inside(regions_of(p)) if d else None for p, d in zip(probs, drawn)), width)
+    for t, d in zip(() if truth is None else truth, drawn):
+        if d:
+            out[:H][inside(border(t, max(1, width // 2), outside=True))] = TRUTH_COLOUR
     return out
 
 
-def panel(image, probs, truth, fov=None):
+def panel(image, probs, truth, fov=None, lesions=LESIONS):
     """image | ground truth | prediction (p >= 0.5), titled, with the legend: uint8 (title + h + band, 3 w, 3).
 
-    Each tile is drawn at the photograph's geometry, then shrunk to at most PANEL_TILE pixels (w, h).
+    Each tile is drawn at the photograph's geometry, then shrunk to at most PANEL_TILE pixels (w, h); only
+    `lesions` are drawn (as overlay).
     """
     H, W = image.shape[:2]
     width = line_width(H, W)
     scale = min(1.0, PANEL_TILE / max(H, W))
     w, h = max(1, round(W * scale)), max(1, round(H * scale))
     inside = (lambda m: m) if fov is None else (lambda m: m & fov)
+    drawn = [name in lesions for name in LESIONS]
     tiles = []
-    for regions in ((), (inside(t) for t in truth), (inside(regions_of(p)) for p in probs)):
+    for regions in ((), (inside(t) if d else None for t, d in zip(truth, drawn)),
+                    (inside(regions_of(p)) if d else None for p, d in zip(probs, drawn))):
         tile = draw_regions(np.array(image, np.uint8), regions, width)  # one full-size copy at a time
         if scale < 1:  # box-filtered shrinking: outlines thin, never vanish
             tile = np.asarray(Image.fromarray(tile).resize((w, h), Image.BOX))
         tiles.append(tile)
     titles = _titles(["image", "ground truth", "prediction, p >= 0.5"], w)
-    return np.concatenate([titles, np.concatenate(tiles, axis=1), legend(3 * w)])
+    return np.concatenate([titles, np.concatenate(tiles, axis=1), legend(3 * w, lesions=lesions)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,13 +177,13 @@ def _titles(titles, tile_width):
     return np.asarray(band)
 
 
-def legend(width, truth=False, prefix=None):
-    """The legend band: a swatch (outline + light fill) and the name of each lesion, and the ground truth's
-    white outline when `truth`; entries flow onto more rows when the picture is narrow: uint8 (h, width, 3)."""
+def legend(width, truth=False, prefix=None, lesions=LESIONS):
+    """The legend band: a swatch (outline + light fill) and the name of each of `lesions`, and the ground
+    truth's white outline when `truth`; entries flow onto more rows when the picture is narrow: uint8 (h, width, 3)."""
     font = _font(width)
     s = font.size if hasattr(font, "size") else 11  # swatch side and text height
     entries = [(None, prefix)] if prefix else []
-    entries += [(COLOURS[c], f"{lesion} {NAMES[lesion]}") for c, lesion in enumerate(LESIONS)]
+    entries += [(COLOURS[c], f"{lesion} {NAMES[lesion]}") for c, lesion in enumerate(LESIONS) if lesion in lesions]
     if truth:
         entries.append(("truth", "ground truth"))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -241,20 +248,22 @@ def to_8bit(p):
     return np.rint(p8, out=p8).astype(np.uint8)
 
 
-def save_maps(out_dir, name, image, probs, truth=None, fov=None):
-    """Write <name>_<LESION>.png (probability x 255, 8 bit), <name>_overlay.jpg and, when the ground truth is
-    given, <name>_panel.jpg. image uint8 (H, W, 3), probs float (4, H, W) in [0, 1] or uint8 (4, H, W) = round(255 p)
-    (to_8bit's), truth bool (4, H, W), fov bool (H, W)."""
+def save_maps(out_dir, name, image, probs, truth=None, fov=None, lesions=LESIONS):
+    """Write <name>_<LESION>.png (probability x 255, 8 bit) for each of `lesions`, <name>_overlay.jpg and, when
+    the ground truth is given, <name>_panel.jpg. image uint8 (H, W, 3), probs float (4, H, W) in [0, 1] or uint8
+    (4, H, W) = round(255 p) (to_8bit's), truth bool (4, H, W), fov bool (H, W); lesions: the ones written and
+    drawn (default all four; a model trained on some only: those)."""
     out_dir = Path(out_dir)
     for c, lesion in enumerate(LESIONS):
-        save_grey_png(out_dir / f"{name}_{lesion}.png", probs[c] if probs.dtype == np.uint8 else to_8bit(probs[c]))
+        if lesion in lesions:
+            save_grey_png(out_dir / f"{name}_{lesion}.png", probs[c] if probs.dtype == np.uint8 else to_8bit(probs[c]))
     jpeg = {"quality": JPEG_QUALITY, "subsampling": 0}
-    _save(out_dir / f"{name}_overlay.jpg", overlay(image, probs, truth, fov), **jpeg)
+    _save(out_dir / f"{name}_overlay.jpg", overlay(image, probs, truth, fov, lesions), **jpeg)
     if truth is not None:
-        _save(out_dir / f"{name}_panel.jpg", panel(image, probs, truth, fov), **jpeg)
+        _save(out_dir / f"{name}_panel.jpg", panel(image, probs, truth, fov, lesions), **jpeg)
 
 
-def save_test_maps(out_dir, item, probs, geometry):
+def save_test_maps(out_dir, item, probs, geometry, lesions=LESIONS):
     """save_maps for a prepared test image, mapped back to its photograph's geometry (the cache's meta.json).
 
     item: a data.PreparedDataset item (image, masks, fov at the prepared resolution); probs float (4, R, R).
@@ -267,4 +276,4 @@ def save_test_maps(out_dir, item, probs, geometry):
     fov = restore_geometry(item["fov"].astype(np.float32), geometry) >= 0.5  # (H0, W0), a smooth rim
     truth = restore_geometry(item["masks"], geometry)  # (4, H0, W0) bool
     probs = restore_geometry(np.asarray(probs, np.float32), geometry) * fov  # (4, H0, W0), 0 outside the FOV
-    save_maps(out_dir, item["id"], image, probs, truth, fov)
+    save_maps(out_dir, item["id"], image, probs, truth, fov, lesions)

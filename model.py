@@ -482,10 +482,19 @@ def _check_members(ckpt, where):
     else:
         members = [ckpt]
     for i, m in enumerate(members):
+        member = f" (member {i})" if m is not ckpt else ""
         for key in ("model", "model_cfg"):
             if not isinstance(m, dict) or key not in m:
-                member = f" (member {i})" if m is not ckpt else ""
                 raise ValueError(f"{where}{member} is not a model checkpoint: missing key {key!r}")
+        if not isinstance(m["model_cfg"], dict):
+            raise ValueError(f"{where}{member}: 'model_cfg' is a {type(m['model_cfg']).__name__}, not a dict")
+        sd = m["model"]
+        if not isinstance(sd, dict):
+            raise ValueError(f"{where}{member}: 'model' is a {type(sd).__name__}, not a state dict "
+                             f"(a dict of named tensors)")
+        bad = next((k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+        if bad is not None:
+            raise ValueError(f"{where}{member}: 'model' entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor")
     return members
 
 
@@ -609,7 +618,10 @@ def load_hub_layout(path, train=None, source=None):
     except Exception as e:
         raise ValueError(f"{weights} is not a safetensors file ({_short(e)})") from None
     return {"model": torchseg_state_dict(sd, weights), "model_cfg": model_cfg,
-            "args": {"resolution": AUTHORS_RESOLUTION, "train": train}, "method": "authors",
+            # NOTE: trained on the authors' own splits (data.splits, protocol "authors"): evaluate.py reads
+            # their test images unless told otherwise
+            "args": {"resolution": AUTHORS_RESOLUTION, "train": train, "split_protocol": "authors"},
+            "method": "authors",
             "provenance": {"method": "authors", "source": source or str(path)}, "version": 1}
 
 
@@ -623,6 +635,9 @@ def load_checkpoint(path):
         folder, ids, source = hub.resolve(str(path))
         return load_hub_layout(folder, ids, source)
     path = Path(path)
+    if path.is_dir() and not (path / "model.safetensors").exists() and \
+            any((path / name).exists() for name in ("best.pt", "last.pt", "args.json")):
+        raise ValueError(f"{path} is a training run's folder, not a checkpoint: pass {path / 'best.pt'}")
     if path.is_dir() or path.suffix == ".safetensors":
         return load_hub_layout(path)
     if not path.is_file():

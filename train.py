@@ -147,7 +147,11 @@ def add_validation_args(p):
                         "(default: %(default)s)")
     g.add_argument("--snapshot-every", type=int, default=0,
                    help="also keep snapshots/step_N.pt every N steps; 0: only at validation-loss minima "
-                        "(default: %(default)s)")
+                        "and the last validations (default: %(default)s)")
+    g.add_argument("--keep-last", type=int, default=2, metavar="K",
+                   help="also keep the weights of the last K validations as snapshots/step_N.pt, so that SWA "
+                        "has snapshots in every run (a steadily falling validation loss has no local "
+                        "minimum) (default: %(default)s)")
     g.add_argument("--stop-at", type=int, default=None,
                    help="save last.pt and exit at this step (time-limited jobs); rerun without it to resume "
                         "(default: %(default)s)")
@@ -178,7 +182,7 @@ def parse_args(argv=None):
     for flag in ("resolution", "patch", "batch", "iters", "val_every", "log_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("warmup", "snapshot_every", "workers", "weight_decay"):
+    for flag in ("warmup", "snapshot_every", "workers", "weight_decay", "keep_last"):
         if not getattr(args, flag) >= 0:  # `not >=`: NaN fails too
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -436,7 +440,41 @@ def load_resume(out, args, world):
                              f"filesystem shared by every node")
     if ckpt is not None:
         check_resume_args(ckpt.get("args") or {}, args, last_path, ckpt["step"])
+    else:
+        refuse_restart(out, args)
     return ckpt
+
+
+def refuse_restart(out, args):
+    """A folder holding a run but no last.pt (deleted: it is 3x best.pt) is never retrained from step 0
+    over that run's files: one line saying what to do. Only a run that got no further than its first
+    validation may start again (redone the same way, nothing is lost)."""
+    best = out / "best.pt"
+    kept = sorted((out / "snapshots").glob("step_*.pt"))
+    if not best.exists():
+        if kept:
+            raise ValueError(f"{out} holds snapshots ({kept[-1].name}) but no last.pt to resume from; pass "
+                             f"another --out, or move {out} away to train again from step 0")
+        return
+    ckpt = load_checkpoint(best)
+    step = int(ckpt.get("step") or 0)
+    check_resume_args(ckpt.get("args") or {}, args, best, step)  # another --train etc.: refused
+    if step > min(args.val_every, args.iters) or kept:
+        raise ValueError(f"{out} holds a run (best.pt at step {step}) but no last.pt to resume it from: "
+                         f"training again would start at step 0 and replace its files; restore last.pt, pass "
+                         f"another --out, or move {out} away to train again")
+
+
+# Files only train.py writes in a run folder (the snapshots too): a temporary copy of one is a killed write.
+RUN_FILES = ("last.pt", "best.pt", "args.json", "log.jsonl", "curves.png")
+
+
+def remove_partial_writes(out):
+    """Remove the temporary files of writes that a killed run left (cli.write_atomic's .NAME.XXXXXXXX.tmp;
+    a checkpoint's is as large as the checkpoint). Call with OUT/.lock held."""
+    for path in [*out.glob(".*.tmp"), *(out / "snapshots").glob(".*.tmp")]:
+        if path.parent.name == "snapshots" or path.name[1:].rsplit(".", 2)[0] in RUN_FILES:
+            path.unlink(missing_ok=True)
 
 
 def finished_result(ckpt, args, out, master):
@@ -461,20 +499,22 @@ def val_loss_minima(history):
     return {b["step"] for a, b, c in zip(history, history[1:], history[2:]) if b["loss"] < min(a["loss"], c["loss"])}
 
 
-def settle_pending(out, history):
-    """Judge the pending snapshots on disk against the validation history (the last three validations).
+def settle_pending(out, history, keep_last, finished=False):
+    """Judge the pending snapshots on disk against the validation history (its last keep_last + 2 records).
 
-    The latest validation's file waits for the next one; any other becomes step_N.pt if its validation was
-    a local minimum of the loss, else it is removed (also the files of steps after last.pt that a killed
-    run left behind: they are redone). Idempotent: a run killed at any point settles the same way on resume.
+    The files of the last keep_last validations (at least the latest, whose neighbour is not known yet) wait;
+    any other becomes step_N.pt if its validation was a local minimum of the loss, else it is removed (also
+    the files of steps after last.pt that a killed run left behind: they are redone). finished: the waiting
+    files are kept too, as step_N.pt: the last validations' weights, what SWA averages when the loss fell
+    steadily. Idempotent: a run killed at any point settles the same way on resume.
     """
-    latest = history[-1]["step"] if history else None
+    waiting = {r["step"] for r in history[-max(1, keep_last):]}
     minima = val_loss_minima(history)
     for path in sorted((out / "snapshots").glob("pending_step_*.pt")):
         at = int(path.stem.rsplit("_", 1)[1])
-        if at == latest:
+        if at in waiting and not finished:
             continue
-        if at in minima:
+        if at in minima or (at in waiting and keep_last > 0):
             os.replace(path, snapshot_path(out, at))
         else:
             path.unlink()
@@ -624,7 +664,7 @@ def restore(s, ckpt):
         print(f"note: {s.out / 'last.pt'} was saved by {len(rng['torch'])} processes, now {s.world}: RNG "
               f"streams reseeded")
     if s.master and s.history:
-        settle_pending(s.out, s.history)
+        settle_pending(s.out, s.history, s.args.keep_last)
         latest = s.history[-1]
         if not snapshot_path(s.out, latest["step"], pending=True).exists():
             # last.pt of a validation step holds the pending weights itself; a last.pt of the older format
@@ -681,9 +721,9 @@ def save_last(s):
 
 def save_pending(s, record, state=None):
     """The weights of validation `record` as snapshots/pending_step_N.pt, until the next validation judges
-    them (settle_pending). The file is already the snapshot that a local minimum keeps."""
+    them (settle_pending). The file is already the snapshot that a local minimum or the end keeps."""
     periodic = s.args.snapshot_every and record["step"] % s.args.snapshot_every == 0  # also kept as step_N.pt
-    why = "every+val-loss-minimum" if periodic else "val-loss-minimum"
+    why = "every+validation" if periodic else "validation"
     save_checkpoint(snapshot_path(s.out, record["step"], pending=True),
                     make_checkpoint(s, "snapshot", record, {"snapshot": why}, state=state))
 
@@ -729,14 +769,16 @@ def validate_and_save(s, on_validate=None):
     if better:
         s.best.update(value=metric, step=s.step)
     s.history.append(record)
-    del s.history[:-3]
-    minimum = next(iter(val_loss_minima(s.history)), None)  # the middle validation's step, if a minimum
+    waiting = max(1, s.args.keep_last)  # validations whose files wait (settle_pending)
+    del s.history[:-(waiting + 2)]  # the waiting validations and the neighbours that judge the one before
+    minimum = next(iter(val_loss_minima(s.history[-3:])), None)  # the previous validation, if a minimum
+    judged = s.history[-waiting - 1]["step"] if len(s.history) > waiting else None  # its file settles now
     if s.master:
         save_pending(s, record)
-        settle_pending(s.out, s.history)
-        if minimum is not None and not snapshot_path(s.out, minimum).exists():
-            print(f"warning: {snapshot_path(s.out, minimum, pending=True)} is gone: no snapshot of the "
-                  f"validation-loss minimum at step {minimum}", file=sys.stderr)
+        settle_pending(s.out, s.history, s.args.keep_last)
+        if judged in val_loss_minima(s.history) and not snapshot_path(s.out, judged).exists():
+            print(f"warning: {snapshot_path(s.out, judged, pending=True)} is gone: no snapshot of the "
+                  f"validation-loss minimum at step {judged}", file=sys.stderr)
         if better:
             save_checkpoint(s.out / "best.pt", make_checkpoint(s, "best", record))
         append_log(s.out / "log.jsonl", {"step": s.step, "split": "val", "loss": metrics["loss"],
@@ -896,8 +938,8 @@ def train_run(s, train_ids, ckpt, on_validate):
             print(f"stopped at step {s.step} (--stop-at); rerun without it to continue from {s.out / 'last.pt'}")
         return result(s, finished=False)
     if s.master:
-        # The last validation can't be a minimum (no later one); last.pt holds its weights if --iters grows.
-        snapshot_path(s.out, s.step, pending=True).unlink(missing_ok=True)
+        # The last validations' weights are kept (--keep-last); they stay snapshots if --iters grows later.
+        settle_pending(s.out, s.history, s.args.keep_last, finished=True)
         print(summary_line(s))
     return result(s, finished=True)
 
@@ -923,6 +965,8 @@ def run(args, on_validate=None):
         if done is not None:
             return done
         lock = on_rank0(master, world, lambda: lock_run(out))
+        if master:
+            remove_partial_writes(out)
         ckpt = load_resume(out, args, world)  # NOTE: again, now that it is ours: a run may have ended meanwhile
         done = finished_result(ckpt, args, out, master)
         if done is not None:

@@ -9,6 +9,7 @@ add_dataset_list is the one syntax of every dataset-list flag (--train, --test, 
 """
 import argparse
 import os
+from pathlib import Path
 
 from data.ids import DATASET_IDS, parse_dataset_ids
 
@@ -76,7 +77,7 @@ def add_dataset_list(parser, flag, what, default=None, required=False):
                              f"+ or spaces (IDR,DDR MES = IDR+DDR+MES), or 'all' ({shown})")
 
 
-def _pairs(values, flag):
+def parse_pairs(values, flag):
     """['idr=/x', 'FGA=3'] -> {'IDR': '/x', 'FGA': '3'}; ValueError naming the flag."""
     out = {}
     for v in values:
@@ -94,7 +95,7 @@ def _pairs(values, flag):
 def data_options(args):
     """Keyword arguments of prepare_cache from the add_data_args flags."""
     thresholds = {}
-    for k, v in _pairs(args.mask_threshold, "--mask-threshold").items():
+    for k, v in parse_pairs(args.mask_threshold, "--mask-threshold").items():
         if not v.isdigit() or int(v) > 254:
             raise ValueError(f"--mask-threshold {k}={v}: the threshold must be an integer in 0..254")
         thresholds[k] = int(v)
@@ -102,8 +103,8 @@ def data_options(args):
     protocol = getattr(args, "split_protocol", None) or "paper"
     if protocol not in SPLIT_PROTOCOLS:
         raise ValueError(f"--split-protocol {protocol}: choose from {', '.join(SPLIT_PROTOCOLS)}")
-    return {"roots": _pairs(args.root, "--root"), "thresholds": thresholds,
-            "split_files": _pairs(args.splits, "--splits"), "ret_he": args.ret_he, "split_seed": args.split_seed,
+    return {"roots": parse_pairs(args.root, "--root"), "thresholds": thresholds,
+            "split_files": parse_pairs(args.splits, "--splits"), "ret_he": args.ret_he, "split_seed": args.split_seed,
             "split_protocol": protocol}
 
 
@@ -121,5 +122,15 @@ def data_settings(args, parser, recorded):
     merged = argparse.Namespace(**vars(args))
     for key in DATA_FLAGS:
         if getattr(args, key) == parser.get_default(key) and recorded.get(key) is not None:
+            # NOTE: a checkpoint received from elsewhere must not choose where this program writes: its
+            # recorded --cache is used only where a prepared cache already is (this machine's own run)
+            if key == "cache" and not is_prepared_cache(recorded[key]):
+                continue
             setattr(merged, key, recorded[key])
     return merged.data_root, merged.cache, data_options(merged)
+
+
+def is_prepared_cache(folder):
+    """Does `folder` hold a prepared cache (CACHE/<ID>/<resolution>/meta.json, data.prepare)?"""
+    folder = Path(str(folder))
+    return folder.is_dir() and any(folder.glob("*/*/meta.json"))

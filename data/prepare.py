@@ -18,7 +18,6 @@ a lock file CACHE/<ID>/.<resolution>.lock: the first prepares, the others find i
 import argparse
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -116,40 +115,6 @@ def _option_changes(dataset_id, recorded, requested):
     return changes
 
 
-@contextlib.contextmanager
-def _locked(path, waiting=None):
-    """Hold an exclusive flock on the file `path` (created on demand) for the block; the file is removed on
-    release, while still held, so a waiter that wakes on a removed file retries on the new one.
-    waiting: note printed when another process holds the lock."""
-    while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the folder vanished (a failed preparation tidied up): try again
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if waiting:
-                    print(waiting, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:  # removed by the holder that just released it
-            pass
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.close(fd)
-
-
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -207,7 +172,7 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     created = [p for p in (Path(cache_dir), out.parent) if not p.exists()]
     try:
         waiting = f"note: {out} is being prepared by another process, waiting" if verbose else None
-        with _locked(out.parent / f".{resolution}.lock", waiting):
+        with cli.locked(out.parent / f".{resolution}.lock", waiting):
             if _up_to_date(out, fingerprint, False):  # another process prepared it while we waited
                 if verbose:
                     print(summary(out, read_meta(out), splits,

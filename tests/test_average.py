@@ -496,3 +496,27 @@ def test_each_subcommand_help_has_its_own_examples(command, capsys):
     for argv in own:
         assert parser.parse_args(argv).command == command, argv
     assert text.index("examples:") > text.index("--out")  # below the flags, as an epilog
+
+
+def test_ensemble_of_members_that_do_not_run_alike_is_refused_when_made(tmp_path):
+    """A manifest of members trained at other resolutions (evaluate.py would run all at the first one's, so the
+    member order would change the score), or of conditioned and unconditioned members: refused when written,
+    one line naming the member; nothing written."""
+    a = tmp_path / "a.pt"
+    make_ckpt(a, 1)
+    low = tmp_path / "low.pt"
+    ck = make_ckpt(low, 2)
+    ck["args"]["resolution"] = 64
+    save_checkpoint(low, ck)
+    cond = tmp_path / "cond.pt"
+    torch.manual_seed(3)
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=SMALL, style_tokens=("fine", "coarse"))
+    save_checkpoint(cond, {"model": build_model(cfg).state_dict(),
+                           "model_cfg": {**cfg.__dict__, "decoder_channels": list(SMALL)},
+                           "args": {"train": ["IDR"], "resolution": 128}, "step": 1, "version": 1})
+    for members, needle in (([a, low], "low.pt was trained at 64 px"), ([low, a], "a.pt was trained at 128 px"),
+                            ([a, cond], "cond.pt is style-conditioned"), ([cond, a], "cond.pt is style-conditioned")):
+        out = tmp_path / "ens.json"
+        with pytest.raises(ValueError) as e:
+            average.main(["ensemble", *map(str, members), "-o", str(out)])
+        assert needle in str(e.value) and "\n" not in str(e.value) and not out.exists()

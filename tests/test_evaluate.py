@@ -158,7 +158,7 @@ def test_cli_json_equals_brute_force(ckpts, cache_dir, synth_root, tmp_path):
     assert res["train"] == ["MES"] and res["seed"] == 0 and res["method"] == "baseline"
     assert res["n_train_images"] == 8
     assert res["protocol"] == {"thresholds": 11, "ap_bins": 1024, "roi": "fov", "resolution": R, "tta": False, "tile": None,
-                               "overlap": None, "dtype": "float32", "split_protocol": "paper",
+                               "overlap": None, "dtype": "float32", "split_protocol": "paper", "split_seed": 0,
                                "lesions": list(LESIONS)}
     assert list(res["results"]) == ["IDR", "MES"]  # canonical order
     model = model_from(ckpts["a"])
@@ -348,8 +348,9 @@ def test_errors(ckpts, cache_dir, synth_root, tmp_path):
     a = str(ckpts["a"])
     no_test = tmp_path / "no_test.json"  # every MES image in train: an empty test set
     no_test.write_text(json.dumps({"train": PreparedDataset(cache_dir, "MES", R, "all").ids}))
+    idr = str(with_args(ckpts["a"], tmp_path / "idr.pt", train=["IDR"]))  # MES's split is free to change
     cases = [
-        (["--ckpt", a, "--test", "MES", "--splits", f"MES={no_test}", "--cache", str(tmp_path / "cache2")],
+        (["--ckpt", idr, "--test", "MES", "--splits", f"MES={no_test}", "--cache", str(tmp_path / "cache2")],
          "no images"),
         (["--ckpt", a, "--test", "XYZ"], "XYZ"),
         (["--ckpt", str(not_ckpt), "--test", "MES"], "notes.pt"),
@@ -360,7 +361,8 @@ def test_errors(ckpts, cache_dir, synth_root, tmp_path):
     ]
     for args, needle in cases:  # in-process: the exception main() lets through is one line naming the input
         with pytest.raises((ValueError, FileNotFoundError)) as e:
-            evaluate.main(common + args)  # later flags win: the empty-split case has its own --cache
+            # later flags win: the empty-split case has its own --cache; --images takes no --out
+            evaluate.main((common[:-2] if "--images" in args else common) + args)
         assert needle in str(e.value) and "\n" not in str(e.value)
     for args, needle in cases[2:3]:  # through the command line: one stderr line, no traceback
         r = cli(*args, *common)
@@ -551,3 +553,236 @@ def test_test_sets_same_list_syntax(monkeypatch, tmp_path):
         assert seen.pop() == ids, argv
     with pytest.raises(ValueError, match=r"^--test: unknown dataset ID 'XYZ'"):
         evaluate.main(["--ckpt", str(tmp_path / "a.pt"), "--test", "IDR", "XYZ", "--device", "cpu"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The results file: written per test set, under a lock, keyed on the weights (issue 23)
+# ---------------------------------------------------------------------------------------------------------
+def test_concurrent_evaluations_into_one_out_keep_both_test_sets(ckpts, cache_dir, synth_root, tmp_path,
+                                                                  monkeypatch):
+    """A second evaluate.py of the same checkpoint writes DDR into --out while the first scores IDR: both stay
+    (the merge reads the file when it writes, not when it starts)."""
+    out = tmp_path / "results.json"
+    real, nested = evaluate.count_dataset, []
+
+    def count_and_meanwhile(*a, **kw):
+        if not nested:  # during the first run's first test set, a whole second run on another test set
+            nested.append(1)
+            run_eval([ckpts["a"]], cache_dir, synth_root, tests=("DDR",), out=out)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "count_dataset", count_and_meanwhile)
+    run_eval([ckpts["a"]], cache_dir, synth_root, tests=("IDR",), out=out)
+    assert list(json.loads(out.read_text())["results"]) == ["IDR", "DDR"]
+
+
+def test_results_merge_waits_for_the_lock(ckpts, cache_dir, synth_root, tmp_path):
+    """merge_results reads, merges and writes under the lock beside --out: a writer that holds the lock
+    (another evaluate.py) is waited for, and its test set kept."""
+    import threading
+
+    import cli as cli_module
+
+    out = tmp_path / "results.json"
+    report = run_eval([ckpts["a"]], cache_dir, synth_root, tests=("MES",), out=out)
+    header = {k: v for k, v in report.items() if k != "results"}
+    held, release = threading.Event(), threading.Event()
+
+    def other_writer():
+        with cli_module.locked(out.with_name(f".{out.name}.lock")):
+            held.set()
+            release.wait(5)
+            saved = json.loads(out.read_text())
+            saved["results"]["IDR"] = saved["results"]["MES"]  # another process's test set
+            out.write_text(json.dumps(saved))
+
+    t = threading.Thread(target=other_writer)
+    t.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()  # the merge below must wait for this
+    evaluate.merge_results(out, header, "DDR", report["results"]["MES"])
+    t.join()
+    assert sorted(json.loads(out.read_text())["results"]) == ["DDR", "IDR", "MES"]
+
+
+def test_out_that_cannot_be_written_is_one_line_before_any_work(ckpts, cache_dir, synth_root, tmp_path,
+                                                                 monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    counted = []
+    monkeypatch.setattr(evaluate, "count_dataset", lambda *a, **k: counted.append(1))
+    with pytest.raises(ValueError) as e:
+        run_eval([ckpts["a"]], cache_dir, synth_root, out=blocker / "results.json")
+    assert str(e.value).startswith(f"--out {blocker}") and "\n" not in str(e.value)
+    assert counted == [] and blocker.read_text() == "keep me"
+
+
+def test_ctrl_c_keeps_the_finished_test_sets_and_says_so(ckpts, cache_dir, synth_root, tmp_path):
+    # Ctrl-C while the second of two test sets is prepared, through the script's own __main__ block
+    out = tmp_path / "r.json"
+    code = ("import runpy, sys, data\n"
+            "real, calls = data.prepare_cache, []\n"
+            "def stop(*a, **k):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 2: raise KeyboardInterrupt\n"
+            "    return real(*a, **k)\n"
+            "data.prepare_cache = stop\n"
+            f"sys.argv = ['evaluate.py', '--ckpt', {str(ckpts['a'])!r}, '--test', 'IDR,MES', '--device', 'cpu',"
+            f" '--data-root', {str(synth_root)!r}, '--cache', {str(cache_dir)!r}, '--out', {str(out)!r}]\n"
+            "runpy.run_path('evaluate.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 130 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "during test set MES" in r.stderr and f"IDR written to {out}" in r.stderr
+    assert list(json.loads(out.read_text())["results"]) == ["IDR"]
+
+
+def test_results_are_keyed_on_the_weights_not_the_path(ckpts, cache_dir, synth_root, tmp_path, monkeypatch):
+    import shutil
+
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(ckpts["a"], ckpt)
+    out = tmp_path / "results.json"
+    run_eval([ckpt], cache_dir, synth_root, tests=("MES",), out=out)
+    monkeypatch.chdir(tmp_path)  # the same file by a relative path: the same weights, merged
+    run_eval(["best.pt"], cache_dir, synth_root, tests=("IDR",), out=out)
+    assert list(json.loads(out.read_text())["results"]) == ["IDR", "MES"]
+    before = out.read_text()
+    shutil.copy(ckpts["b"], ckpt)  # best.pt replaced (a run extended with a larger --iters)
+    with pytest.raises(ValueError) as e:
+        run_eval([ckpt], cache_dir, synth_root, tests=("DDR",), out=out)
+    assert "other weights" in str(e.value) and str(out) in str(e.value) and "\n" not in str(e.value)
+    assert out.read_text() == before
+    legacy = json.loads(before)
+    del legacy["fingerprint"]  # written by an older evaluate.py: can't be told to be of these weights
+    out.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="fingerprint"):
+        run_eval([ckpt], cache_dir, synth_root, tests=("DDR",), out=out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Silently wrong results, refused (issue 23)
+# ---------------------------------------------------------------------------------------------------------
+def with_args(src, dst, **changes):
+    ck = torch.load(src, weights_only=True)
+    ck["args"] = {**ck["args"], **changes}
+    save_checkpoint(dst, ck)
+    return dst
+
+
+def test_ensemble_of_members_at_other_resolutions_is_refused(ckpts, cache_dir, synth_root, tmp_path):
+    low = with_args(ckpts["b"], tmp_path / "low.pt", resolution=64)
+    for order in ([ckpts["a"], low], [low, ckpts["a"]]):
+        with pytest.raises(ValueError) as e:
+            run_eval(order, cache_dir, synth_root)
+        assert "different resolutions" in str(e.value) and "low.pt at 64 px" in str(e.value)
+        assert "--resolution" in str(e.value) and "\n" not in str(e.value)
+    image = np.zeros((80, 90, 3), np.uint8)
+    with pytest.raises(ValueError, match="different resolutions"):
+        evaluate.segment(image, [str(ckpts["a"]), str(low)])
+    # an explicit resolution runs every member at it: the member order no longer matters
+    a = run_eval([ckpts["a"], low], cache_dir, synth_root, resolution=R)["results"]["MES"]
+    b = run_eval([low, ckpts["a"]], cache_dir, synth_root, resolution=R)["results"]["MES"]
+    assert a["lesions"]["EX"]["pos"] == b["lesions"]["EX"]["pos"]
+    for lesion in LESIONS:
+        ta, tb = np.array(a["lesions"][lesion]["tp"]), np.array(b["lesions"][lesion]["tp"])
+        assert np.abs(ta - tb).max() <= 0.001 * max(ta.max(), 1)  # the mean in another order: the same counts
+
+
+def test_checkpoint_resolution_that_is_no_number_is_one_line(ckpts, cache_dir, synth_root, tmp_path):
+    bad = with_args(ckpts["a"], tmp_path / "abc.pt", resolution="abc")
+    with pytest.raises(ValueError) as e:
+        run_eval([bad], cache_dir, synth_root)
+    assert "abc.pt" in str(e.value) and "resolution 'abc'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_split_flags_other_than_the_runs_are_refused_for_its_training_sets(ckpts, cache_dir, synth_root, tmp_path,
+                                                                           monkeypatch):
+    """ckpts were trained on MES (paper split, seed 0): another --split-seed re-draws MES's test split and would
+    score training images; a test set the run did not train on is scored, its split seed recorded."""
+    common = ["--ckpt", str(ckpts["a"]), "--data-root", str(synth_root), "--cache", str(cache_dir), "--device",
+              "cpu"]
+    for extra, flag in ((["--split-seed", "1"], "--split-seed 1"),
+                        (["--split-protocol", "authors"], "--split-protocol authors"),
+                        (["--splits", "MES=official"], "--splits MES=official")):
+        with pytest.raises(ValueError) as e:
+            evaluate.main(common + ["--test", "MES", "--out", str(tmp_path / "r.json")] + extra)
+        assert str(e.value).startswith(flag) and "training images" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "r.json").exists()
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_checkpoints", lambda *a, **kw: seen.append(a[4]))
+    evaluate.main(common + ["--test", "IDR", "--split-seed", "1", "--out", str(tmp_path / "r.json")])
+    assert seen[0]["split_seed"] == 1
+    protocol = evaluate.make_protocol(R, LESIONS, seen[0])
+    assert protocol["split_seed"] == 1 and protocol["split_protocol"] == "paper"
+
+
+def test_recorded_cache_of_another_machine_is_not_written(ckpts, cache_dir, synth_root, tmp_path, monkeypatch):
+    """A checkpoint records the --cache of the machine it was trained on; evaluate.py without --cache uses it only
+    where a prepared cache already is, never creating the folder a received file names."""
+    elsewhere = tmp_path / "their" / "cache"
+    foreign = with_args(ckpts["a"], tmp_path / "foreign.pt", cache=str(elsewhere), data_root="/nonexistent")
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--ckpt", str(foreign), "--test", "MES", "--data-root", str(synth_root), "--device", "cpu",
+                   "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "their").exists() and (tmp_path / "cache" / "MES").is_dir()
+    own = with_args(ckpts["a"], tmp_path / "own.pt", cache=str(cache_dir))  # this machine's prepared cache: used
+    _, cache, _ = evaluate.data.data_settings(*_parsed(["--ckpt", str(own)]), torch.load(own)["args"])
+    assert cache == str(cache_dir)
+
+
+def _parsed(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    evaluate.data.add_data_args(p)
+    args, _ = p.parse_known_args(argv)
+    return args, p
+
+
+def test_images_refuse_out_and_maps_show_only_the_trained_lesions(ckpts, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    fundus_jpeg(photos / "eye.jpg", 160, 120)
+    with pytest.raises(ValueError) as e:
+        evaluate.main(["--ckpt", str(ckpts["a"]), "--images", str(photos), "--out", str(tmp_path / "x.json"),
+                       "--device", "cpu"])
+    assert "--out" in str(e.value) and "--save-maps" in str(e.value) and "\n" not in str(e.value)
+    he_only = with_args(ckpts["a"], tmp_path / "he.pt", lesions=["HE"])  # train.py --lesions HE
+    evaluate.main(["--ckpt", str(he_only), "--images", str(photos), "--save-maps", str(tmp_path / "m"),
+                   "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.png")) == ["eye_HE.png"]
+    # the overlay draws only HE: a certain exudate everywhere (not a trained output) leaves no yellow
+    image = np.full((120, 160, 3), 90, np.uint8)
+    probs = np.zeros((4, 120, 160), np.float32)
+    probs[0] = 0.9
+    probs[1, 40:80, 50:100] = 0.9
+    import maps
+
+    drawn = maps.overlay(image, probs, lesions=("HE",))[:120]
+    assert not (drawn == maps.COLOURS[0]).all(-1).any() and (drawn == maps.COLOURS[1]).all(-1).any()
+    assert (maps.overlay(image, probs)[:120] == maps.COLOURS[0]).all(-1).any()  # all four: yellow outline
+    legend = maps.legend(600, lesions=("HE",))
+    assert not (legend == maps.COLOURS[0]).all(-1).any() and (legend == maps.COLOURS[1]).all(-1).any()
+
+
+def test_bad_checkpoint_contents_and_inputs_are_one_line(ckpts, tmp_path):
+    ck = torch.load(ckpts["a"], weights_only=True)
+    cases = {"tensor.pt": {**ck, "model": torch.zeros(3)},
+             "int.pt": {**ck, "model": {**ck["model"], "head.weight": 3}}}
+    for name, content in cases.items():
+        torch.save(content, tmp_path / name)
+        r = cli("--ckpt", tmp_path / name, "--test", "MES", "--device", "cpu")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().startswith("error:") and name in r.stderr and "'model'" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    run = tmp_path / "runs" / "IDR" / "s0"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes((ckpts["a"]).read_bytes())
+    with pytest.raises(ValueError) as e:
+        evaluate.main(["--ckpt", str(run), "--test", "MES", "--device", "cpu"])
+    assert f"pass {run / 'best.pt'}" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="H and W >= 1"):
+        evaluate.segment(np.zeros((0, 0, 3), np.uint8), str(ckpts["a"]))

@@ -172,13 +172,13 @@ def test_val_loss_minima_are_kept_as_snapshots(synth_root, cache_dir, tmp_path, 
 
     monkeypatch.setattr(train, "validate", fake_validate)
     out = tmp_path / "run"
-    common = ["--iters", "10", "--val-every", "2", "--val-metric", "loss"]
+    common = ["--iters", "10", "--val-every", "2", "--val-metric", "loss", "--keep-last", "0"]  # minima only
     train.run(tiny_args(synth_root, cache_dir, out, *common, "--stop-at", "5"))
     train.run(tiny_args(synth_root, cache_dir, out, *common))
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_000004.pt", "step_000008.pt"]
     for s in (4, 8):
         snap = torch.load(out / "snapshots" / f"step_{s:06d}.pt", weights_only=True)
-        assert snap["snapshot"] == "val-loss-minimum" and snap["step"] == s and snap["metric"] == script[s]
+        assert snap["snapshot"] == "validation" and snap["step"] == s and snap["metric"] == script[s]
         assert snap["optimizer"] is None  # model-only: averaging needs no optimizer state
         for k, v in seen[s].items():
             assert torch.equal(snap["model"][k], v), (s, k)

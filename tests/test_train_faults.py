@@ -73,7 +73,7 @@ def test_killed_run_leaves_no_pending_file_that_misleads_the_rerun(synth_root, c
     monkeypatch.setattr(train, "validate", fake_validate)
     monkeypatch.setattr(train, "save_last", save_last_killed_at_6)
     out = tmp_path / "run"
-    common = ["--iters", "10", "--val-every", "2", "--val-metric", "loss"]
+    common = ["--iters", "10", "--val-every", "2", "--val-metric", "loss", "--keep-last", "0"]  # minima only
     with pytest.raises(Killed):
         train.run(tiny_args(synth_root, cache_dir, out, *common))
     snaps = out / "snapshots"
@@ -86,7 +86,7 @@ def test_killed_run_leaves_no_pending_file_that_misleads_the_rerun(synth_root, c
     assert sorted(p.name for p in snaps.iterdir()) == ["step_000004.pt", "step_000008.pt"]  # nothing pending left
     for s in (4, 8):
         snap = torch.load(snaps / f"step_{s:06d}.pt", weights_only=True)
-        assert snap["snapshot"] == "val-loss-minimum" and snap["step"] == s and snap["metric"] == script[s]
+        assert snap["snapshot"] == "validation" and snap["step"] == s and snap["metric"] == script[s]
         for k, v in seen[s].items():
             assert torch.equal(snap["model"][k], v), (s, k)
 
@@ -298,3 +298,65 @@ def test_validation_loss_is_pooled_over_the_set():
     assert train.validation_loss(sums, "bce") == pytest.approx(bce)
     assert train.validation_loss(sums, "dice") == pytest.approx(1 - sum(dice) / 2)
     assert train.validation_loss(sums, "bce+dice") == pytest.approx(bce + 1 - sum(dice) / 2)
+
+
+# ----------------------------------------------------------------------------- nothing lost (issue 23)
+def test_run_folder_without_last_pt_is_never_retrained_over(synth_root, cache_dir, tmp_path):
+    """last.pt deleted (it is 3x best.pt, the first file a user prunes): a rerun with a larger --iters or another
+    --train refuses in one line naming the folder, and every file of the run stays as it was."""
+    out = tmp_path / "run"
+    train.run(tiny_args(synth_root, cache_dir, out, "--iters", "6", "--val-every", "2"))
+    (out / "last.pt").unlink()
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != ".lock")
+    before = {p: p.read_bytes() for p in files}
+    for extra in (["--iters", "8"], ["--iters", "6"]):
+        with pytest.raises(ValueError) as e:
+            train.run(tiny_args(synth_root, cache_dir, out, "--val-every", "2", *extra))
+        assert str(e.value).startswith(f"{out} holds a run") and "no last.pt" in str(e.value)
+        assert "--out" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError) as e:  # another training set into the same folder
+        train.run(train.parse_args(["--train", "MES"] + argv(synth_root, cache_dir, out, "--iters", "8")[2:]))
+    assert "--train IDR -> MES" in str(e.value) and "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in files} == before
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv(synth_root, cache_dir, out, "--iters", "8")],
+                       capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_removes_the_temporary_files_of_a_killed_write(synth_root, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ("--iters", "4", "--val-every", "2")
+    train.run(tiny_args(synth_root, cache_dir, out, *args, "--stop-at", "2"))
+    left = [out / ".last.pt.1a2b3c4d.tmp", out / ".best.pt.5e6f7a8b.tmp", out / "snapshots" / ".step_000002.pt.0c1d2e3f.tmp"]
+    for p in left:
+        p.write_bytes(b"\0" * 4096)  # a checkpoint write killed half-way
+    foreign = out / ".results.json.9a8b7c6d.tmp"  # evaluate.py's, maybe being written right now: not ours
+    foreign.write_text("{")
+    train.run(tiny_args(synth_root, cache_dir, out, *args))
+    assert not any(p.exists() for p in left) and foreign.exists()
+
+
+def test_every_run_keeps_its_last_validations_for_swa(synth_root, cache_dir, tmp_path, monkeypatch):
+    """A steadily falling validation loss has no local minimum: the weights of the last --keep-last validations
+    are kept as snapshots all the same, so average.py swa (and Figure 4) has them in every run."""
+    losses = iter([5.0, 4.0, 3.0, 2.0, 1.0])
+    seen = {}
+
+    def falling(model, val_sets, device, dtype, loss_kind, lesions=None):
+        step = 2 * (len(seen) + 1)
+        seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"loss": next(losses), "mean_aupr": 0.5, "mean_ap": 0.5, "mean_dice": 0.5, "aupr": [0.5] * 4,
+                "ap": [0.5] * 4, "dice": [0.5] * 4}
+
+    monkeypatch.setattr(train, "validate", falling)
+    out = tmp_path / "run"
+    common = ("--iters", "10", "--val-every", "2", "--val-metric", "loss")
+    train.run(tiny_args(synth_root, cache_dir, out, *common, "--stop-at", "7"))  # resumed between validations
+    train.run(tiny_args(synth_root, cache_dir, out, *common))
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_000008.pt", "step_000010.pt"]
+    for s in (8, 10):
+        snap = torch.load(out / "snapshots" / f"step_{s:06d}.pt", weights_only=True)
+        assert snap["step"] == s and all(torch.equal(snap["model"][k], v) for k, v in seen[s].items())
+    import average
+
+    assert len(average.select_snapshots(out)) == 2

@@ -5,7 +5,7 @@
     python evaluate.py --ckpt runs/IDR/ensemble.json --save-maps maps/        # an average.py ensemble manifest
     python evaluate.py --ckpt runs/IDR/s0/best.pt --images my_photos/ --save-maps my_maps/   # your own images
     python evaluate.py --ckpt hub:IDR+DDR --test MES --dice-argmax   # the authors' released model, IDR+DDR
-    python -c "import numpy as np; from PIL import Image; from evaluate import segment; print(segment(np.asarray(Image.open('eye.jpg').convert('RGB')), 'runs/IDR/s0/best.pt').shape)"
+    python -c "import numpy as np; from data.datasets import load_image; from evaluate import segment; print(segment(np.asarray(load_image('eye.jpg')), 'runs/IDR/s0/best.pt').shape)"
 
 Several checkpoints form an ensemble that averages sigmoid probabilities (so does an ensemble file written by
 average.py). Counts are pooled over all pixels of a test set and accumulated on the device where the
@@ -418,8 +418,8 @@ def segment(image, ckpt, resolution=None, device=None, dtype="float32", tta=Fals
             style=None, uint8=False):
     """Segment one photograph: uint8 (H, W, 3) RGB -> float32 (4, H, W) probabilities, EX HE MA CWS.
 
-        from evaluate import segment
-        image = np.asarray(PIL.Image.open("photo.jpg").convert("RGB"))
+        from data.datasets import load_image; from evaluate import segment
+        image = np.asarray(load_image("photo.jpg"))   # RGB, turned upright by its EXIF orientation tag
         probs = segment(image, "runs/IDR+MES/s0/best.pt")   # probs[1] >= 0.5: haemorrhages
 
     ckpt: a checkpoint or average.py ensemble path (or a list: an ensemble), load_ensemble's (models, headers),

@@ -4,7 +4,7 @@ Fu et al., "Evaluation of Retinal Image Quality Assessment Networks in Different
 Written from the paper and from reading the authors' public code (github.com/HzFu/EyeQ, MCF_Net/) so that
 their published checkpoint (DenseNet121_v3_v1.tar) loads into it unchanged.
 
-    python -c "import mcfnet, numpy as np, PIL.Image as I; m = mcfnet.load_mcfnet('DenseNet121_v3_v1.tar'); print(mcfnet.predict_grades(m, mcfnet.colour_views(np.asarray(I.open('eye.png').convert('RGB')))[None]))"
+    python -c "import mcfnet, numpy as np; from data.datasets import load_image; m = mcfnet.load_mcfnet('DenseNet121_v3_v1.tar'); print(mcfnet.predict_grades(m, mcfnet.colour_views(np.asarray(load_image('eye.png')))[None]))"
     python characterize.py --datasets IDR --data-root data_raw --out report/characterize --quality-weights DenseNet121_v3_v1.tar
 """
 import pickle

@@ -7,12 +7,15 @@ An adapter turns a dataset root into a sorted list of `Sample`s (id, image file,
 distributed split folder). `load_image` / `load_masks` decode them; every quirk of the distributed layouts
 (docs/PROTOCOL.md, "Datasets") lives in this file and nowhere else.
 """
+import difflib
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 from data.ids import DATASET_IDS, FOLDERS, LESIONS
 
@@ -28,6 +31,7 @@ class Sample:
     image: Path
     masks: dict = field(default_factory=dict)  # lesion -> tuple of files OR-ed together; () = all-zero
     split: str | None = None  # the distributed split folder ("train"/"val"/"test"), None when there is none
+    dataset: str | None = None  # its dataset ID, set by list_samples (for --mask-threshold ID=T)
 
 
 # ----------------------------------------------------------------------------- roots
@@ -75,11 +79,19 @@ def dataset_root(dataset_id, data_root, roots=None):
 
 
 def _index(folder, suffixes=IMAGE_SUFFIXES):
-    """{stem: path} of the image files in a folder ({} when the folder does not exist)."""
+    """{stem: path} of the image files in a folder ({} when the folder does not exist). Two files of
+    one stem (IDRiD_01.jpg and IDRiD_01.png) are a ValueError naming both: either could be the one
+    its masks belong to."""
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file()}
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file():
+            if p.stem in files:
+                raise ValueError(f"two files named {p.stem} in {folder}: {files[p.stem].name} and "
+                                 f"{p.name} (which one to read is ambiguous: keep one)")
+            files[p.stem] = p
+    return files
 
 
 def _found(files, name):
@@ -111,6 +123,48 @@ def _no_images(dataset_id, folder, layout):
 
 IDR_MASKS = {"EX": ("3. Hard Exudates", "EX"), "HE": ("2. Haemorrhages", "HE"),
              "MA": ("1. Microaneurysms", "MA"), "CWS": ("4. Soft Exudates", "SE")}  # IDRiD calls CWS "SE"
+IDR_UNUSED = {"5. Optic Disc": "OD"}  # distributed beside the lesions, not read
+
+
+def _idr_meant(folder):
+    """The distributed name a ground-truth folder of another name stands for: told by its files'
+    suffix (IDRiD_01_EX.tif), else by a close name ("3. Hard Exudate"); None when neither tells."""
+    names = {sub: code for sub, code in [*IDR_MASKS.values(), *IDR_UNUSED.items()]}
+    by_code = {code.lower(): sub for sub, code in names.items()}
+    for p in sorted(folder.iterdir()):
+        sub = by_code.get(p.stem.rsplit("_", 1)[-1].lower())
+        if sub and p.suffix.lower() in IMAGE_SUFFIXES:
+            return sub
+    close = difflib.get_close_matches(folder.name.lower(), [n.lower() for n in names], 1, 0.75)
+    return next((n for n in names if close and n.lower() == close[0]), None)
+
+
+def _idr_lesion_folders(gt):
+    """Lesion -> folder of one IDRiD ground-truth set (".../a. Training Set").
+
+    A lesion folder may be absent (the real sample tests/fixtures/idrid-he14 has only
+    "2. Haemorrhages"): one warning, the lesion reads as absent. A folder of another name standing
+    for an absent one ("3. Hard Exudate"), or an unknown one holding images beside an absent one, is
+    a ValueError: read as it is, it would be "no such lesion in any image".
+    """
+    subs = {les: sub for les, (sub, _) in IDR_MASKS.items()}
+    absent = sorted(sub for sub in subs.values() if not (gt / sub).is_dir())
+    if absent:
+        others = [d for d in sorted(gt.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                  and d.name not in [*subs.values(), *IDR_UNUSED] and _index(d)]  # with images
+        for d in others:
+            meant = _idr_meant(d)
+            if meant in absent:
+                raise ValueError(f"IDR: mask folder {d} is not named as distributed: rename it to "
+                                 f"'{meant}' (under another name its masks are not read)")
+            if meant is None:
+                missing = f"{', '.join(map(repr, absent))} {'is' if len(absent) == 1 else 'are'}"
+                raise ValueError(f"IDR: unknown mask folder {d} while {missing} missing: rename it "
+                                 f"to the lesion's distributed name, or move it out of {gt}")
+        lesions = [les for sub in absent for les in subs if subs[les] == sub]
+        print(f"warning: IDR: no {', '.join(map(repr, absent))} in {gt}: {', '.join(lesions)} read "
+              f"as absent from every image there", file=sys.stderr, flush=True)
+    return {les: gt / sub for les, sub in subs.items()}
 
 
 def _idr(root, ret_he):
@@ -118,11 +172,16 @@ def _idr(root, ret_he):
     samples = []
     for folder, split in (("a. Training Set", "train"), ("b. Testing Set", "test")):
         images = _index(seg / "1. Original Images" / folder)
-        if images:
-            _mask_folder(seg / "2. All Segmentation Groundtruths" / folder, "IDR")
-        # NOTE: a lesion folder may be absent (the real sample tests/fixtures/idrid-he14 has only "2. Haemorrhages")
-        masks = {les: _index(seg / "2. All Segmentation Groundtruths" / folder / sub)
-                 for les, (sub, _) in IDR_MASKS.items()}
+        if not images:
+            continue
+        gt = _mask_folder(seg / "2. All Segmentation Groundtruths" / folder, "IDR")
+        dirs = _idr_lesion_folders(gt)
+        masks = {les: _index(d) for les, d in dirs.items()}
+        for les, (_, code) in IDR_MASKS.items():  # renamed files would read as "no lesion" too
+            if masks[les] and not any(stem.endswith(f"_{code}") for stem in masks[les]):
+                raise ValueError(f"IDR: no file in {dirs[les]} is named as IDRiD names them "
+                                 f"(<image>_{code}.tif, e.g. {next(iter(images))}_{code}.tif): "
+                                 f"rename them")
         for stem, path in images.items():
             files = {les: _found(masks[les], f"{stem}_{suffix}") for les, (_, suffix) in IDR_MASKS.items()}
             samples.append(Sample(stem, path, files, split))
@@ -224,6 +283,8 @@ def list_samples(dataset_id, root, ret_he="retinal"):
     for a, b in zip(samples, samples[1:]):
         if a.id == b.id:
             raise ValueError(f"{dataset_id}: duplicate image id {a.id!r} ({a.image} and {b.image})")
+    for s in samples:
+        s.dataset = dataset_id
     return samples
 
 
@@ -234,11 +295,34 @@ def _unreadable(path, err):
     return ValueError(f"cannot read {path}: corrupt or truncated file ({msg})")
 
 
+# EXIF / TIFF orientation tag -> the transpose showing the stored pixels upright (as exif_transpose)
+ORIENTATION = 0x0112
+TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im):
+    """The orientation tag of an open image: 1 (as stored) when absent or invalid; 5-8 swap width
+    and height. NOTE: read after decoding, as ImageOps.exif_transpose does: PIL turns a TIFF while
+    decoding it and drops the tag."""
+    im.load()
+    try:
+        value = im.getexif().get(ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, TypeError):  # a malformed EXIF block: as stored
+        return 1
+    return value if value in TURNS else 1
+
+
 def load_image(path):
-    """Decoded RGB PIL image; ValueError naming the file when it is corrupt or truncated."""
+    """Decoded RGB PIL image, turned upright as viewers show it (its EXIF orientation tag: a phone's
+    portrait photograph is stored sideways); ValueError naming the file when it is corrupt or
+    truncated."""
     try:
         with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later
+            turn = _orientation(im)  # decodes now: a truncated file fails here, not later
+            if turn != 1:
+                im = im.transpose(TURNS[turn])
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 return _wide_to_rgb(im)
             return im.convert("RGB")
@@ -268,11 +352,101 @@ def _decode_mask(im, threshold):
     return a > threshold
 
 
+FAINT_MIN = 32  # faint pixels a PNG / TIFF mask must have before its grey levels are judged
+_NOISY = set()  # dataset IDs warned about: one warning per dataset and process
+_NOISY_LOCK = threading.Lock()  # data.prepare decodes in threads
+
+
+def _value_histogram(im):
+    """256-bin histogram of a mask's values as _decode_mask reads them (palette entries and RGB
+    pixels by their brightest channel); None for 1-bit and 16-bit / float masks (no JPEG gives
+    those)."""
+    if im.mode == "P":  # IDRiD: the histogram of palette indices, mapped through the palette
+        brightest = np.asarray(im.getpalette() or [0, 0, 0], np.int64).reshape(-1, 3).max(1)
+        counts = np.asarray(im.histogram()[:len(brightest)], np.int64)
+        return np.bincount(brightest[:len(counts)], weights=counts, minlength=256)
+    if im.mode in ("L", "LA"):
+        return np.asarray(im.histogram()[:256], np.int64)
+    if im.mode in ("RGB", "RGBA"):  # the brightest channel in C (3x faster than numpy's max)
+        r, g, b = im.convert("RGB").split()
+        return np.asarray(ImageChops.lighter(ImageChops.lighter(r, g), b).histogram(), np.int64)
+    return None
+
+
+def _compression_noise(hist, threshold, jpeg):
+    """(faint pixels counted as lesion, top faint value) where a mask's histogram shows compression
+    noise, else (0, 0). Faint: threshold < value <= max / 8. In a JPEG any faint pixel is noise.
+
+    NOTE: JPEG noise around a 0/255 mask piles up at faint values with almost no mid values
+    (max / 4 .. 3 max / 4): measured faint / mid = 13 to 7000 (quality 50-100, grey or red masks).
+    Anti-aliased, bilinear-resampled or blurred edges spread over all levels: faint / mid from 0
+    (FGADR's fringe) to 4; RET's 127/255 has no faint value. A ringing resampler's halo (Lanczos,
+    bicubic) looks like JPEG noise: hence a warning only, for PNG and TIFF masks.
+    """
+    top = int(np.flatnonzero(hist)[-1]) if hist.any() else 0
+    faint = int(hist[threshold + 1:top // 8 + 1].sum())
+    mid = int(hist[top // 4 + 1:3 * top // 4 + 1].sum())
+    if faint and (jpeg or (faint >= FAINT_MIN and faint > 8 * mid)):
+        return faint, top // 8
+    return 0, 0
+
+
+def _check_noise(im, path, sample, threshold):
+    """A JPEG mask whose noise would count as lesion: ValueError naming it. A PNG / TIFF whose grey
+    levels look like JPEG noise: one warning naming it (the first such mask of each dataset)."""
+    jpeg = im.format == "JPEG"  # the file's content, whatever its name says
+    if not jpeg and sample.dataset in _NOISY:
+        return
+    hist = _value_histogram(im)
+    faint, top = (0, 0) if hist is None else _compression_noise(hist, threshold, jpeg)
+    if not faint:
+        return
+    ds = sample.dataset or "ID"
+    if jpeg:
+        raise ValueError(f"mask {path} is a JPEG: {faint} pixels of values {threshold + 1}..{top} "
+                         f"(compression noise) would count as lesion; re-export the masks as PNG "
+                         f"or TIFF, or pass --mask-threshold {ds}=127")
+    with _NOISY_LOCK:
+        if sample.dataset in _NOISY:
+            return
+        _NOISY.add(sample.dataset)
+    print(f"warning: mask {path}: {faint} pixels of faint values {threshold + 1}..{top}, few mid "
+          f"ones (JPEG noise, or a resampling halo?) count as lesion; if so, re-export the masks "
+          f"from the originals or pass --mask-threshold {ds}=127 (no further warning for {ds})",
+          file=sys.stderr, flush=True)
+
+
+def _upright_mask(im, path, sample, image_size):
+    """A mask turned as its image is shown (load_image): by its own orientation tag if it has one.
+    One without must match its image as shown, or, where the image's tag turns it by 90 degrees,
+    the image as stored (it was drawn on the stored pixels): then it is turned the same way. Any
+    other size is a ValueError naming both files.
+    NOTE: a 180 degree or mirror tag (or a square image) keeps the size: the mask is read as
+    shown."""
+    own, turn = _orientation(im), 1
+    if own != 1:
+        im = im.transpose(TURNS[own])
+    elif im.size != tuple(image_size):
+        with Image.open(sample.image) as photo:
+            turn = _orientation(photo)
+        if turn >= 5 and im.size == tuple(image_size)[::-1]:
+            return im.transpose(TURNS[turn])
+    if im.size != tuple(image_size):
+        W, H = image_size if turn < 5 else tuple(image_size)[::-1]
+        shown = f" as shown (EXIF orientation {turn} turns the stored {W}x{H})" if turn != 1 else ""
+        raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} but its image {sample.image} "
+                         f"is {image_size[0]}x{image_size[1]}{shown}")
+    return im
+
+
 def load_masks(sample, image_size, threshold=0, box=None, size=None):
     """Lesion masks of one sample: bool (4, h, w) in LESIONS order.
 
-    image_size: (W, H) of the sample's image (every mask must match it). box (x0, y0, x1, y1) and size (w, h)
-    resample with nearest neighbour while decoding (prepare uses this); default: native resolution.
+    image_size: (W, H) of the sample's image as load_image gives it (each mask must fit it:
+    _upright_mask). box (x0, y0, x1, y1) and size (w, h) resample with nearest neighbour while
+    decoding (prepare uses this); default: native resolution. A JPEG mask whose compression noise
+    would count as lesion at this threshold is a ValueError naming it (the noise took MA from 0.33 %
+    to 15.7 % of a fundus); a PNG / TIFF that looks like one gets a warning (_check_noise).
     """
     out_w, out_h = size or image_size
     masks = np.zeros((len(LESIONS), out_h, out_w), dtype=bool)  # (4, h, w)
@@ -280,9 +454,8 @@ def load_masks(sample, image_size, threshold=0, box=None, size=None):
         for path in sample.masks.get(lesion, ()):
             try:
                 with Image.open(path) as im:
-                    if im.size != tuple(image_size):
-                        raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} but its image {sample.image} "
-                                         f"is {image_size[0]}x{image_size[1]}")
+                    _check_noise(im, path, sample, threshold)
+                    im = _upright_mask(im, path, sample, image_size)
                     if size is not None:  # nearest commutes with the per-pixel threshold below
                         im = im.resize((out_w, out_h), Image.NEAREST, box=box)
                     else:

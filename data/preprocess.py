@@ -1,9 +1,9 @@
 """Paper section 2.2: crop the fundus to its field of view (FOV), resize keeping the aspect ratio, pad square.
 
     python -m data.synthetic --out demo/data --images 4 --size 512 --datasets IDR
-    python -c "import numpy as np; from PIL import Image; from data.preprocess import preprocess_image; \
-im, fov, geo = preprocess_image(np.asarray(Image.open('demo/data/IDRiD/A. Segmentation/1. Original Images/\
-a. Training Set/IDRiD_01.jpg')), 512); print(geo)"
+    python -c "import numpy as np; from data.datasets import load_image; from data.preprocess import \
+preprocess_image; im, fov, geo = preprocess_image(np.asarray(load_image('demo/data/IDRiD/A. Segmentation/\
+1. Original Images/a. Training Set/IDRiD_01.jpg')), 512); print(geo)"
 
 The same three steps run once per image in `data.prepare` (with the lesion masks, nearest neighbour) and
 on users' own photographs in `evaluate.py --images`, whose predictions `restore_geometry` maps back.

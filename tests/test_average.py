@@ -205,7 +205,8 @@ def test_scorer_ap_matches_sklearn_on_the_binned_maps(abc, cache_dir):
     probs, masks = [], []
     for i in range(len(val)):
         item = val[i]
-        x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+        # contiguous NCHW, as the scorer's count_dataset feeds it: the same float32 sums, the same fine bins
+        x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].contiguous().float() / 255  # (1, 3, H, W)
         with torch.no_grad():
             p = evaluate.predict(models, x)[0]  # (4, H, W)
         fov = torch.from_numpy(item["fov"])

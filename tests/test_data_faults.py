@@ -7,6 +7,7 @@ References are independent of the code under test: the authors' draw is re-writt
 random_split (randperm, then consecutive slices), sizes are the ones their code gives on the real datasets.
 """
 import errno
+import io
 import json
 import re
 import shutil
@@ -17,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
+import data.datasets
 import data.prepare
-from data import PreparedDataset, prepare_cache
-from data.datasets import Sample, dataset_root, list_samples
+from data import LESIONS, PreparedDataset, prepare_cache
+from data.datasets import Sample, dataset_root, list_samples, load_sample
 from data.splits import make_splits
 
 FOLDER = {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set", "RET": "retinal-lesions-v20191227",
@@ -275,3 +278,204 @@ def test_two_copies_one_level_down_is_ambiguous(synth_root, tmp_path):
         shutil.copytree(synth_root / "MAPLES-DR", tmp_path / "DATA" / wrapper / "MAPLES-DR")
     with pytest.raises(ValueError, match=re.escape("MES: several copies found (")):
         dataset_root("MES", tmp_path / "DATA")
+
+
+# ------------------------------------------------------------------ files that read wrong silently
+
+GT_TRAIN = "A. Segmentation/2. All Segmentation Groundtruths/a. Training Set"
+
+
+def _one_line(err):
+    msg = str(err.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+def _warnings(capsys):
+    return [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+
+
+@pytest.mark.parametrize("old, new", [("3. Hard Exudates", "3. Hard Exudate"),  # a close name
+                                      ("1. Microaneurysms", "MA masks"),  # its IDRiD_NN_MA.tif
+                                      ("4. Soft Exudates", "scans")])  # not told at all
+def test_idr_renamed_lesion_folder_is_an_error_naming_it(synth_root, tmp_path, old, new):
+    """Read as it is, a renamed lesion folder is "no such lesion in any image": one line naming the
+    folder found and the name IDRiD gives it (or the missing one), and no cache written."""
+    root = tmp_path / "IDRiD"
+    shutil.copytree(synth_root / "IDRiD", root)
+    (root / GT_TRAIN / old).rename(root / GT_TRAIN / new)
+    if new == "scans":  # images not named as IDRiD masks: which lesion it was cannot be told
+        for f in (root / GT_TRAIN / new).iterdir():
+            f.rename(f.with_name(f"scan_{f.stem[-5:-3]}.tif"))
+    with pytest.raises(ValueError) as err:
+        list_samples("IDR", root)
+    msg = _one_line(err)
+    assert str(root / GT_TRAIN / new) in msg and f"'{old}'" in msg, msg
+    with pytest.raises(ValueError, match=re.escape(str(root / GT_TRAIN / new))):
+        prepare_cache("IDR", tmp_path, tmp_path / "cache", 32, verbose=False)
+    assert not (tmp_path / "cache" / "IDR" / "32").exists()
+
+
+def test_idr_renamed_mask_files_are_an_error(synth_root, tmp_path):
+    root = tmp_path / "IDRiD"
+    shutil.copytree(synth_root / "IDRiD", root)
+    folder = root / GT_TRAIN / "2. Haemorrhages"
+    for f in folder.iterdir():  # IDRiD_01_HE.tif -> IDRiD_01.tif: no image would find its mask
+        f.rename(f.with_name(f.name.replace("_HE", "")))
+    with pytest.raises(ValueError) as err:
+        list_samples("IDR", root)
+    assert str(folder) in _one_line(err) and "_HE.tif" in _one_line(err)
+
+
+def test_idr_absent_lesion_folder_warns_once_per_preparation(synth_root, fixture_idrid, tmp_path,
+                                                             capsys):
+    """An absent lesion folder reads as "lesion absent" (the real sample has only 2. Haemorrhages),
+    with one warning naming the folder per preparation, not one per image."""
+    root = tmp_path / "IDRiD"
+    shutil.copytree(synth_root / "IDRiD", root)
+    shutil.rmtree(root / GT_TRAIN / "1. Microaneurysms")
+    (root / GT_TRAIN / "notes").mkdir()  # a folder without images is not taken for a lesion's
+    (root / GT_TRAIN / "notes" / "todo.txt").write_text("check IDRiD_03")
+    capsys.readouterr()
+    prepare_cache("IDR", tmp_path, tmp_path / "cache", 32, verbose=False)
+    assert _warnings(capsys) == [f"warning: IDR: no '1. Microaneurysms' in {root / GT_TRAIN}: MA "
+                                 f"read as absent from every image there"]
+    assert all(s.masks["MA"] == () for s in list_samples("IDR", root) if s.split == "train")
+    capsys.readouterr()
+    list_samples("IDR", fixture_idrid)
+    (line,) = _warnings(capsys)
+    assert "no '1. Microaneurysms', '3. Hard Exudates', '4. Soft Exudates' in" in line
+    assert line.endswith(": MA, EX, CWS read as absent from every image there")
+
+
+@pytest.mark.parametrize("ds, folder", [
+    ("IDR", "A. Segmentation/1. Original Images/a. Training Set"),
+    ("DDR", "lesion_segmentation/train/label/HE"),
+    ("MES", "train/fundus")])
+def test_two_files_of_one_stem_are_an_error_naming_both(synth_root, tmp_path, ds, folder):
+    """IDRiD_01.jpg beside IDRiD_01.png: which photograph (or mask) is the id's is ambiguous."""
+    root = tmp_path / FOLDER[ds]
+    shutil.copytree(synth_root / FOLDER[ds], root)
+    first, second = sorted((root / folder).iterdir())[:2]
+    twin = first.with_suffix(".png" if first.suffix != ".png" else ".tif")
+    shutil.copy(second, twin)  # another file under the first one's id
+    with pytest.raises(ValueError) as err:
+        list_samples(ds, root)
+    msg = _one_line(err)
+    assert str(root / folder) in msg and first.name in msg and twin.name in msg, msg
+
+
+def _jpeg_round_trip(mask_file, mode):
+    """The mask as a JPEG (quality 90) stores it, decoded again: (H, W) or (H, W, 3) uint8."""
+    buf = io.BytesIO()
+    Image.open(mask_file).convert(mode).save(buf, "JPEG", quality=90)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+
+
+def test_jpeg_masks_are_an_error_naming_the_file(synth_root, tmp_path):
+    """Masks re-saved as JPEG: compression noise at values 1..31 would count as lesion at the
+    default threshold (here MA covers many times its pixels). A .jpg mask is one line naming it;
+    --mask-threshold ID=127 reads it (lesion = brighter than 127, as plain PIL says)."""
+    root = tmp_path / "IDRiD"
+    shutil.copytree(synth_root / "IDRiD", root)
+    s = next(s for s in list_samples("IDR", root) if s.masks["MA"])
+    tif, jpg = s.masks["MA"][0], s.masks["MA"][0].with_suffix(".jpg")
+    red = _jpeg_round_trip(tif, "RGB")  # IDRiD's red palette mask, saved as an RGB JPEG
+    assert (red.max(-1) > 0).sum() > 5 * (np.asarray(Image.open(tif)) > 0).sum()  # noise swamps MA
+    tif.unlink()
+    Image.fromarray(red).save(jpg, quality=90)
+    sample = next(x for x in list_samples("IDR", root) if x.id == s.id)  # now with the .jpg
+    with pytest.raises(ValueError) as err:
+        load_sample(sample)
+    msg = _one_line(err)
+    assert msg.startswith(f"mask {jpg} is a JPEG: ") and "--mask-threshold IDR=127" in msg, msg
+    with pytest.raises(ValueError, match=re.escape(str(jpg))):
+        prepare_cache("IDR", tmp_path, tmp_path / "cache", 32, verbose=False)
+    assert not (tmp_path / "cache" / "IDR" / "32").exists()
+    want = np.asarray(Image.open(jpg).convert("RGB")).max(-1) > 127
+    assert want.any() and np.array_equal(load_sample(sample, 127)[1][LESIONS.index("MA")], want)
+
+
+@pytest.mark.parametrize("soften", ["jpeg", "bilinear", "blur"])
+def test_grey_levels_of_jpeg_noise_in_a_png_warn_once(synth_root, tmp_path, capsys, monkeypatch,
+                                                      soften):
+    """A JPEG's noise inside a PNG (1-bit MAPLES-DR masks that went through JPEG) is told by its
+    grey levels, faint ones and few mid ones: one warning naming the first such file of the
+    dataset. Edges resampled (bilinear) or blurred have as many levels, spread evenly: read as
+    they are, without a word."""
+    monkeypatch.setattr(data.datasets, "_NOISY", set(), raising=False)
+    mes = tmp_path / "MAPLES-DR"
+    shutil.copytree(synth_root / "MAPLES-DR", mes)
+    samples = [s for s in list_samples("MES", mes)
+               if (np.asarray(Image.open(s.masks["EX"][0])) > 0).sum() > 200]
+    for s in samples:
+        im = Image.open(s.masks["EX"][0]).convert("L")  # 0 / 255
+        if soften == "jpeg":
+            soft = _jpeg_round_trip(s.masks["EX"][0], "L")
+        elif soften == "bilinear":
+            big = im.resize((3 * im.width, 3 * im.height), Image.BILINEAR)
+            soft = np.asarray(big.resize(im.size, Image.BILINEAR))
+        else:
+            soft = np.rint(ndimage.gaussian_filter(np.asarray(im, float), 1.0)).astype(np.uint8)
+        assert len(np.unique(soft)) > 20  # many grey levels
+        Image.fromarray(soft).save(s.masks["EX"][0])
+    capsys.readouterr()
+    for s in samples:
+        assert np.array_equal(load_sample(s)[1][0], np.asarray(Image.open(s.masks["EX"][0])) > 0)
+    warnings = _warnings(capsys)
+    if soften == "jpeg":
+        assert len(samples) >= 2 and len(warnings) == 1, warnings
+        assert warnings[0].startswith(f"warning: mask {samples[0].masks['EX'][0]}: ")
+        assert "--mask-threshold MES=127" in warnings[0]
+    else:
+        assert warnings == []
+
+
+def test_dataset_mask_encodings_are_not_compression_noise(synth_root, capsys, monkeypatch):
+    """What the datasets ship reads without a word: FGADR's anti-aliased fringe, RET's 127/255,
+    IDRiD's palette, DDR's 1 or 255, MAPLES-DR's 1-bit PNG."""
+    monkeypatch.setattr(data.datasets, "_NOISY", set(), raising=False)
+    capsys.readouterr()
+    for ds in FOLDER:
+        for s in list_samples(ds, dataset_root(ds, synth_root)):
+            load_sample(s)
+    assert _warnings(capsys) == []
+
+
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_exif_orientation_turns_the_image_and_its_masks_the_same_way(synth_root, tmp_path):
+    """A photograph stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to show it)
+    is read as viewers show it. Masks drawn on what viewers show are read as they are; masks drawn
+    on the stored pixels (their size fits only the stored image) are turned like it; a mask with its
+    own tag is turned by it; a mask fitting neither is one line naming both files and the tag."""
+    root = tmp_path / "IDRiD"
+    shutil.copytree(synth_root / "IDRiD", root)
+    s = next(s for s in list_samples("IDR", root) if s.masks["HE"] and s.masks["EX"])
+    shown = np.asarray(Image.open(s.image).convert("RGB"))  # (H, W, 3), H != W
+    want_masks = load_sample(s)[1]  # (4, H, W)
+    Image.fromarray(np.rot90(shown, 1).copy()).save(s.image, quality=95, exif=_exif(6))
+    stored = np.asarray(Image.open(s.image).convert("RGB"))  # (W, H, 3) as decoded, not turned
+    assert stored.shape == (shown.shape[1], shown.shape[0], 3)
+    image, masks = load_sample(s)
+    assert np.array_equal(image, np.rot90(stored, -1))  # turned clockwise: upright again
+    assert np.array_equal(masks, want_masks)  # masks as shown: read as they are
+    # HE drawn on the stored pixels: turned like the photograph
+    he = np.asarray(Image.open(s.masks["HE"][0]).convert("L"))
+    Image.fromarray(np.rot90(he, 1).copy()).save(s.masks["HE"][0])
+    # EX stored sideways the other way, as a PNG with its own tag (8: turn counter-clockwise)
+    ex = np.asarray(Image.open(s.masks["EX"][0]).convert("L"))
+    s.masks["EX"][0].unlink()
+    Image.fromarray(np.rot90(ex, -1).copy()).save(s.masks["EX"][0].with_suffix(".png"),
+                                                  exif=_exif(8))
+    s = next(x for x in list_samples("IDR", root) if x.id == s.id)
+    assert np.array_equal(load_sample(s)[1], want_masks)
+    Image.fromarray(he[:-2]).save(s.masks["HE"][0])  # fits neither
+    with pytest.raises(ValueError) as err:
+        load_sample(s)
+    msg = _one_line(err)
+    assert str(s.masks["HE"][0]) in msg and str(s.image) in msg and "EXIF orientation 6" in msg

@@ -66,7 +66,9 @@ def dataset_probs(models, ds):
     """Mean sigmoid probability of the models on every test image, one image at a time: (N, 4, R, R) float32."""
     out = []
     for i in range(len(ds)):
-        x = torch.from_numpy(ds[i]["image"]).permute(2, 0, 1)[None].float() / 255
+        # NOTE: contiguous NCHW as protocol.to_input gives it: a permuted (channels_last) input runs other conv
+        # kernels whose float32 sums differ by ~1e-6 on some CPUs, and a pixel at a threshold would move a count
+        x = torch.from_numpy(ds[i]["image"]).permute(2, 0, 1)[None].contiguous().float() / 255
         ps = [torch.sigmoid(m(x)) for m in models]
         out.append((sum(ps[1:], ps[0]) / len(ps))[0].numpy())
     return np.stack(out)

@@ -2,6 +2,7 @@
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_interop.py
 """
+import copy
 import sys
 import warnings
 from dataclasses import asdict
@@ -54,9 +55,15 @@ def smp_unet(encoder="tu-test_resnet", centre_head=True, seed=0, **kw):
     return randomize_norms(net, seed)
 
 
+GAP = 1e-9  # float64 logits of size ~5: a wrong weight or layer is off by far more
+
+
 def logits_gap(ours, smp_model, shape=(2, 3, 67, 71)):
-    """Max abs difference ours(x) vs smp((x - mean) / std), odd sizes (both Unets accept any size)."""
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    """Max abs difference ours(x) vs smp((x - mean) / std), odd sizes (both Unets accept any size), both run in
+    float64 (copies): the same function then agrees to ~1e-14, on any CPU. NOTE: in float32 the two sum in another
+    order (scSE attention) and the gap depends on the CPU's kernels: 5e-6 on one machine, 1.2e-5 on another."""
+    ours, smp_model = copy.deepcopy(ours).double(), copy.deepcopy(smp_model).double()
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
         a, b = ours.eval()(x), smp_model.eval()((x - ours.mean) / ours.std)
     assert a.shape == b.shape == (shape[0], 4, *shape[2:])
@@ -88,7 +95,7 @@ def test_onnx_matches_torch_on_other_sizes(tmp_path):
         assert 0 <= out.min() and out.max() <= 1
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
     diff, torch_err = interop.check_onnx(models, path)
-    assert diff <= 1e-4 and torch_err <= 1e-5
+    assert diff <= 1e-4 and torch_err <= 1e-4  # probabilities: scale 1 (5e-7 measured)
 
 
 def test_onnx_check_catches_another_model(tmp_path):
@@ -124,12 +131,12 @@ def test_to_smp_and_back(encoder, attention):
     ckpt, ours = tiny_ckpt(encoder, attention=attention)
     smp_model = interop.to_smp(ckpt)
     assert type(smp_model) is smp.Unet and smp_model.name == f"u-tu-{encoder}"
-    assert logits_gap(ours, smp_model) <= 1e-5
+    assert logits_gap(ours, smp_model) <= GAP
     back = interop.from_smp(smp_model)
     assert back["model_cfg"] == ckpt["model_cfg"]
     assert back["model"].keys() == ckpt["model"].keys()
     assert all(torch.equal(back["model"][k], v) for k, v in ckpt["model"].items())
-    assert logits_gap(load_models(back)[0], smp_model) <= 1e-5
+    assert logits_gap(load_models(back)[0], smp_model) <= GAP
 
 
 @pytest.mark.parametrize("encoder,kw", [("resnet18", {"decoder_attention_type": "scse"}),
@@ -140,7 +147,7 @@ def test_from_random_smp_unet(encoder, kw):
     smp_model = smp_unet(encoder, centre_head=False, **kw)
     ckpt = interop.from_smp(smp_model)
     assert ckpt["model_cfg"]["encoder"] == encoder.removeprefix("tu-") and ckpt["model_cfg"]["head_kernel"] == 3
-    assert logits_gap(load_models(ckpt)[0], smp_model) <= 1e-5
+    assert logits_gap(load_models(ckpt)[0], smp_model) <= GAP
     if encoder.startswith("tu-"):  # to-smp writes tu- encoders (resnet18's keys differ by "model.")
         again = interop.to_smp(ckpt).state_dict()
         assert all(torch.equal(again[k], v) for k, v in smp_model.state_dict().items() if ".4.attention1." not in k)
@@ -151,7 +158,7 @@ def test_from_smp_reads_a_centre_only_head_as_1x1():
     smp_model = smp_unet("resnet18", centre_head=True)
     ckpt = interop.from_smp(smp_model)
     assert ckpt["model_cfg"]["head_kernel"] == 1 and ckpt["model"]["head.weight"].shape == (4, 16, 1, 1)
-    assert logits_gap(load_models(ckpt)[0], smp_model) <= 1e-5
+    assert logits_gap(load_models(ckpt)[0], smp_model) <= GAP
 
 
 @pytest.mark.parametrize("kw,words", [
@@ -205,9 +212,9 @@ def test_smp_cli_round_trip(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = smp.from_pretrained(str(tmp_path / "smp"))
-    assert logits_gap(ours, loaded) <= 1e-5
+    assert logits_gap(ours, loaded) <= GAP
     interop.main(["from-smp", str(tmp_path / "smp"), str(tmp_path / "back.pt")])
-    assert logits_gap(load_models(tmp_path / "back.pt")[0], loaded) <= 1e-5
+    assert logits_gap(load_models(tmp_path / "back.pt")[0], loaded) <= GAP
     with pytest.raises(FileNotFoundError) as err:
         interop.main(["from-smp", str(tmp_path / "nowhere"), str(tmp_path / "x.pt")])
     assert "save_pretrained" in one_line(err)

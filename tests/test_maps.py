@@ -203,6 +203,23 @@ def test_segment_maps_the_network_output_back_onto_the_photograph(ckpt, photo):
         assert np.abs(probs[c] - full)[inside].max() < 1e-3, LESIONS[c]
 
 
+def test_images_are_read_as_viewers_show_them_exif_orientation(ckpt, photo, tmp_path):
+    """A photograph stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to show it,
+    as a phone held upright writes it): --images maps it as shown, the very maps of the upright
+    pixels."""
+    upright = np.asarray(Image.open(photo).convert("RGB"))  # (712, 1072, 3), no tag
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "in").mkdir()
+    stored = np.rot90(upright, 1).copy()  # (1072, 712, 3)
+    Image.fromarray(stored).save(tmp_path / "in" / "eye.png", exif=exif)
+    evaluate.predict_images([ckpt], tmp_path / "in", tmp_path / "out", device="cpu")
+    want = evaluate.segment(upright, str(ckpt), uint8=True)  # (4, 712, 1072)
+    for c, lesion in enumerate(LESIONS):
+        with Image.open(tmp_path / "out" / f"eye_{lesion}.png") as im:
+            assert np.array_equal(np.asarray(im), want[c]), lesion
+
+
 def test_segment_takes_loaded_models_and_equals_predict_images(ckpt, photo, tmp_path):
     image = np.asarray(load_image(photo))
     probs = evaluate.segment(image, str(ckpt))

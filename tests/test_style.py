@@ -339,7 +339,8 @@ def test_evaluate_counts_at_the_requested_style(synth_root, tmp_path):
         tp = np.zeros(4, np.int64)
         for i in range(len(ds)):
             item = ds[i]
-            x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].float() / 255
+            # contiguous NCHW, as evaluate feeds it: the same float32 sums (channels_last kernels round otherwise)
+            x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].contiguous().float() / 255
             with torch.no_grad():
                 p = torch.sigmoid(net(x, style=s))[0].numpy()  # (4, R, R)
             tp += ((p >= 0.5) & item["masks"] & item["fov"][None]).sum((1, 2))

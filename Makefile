@@ -70,8 +70,14 @@ all-combos: $(RESULTS)
 # at the fine style); train.py itself resumes from last.pt and skips a finished run.
 run_seed = $(lastword $(subst s, ,$(notdir $(1))))
 run_flags = $(if $(filter cond-s%,$(notdir $(1))),--style-condition style)
+# MEMBERS=FILE: each seed's own train.py flags, a line "sN: FLAGS" per seed (the paper's "8 models trained with
+# slightly different hyperparameters", section 3.2; `tune.py --show --members 8` writes one from a study).
+# They come after TRAIN_FLAGS, so they win; a seed the file lacks stops that run with one line.
+MEMBERS ?=
+member_flags = $(if $(MEMBERS),member=$$(awk -v s=s$(call run_seed,$(1)): '$$1 == s {$$1 = ""; print; f = 1} \
+	END {exit !f}' "$(MEMBERS)") || { echo "error: MEMBERS=$(MEMBERS) has no line s$(call run_seed,$(1)):" >&2; exit 1; };)
 $(RUNS)/%/results.json: | $(VENV)
-	sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(call run_flags,$*) $(TRAIN_FLAGS)
+	$(call member_flags,$*)sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(call run_flags,$*) $(TRAIN_FLAGS)$(if $(MEMBERS), $$member)
 	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(EVAL_FLAGS)
 
 # ---- Figure 4 for one combination: baseline, ensemble of 4, SWA and soups on encoder / decoder / full ----

@@ -118,6 +118,12 @@ def add_optimisation_args(p):
                    help="fraction of patches centred on a lesion pixel (a lesion of the image drawn uniformly, "
                         "then one of its pixels) instead of a random FOV pixel; 0 = the paper's random patches "
                         "(default: %(default)s)")
+    g.add_argument("--augment-p", type=float, default=1.0, metavar="P",
+                   help="fraction of training patches augmented (warp + colour, data/patches.py AUGMENT), the "
+                        "others plain crops; the authors' code: 0.5 (default: %(default)s)")
+    g.add_argument("--rotate", type=float, default=180.0, metavar="DEG",
+                   help="random rotation of an augmented patch, uniform in +-DEG; the authors' code: 10 "
+                        "(default: %(default)s)")
     g.add_argument("--iters", type=int, default=20000, help="optimizer steps in total (default: %(default)s)")
     g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw",
                    help="adam, adamw (decoupled weight decay) or sgd (momentum 0.9, Nesterov) (default: %(default)s)")
@@ -200,6 +206,10 @@ def parse_args(argv=None):
     style_tokens(args.style_condition, args.train, args.characterize)  # a file without a style for a training set
     if not 0 <= args.lesion_patches <= 1:
         raise ValueError(f"--lesion-patches must be in [0, 1], got {args.lesion_patches}")
+    if not 0 <= args.augment_p <= 1:
+        raise ValueError(f"--augment-p must be in [0, 1], got {args.augment_p}")
+    if not 0 <= args.rotate <= 180:
+        raise ValueError(f"--rotate must be in [0, 180] degrees, got {args.rotate}")
     if args.stop_at is not None and args.stop_at < 1:
         raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
     if min(args.decoder_channels) < 1:
@@ -905,6 +915,7 @@ def start(s, train_ids, ckpt):
     token_of = style_tokens(args.style_condition, train_ids, args.characterize)[2]  # {dataset: token}, {} when off
     patches = PatchDataset(train_sets, patch=args.patch, length=args.iters * args.batch * s.world, seed=args.seed,
                            lesion_patches=args.lesion_patches, lesions=args.lesions,
+                           augment_p=args.augment_p, rotate=args.rotate,
                            styles=[token_of[d] for d in train_ids] if token_of else None)
     sampler = StepSampler(s.step, args.iters, args.batch, s.rank, s.world)
     return DataLoader(patches, batch_size=args.batch, sampler=sampler, num_workers=args.workers,

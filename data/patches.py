@@ -169,15 +169,22 @@ class PatchDataset(torch.utils.data.Dataset):
     ones). q = 0 draws exactly the stream of plain random patches (paper section 2.2).
     styles: one style-token index per dataset (train.py --style-condition): each item then has "style", an int64
     scalar tensor (a (B,) batch once collated); None leaves the items as they are.
+    augment_p: the fraction of patches augmented (the others are plain crops; the authors' code augments with
+    p = 0.5); rotate: the rotation range in degrees (default AUGMENT's +-180; the authors' +-10).
     """
 
     def __init__(self, datasets, patch=512, length=1000, seed=0, augment=True, lesion_patches=0.0, lesions=LESIONS,
-                 styles=None):
+                 styles=None, augment_p=1.0, rotate=None):
         self.datasets, self.patch, self.length, self.seed = list(datasets), int(patch), int(length), int(seed)
         if styles is not None and len(styles) != len(self.datasets):
             raise ValueError(f"PatchDataset: {len(styles)} style tokens for {len(self.datasets)} datasets")
         self.styles = None if styles is None else [int(t) for t in styles]
         self.augment, self.aug = augment, dict(AUGMENT)
+        if rotate is not None:
+            self.aug["rotate"] = float(rotate)
+        if not 0.0 <= augment_p <= 1.0:
+            raise ValueError(f"--augment-p must be in [0, 1], got {augment_p}")
+        self.augment_p = float(augment_p)
         if not 0.0 <= lesion_patches <= 1.0:
             raise ValueError(f"--lesion-patches must be in [0, 1], got {lesion_patches}")
         self.lesion_patches = float(lesion_patches)
@@ -212,8 +219,11 @@ class PatchDataset(torch.utils.data.Dataset):
             if pools:  # an image without lesions: a random FOV centre, as usual
                 pool = pools[int(rng.integers(len(pools)))]
                 centre = divmod(int(pool[int(rng.integers(pool.size))]), bits.shape[1])
-        item = make_patch(image, bits, self.datasets[d].geometry(j), self.patch, rng,
-                          self.aug if self.augment else None, centre)
+        augment = self.augment
+        if augment and self.augment_p < 1.0:  # NOTE: no extra draw at 1: the default stream stays bit-identical
+            augment = rng.random() < self.augment_p
+        item = make_patch(image, bits, self.datasets[d].geometry(j), self.patch, rng, self.aug if augment else None,
+                          centre)
         if self.styles is not None:
             item["style"] = torch.tensor(self.styles[d])  # int64 (): the token of the patch's dataset
         return item

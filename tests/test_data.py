@@ -777,3 +777,30 @@ def test_lesion_centred_patches(cache_dir):
         assert centred > 30  # most synthetic images have these lesions
     with pytest.raises(ValueError, match="--lesion-patches"):
         PatchDataset([ds], lesion_patches=1.5)
+
+
+def test_augment_p_and_rotate_as_the_authors_code(cache_dir, monkeypatch):
+    """--augment-p P: a fraction P of the patches is augmented, the rest plain crops (the authors': 0.5); P = 1
+    is the default stream, bit for bit; --rotate DEG: the rotation range an augmented patch is drawn from."""
+    import data.patches as patches
+
+    ds = PreparedDataset(cache_dir, "IDR", 128, "train")
+    default = PatchDataset([ds], patch=32, length=6, seed=3)
+    same = PatchDataset([ds], patch=32, length=6, seed=3, augment_p=1.0, rotate=180)
+    for i in range(6):
+        assert all(torch.equal(default[i][k], same[i][k]) for k in default[i])
+    calls = []
+    real = patches.make_patch
+
+    def spy(image, bits, geometry, patch, rng, aug=None, centre=None):
+        calls.append(None if aug is None else aug["rotate"])
+        return real(image, bits, geometry, patch, rng, aug, centre)
+
+    monkeypatch.setattr(patches, "make_patch", spy)
+    half = PatchDataset([ds], patch=32, length=400, seed=0, augment_p=0.5, rotate=10)
+    for i in range(len(half)):
+        half[i]
+    plain = sum(c is None for c in calls)
+    assert 150 < plain < 250 and set(calls) == {None, 10.0}  # Binomial(400, 0.5): 200 +- 3 sd
+    with pytest.raises(ValueError, match="--augment-p"):
+        PatchDataset([ds], patch=32, augment_p=1.5)

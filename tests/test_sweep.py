@@ -80,3 +80,19 @@ def test_gpu_slot_pins_concurrent_jobs_to_different_gpus(tmp_path):
     unpinned = subprocess.run(["sh", str(ROOT / "gpu_slot.sh"), "", "sh", "-c", 'echo "${CUDA_VISIBLE_DEVICES-unset}"'],
                               capture_output=True, text=True, env=env, timeout=60)
     assert unpinned.stdout.strip() == "unset"
+
+
+def test_members_file_gives_each_seed_its_own_flags(tmp_path):
+    """MEMBERS=FILE: the paper's members "trained with slightly different hyperparameters" (section 3.2); each
+    seed's line comes after TRAIN_FLAGS (its flags win); a seed the file lacks stops that run in one line."""
+    table = tmp_path / "members.txt"
+    table.write_text("# seed: train.py flags\ns0: --lr 1e-4 --dropout 0.2\ns1: --augment-p 0.5 --rotate 10\n")
+    common = [f"RUNS={tmp_path}/runs", "PY=echo", f"MEMBERS={table}", "TRAIN_FLAGS=--dropout 0.1"]
+    for seed, flags in ((0, "--dropout 0.1 --lr 1e-4 --dropout 0.2"), (1, "--dropout 0.1 --augment-p 0.5 --rotate 10")):
+        out = make(f"{tmp_path}/runs/IDR+MES/s{seed}/results.json", *common)
+        line = next(t for t in out.splitlines() if t.startswith("train.py"))  # what `echo` printed: the argv
+        assert f"--seed {seed} " in line and " ".join(line.split()).endswith(flags), line
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), f"{tmp_path}/runs/IDR/s2/results.json",
+                        *common], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and f"error: MEMBERS={table} has no line s2:" in r.stderr
+    assert not any(t.startswith("train.py") for t in r.stdout.splitlines())  # the run never started

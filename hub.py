@@ -11,12 +11,15 @@ other combination is the branch named by the sorted dataset names joined with "_
 holds `config.json` and `model.safetensors`; model.load_checkpoint reads them into this project's U-Net.
 huggingface_hub is optional: only these downloads and timm's pretrained weights use it.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import contextlib
 import logging
 from pathlib import Path
 
-import cli
 from data.ids import DATASET_IDS, parse_dataset_ids
 
 REPO = "ClementP/fundus-lesions-segmentation-unet_seresnext50_32x4d"

@@ -24,6 +24,10 @@ legacy_seresnet*: the same keys and features). Every conversion runs both models
 (one line) when their outputs differ. Models with what smp's Unet lacks (softmax head, pad_to, local_contrast)
 do not convert.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import copy
 import importlib
@@ -38,7 +42,6 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-import cli
 from data import LESIONS
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
 from protocol import predict

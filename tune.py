@@ -17,6 +17,10 @@ A killed worker's trial (SIGKILL, preempted node) is failed and queued again, ke
 retry resumes from its last.pt: at once when the rerun is on the same machine (the dead process is seen
 there), otherwise once its heartbeat is GRACE_PERIOD (120) s old. A live worker's trial is never taken over.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import copy
 import gc
@@ -36,7 +40,6 @@ import optuna
 import sqlalchemy
 import torch
 
-import cli
 import data
 import train
 from data.flags import add_dataset_list

@@ -6,8 +6,9 @@
 
 ONNX: input "image" float32 (B, 3, H, W), RGB in [0, 1] (the encoder's mean/std normalization is in the graph), any B,
 H and W; output "probabilities" float32 (B, 4, H, W) in EX, HE, MA, CWS order: sigmoid probabilities, averaged
-over an ensemble's members (protocol.predict without TTA). Every export is run with onnxruntime on the CPU and
-compared with torch on a random batch of another size than the traced one.
+over an ensemble's members (protocol.predict without TTA); a style-conditioned model at its default
+style (fine). Every export is run with onnxruntime on the CPU and compared with torch on a random
+batch of another size than the traced one.
 
 smp: model.py's U-Net is smp's Unet with a "tu-<timm name>" encoder (timm features_only, as ours), the same
 decoder blocks (nearest upsampling to the skip's size, concat, scSE after the concat and after the second conv,
@@ -414,6 +415,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    if out.is_dir() and args.command != "to-smp":  # nor could --force replace a folder by a file
+        name = "model.onnx" if args.command == "onnx" else "best.pt"
+        raise ValueError(f"{out} is a folder: give the file to write, e.g. {out / name}")
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists: pass --force to overwrite it")
     if args.command == "onnx":

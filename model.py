@@ -222,15 +222,17 @@ class SegModel(nn.Module):
             if style is not None:
                 raise ValueError("the model is not style-conditioned (train.py --style-condition)")
             return None
-        T, device = len(self.style_tokens), self.decoder.films[0].gamma.device
+        # NOTE: in the FiLM weights' dtype, so a model cast with .double() (interop's check) works
+        gamma = self.decoder.films[0].gamma
+        T, device, dtype = len(self.style_tokens), gamma.device, gamma.dtype
         if isinstance(style, torch.Tensor):
-            return F.one_hot(style.to(device, torch.long), T).float()  # (B, T)
+            return F.one_hot(style.to(device, torch.long), T).to(dtype)  # (B, T)
         name = str(self.default_style if style is None else style).lower()
         hits = [i for i, tokens in enumerate(zip(self.style_tokens, self.token_styles))
                 if name in (t.lower() for t in tokens)]
         if not hits:
             raise ValueError(f"style {style!r} is not one of the model's: {', '.join(self.styles())}")
-        mix = torch.zeros(T, device=device)
+        mix = torch.zeros(T, device=device, dtype=dtype)
         mix[hits] = 1 / len(hits)
         return mix.expand(batch, T)  # (B, T)
 

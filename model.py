@@ -317,15 +317,16 @@ def _create_encoder(name, pretrained):
             raise ValueError(f"cannot build timm encoder {name!r} with features_only=True ({_short(e)})") from None
     import hub  # NOTE: imported here: only downloads need it (and huggingface_hub)
 
-    try:  # timm's weights come from the Hugging Face hub: one try when it does not answer, not ~50 s of retries
-        return hub.fetch(lambda: timm.create_model(name, features_only=True, pretrained=True), f"timm/{name}")
+    try:  # from the Hugging Face hub or a URL (hub.timm_source): one try when it does not answer
+        create = lambda: timm.create_model(name, features_only=True, pretrained=True)  # noqa: E731
+        return hub.fetch_pretrained(name, create)
     except Exception as e:
         try:  # tell a download failure (offline, proxy, hub down, bad cache) from an unusable encoder
             timm.create_model(name, features_only=True, pretrained=False)
         except Exception as e2:
             raise ValueError(f"cannot build timm encoder {name!r} with features_only=True ({_short(e2)})") from None
         fix = "pass --no-pretrained or --encoder-weights PATH (a local weights file)"
-        raise ValueError(hub.download_error(f"pretrained weights for {name}", e, fix)) from None
+        raise ValueError(hub.pretrained_error(name, e, fix)) from None
 
 
 def _unsafe_globals(path, e):

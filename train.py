@@ -88,7 +88,8 @@ def add_model_args(p):
     g.add_argument("--encoder", default="legacy_seresnet101.in1k",
                    help="timm encoder with features_only support (default: %(default)s)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from the encoder's ImageNet weights, downloaded from the hub (default: %(default)s)")
+                   help="start from the encoder's ImageNet weights, downloaded once from the "
+                        "Hugging Face hub or GitHub, as timm keeps them (default: %(default)s)")
     g.add_argument("--encoder-weights", default=None,
                    help="local encoder weights file, used instead of the hub (default: %(default)s)")
     g.add_argument("--decoder-channels", type=_channels, default=(256, 128, 64, 32, 16),

@@ -249,7 +249,8 @@ def test_pretrained_download_failure_is_one_line(monkeypatch):
     with pytest.raises(ValueError) as e:
         build_model(ModelConfig(encoder="test_resnet", pretrained=True))
     msg = one_line(e)
-    assert msg.startswith("could not download pretrained weights for test_resnet (URLError")
+    assert msg.startswith("could not download pretrained weights for test_resnet from the Hugging "
+                          "Face hub repository timm/test_resnet.r160_in1k (URLError")
     assert "--no-pretrained" in msg and "--encoder-weights PATH" in msg
 
 

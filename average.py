@@ -14,6 +14,10 @@ soups, --reference best) and BatchNorm recomputation read the training combinati
 training splits (never test), with the data options recorded in the checkpoint's args unless given here.
 The paper's Figure 4 (every method on one combination) is fig4.py, built on these functions.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import math
 import os
@@ -23,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import cli
 import data
 from data import combo_name
 from jsonio import write_json

@@ -8,6 +8,10 @@ Writes OUT/characterize.json, OUT/characterize.md (Table 1 and the measures), OU
 lesion counts and mean areas, quality measures), OUT/fig2_labelling_style.png, OUT/quality_measures.png and,
 with the MCF-Net weights of Fu et al. (github.com/HzFu/EyeQ), OUT/fig1_quality_grades.png.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import csv
 import json
@@ -25,7 +29,6 @@ import torch  # noqa: E402
 from scipy import ndimage, stats  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import cli  # noqa: E402
 import data  # noqa: E402
 from data import DATASET_IDS, LESIONS  # noqa: E402
 from data.flags import add_dataset_list  # noqa: E402

@@ -10,6 +10,10 @@ mean AP (floor-free, docs/PROTOCOL.md) on the right, and the step of best.pt on 
 sweep's validation curves, one panel per combination, with plot_sweep. Plain matplotlib Figures (no pyplot):
 importing this module never changes the backend of a notebook that imports train.py.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import json
 import math
@@ -21,7 +25,6 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
-import cli
 from data.ids import LESIONS, all_combos
 from maps import COLOURS
 

@@ -11,6 +11,10 @@ Several checkpoints form an ensemble that averages sigmoid probabilities (so doe
 average.py). Counts are pooled over all pixels of a test set and accumulated on the device where the
 predictions are (protocol.py); the protocol is defined in docs/PROTOCOL.md ("Evaluation protocol").
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import hashlib
 import json
@@ -24,7 +28,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import cli
 import data
 import hub
 from data import DATASET_IDS, LESIONS

@@ -10,12 +10,15 @@ to COMBO_DIR/avg/ (the ensemble as a manifest, avg/ensemble.json) and are reused
 matches; each is evaluated on the test sets with evaluate.py's protocol (docs/PROTOCOL.md) and the mean
 scores per method and test set go to fig4.json, which report.py reads.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import itertools
 import re
 from pathlib import Path
 
-import cli
 import data
 from average import (PARTS, Combination, add_averaging_args, build_average, check_out, select_snapshots,
                      write_ensemble)

@@ -10,13 +10,26 @@ training combination in one hub repository: branch `main` holds the model traine
 other combination is the branch named by the sorted dataset names joined with "_" (e.g. `DDR_IDRID`). Each branch
 holds `config.json` and `model.safetensors`; model.load_checkpoint reads them into this project's U-Net.
 huggingface_hub is optional: only these downloads and timm's pretrained weights use it.
+
+timm's pretrained weights come from the Hugging Face hub (into its cache) for models that have a hub
+id (test_resnet, seresnext50_32x4d), else from a URL on GitHub into torch's hub cache,
+$TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints): the paper's
+legacy_seresnet101.in1k. HF_HUB_OFFLINE=1 keeps both from the network; a failed download is one line
+naming the source and the cache (pretrained_error).
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import contextlib
 import logging
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
-import cli
 from data.ids import DATASET_IDS, parse_dataset_ids
 
 REPO = "ClementP/fundus-lesions-segmentation-unet_seresnext50_32x4d"
@@ -61,7 +74,11 @@ def cache_dir():
 
 
 def is_offline():
-    return bool(_import_hf().constants.HF_HUB_OFFLINE)
+    """HF_HUB_OFFLINE as huggingface_hub reads it (also without huggingface_hub)."""
+    try:
+        return bool(_import_hf().constants.HF_HUB_OFFLINE)
+    except ValueError:
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 class HubRetry(Exception):
@@ -131,7 +148,7 @@ def download_error(what, e, fix):
         return f"could not download {what} ({reason(e)}); {fix}"
     why = "HF_HUB_OFFLINE is set" if offline else reason(e)
     tail = "" if offline else "; HF_HUB_OFFLINE=1 uses the cache without asking the hub"
-    return f"could not download {what} ({why}; not in the cache {cache}); {fix}{tail}"
+    return f"could not download {what} ({why}; not in the Hugging Face cache {cache}); {fix}{tail}"
 
 
 def fetch(call, repo_id):
@@ -144,6 +161,58 @@ def fetch(call, repo_id):
         if not reachable(repo_id):
             raise
     return call()  # the hub answers: a transient failure, let huggingface_hub retry as usual
+
+
+# ---- timm's pretrained weights: from the Hugging Face hub or from a URL ----
+class Offline(Exception):
+    """HF_HUB_OFFLINE is set and the weights are not in torch's hub cache: no URL is tried."""
+
+
+def timm_source(name):
+    """Where timm takes the pretrained weights of `name` from -> ("hf-hub", repo id, None) or
+    ("url", URL, the file in torch's hub cache that timm reads, or downloads into)."""
+    import timm  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    # NOTE: timm takes the hub wherever the model has a hub id (_resolve_pretrained_source in
+    # timm.models._builder), and raises there when huggingface_hub is not installed
+    if cfg.hf_hub_id or not cfg.url:
+        return "hf-hub", cfg.hf_hub_id, None
+    file = os.path.basename(urllib.parse.urlparse(cfg.url).path)
+    return "url", cfg.url, Path(torch.hub.get_dir()) / "checkpoints" / file
+
+
+def url_answers(url, timeout=5.0):
+    """One HEAD request (the user's proxy settings apply, no retries): OSError if nobody answers."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # an answer: the download itself says what is wrong
+
+
+def fetch_pretrained(name, call):
+    """call() (timm.create_model(name, pretrained=True)), failing at once where the weights cannot
+    come: from the hub as fetch(); from a URL, Offline under HF_HUB_OFFLINE unless cached, else one
+    probe first (torch's download has no timeout: a blocked network would hang for minutes)."""
+    source, where, cached = timm_source(name)
+    if source == "hf-hub":
+        return fetch(call, where)
+    if not cached.is_file():
+        if is_offline():
+            raise Offline()
+        url_answers(where)
+    return call()
+
+
+def pretrained_error(name, e, fix):
+    """The one line for timm weights of `name` that could not be had: source, why, cache, `fix`."""
+    source, where, cached = timm_source(name)
+    what = f"pretrained weights for {name} from"
+    if source == "hf-hub":
+        return download_error(f"{what} the Hugging Face hub repository {where}", e, fix)
+    why = "HF_HUB_OFFLINE is set" if isinstance(e, Offline) else reason(e)
+    return f"could not download {what} {where} ({why}; not in torch's hub cache: {cached}); {fix}"
 
 
 def download(branch_name, repo_id=REPO):

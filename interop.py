@@ -6,8 +6,9 @@
 
 ONNX: input "image" float32 (B, 3, H, W), RGB in [0, 1] (the encoder's mean/std normalization is in the graph), any B,
 H and W; output "probabilities" float32 (B, 4, H, W) in EX, HE, MA, CWS order: sigmoid probabilities, averaged
-over an ensemble's members (protocol.predict without TTA). Every export is run with onnxruntime on the CPU and
-compared with torch on a random batch of another size than the traced one.
+over an ensemble's members (protocol.predict without TTA); a style-conditioned model at its default
+style (fine). Every export is run with onnxruntime on the CPU and compared with torch on a random
+batch of another size than the traced one.
 
 smp: model.py's U-Net is smp's Unet with a "tu-<timm name>" encoder (timm features_only, as ours), the same
 decoder blocks (nearest upsampling to the skip's size, concat, scSE after the concat and after the second conv,
@@ -24,6 +25,10 @@ legacy_seresnet*: the same keys and features). Every conversion runs both models
 (one line) when their outputs differ. Models with what smp's Unet lacks (softmax head, pad_to, local_contrast)
 do not convert.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import copy
 import importlib
@@ -38,7 +43,6 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-import cli
 from data import LESIONS
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
 from protocol import predict
@@ -411,6 +415,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    if out.is_dir() and args.command != "to-smp":  # nor could --force replace a folder by a file
+        name = "model.onnx" if args.command == "onnx" else "best.pt"
+        raise ValueError(f"{out} is a folder: give the file to write, e.g. {out / name}")
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists: pass --force to overwrite it")
     if args.command == "onnx":

@@ -10,9 +10,11 @@ attention as the optional decoder variant. The decoder follows segmentation_mode
 The authors' released models (torchseg U-Net / SE-ResNeXt50, softmax over 5 classes; hub.py downloads them) load
 into the same classes: `load_models("hub:IDR+DDR")` or a folder with their config.json and model.safetensors.
 """
+import argparse
 import contextlib
 import json
 import os
+import pickle
 import re
 import signal
 import threading
@@ -222,15 +224,17 @@ class SegModel(nn.Module):
             if style is not None:
                 raise ValueError("the model is not style-conditioned (train.py --style-condition)")
             return None
-        T, device = len(self.style_tokens), self.decoder.films[0].gamma.device
+        # NOTE: in the FiLM weights' dtype, so a model cast with .double() (interop's check) works
+        gamma = self.decoder.films[0].gamma
+        T, device, dtype = len(self.style_tokens), gamma.device, gamma.dtype
         if isinstance(style, torch.Tensor):
-            return F.one_hot(style.to(device, torch.long), T).float()  # (B, T)
+            return F.one_hot(style.to(device, torch.long), T).to(dtype)  # (B, T)
         name = str(self.default_style if style is None else style).lower()
         hits = [i for i, tokens in enumerate(zip(self.style_tokens, self.token_styles))
                 if name in (t.lower() for t in tokens)]
         if not hits:
             raise ValueError(f"style {style!r} is not one of the model's: {', '.join(self.styles())}")
-        mix = torch.zeros(T, device=device)
+        mix = torch.zeros(T, device=device, dtype=dtype)
         mix[hits] = 1 / len(hits)
         return mix.expand(batch, T)  # (B, T)
 
@@ -313,15 +317,64 @@ def _create_encoder(name, pretrained):
             raise ValueError(f"cannot build timm encoder {name!r} with features_only=True ({_short(e)})") from None
     import hub  # NOTE: imported here: only downloads need it (and huggingface_hub)
 
-    try:  # timm's weights come from the Hugging Face hub: one try when it does not answer, not ~50 s of retries
-        return hub.fetch(lambda: timm.create_model(name, features_only=True, pretrained=True), f"timm/{name}")
+    try:  # from the Hugging Face hub or a URL (hub.timm_source): one try when it does not answer
+        create = lambda: timm.create_model(name, features_only=True, pretrained=True)  # noqa: E731
+        return hub.fetch_pretrained(name, create)
     except Exception as e:
         try:  # tell a download failure (offline, proxy, hub down, bad cache) from an unusable encoder
             timm.create_model(name, features_only=True, pretrained=False)
         except Exception as e2:
             raise ValueError(f"cannot build timm encoder {name!r} with features_only=True ({_short(e2)})") from None
         fix = "pass --no-pretrained or --encoder-weights PATH (a local weights file)"
-        raise ValueError(hub.download_error(f"pretrained weights for {name}", e, fix)) from None
+        raise ValueError(hub.pretrained_error(name, e, fix)) from None
+
+
+def _unsafe_globals(path, e):
+    """What a weights_only load refused in the file at path: its pickled classes and functions
+    other than tensors and plain types ([] when the file is not a torch file at all)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # torch >= 2.5
+    except Exception:
+        names = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    return [n for n in names if n != "argparse.Namespace"]
+
+
+def _read_weights_file(path):
+    """A user's weights file -> its state dict, never running code pickled in it (torch.load with
+    weights_only=True, or safetensors). Takes a state dict, or one wrapped as timm's load_state_dict
+    unwraps it ({"state_dict_ema"|"model_ema"|"state_dict"|"model": ...}, first found)."""
+    where = f"--encoder-weights {path}"
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file  # noqa: PLC0415
+        except ImportError:
+            raise ImportError(f"{where} needs safetensors: pip install safetensors") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise ValueError(f"{where} is not a weights file ({_short(e)})") from None
+    try:
+        # NOTE: not timm.models.load_state_dict: timm 1.0.9-1.0.25 unpickle with weights_only=False,
+        # so a file could run code. argparse.Namespace: the args in timm's train.py checkpoints.
+        allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path, e)
+        if unsafe:
+            raise ValueError(f"{where}: refused: it holds pickled {', '.join(unsafe[:3])}, which "
+                             f"loading could run as code; pass a state dict of tensors or a "
+                             f".safetensors file") from None
+        raise ValueError(f"{where} is not a weights file ({_short(e)})") from None
+    except Exception as e:
+        raise ValueError(f"{where} is not a weights file ({_short(e)})") from None
+    if isinstance(ckpt, dict):
+        key = next((k for k in ("state_dict_ema", "model_ema", "state_dict", "model")
+                    if isinstance(ckpt.get(k), dict)), None)
+        ckpt = ckpt[key] if key else ckpt
+    if not isinstance(ckpt, dict) or not all(isinstance(k, str) for k in ckpt):
+        raise ValueError(f"{where} is not a weights file (no state dict in it)")
+    return ckpt
 
 
 def _load_encoder_weights(encoder, name, path):
@@ -333,11 +386,7 @@ def _load_encoder_weights(encoder, name, path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--encoder-weights file not found: {path}")
-    try:  # handles .safetensors, {"state_dict"|"model"|"state_dict_ema": ...} wrappers, "module." prefixes
-        sd = timm.models.load_state_dict(str(path))
-    except Exception as e:
-        raise ValueError(f"--encoder-weights {path} is not a weights file ({_short(e)})") from None
-    sd = strip_prefixes(sd)
+    sd = strip_prefixes(_read_weights_file(path))  # "module." / "_orig_mod." prefixes
     if any(k.startswith("encoder.") for k in sd):  # one of our own checkpoints: take its encoder
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:  # the classifier's keys: extra keys a full-model file may hold (head, classifier, ...)

@@ -6,6 +6,10 @@ with the sweep's validation curves (every run's log.jsonl) beside them.
     python report.py runs -o report/ --reference none      # leave out the authors' published AUPR
     python report.py runs -o report/ --authors authors     # beside `make authors-models` (their released models)
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import csv
 import json
@@ -21,7 +25,6 @@ matplotlib.use("Agg")  # files only, never a window (works on headless machines)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-import cli  # noqa: E402
 from curves import plot_sweep  # noqa: E402
 from data import DATASET_IDS, LESIONS, combo_name  # noqa: E402
 from jsonio import null_nan, write_json  # noqa: E402

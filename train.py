@@ -14,6 +14,10 @@ these, which may change: --iters (not below the step of last.pt; the cosine then
 --channels-last, --sync-bn and the data locations --data-root, --cache, --root. The protocol and the
 datasets are described in docs/PROTOCOL.md. tune.py calls build_parser() / parse_args() / run() in-process.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import datetime
 import fcntl
@@ -35,7 +39,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
-import cli
 from data import (LESIONS, PatchDataset, PreparedDataset, add_data_args, combo_name, data_options, parse_dataset_ids,
                   parse_lesions, prepare_cache)
 from curves import refresh as refresh_curves
@@ -85,7 +88,8 @@ def add_model_args(p):
     g.add_argument("--encoder", default="legacy_seresnet101.in1k",
                    help="timm encoder with features_only support (default: %(default)s)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from the encoder's ImageNet weights, downloaded from the hub (default: %(default)s)")
+                   help="start from the encoder's ImageNet weights, downloaded once from the "
+                        "Hugging Face hub or GitHub, as timm keeps them (default: %(default)s)")
     g.add_argument("--encoder-weights", default=None,
                    help="local encoder weights file, used instead of the hub (default: %(default)s)")
     g.add_argument("--decoder-channels", type=_channels, default=(256, 128, 64, 32, 16),

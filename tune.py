@@ -17,6 +17,10 @@ A killed worker's trial (SIGKILL, preempted node) is failed and queued again, ke
 retry resumes from its last.pt: at once when the rerun is on the same machine (the dead process is seen
 there), otherwise once its heartbeat is GRACE_PERIOD (120) s old. A live worker's trial is never taken over.
 """
+import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
 import argparse
 import copy
 import gc
@@ -26,6 +30,7 @@ import re
 import shlex
 import shutil
 import socket
+import sqlite3
 import sys
 import time
 import warnings
@@ -36,7 +41,6 @@ import optuna
 import sqlalchemy
 import torch
 
-import cli
 import data
 import train
 from data.flags import add_dataset_list
@@ -97,6 +101,10 @@ def build_parser():
     g.add_argument("--storage", default=None,
                    help="optuna storage URL; an RDB URL (postgresql://, mysql://) shares the study between "
                         "machines (default: sqlite:///tune/<study>.db)")
+    g.add_argument("--storage-timeout", type=float, default=60,
+                   help="seconds to wait for a SQLite study file another process holds locked, "
+                        "at the start and at each later access, before giving up "
+                        "(default: %(default)s)")
     g.add_argument("--trials", type=int, default=1000,
                    help="total trials the study should reach, all workers together (default: %(default)s)")
     g.add_argument("--worker-trials", type=int, default=None,
@@ -161,6 +169,8 @@ def parse_args(argv=None):
                          f"not starting with '.'): it names tune/<study>.db and RUNS_DIR/<study>/")
     if args.storage is None:
         args.storage = f"sqlite:///tune/{args.study}.db"
+    if not args.storage_timeout > 0:
+        raise ValueError(f"--storage-timeout must be > 0 seconds, got {args.storage_timeout:g}")
     if len(args.lr_range) != 2 or not 0 < args.lr_range[0] <= args.lr_range[1]:
         raise ValueError(f"--lr-range must be LOW,HIGH with 0 < LOW <= HIGH, got {args.lr_range}")
     for flag, choices in (("--optimizers", ("adam", "adamw", "sgd")), ("--losses", ("bce", "dice", "bce+dice"))):
@@ -363,13 +373,54 @@ def driver_url(url):
     return url
 
 
-def make_storage(url):
+def locked(e):
+    """Whether exception e comes from a SQLite file that stayed locked (optuna wraps it in its own
+    errors)."""
+    while e is not None:
+        if "database is locked" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _lock_error(url, timeout):
+    return ValueError(f"--storage {masked(url)}: the study file {sqlite_path(url)} stayed locked "
+                      f"by another process for {timeout:g} s (--storage-timeout); rerun once that "
+                      f"process is done with it")
+
+
+def wait_for_lock(url, timeout):
+    """Take and release the write lock of a SQLite study file: where another process holds it, say
+    so and wait up to timeout s in all for it, then one ValueError line. (SQLite would wait
+    silently, and optuna retries.)"""
+    # NOTE: workers sharing the file hold it for milliseconds at a time: the first second is silent
+    first = min(1.0, timeout / 2)
+    for attempt, wait in enumerate((first, timeout - first)):
+        con = sqlite3.connect(sqlite_path(url), timeout=wait, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # the lock every write of optuna's takes
+            con.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError as e:
+            if not locked(e):
+                raise _storage_error(url, e) from None
+            if attempt:
+                raise _lock_error(url, timeout) from None
+            print(f"waiting for the study file {sqlite_path(url)}: another process holds it locked "
+                  f"(up to {timeout:g} s, --storage-timeout)", file=sys.stderr, flush=True)
+        finally:
+            con.close()
+
+
+def make_storage(url, timeout=60):
     """RDB storage with heartbeats, so trials of killed workers are failed and queued again (queue_retry).
-    An unusable URL (unparsable, no driver, unreachable server, unwritable file) stops here in one line."""
+    An unusable URL (unparsable, no driver, unreachable server, unwritable file) stops here in one
+    line, as does a SQLite file another process keeps locked for `timeout` s."""
     engine_kwargs = {}
     if url.startswith("sqlite:"):
-        # NOTE: several processes on one SQLite file wait for its lock instead of failing at once.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
+        # NOTE: processes sharing one SQLite file wait for its lock (each access, up to timeout s)
+        # instead of failing at once.
+        engine_kwargs = {"connect_args": {"timeout": timeout}}
     try:
         if sqlite_path(url) is not None:
             sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -380,6 +431,8 @@ def make_storage(url):
             engine.dispose()
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.DBAPIError, ImportError, OSError) as e:
         raise _storage_error(url, e) from None
+    if sqlite_path(url) is not None:
+        wait_for_lock(url, timeout)
     callback = "heartbeat_stale_trial_callback"  # optuna >= 4.9, before: failed_trial_callback
     if not hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
         callback = "failed_trial_callback"
@@ -390,6 +443,8 @@ def make_storage(url):
                 return WorkerAwareStorage(driver_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
                                           grace_period=GRACE_PERIOD, **{callback: queue_retry})
         except sqlalchemy.exc.SQLAlchemyError as e:
+            if locked(e):  # it waited `timeout` s already: no retry
+                raise _lock_error(url, timeout) from None
             # NOTE: workers started together on a new database race to create its tables; the loser retries.
             if attempt == 4:
                 raise _storage_error(url, e) from None
@@ -408,7 +463,7 @@ def make_pruner(args):
 def open_study(args):
     if args.show and sqlite_path(args.storage) is not None and not sqlite_path(args.storage).exists():
         raise FileNotFoundError(f"no study database {sqlite_path(args.storage)} (see --storage, --study)")
-    storage = make_storage(args.storage)
+    storage = make_storage(args.storage, args.storage_timeout)
     if args.show:
         try:
             return optuna.load_study(study_name=args.study, storage=storage)
@@ -558,6 +613,16 @@ def show(study, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run_study(args)
+    except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as e:
+        if not locked(e):
+            raise
+        raise _lock_error(args.storage, args.storage_timeout) from None  # locked while trials ran
+
+
+def run_study(args):
+    """Trials until the study holds --trials (none with --show), then the best trial, the PNGs."""
     if not args.show:
         check_inputs(args)  # before the study exists: a typo must not fix the study's search space
     study = open_study(args)

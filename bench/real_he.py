@@ -10,18 +10,22 @@ images and on the held-out ones, beside the prevalence and a baseline without le
 green channel relative to its median inside the FOV. Prints one table and writes OUT/real_he.json and
 OUT/heldout.png (image | ground truth | prediction per held-out photograph).
 """
-import argparse
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
+import cli  # noqa: E402  first: a Ctrl-C during the slow imports below ends in one line
+
+cli.early_ctrl_c(__name__ == "__main__")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 import data  # noqa: E402
 import train  # noqa: E402
 from jsonio import write_json  # noqa: E402

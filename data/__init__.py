@@ -13,6 +13,15 @@ patches.py  random augmented training patches from prepared caches
 flags.py    the command-line data flags shared by every script
 synthetic.py   synthetic datasets in the five layouts (the demo)
 """
+import sys
+
+import cli
+
+# `python -m data.prepare` / `python -m data.synthetic` import this package (numpy, torch: seconds)
+# before the module runs; Python sets sys.argv[0] to "-m" meanwhile. A Ctrl-C during these imports
+# ends in one line.
+cli.early_ctrl_c(sys.argv[:1] == ["-m"])
+
 import warnings
 
 from data.ids import DATASET_IDS, FOLDERS, LESIONS, combo_name, parse_dataset_ids, parse_lesions

@@ -6,6 +6,7 @@ output folder is checked before any work; a checkpoint write on a full disk is o
 import ast
 import errno
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,88 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         maps.save_grey_png(tmp_path / "maps" / "p_HE.png", np.zeros((8, 8), np.uint8))
     assert list((tmp_path / "maps").iterdir()) == []
+
+
+# ---- Ctrl-C while a script imports torch (issue 23): one line, exit 130 ----
+# Each entry point with a command a user runs; the Ctrl-C lands in the imports, before main().
+STARTING = {
+    "train": ["train.py", "--train", "IDR", "--data-root", "missing", "--device", "cpu"],
+    "evaluate": ["evaluate.py", "--ckpt", "missing.pt", "--test", "IDR", "--data-root", "missing"],
+    "average": ["average.py", "soup", "missing.pt", "-o", "soup"],
+    "fig4": ["fig4.py", "--train", "IDR", "--runs-dir", "missing"],
+    "characterize": ["characterize.py", "--data-root", "missing"],
+    "report": ["report.py", "missing", "-o", "report"],
+    "tune": ["tune.py", "--study", "missing", "--show"],
+    "interop": ["interop.py", "onnx", "missing.pt", "m.onnx"],
+    "curves": ["curves.py", "missing"],
+    "hub": ["hub.py", "IDR"],
+    "prepare": ["-m", "data.prepare", "--dataset", "IDR", "--data-root", "missing"],
+    "synthetic": ["-m", "data.synthetic", "--out", "synth"],
+    "real_he": ["bench/real_he.py", "--out", "real_he"],
+}
+
+
+def interrupt_while_importing(argv, cwd, delay):
+    """Start `python argv`, send SIGINT `delay` s after it loaded its first extension module from
+    site-packages (numpy, torch: its slow imports are under way) -> (exit status, stderr), or None
+    when it ended before."""
+    import signal
+    import time
+
+    # NOTE: SIGINT at its default in the child: in a background job (`make test &`) it is ignored
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    p = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, text=True,
+                         preexec_fn=default_sigint, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            if "-packages/" in Path(f"/proc/{p.pid}/maps").read_text():
+                break
+        except OSError:
+            break
+        time.sleep(0.002)
+    time.sleep(delay)
+    if p.poll() is not None:  # it ended before the signal: nothing to conclude
+        p.communicate()
+        return None
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    return p.returncode, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("name", list(STARTING))
+def test_ctrl_c_while_importing_is_one_line(name, tmp_path):
+    # Before any work and, were it later, in main(): one line, exit 130, no traceback.
+    argv = [str(ROOT / a) if a.endswith(".py") else a for a in STARTING[name]]
+    delays = (0.0, 0.2) if name in ("train", "evaluate", "average") else (0.0,)
+    ended = [interrupt_while_importing(argv, tmp_path, d) for d in delays]
+    ended = [r for r in ended if r is not None]
+    assert ended, f"{name} ended before any Ctrl-C"
+    for status, err in ended:
+        assert status == 130 and "Traceback" not in err, (name, status, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("interrupted"), err
+
+
+def test_early_ctrl_c_handler_lasts_until_run(capsys):
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    cli.early_ctrl_c(False)  # a script imported by another (tune.py imports train.py): no change
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        cli.early_ctrl_c(True)
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        # main() runs with Python's KeyboardInterrupt again: run() ends it with its own line
+        seen = []
+        def main():
+            seen.append(signal.getsignal(signal.SIGINT))
+            signal.raise_signal(signal.SIGINT)
+        status = ended(main, capsys, interrupted="interrupted: rerun it")
+        assert status == (130, "interrupted: rerun it\n")
+        assert seen == [signal.default_int_handler]
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

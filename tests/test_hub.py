@@ -210,16 +210,28 @@ def _children(codes, tmp_path, **env):
 
 @pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
 def test_offline_failures_are_one_fast_line(tmp_path, how):
-    # NOTE: nothing is downloaded: HF_HUB_OFFLINE=1, or a hub endpoint that refuses connections (port 9)
-    env = {"HF_HUB_OFFLINE": "1"} if how == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    # NOTE: nothing is downloaded: HF_HUB_OFFLINE=1, or a hub endpoint and a proxy that refuse
+    # connections (port 9). The paper's encoder has its weights on GitHub, in torch's hub cache once
+    # downloaded: its line names both, and HF_HUB_OFFLINE=1 tries no URL (a refusal would show).
+    proxy = "http://127.0.0.1:9"
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": proxy, "http_proxy": proxy,
+           "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
+    env.update({"HF_HUB_OFFLINE": "1"} if how == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": proxy})
+    hf_cache = str(tmp_path / "hf")
+    torch_file = tmp_path / "torch" / "hub" / "checkpoints" / "se_resnet101-7e38fcc6.pth"
     cases = {"model.build_model(model.ModelConfig(encoder='test_resnet', pretrained=True))":
-             ("pretrained weights for test_resnet", "--no-pretrained", "--encoder-weights PATH"),
+             ("pretrained weights for test_resnet from the Hugging Face hub repository timm/",
+              "HF_HUB_OFFLINE", hf_cache, "--no-pretrained", "--encoder-weights PATH"),
              "model.load_checkpoint('hub:IDR+DDR')":
-             (f"{hub.REPO}@DDR_IDRID", "--ckpt a local folder")}
+             (f"{hub.REPO}@DDR_IDRID", "HF_HUB_OFFLINE", hf_cache, "--ckpt a local folder"),
+             "model.build_model(model.ModelConfig(encoder='legacy_seresnet101.in1k'))":
+             ("pretrained weights for legacy_seresnet101.in1k from https://github.com/",
+              f"not in torch's hub cache: {torch_file}", "--no-pretrained",
+              "(HF_HUB_OFFLINE is set;" if how == "HF_HUB_OFFLINE" else "Connection refused")}
     for (text, seconds), expected in zip(_children(list(cases), tmp_path, **env), cases.values()):
         assert "\n" not in text and text.startswith("could not download"), text
-        assert "HF_HUB_OFFLINE" in text and str(tmp_path / "hf") in text, text
         assert all(e in text for e in expected), text
+        assert ("Hugging Face" in text) == ("legacy" not in text), text  # right source and cache
         assert seconds < 10, (seconds, text)
 
 
@@ -349,3 +361,27 @@ def test_report_shows_the_authors_models_beside_ours(tmp_path):
     assert f"| IDR+DDR | Messidor | 0.500 (n=1) | 0.610 | {mean_export:.3f} | 0.400 (n=1) | 0.250 | 0.430 |" in md
     assert "softmax vs sigmoid" in md and "ROI" in md
     assert json.loads((tmp_path / "report" / "authors.json").read_text())[-1]["model_dice_argmax"] == 0.43
+
+
+# ---- timm weights from a URL (the paper's encoder): torch's hub cache (issue 23) ----
+def test_url_weights_in_torch_cache_are_used_offline(tmp_path, monkeypatch):
+    """A URL encoder's weights in torch's hub cache load with HF_HUB_OFFLINE=1 and no download."""
+    import timm
+    import torch.hub
+
+    cfg = timm.models.get_pretrained_cfg("legacy_seresnet18.in1k")
+    assert not cfg.hf_hub_id and cfg.url.startswith("https://github.com/")  # as legacy_seresnet101
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(3)
+    weights = timm.create_model("legacy_seresnet18").state_dict()
+    torch.save(weights, checkpoints / Path(cfg.url).name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hub, "is_offline", lambda: True)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    net = model.build_model(model.ModelConfig(encoder="legacy_seresnet18.in1k", pretrained=True))
+    own = net.encoder.state_dict()
+    assert set(own) <= set(weights) and all(torch.equal(v, weights[k]) for k, v in own.items())

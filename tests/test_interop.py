@@ -122,6 +122,44 @@ def test_onnx_cli_and_missing_package(tmp_path, monkeypatch, capsys):
     assert "pip install onnx onnxruntime" in one_line(err)
 
 
+def test_onnx_of_a_style_conditioned_model(tmp_path, capsys):
+    """A style-conditioned checkpoint (FiLM after every decoder block) exports, and onnxruntime
+    gives protocol.predict's probabilities (the default style) within 1e-4; FiLM's weights matter in
+    the graph."""
+    import onnxruntime as ort
+
+    ckpt, net = tiny_ckpt(style_tokens=("IDR", "DDR"), token_styles=("fine", "coarse"))
+    with torch.no_grad():  # as if trained: a random scale and shift per token (identity at init)
+        g = torch.Generator().manual_seed(3)
+        for film in net.decoder.films:
+            film.gamma.copy_(0.5 * torch.randn(film.gamma.shape, generator=g))
+            film.beta.copy_(0.5 * torch.randn(film.beta.shape, generator=g))
+    ckpt["model"] = net.state_dict()
+    save_checkpoint(tmp_path / "ck.pt", ckpt)
+    interop.main(["onnx", str(tmp_path / "ck.pt"), str(tmp_path / "m.onnx")])
+    assert "max abs diff" in capsys.readouterr().out
+    x = torch.rand((2, 3, 67, 71), generator=torch.Generator().manual_seed(2))
+    out = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x.numpy()})[0]
+    plain = tiny_ckpt()[1]  # the same weights without FiLM
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if ".films." not in k})
+    with torch.no_grad():
+        ref, unconditioned = predict([net], x).numpy(), predict([plain], x).numpy()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+    assert np.abs(ref - unconditioned).max() > 1e-2  # the graph holds FiLM, not the bare U-Net
+
+
+def test_onnx_output_that_is_a_folder_is_one_line(tmp_path):
+    ckpt, _ = tiny_ckpt()
+    save_checkpoint(tmp_path / "ck.pt", ckpt)
+    (tmp_path / "out.onnx").mkdir()
+    for force in ([], ["--force"]):  # --force cannot replace a folder by a file either
+        with pytest.raises(ValueError) as err:
+            interop.main(["onnx", str(tmp_path / "ck.pt"), str(tmp_path / "out.onnx"), *force])
+        assert one_line(err).startswith(f"{tmp_path / 'out.onnx'} is a folder")
+    assert list((tmp_path / "out.onnx").iterdir()) == []
+
+
 # ---- smp ----
 
 @pytest.mark.parametrize("encoder,attention", [("test_resnet", True), ("resnet18", False),

@@ -251,7 +251,8 @@ def test_pretrained_download_failure_is_one_line(monkeypatch):
     with pytest.raises(ValueError) as e:
         build_model(ModelConfig(encoder="test_resnet", pretrained=True))
     msg = one_line(e)
-    assert msg.startswith("could not download pretrained weights for test_resnet (URLError")
+    assert msg.startswith("could not download pretrained weights for test_resnet from the Hugging "
+                          "Face hub repository timm/test_resnet.r160_in1k (URLError")
     assert "--no-pretrained" in msg and "--encoder-weights PATH" in msg
 
 
@@ -316,3 +317,62 @@ def test_config_from_dict_rejects_unknown_fields():
     assert cfg.decoder_channels == (8, 8, 8, 8, 8)
     with pytest.raises(ValueError, match="unknown model_cfg field 'depth'"):
         model.config_from_dict({"depth": 5})
+
+
+# ---- --encoder-weights: read without running code pickled in the file (issue 23) ----
+
+def test_encoder_weights_never_run_pickled_code(tmp_path, monkeypatch):
+    """A weights file whose pickle calls a function when loaded is refused in one line, and the
+    function never runs, whatever timm's loader does (timm 1.0.9-1.0.25: weights_only=False)."""
+    import pathlib
+
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):  # unpickling calls Path.touch(marker)
+            return pathlib.Path.touch, (marker,)
+
+    sd = timm.create_model("test_resnet").state_dict()
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {**sd, "extra": Payload()}}, evil)
+    # timm's loader as in timm 1.0.20 (weights_only=False): the file must not go through it
+    def old_timm(path, *args, **kwargs):
+        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    monkeypatch.setattr(timm.models, "load_state_dict", old_timm)
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(encoder="test_resnet", pretrained=False, encoder_weights=str(evil)))
+    assert one_line(e).startswith(f"--encoder-weights {evil}: refused: it holds pickled ")
+    assert "pathlib.Path" in str(e.value) and not marker.exists()
+    torch.load(evil, weights_only=False)  # the test's own check: unpickled, this file runs code
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["ours", "module-prefix", "timm-train", "ema", "safetensors"])
+def test_encoder_weights_in_every_accepted_format(tmp_path, kind):
+    """The formats timm's loader took: our own checkpoints (their encoder), DDP prefixes, timm's
+    train.py checkpoints (args as argparse.Namespace, EMA weights first), .safetensors."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    src = timm.create_model("test_resnet", features_only=True)
+    ref = src.state_dict()
+    path = tmp_path / ("w.safetensors" if kind == "safetensors" else "w.pth")
+    if kind == "ours":  # a training checkpoint of this project: the encoder's part is taken
+        cfg = ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=(8, 8, 8, 8, 8))
+        net = build_model(cfg)
+        net.encoder.load_state_dict(ref)
+        save_checkpoint(path, {"model": net.state_dict(), "model_cfg": asdict(cfg), "args": {}})
+    elif kind == "module-prefix":
+        torch.save({"model": {"module." + k: v for k, v in ref.items()}}, path)
+    elif kind == "timm-train":
+        torch.save({"state_dict": ref, "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)
+    elif kind == "ema":  # timm takes the EMA weights when a checkpoint has both
+        zeros = {k: torch.zeros_like(v) for k, v in ref.items()}
+        torch.save({"state_dict": zeros, "state_dict_ema": ref}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in ref.items()}, str(path))
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False, encoder_weights=str(path))
+    for k, v in build_model(cfg).encoder.state_dict().items():
+        assert torch.equal(v, ref[k]), k

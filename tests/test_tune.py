@@ -256,8 +256,8 @@ def test_interrupted_trial_resumes_from_its_last_checkpoint(tiny, tmp_path, monk
 def test_killed_workers_trial_is_retried_in_its_run_dir(tiny, tmp_path, monkeypatch):
     real_storage = tune.make_storage
 
-    def quick_heartbeat(url):  # 1 s heartbeat and grace period instead of 60 s / 300 s
-        storage = real_storage(url)
+    def quick_heartbeat(url, *timeout):  # 1 s heartbeat and grace period instead of 60 s / 300 s
+        storage = real_storage(url, *timeout)
         storage.heartbeat_interval, storage.grace_period = 1, 1
         return storage
 
@@ -359,8 +359,8 @@ def test_live_workers_trial_is_not_taken(tiny, tmp_path, monkeypatch):
     """A live worker (this test process) whose heartbeat is late: its RUNNING trial is neither failed nor retried."""
     real_storage = tune.make_storage
 
-    def quick_heartbeat(url):  # 1 s heartbeat and grace period: the hand-made trial's heartbeat goes stale
-        storage = real_storage(url)
+    def quick_heartbeat(url, *timeout):  # 1 s heartbeat and grace period: the heartbeat goes stale
+        storage = real_storage(url, *timeout)
         storage.heartbeat_interval, storage.grace_period = 1, 1
         return storage
 
@@ -488,3 +488,37 @@ def test_train_same_list_syntax():
     assert tune.parse_args(["--train", "IDR+DDR,MES"]).train == ["IDR", "DDR", "MES"]
     assert tune.train_argv({"encoder": "e", "decoder_channels": "8,8,8,8,8", "decoder_attention": False, "lr": 1e-3,
                             "optimizer": "adam", "loss": "bce", "resolution": 64}, args)[:2] == ["--train", "IDR,DDR"]
+
+
+# ----------------------------------------------------------------------------- a locked study file
+def test_locked_study_file_is_waited_for_then_one_line(tiny, tmp_path, capsys):
+    """Another process holds the SQLite file's write lock (sqlite3's BEGIN EXCLUSIVE): tune.py says
+    it waits and on what, gives up after --storage-timeout in one line naming the file, and goes on
+    once the lock is gone."""
+    import sqlite3
+    import threading
+
+    db = tmp_path / "tune.db"
+    tune.open_study(tune.parse_args(tiny(tmp_path, "w", 1)))  # the study exists
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        tic = time.monotonic()
+        with pytest.raises(ValueError) as e:
+            tune.main(tiny(tmp_path, "w", 1, "--storage-timeout", "1"))
+        seconds = time.monotonic() - tic
+        msg = str(e.value)
+        assert "\n" not in msg and f"the study file {db} stayed locked" in msg, msg
+        assert "--storage-timeout" in msg
+        assert seconds < 30, seconds  # bounded: not 5 x 60 s of SQLite waits and optuna retries
+        waiting = f"waiting for the study file {db}: another process holds it locked"
+        assert waiting in capsys.readouterr().err
+        # the lock goes away while tune.py waits: it goes on
+        threading.Timer(2.5, holder.rollback).start()  # after the first second, which is silent
+        tune.main(show(tmp_path, "w") + ["--storage-timeout", "30"])
+    finally:
+        holder.close()
+    out = capsys.readouterr()
+    assert "waiting for the study file" in out.err and "no completed trial yet" in out.out
+    with pytest.raises(ValueError, match="--storage-timeout must be > 0"):
+        tune.parse_args(tiny(tmp_path, "w", 1, "--storage-timeout", "0"))

@@ -74,7 +74,8 @@ run_flags = $(if $(filter cond-s%,$(notdir $(1))),--style-condition style)
 # slightly different hyperparameters", section 3.2; `tune.py --show --members 8` writes one from a study).
 # They come after TRAIN_FLAGS, so they win; a seed the file lacks stops that run with one line.
 MEMBERS ?=
-member_flags = $(if $(MEMBERS),member=$$(awk -v s=s$(call run_seed,$(1)): '$$1 == s {$$1 = ""; print; f = 1} \
+HASH := \#
+member_flags = $(if $(MEMBERS),member=$$(awk -v s=s$(call run_seed,$(1)): '$$1 == s {sub(/$(HASH).*/, ""); $$1 = ""; print; f = 1} \
 	END {exit !f}' "$(MEMBERS)") || { echo "error: MEMBERS=$(MEMBERS) has no line s$(call run_seed,$(1)):" >&2; exit 1; };)
 $(RUNS)/%/results.json: | $(VENV)
 	$(call member_flags,$*)sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(call run_flags,$*) $(TRAIN_FLAGS)$(if $(MEMBERS), $$member)

@@ -126,6 +126,10 @@ def build_parser():
                    help="history and importance PNGs go here as <study>_*.png (default: %(default)s)")
     g.add_argument("--show", action="store_true",
                    help="run no trial: print the best one and write the PNGs (default: %(default)s)")
+    g.add_argument("--members", type=int, default=0, metavar="K",
+                   help="with --show: also write PLOT_DIR/<study>_members.txt, the K best completed trials of "
+                        "the best one's architecture as a members table for `make all-combos MEMBERS=FILE` "
+                        "(each seed its own hyperparameters, paper section 3.2) (default: %(default)s = none)")
 
     g = p.add_argument_group("search space (paper section 2.3; comma-separated choices)")
     g.add_argument("--encoders", type=_list(str), default="legacy_seresnet101.in1k,seresnext50_32x4d,resnet50",
@@ -177,6 +181,8 @@ def parse_args(argv=None):
         for v in getattr(args, flag[2:]):
             if v not in choices:
                 raise ValueError(f"{flag}: unknown choice {v!r} (choose from {', '.join(choices)})")
+    if args.members < 0:
+        raise ValueError(f"--members must be >= 0, got {args.members}")
     for flag in ("trials", "iters", "val_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -579,6 +585,8 @@ def show(study, args):
     print(f"best: trial {best.number}, {target} {best.value:.4f}, run dir {best.user_attrs.get('run_dir')}")
     print("  " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     print(command_line(without_out(best.user_attrs["argv"])))
+    if args.members:
+        write_members(complete, best, args.members, Path(args.plot_dir) / f"{study.study_name}_members.txt")
 
     import matplotlib  # noqa: PLC0415
 
@@ -609,6 +617,26 @@ def show(study, args):
     cli.save_figure(ax.figure, path, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)
     print(f"wrote {path}")
+
+
+# What members of one soup must share (average.py averages one architecture at one resolution)
+SHARED = ("encoder", "decoder_channels", "decoder_attention", "resolution")
+
+
+def write_members(complete, best, k, path):
+    """The k best completed trials sharing the best one's SHARED settings, as a members table: a line
+    "sN: train.py flags" per seed N (Makefile MEMBERS=FILE), best first."""
+    same = [t for t in complete if all(t.params.get(key) == best.params.get(key) for key in SHARED)]
+    same.sort(key=lambda t: -t.value)  # the objective is maximised
+    lines = [f"# {len(same[:k])} best trials of study architecture {', '.join(f'{key}={best.params.get(key)}' for key in SHARED)}"]
+    for n, t in enumerate(same[:k]):
+        argv = train_argv(t.params, argparse.Namespace(train=[], data_root="", cache="", iters=0, val_every=0,
+                                                       warmup=0, objective="", train_extra=[]))
+        flags = argv[argv.index("--encoder"):argv.index("--iters")]  # the search space's flags only
+        lines.append(f"s{n}: {shlex.join(flags)}  # trial {t.number}, value {t.value:.4f}")
+    cli.write_atomic(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    short = f" (only {len(same)} trials of that architecture)" if len(same) < k else ""
+    print(f"wrote {path}: {min(k, len(same))} members{short}; make all-combos MEMBERS={path} SEEDS={min(k, len(same))}")
 
 
 def main(argv=None):

@@ -182,6 +182,18 @@ def test_study_completes_continues_and_shows(tiny, tmp_path, capsys):
     for name in ("s_history.png", "s_importances.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --members K: the K best trials of the best one's architecture as a members table for the sweep
+    tune.main(show(tmp_path, "s") + ["--members", "3"])
+    lines = [x for x in (tmp_path / "plots" / "s_members.txt").read_text().splitlines() if not x.startswith("#")]
+    shared = ("encoder", "decoder_channels", "decoder_attention", "resolution")
+    ranked = sorted((t for t in load(tmp_path).trials if all(t.params[k] == best.params[k] for k in shared)),
+                    key=lambda t: -t.value)[:3]
+    assert [x.split(":")[0] for x in lines] == [f"s{n}" for n in range(len(ranked))]
+    for line, t in zip(lines, ranked):  # each line parses as train.py flags giving that trial's values
+        a = train.parse_args(["--train", "IDR", "--patch", "16", "--device", "cpu"] + shlex.split(line.split(":", 1)[1].split("#")[0]))
+        assert (a.lr, a.optimizer, a.loss, a.resolution) == (t.params["lr"], t.params["optimizer"],
+                                                              t.params["loss"], t.params["resolution"])
+
 
 def test_failed_trial_is_recorded_and_study_goes_on(tiny, tmp_path, monkeypatch, capsys):
     real_run, calls = train.run, []

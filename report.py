@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +34,7 @@ DEFAULT_AUTHORS = "authors"  # `make authors-models`: authors/<COMBO>/results.js
 DEFAULT_CHARACTERIZE = "OUT/characterize/characterize.json"
 TEST_NAMES = {"IDR": "IDRiD", "DDR": "DDR", "FGA": "FGADR", "RET": "Retinal-Lesions", "MES": "Messidor"}
 STYLE_COLORS = {"fine": "#b7e4c7", "mixed": "#ffe8a3", "coarse": "#f4b6b6"}
+METHOD_COLORS = {"baseline": "0.6", "ensemble": "C1", "swa": "C2", "soup": "C3"}  # Figure 4, both
 ORDER_NAMES = {"n_train_images": "number of training images", "n_datasets": "number of training sets"}
 METHOD_ORDER = ("baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full",
                 "soup-encoder", "soup-decoder", "soup-full")
@@ -40,13 +42,17 @@ METHOD_ORDER = ("baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full"
 # Published numbers, transcribed from the paper (Playout & Cheriet, arXiv:2405.08329): its Table 2 (AUPR, trained
 # and tested on the same dataset; EX, HE, MA, CWS, mean) and Table 3 (Dice averaged over lesions, per test set and
 # training combination, canonical run names); AUPR as docs/PROTOCOL.md ("Evaluation protocol") defines it.
-# NOTE: Table 2's row labels are uncertain in our transcription; every cell, means included, is the paper's.
+# NOTE: Table 2's row labels are uncertain in our transcription; every cell, means included, is
+# the paper's.
 PAPER = {
     "table2": {
-        "IDR": {"L-Seg": (.795, .637, .463, .711, .652), "other method": (.842, .593, .484, .641, .640),
+        "IDR": {"L-Seg": (.795, .637, .463, .711, .652),
+                "other method": (.842, .593, .484, .641, .640),
                 "Playout & Cheriet": (.825, .620, .451, .713, .652)},
-        "DDR": {"L-Seg": (.555, .359, .105, .265, .321), "Playout & Cheriet": (.592, .408, .281, .434, .429)},
-        "RET": {"Lesion-Net": (.740, .617, .377, .575, .577), "Playout & Cheriet": (.724, .589, .451, .540, .571)},
+        "DDR": {"L-Seg": (.555, .359, .105, .265, .321),
+                "Playout & Cheriet": (.592, .408, .281, .434, .429)},
+        "RET": {"Lesion-Net": (.740, .617, .377, .575, .577),
+                "Playout & Cheriet": (.724, .589, .451, .540, .571)},
     },
     "table3": {
         "IDR": {"DDR+MES": .634, "RET": .222, "DDR+FGA+MES": .661},
@@ -426,25 +432,44 @@ def figure3_data(by_combo, styles):
     return {"order_by": "n_train_images" if by_images else "n_datasets", "panels": panels}
 
 
+def _fig4_methods(rec):
+    """The methods fig4.py evaluates for one combination (--bn both: each average's '+bn' copy too),
+    then any other the record holds."""
+    order = list(METHOD_ORDER)
+    if rec.get("bn") == "both":
+        order += [m + "+bn" for m in METHOD_ORDER[2:]]
+    held = list(rec["methods"]) + list(rec.get("missing") or {})
+    return order + [m for m in held if m not in order]
+
+
 def figure4_data(fig4):
-    """Per method: each combination's Dice averaged over its test sets, then mean +- std over combinations."""
-    per_method = {}
+    """Per method: each combination's Dice averaged over its test sets, then mean +- std over
+    combinations; "missing": {combination: why} for each method a combination lacks (n/a cells)."""
+    per_method, missing = {}, {}
     for rec in fig4:
-        for method, tests in rec["methods"].items():
-            values = [_num(t.get("mean_dice")) for t in (tests or {}).values() if isinstance(t, dict)]
+        why = rec.get("missing") if isinstance(rec.get("missing"), dict) else {}
+        for method in _fig4_methods(rec):
+            tests = rec["methods"].get(method) or {}
+            values = [_num(t.get("mean_dice")) for t in tests.values() if isinstance(t, dict)]
             values = [v for v in values if math.isfinite(v)]
             if values:
                 per_method.setdefault(method, {})[rec["combo"]] = float(np.mean(values))
+            else:  # NOTE: never dropped in silence: a method a combination lacks is an n/a cell
+                held = "Dice undefined on every test set" if method in rec["methods"] else None
+                missing.setdefault(method, {})[rec["combo"]] = \
+                    why.get(method) or held or "not in fig4.json"
     # each average beside its copy with recomputed BatchNorm statistics ("+bn", fig4.py --bn both)
     order = [v for m in METHOD_ORDER for v in (m, m + "+bn")]
-    methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
+    found = set(per_method) | set(missing)
+    methods = [m for m in order if m in found] + sorted(found - set(order))
     base = per_method.get("baseline", {})
     out = {}
     for m in methods:
-        combos = per_method[m]
+        combos = per_method.get(m, {})
         stats = summarize(list(combos.values()))
-        deltas = [v - base[c] for c, v in combos.items() if c in base]  # paired: same combinations only
-        out[m] = {"mean_dice": stats["mean"], "std": stats["std"], "n_combos": stats["n"], "per_combo": combos,
+        deltas = [v - base[c] for c, v in combos.items() if c in base]  # paired: same combinations
+        out[m] = {"mean_dice": stats["mean"], "std": stats["std"], "n_combos": stats["n"],
+                  "per_combo": combos, "missing": missing.get(m, {}),
                   "delta_vs_baseline": float(np.mean(deltas)) if deltas else float("nan")}
     return out
 
@@ -531,22 +556,59 @@ def plot_figure3(data, path):
     plt.close(fig)
 
 
+def _why(missing):
+    """{combination: why} -> 'why (A, B); why2 (C)': each reason once, with its combinations."""
+    by_why = {}
+    for combo, why in missing.items():
+        by_why.setdefault(why, []).append(combo)
+    return "; ".join(f"{why} ({', '.join(combos)})" for why, combos in by_why.items())
+
+
 def plot_figure4(data, path):
+    """Per method: bars of the mean over combinations, dots of the combinations; a method some
+    combination lacks says so (n/a under its name, why in the footnote), never just left out."""
     fig, ax = plt.subplots(figsize=(1.0 * max(len(data), 3) + 1.5, 4.2))
-    colors = {"baseline": "0.6", "ensemble": "C1", "swa": "C2", "soup": "C3"}
     rng = np.random.default_rng(0)  # fixed jitter: the PNG is reproducible
+    names = []
     for i, (method, d) in enumerate(data.items()):
-        ax.bar(i, d["mean_dice"], yerr=d["std"] if math.isfinite(d["std"]) else None, capsize=3,
-               color=colors.get(method.split("-")[0], "C4"), alpha=0.8)
+        if d["n_combos"]:
+            ax.bar(i, d["mean_dice"], yerr=d["std"] if math.isfinite(d["std"]) else None, capsize=3,
+                   color=METHOD_COLORS.get(method.split("-")[0], "C4"), alpha=0.8)
+        else:
+            ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=8, color="C3",
+                    transform=ax.get_xaxis_transform())
         per_combo = list(d["per_combo"].values())
         ax.plot(i + rng.uniform(-0.2, 0.2, len(per_combo)), per_combo, "k.", ms=3)
-    ax.set_xticks(range(len(data)), list(data), rotation=30, ha="right")
+        n_a = f"\n(n/a in {len(d['missing'])})" if d["n_combos"] else "\n(n/a)"
+        names.append(method + (n_a if d["missing"] else ""))
+    ax.set_xticks(range(len(data)), names, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(data) - 0.4)  # room for an n/a at either end (no bar sets the limits)
+    for label, d in zip(ax.get_xticklabels(), data.values()):
+        label.set_color("C3" if d["missing"] else "k")
     ax.set_ylabel("Dice (mean over test sets)")
-    n = max((d["n_combos"] for d in data.values()), default=0)
-    ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)", fontsize=10)
-    fig.tight_layout()
+    n = max((d["n_combos"] + len(d["missing"]) for d in data.values()), default=0)
+    ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)",
+                 fontsize=10)
+    _footnote_missing(fig, data)
     cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
+
+
+def _footnote_missing(fig, data):
+    """Lay the figure out, with the reasons of its n/a entries (if any) as a footnote under it."""
+    missing = {}
+    for d in data.values():
+        for combo, why in d["missing"].items():
+            missing.setdefault(why, set()).add(combo)
+    if not missing:
+        fig.tight_layout()
+        return
+    text = "n/a: " + "; ".join(f"{why} ({', '.join(sorted(c, key=_combo_key))})"
+                               for why, c in missing.items())
+    width = int(fig.get_figwidth() * 15)  # characters per line at fontsize 7
+    lines = textwrap.wrap(text, width)
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, color="C3", va="bottom")
+    fig.tight_layout(rect=(0, 0.035 * len(lines) + 0.02, 1, 1))
 
 
 def plot_reference(pairs, path, runs):
@@ -656,6 +718,25 @@ def style_lines(data, out):
     return md
 
 
+def figure4_lines(f4):
+    """The Figure 4 section of report.md: the per-method summary, n/a cells with why."""
+    md = ["## Figure 4: weight averaging and ensembles", ""]
+    if not f4:
+        return md + ["No fig4.json found."]
+    md += ["![Figure 4](figure4.png)", "", "Each combination's Dice is averaged over the test sets "
+           "in its fig4.json, then over combinations (bars: mean ± std; dots: combinations). "
+           "*n/a*: combinations without that method, and why (e.g. SWA of a run without "
+           "snapshots).", "",
+           "| Method | mean Dice | std | combinations | Δ vs baseline (paired) | n/a |",
+           "|---|---|---|---|---|---|"]
+    for m, d in f4.items():
+        mean = f"{d['mean_dice']:.3f}" if d["n_combos"] else "n/a"
+        std, delta = (fmt_paper(null_nan(d[k])) for k in ("std", "delta_vs_baseline"))
+        n_a = _why(d["missing"]) or "—"
+        md.append(f"| {m} | {mean} | {std} | {d['n_combos']} | {delta} | {n_a} |")
+    return md
+
+
 def authors_caption(authors):
     """What data the authors' released models were scored on, as the caption of their table says."""
     tested = {r["tested"] for r in authors if r["tested"]}
@@ -700,15 +781,7 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
            f"Combinations ordered by {ORDER_NAMES[f3['order_by']]}; background = labelling style of the "
            "training sets (a combination with a coarse set is coarse, else with a mixed set mixed, else fine; "
            "white = not characterized); shade = min-max over seeds; star = best mean.", ""]
-    md += ["## Figure 4: weight averaging and ensembles", ""]
-    if f4:
-        md += ["![Figure 4](figure4.png)", "", "Each combination's Dice is averaged over the test sets in its "
-               "fig4.json, then over combinations (bars: mean ± std; dots: combinations).", "",
-               "| Method | mean Dice | std | combinations | Δ vs baseline (paired) |", "|---|---|---|---|---|"]
-        md += [f"| {m} | {d['mean_dice']:.3f} | {fmt_paper(null_nan(d['std']))} | {d['n_combos']} | "
-               f"{fmt_paper(null_nan(d['delta_vs_baseline']))} |" for m, d in f4.items()]
-    else:
-        md.append("No fig4.json found.")
+    md += figure4_lines(f4)
     md += ["", "## Training curves of the sweep", ""]
     if curves:
         md += [f"![Validation curves]({curves.name})", "",

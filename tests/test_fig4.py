@@ -84,10 +84,24 @@ def test_fig4_needs_two_seeds_and_skips_swa_without_snapshots(runs, synth_root, 
         fig4.main([str(one), *flags, "-o", str(one / "fig4.json")])
     (one / "s3").mkdir()
     (one / "s3" / "best.pt").write_bytes((runs_dir / "IDR+MES" / "s1" / "best.pt").read_bytes())
-    fig4.main([str(one), *flags])  # -o: COMBO_DIR/fig4.json by default
-    assert "SWA entries skipped" in capsys.readouterr().out
+    fig4.main([str(one), *flags, "--bn", "both", "--bn-batches", "1"])  # -o: COMBO_DIR/fig4.json
+    printed = capsys.readouterr().out
     fig = json.loads((one / "fig4.json").read_text())
-    assert sorted(fig["methods"]) == ["baseline", "ensemble", "soup-decoder", "soup-encoder", "soup-full"]
+    soups = [f"soup-{p}{s}" for s in ("", "+bn") for p in ("encoder", "decoder", "full")]
+    assert sorted(fig["methods"]) == sorted(["baseline", "ensemble", *soups])
+    # SWA is not dropped: every SWA entry is in "missing" with why, and a row of n/a on the terminal
+    swa = [f"swa-{p}{s}" for s in ("", "+bn") for p in ("encoder", "decoder", "full")]
+    why = "no snapshots in s0/snapshots"
+    assert fig["missing"] == {m: why for m in swa}
+    for m in swa:
+        assert f"{m:16s}{'n/a':>8s}   ({why})" in printed
+    # report.py: the missing SWA is a visible cell (n/a, why) in the Figure 4 table, not a silence
+    report.main([str(tmp_path), "-o", str(tmp_path / "report"), "--reference", "none"])
+    f4 = json.loads((tmp_path / "report" / "figure4.json").read_text())
+    assert f4["swa-full"]["n_combos"] == 0 and f4["swa-full"]["missing"] == {"IDR+MES": why}
+    md = (tmp_path / "report" / "report.md").read_text()
+    (row,) = [x for x in md.splitlines() if x.startswith("| swa-full |")]
+    assert row == f"| swa-full | n/a | — | 0 | — | {why} (IDR+MES) |"
 
 
 def test_fig4_cli_errors_are_one_line(tmp_path):

@@ -166,7 +166,12 @@ def test_figure3_falls_back_to_dataset_count(fixture_dirs):
 
 def test_figure4_numbers(fixture_dirs):
     f4 = load(build(fixture_dirs), "figure4.json")
-    assert list(f4) == ["baseline", "ensemble", "swa-full"]
+    # every method fig4.py evaluates, also those no fig4.json holds (n/a cells, with why)
+    assert list(f4) == ["baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full",
+                        "soup-encoder", "soup-decoder", "soup-full"]
+    assert f4["swa-full"]["missing"] == {"IDR+DDR": "not in fig4.json"}
+    assert f4["soup-full"]["n_combos"] == 0 and f4["soup-full"]["mean_dice"] is None
+    assert f4["soup-full"]["missing"] == {c: "not in fig4.json" for c in ("DDR+MES", "IDR+DDR")}
     assert f4["baseline"]["per_combo"] == {"DDR+MES": pytest.approx(.5), "IDR+DDR": pytest.approx(.4)}
     assert f4["baseline"]["mean_dice"] == pytest.approx(.45)
     assert f4["baseline"]["std"] == pytest.approx(math.sqrt(2 * .05 ** 2))
@@ -403,3 +408,24 @@ def test_real_data_source_from_the_prepared_cache(fixture_idrid, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert md.splitlines()[2].startswith("Data: the real datasets") and "synthetic data" not in md
     assert "**Ours" not in md
+
+
+def test_missing_swa_is_a_visible_cell(fixture_dirs):
+    """fig4.json of a run without snapshots lists SWA under "missing": an n/a cell with why, in the
+    table and on the figure's data; the other combination's SWA still counts."""
+    runs, _, out = fixture_dirs
+    path = runs / "IDR+DDR" / "fig4.json"
+    rec = json.loads(path.read_text())
+    why = "no snapshots in s0/snapshots"
+    rec["missing"] = {f"swa-{p}": why for p in ("encoder", "decoder", "full")}
+    path.write_text(json.dumps(rec))
+    out = build(fixture_dirs)
+    f4 = load(out, "figure4.json")
+    assert f4["swa-full"]["missing"] == {"IDR+DDR": "no snapshots in s0/snapshots"}
+    assert f4["swa-full"]["per_combo"] == {"DDR+MES": pytest.approx(.65)}
+    assert f4["swa-encoder"]["n_combos"] == 0
+    md = (out / "report.md").read_text()
+    assert "| swa-full | 0.650 | — | 1 | 0.150 | no snapshots in s0/snapshots (IDR+DDR) |" in md
+    assert "| swa-encoder | n/a | — | 0 | — | not in fig4.json (DDR+MES); " \
+           "no snapshots in s0/snapshots (IDR+DDR) |" in md
+    assert (out / "figure4.png").read_bytes()[:8] == PNG_MAGIC

@@ -134,7 +134,8 @@ def swa_snapshots(run_dir, bn):
     except FileNotFoundError as e:
         suffixes = ("", "+bn") if bn == "both" else ("",)
         why = f"no snapshots in {Path(run_dir).name}/snapshots"  # relative to COMBO_DIR
-        print(f"note: SWA not evaluated ({e}); fig4.json lists its entries under 'missing'")
+        print(f"note: SWA not evaluated: {e}; fig4.json lists its entries under 'missing' (n/a in "
+              "report.py)")
         return [], {f"swa-{part}{s}": why for s in suffixes for part in PARTS}
 
 

@@ -474,6 +474,25 @@ def figure4_data(fig4):
     return out
 
 
+def figure4_sweep(f4, fig4):
+    """The paper's Figure 4: per training combination (ordered by number of training sets), each
+    method's Dice averaged over the combination's test sets (None: n/a), with each combination's
+    provenance (the seeds its ensemble and soups average, its SWA snapshots, its test sets)."""
+    combos = sorted({rec["combo"] for rec in fig4}, key=lambda c: (c.count("+"), _combo_key(c)))
+    runs = {}
+    for rec in fig4:
+        folder = lambda p: Path(str(p)).parent.name  # noqa: E731  .../<COMBO>/s0/best.pt -> s0
+        held = {t for block in rec["methods"].values() for t in (block or {})}  # older files
+        baseline = (rec.get("checkpoints") or {}).get("baseline", "")
+        runs[rec["combo"]] = {"members": [folder(m) for m in rec.get("members") or []],
+                              "baseline": folder(baseline),
+                              "snapshots": len(rec.get("snapshots") or []),
+                              "tests": rec.get("tests") or [t for t in DATASET_IDS if t in held]}
+    return {"combos": combos, "runs": runs,
+            "series": {m: [d["per_combo"].get(c) for c in combos] for m, d in f4.items()},
+            "missing": {m: d["missing"] for m, d in f4.items() if d["missing"]}}
+
+
 def reference_pairs(by_combo, reference):
     """Our AUPR (mean over seeds) beside the authors' for every (combination, test set, lesion) both have."""
     pairs = []
@@ -611,6 +630,56 @@ def _footnote_missing(fig, data):
     fig.tight_layout(rect=(0, 0.035 * len(lines) + 0.02, 1, 1))
 
 
+def _method_style(method):
+    """(colour, line style, marker) of a Figure 4 series: colour by family as in figure4.png, line
+    and marker by the part averaged (encoder dotted, v; decoder dashed, ^; else solid, o)."""
+    family, _, part = method.replace("+bn", "").partition("-")
+    ls, marker = {"encoder": (":", "v"), "decoder": ("--", "^")}.get(part, ("-", "o"))
+    return METHOD_COLORS.get(family, "C4"), ls, marker
+
+
+def plot_figure4_sweep(sweep, path):
+    """The paper's Figure 4: training sets on the x-axis, one line per method. Values a combination
+    lacks are crosses in a strip above the plot, one row per method (never a silent gap)."""
+    combos, gone = sweep["combos"], [m for m in sweep["series"] if sweep["missing"].get(m)]
+    x = np.arange(len(combos))
+    strip = 0.2 * len(gone) + 0.3  # inches: one row per method with n/a values
+    turn = len(combos) > 3  # names upright beyond 3 combinations: about 0.06 in per character
+    height = 3.8 + (0.06 * max(map(len, combos)) if turn else 0.2) + strip * bool(gone)
+    fig, axes = plt.subplots(2 if gone else 1, 1, sharex=True, squeeze=False,
+                             figsize=(max(6.5, 0.32 * len(combos) + 4.5), height),
+                             gridspec_kw={"height_ratios": [strip, 3.8]} if gone else {})
+    ax = axes[-1][0]
+    dodge = 0.6 / len(sweep["series"])  # methods side by side within a training set, not on top
+    for k, (method, values) in enumerate(sweep["series"].items()):
+        color, ls, marker = _method_style(method)
+        y = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        bn = method.endswith("+bn")  # hollow markers: BatchNorm statistics recomputed
+        ax.plot(x + (k - (len(sweep["series"]) - 1) / 2) * dodge, y, ls=ls, marker=marker, ms=5,
+                color=color, label=method, lw=2.4 if method == "baseline" else 1.3,
+                mfc="white" if bn else color)
+    if gone:
+        top = axes[0][0]
+        for row, method in enumerate(gone):
+            at = [i for i, c in enumerate(combos) if c in sweep["missing"][method]]
+            top.plot(x[at], [row] * len(at), ls="none", marker="x", ms=6, mew=1.5,
+                     color=_method_style(method)[0])
+        top.set_yticks(range(len(gone)), gone, fontsize=7)
+        top.set_ylim(len(gone) - 0.3, -0.7)
+        top.tick_params(axis="x", length=0)
+        top.set_title("n/a (why: report.md)", fontsize=7, loc="left")
+    ax.set_xticks(x, combos, rotation=90 if turn else 0, fontsize=8)
+    ax.set_xlim(-0.5, len(combos) - 0.5)
+    ax.set_xlabel("training sets (ordered by number of datasets)")
+    ax.set_ylabel("Dice (mean over lesions, then test sets)")
+    fig.suptitle(f"Ensemble, SWA and model soups vs baseline, per training set "
+                 f"({len(combos)} combination(s))", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    cli.save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
 def plot_reference(pairs, path, runs):
     """Our AUPR against the authors' export; the title says when ours are not all on real data."""
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
@@ -718,8 +787,9 @@ def style_lines(data, out):
     return md
 
 
-def figure4_lines(f4):
-    """The Figure 4 section of report.md: the per-method summary, n/a cells with why."""
+def figure4_lines(f4, sweep=None):
+    """The Figure 4 section of report.md: the per-method summary, n/a cells with why, then the
+    paper's form over the training sets (figure4_sweep)."""
     md = ["## Figure 4: weight averaging and ensembles", ""]
     if not f4:
         return md + ["No fig4.json found."]
@@ -734,6 +804,45 @@ def figure4_lines(f4):
         std, delta = (fmt_paper(null_nan(d[k])) for k in ("std", "delta_vs_baseline"))
         n_a = _why(d["missing"]) or "—"
         md.append(f"| {m} | {mean} | {std} | {d['n_combos']} | {delta} | {n_a} |")
+    return md + ([""] + figure4_sweep_lines(sweep) if sweep else [])
+
+
+def _one_or_each(values, fmt, each):
+    """The value all combinations share, formatted, else `each` (the table gives them)."""
+    distinct = {tuple(v) if isinstance(v, list) else v for v in values}
+    if len(distinct) != 1:
+        return each
+    (value,) = distinct
+    return fmt(list(value) if isinstance(value, tuple) else value)
+
+
+def figure4_sweep_lines(sweep):
+    """The paper's Figure 4 over the training sets: figure, provenance, one row per combination."""
+    runs, methods = sweep["runs"], list(sweep["series"])
+    each = list(runs.values())
+    seeds = _one_or_each([r["members"] for r in each], lambda m: f"seeds {', '.join(m)}" if m else
+                         "seeds not recorded", "each combination's seeds (table below)")
+    tests = _one_or_each([r["tests"] for r in each], lambda t: ", ".join(t) or "not recorded",
+                         "of each combination (table below)")
+    snaps = _one_or_each([r["snapshots"] for r in each], lambda n: f"{n} snapshot(s)",
+                         "table below")
+    md = ["### Over the training sets, as the paper draws it", "",
+          "![Figure 4 over the training sets](figure4_sweep.png)", "",
+          f"{len(sweep['combos'])} training combination(s), each from its `<COMBO>/fig4.json` "
+          f"(`make fig4-sweep`): baseline = the first seed's best.pt; ensemble and soups = the "
+          f"best.pt of {seeds}; SWA = the first seed's snapshots ({snaps}). Each point: Dice "
+          f"(mean over lesions) averaged over the test sets {tests}; a training set's methods "
+          "side by side. Colour by method as above; dotted line and ▼ = encoder averaged, dashed "
+          "and ▲ = decoder; hollow markers: BatchNorm statistics recomputed (+bn); the crosses "
+          "above: n/a (why: the table above).", "",
+          "| Trained on | seeds | SWA snapshots | test sets | " + " | ".join(methods) + " |",
+          "|---" * (len(methods) + 4) + "|"]
+    for i, combo in enumerate(sweep["combos"]):
+        r = runs[combo]
+        cells = ["n/a" if sweep["series"][m][i] is None else f"{sweep['series'][m][i]:.3f}"
+                 for m in methods]
+        md.append(f"| {combo} | {', '.join(r['members']) or '—'} | {r['snapshots']} | "
+                  f"{', '.join(r['tests']) or '—'} | " + " | ".join(cells) + " |")
     return md
 
 
@@ -750,7 +859,7 @@ def authors_caption(authors):
 
 
 def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, authors=None, extra=(),
-                 notes=()):
+                 notes=(), sweep=None):
     seeds = sorted({r["seed"] for r in runs})
     combos = sorted({r["combo"] for r in runs}, key=_combo_key)
     of = lambda names: [r for r in runs if r["combo"] in names]  # noqa: E731 (runs a table shows)
@@ -781,7 +890,7 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
            f"Combinations ordered by {ORDER_NAMES[f3['order_by']]}; background = labelling style of the "
            "training sets (a combination with a coarse set is coarse, else with a mixed set mixed, else fine; "
            "white = not characterized); shade = min-max over seeds; star = best mean.", ""]
-    md += figure4_lines(f4)
+    md += figure4_lines(f4, sweep)
     md += ["", "## Training curves of the sweep", ""]
     if curves:
         md += [f"![Validation curves]({curves.name})", "",
@@ -883,12 +992,16 @@ def main(argv=None):
     write_json(out / "table3.json", t3)
     write_json(out / "figure3.json", f3)
     plot_figure3(f3, out / "figure3.png")
-    for name in ("figure4.json", "figure4.png", "reference_aupr.json", "reference_aupr.png", "sweep_curves.png",
+    for name in ("figure4.json", "figure4.png", "figure4_sweep.json", "figure4_sweep.png",
+                 "reference_aupr.json", "reference_aupr.png", "sweep_curves.png",
                  "authors.json", "real_he_heldout.png"):
         (out / name).unlink(missing_ok=True)  # a rerun without them must not leave stale ones beside report.md
+    sweep = figure4_sweep(f4, fig4) if f4 else None
     if f4:
         write_json(out / "figure4.json", f4)
         plot_figure4(f4, out / "figure4.png")
+        write_json(out / "figure4_sweep.json", sweep)
+        plot_figure4_sweep(sweep, out / "figure4_sweep.png")
     if pairs:
         write_json(out / "reference_aupr.json", pairs)
         paired = {p["combo"] for p in pairs}
@@ -900,7 +1013,7 @@ def main(argv=None):
     styled = style_data(args.runs_dir, by_combo, styles)
     write_json(out / "style.json", styled)
     extra = extra + style_lines(styled, out)
-    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves, authors, extra, notes)
+    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves, authors, extra, notes, sweep)
     print(f"report: {len(runs)} run(s), {len(fig4)} fig4 file(s) -> {out / 'report.md'}")
 
 

@@ -429,3 +429,32 @@ def test_missing_swa_is_a_visible_cell(fixture_dirs):
     assert "| swa-encoder | n/a | — | 0 | — | not in fig4.json (DDR+MES); " \
            "no snapshots in s0/snapshots (IDR+DDR) |" in md
     assert (out / "figure4.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figure4_over_the_training_sets(fixture_dirs):
+    """The paper's Figure 4: per training combination (x), each method's Dice averaged over that
+    combination's test sets; n/a where a combination lacks a method; drawn beside the summary."""
+    runs, _, out = fixture_dirs
+    path = runs / "IDR+DDR" / "fig4.json"
+    rec = json.loads(path.read_text())
+    members = [str(runs / "IDR+DDR" / f"s{i}" / "best.pt") for i in (0, 1)]
+    rec.update(tests=["MES", "DDR"], members=members, snapshots=["a.pt", "b.pt", "c.pt"],
+               missing={"swa-full": "no snapshots in s0/snapshots"})
+    path.write_text(json.dumps(rec))
+    out = build(fixture_dirs)
+    sweep = load(out, "figure4_sweep.json")
+    assert sweep["combos"] == ["IDR+DDR", "DDR+MES"]  # two sets each: canonical order
+    # by hand from the fig4.json files: IDR+DDR on MES and DDR, DDR+MES on IDR and MES (MES null)
+    assert sweep["series"]["baseline"] == pytest.approx([(.3 + .5) / 2, (.6 + .4) / 2])
+    assert sweep["series"]["ensemble"] == pytest.approx([(.4 + .6) / 2, (.7 + .5) / 2])
+    assert sweep["series"]["swa-full"] == [None, pytest.approx(.65)]
+    assert sweep["missing"]["swa-full"] == {"IDR+DDR": "no snapshots in s0/snapshots"}
+    assert sweep["runs"]["IDR+DDR"] == {"members": ["s0", "s1"], "baseline": "", "snapshots": 3,
+                                        "tests": ["MES", "DDR"]}
+    md = (out / "report.md").read_text()
+    assert (out / "figure4_sweep.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](figure4_sweep.png)" in md
+    assert md.index("](figure4.png)") < md.index("](figure4_sweep.png)")  # beside the summary
+    assert "| IDR+DDR | s0, s1 | 3 | MES, DDR | 0.400 | 0.500 | n/a | n/a | n/a |" in md
+    assert "| DDR+MES | — | 0 | IDR, MES | 0.500 | 0.600 | n/a | n/a | 0.650 |" in md
+    assert "2 training combination(s), each from its `<COMBO>/fig4.json`" in md

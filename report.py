@@ -107,7 +107,7 @@ def _read_run(path):
     try:
         combo = _combo(args.get("train") or rec.get("train"), path.parent.parent.name)
         seed = int(seed)
-    except ValueError:
+    except (TypeError, ValueError):  # a damaged args.json: not a run of the sweep layout
         return None
     return {"combo": combo, "seed": seed, "results": rec["results"], "args": args, "record": rec,
             "protocol": rec.get("protocol"), "path": path,
@@ -829,8 +829,9 @@ def figure4_sweep_lines(sweep):
     md = ["### Over the training sets, as the paper draws it", "",
           "![Figure 4 over the training sets](figure4_sweep.png)", "",
           f"{len(sweep['combos'])} training combination(s), each from its `<COMBO>/fig4.json` "
-          f"(`make fig4-sweep`): baseline = the first seed's best.pt; ensemble and soups = the "
-          f"best.pt of {seeds}; SWA = the first seed's snapshots ({snaps}). Each point: Dice "
+          "(`fig4.py`; `make fig4-sweep` runs it for every combination with two seeds): "
+          f"baseline = the first seed's best.pt; ensemble and soups = the best.pt of {seeds}; "
+          f"SWA = the first seed's snapshots ({snaps}). Each point: Dice "
           f"(mean over lesions) averaged over the test sets {tests}; a training set's methods "
           "side by side. Colour by method as above; dotted line and ▼ = encoder averaged, dashed "
           "and ▲ = decoder; hollow markers: BatchNorm statistics recomputed (+bn); the crosses "

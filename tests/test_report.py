@@ -457,4 +457,4 @@ def test_figure4_over_the_training_sets(fixture_dirs):
     assert md.index("](figure4.png)") < md.index("](figure4_sweep.png)")  # beside the summary
     assert "| IDR+DDR | s0, s1 | 3 | MES, DDR | 0.400 | 0.500 | n/a | n/a | n/a |" in md
     assert "| DDR+MES | — | 0 | IDR, MES | 0.500 | 0.600 | n/a | n/a | 0.650 |" in md
-    assert "2 training combination(s), each from its `<COMBO>/fig4.json`" in md
+    assert "2 training combination(s), each from its `<COMBO>/fig4.json` (`fig4.py`" in md

@@ -328,7 +328,7 @@ def test_report_refuses_to_count_a_backup_folder_as_a_seed(fixture_dirs, capsys)
     assert "IDR seed 0 is 2 runs with other settings (lr)" in (out / "report.md").read_text()
 
 
-def test_run_identity_from_args_json_not_folder(fixture_dirs):
+def test_run_identity_from_args_json_not_folder(fixture_dirs, capsys):
     """A run's combination and seed are what its args.json says, whatever its folder is called; a
     second fig4.json of one combination is named, not counted."""
     runs, _, out = fixture_dirs
@@ -338,7 +338,12 @@ def test_run_identity_from_args_json_not_folder(fixture_dirs):
     (runs / "old" / "s7" / "results.json").write_text(json.dumps(rec))
     (runs / "old" / "s7" / "args.json").write_text(json.dumps({"train": ["RET"], "seed": 3}))
     (runs / "old" / "fig4.json").write_text((runs / "IDR+DDR" / "fig4.json").read_text())
+    (runs / "bad" / "s2").mkdir(parents=True)  # a damaged args.json: skipped, never a traceback
+    (runs / "bad" / "s2" / "results.json").write_text(json.dumps(rec))
+    (runs / "bad" / "s2" / "args.json").write_text(json.dumps({"train": ["RET"], "seed": [2]}))
     out = build(fixture_dirs)
+    assert f"skipped (not a results file of the sweep layout): {runs / 'bad' / 's2'}" in \
+        capsys.readouterr().err
     (ret,) = [r for r in load(out, "figure3.json")["panels"]["IDR"] if r["combo"] == "RET"]
     assert ret["n_runs"] == 2 and sorted(ret["values"]) == pytest.approx([.2, .25])
     assert load(out, "figure4.json")["baseline"]["n_combos"] == 2

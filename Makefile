@@ -33,6 +33,7 @@ SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
 
 .PHONY: print-combos setup test test-all bench real-he demo demo-runs all-combos authors-models report table2 table3 fig3 fig4 characterize tune clean-demo
+.PHONY: fig4-sweep
 .DELETE_ON_ERROR:
 
 setup: $(VENV)
@@ -88,6 +89,24 @@ canonical = $(shell python3 data/ids.py canonical $(1))
 fig4: $(RUNS)/$(call canonical,$(COMBO))/fig4.json
 $(RUNS)/%/fig4.json: | $(VENV)
 	$(PY) fig4.py $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(FIG4_FLAGS)
+
+# ---- Figure 4 over the sweep, as the paper draws it (mean Dice per training set, one series per
+# method): fig4 for every combination under RUNS with best.pt of at least 2 seeds (the others: a
+# note each), with fig4's variables (TESTS, FIG4_FLAGS, ...); `make report` then draws
+# figure4_sweep.png beside figure4.png.
+fig4-sweep: | $(VENV)
+	@ready=""; empty=0; for c in $(COMBOS); do \
+	  n=$$(ls -d $(RUNS)/$$c/s*/best.pt 2>/dev/null | grep -cE '/s[0-9]+/best\.pt$$'); \
+	  if [ $$n -ge 2 ]; then ready="$$ready $(RUNS)/$$c/fig4.json"; \
+	  elif [ -d "$(RUNS)/$$c" ]; then echo "note: fig4-sweep skips $$c: best.pt of $$n seed(s)" \
+	    "in $(RUNS)/$$c/s*/ (Figure 4 needs 2)"; \
+	  else empty=$$((empty + 1)); fi; done; \
+	[ $$empty -eq 0 ] || \
+	  echo "note: fig4-sweep skips $$empty combination(s) without a folder in $(RUNS)"; \
+	[ -n "$$ready" ] || { echo "error: no combination in $(RUNS) has best.pt of 2 seeds" \
+	  "(make all-combos first)" >&2; exit 1; }; \
+	$(MAKE) --no-print-directory $$ready && echo "fig4-sweep: $$(echo $$ready | wc -w)" \
+	  "combination(s) -> $(RUNS)/<COMBO>/fig4.json; make report draws them"
 
 # ---- the report: tables and figures regenerated from the results files ----
 characterize: $(VENV)

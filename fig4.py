@@ -3,12 +3,14 @@
     python fig4.py runs/IDR+DDR+MES --test IDR,DDR,MES --data-root data_raw
     python fig4.py runs/IDR+DDR+MES --test IDR,DDR,FGA,RET,MES --members 4 --bn both -o runs/IDR+DDR+MES/fig4.json
     make fig4 COMBO=IDR+DDR+MES FIG4_FLAGS="--bn both"
+    make fig4-sweep FIG4_FLAGS="--bn both"    # every combination under RUNS with 2 seeds' best.pt
 
 COMBO_DIR holds the seeds' runs s0/, s1/, ... (train.py). baseline = the first seed's best.pt; ensemble and
 soups = the first --members seeds' best.pt; SWA = the first seed's snapshots. The averages (average.py) go
 to COMBO_DIR/avg/ (the ensemble as a manifest, avg/ensemble.json) and are reused while their provenance
 matches; each is evaluated on the test sets with evaluate.py's protocol (docs/PROTOCOL.md) and the mean
-scores per method and test set go to fig4.json, which report.py reads.
+scores per method and test set go to fig4.json, which report.py reads. A first seed without
+snapshots has no SWA: fig4.json lists its entries under "missing", with why; report.py shows n/a.
 """
 import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
 
@@ -112,22 +114,41 @@ def figure4(args, parser):
     tests = list(args.test)  # canonical IDs already (data.flags.DatasetList)
     for d in sorted(set(combo.train) | set(tests), key=DATASET_IDS.index):  # one summary each, then quiet
         data.prepare_cache(d, data_root, cache, int(combo.ckpt_args["resolution"]), **options)
-    try:
-        snapshots = select_snapshots(seeds[0])
-    except FileNotFoundError as e:
-        snapshots = []
-        print(f"note: SWA entries skipped: {e}")
+    snapshots, missing = swa_snapshots(seeds[0], args.bn)
     avg = combo_dir / "avg"
     plan = build_plan(combo, args, avg, baseline, members, snapshots)
     methods = evaluate_plan(plan, tests, data_root, cache, {**options, "verbose": False}, args.device, avg)
     report = {"version": 1, "combo": combo_name(combo.train), "train": combo.train, "tests": tests, "bn": args.bn,
               "reference": args.reference, "metric": args.metric, "members": members, "snapshots": snapshots,
-              "checkpoints": plan, "methods": methods}
+              "checkpoints": plan, "methods": methods, "missing": missing}
     write_json(args.out, report)  # NaN (a lesion absent from a test set) is written as null
+    print_table(methods, missing, tests)
+    return report
+
+
+def swa_snapshots(run_dir, bn):
+    """The first seed's snapshots for SWA, and {method: why} for SWA entries that cannot be built.
+
+    NOTE: a run without snapshots has no SWA: its entries stay in fig4.json's "missing" (report.py
+    shows them as n/a cells), never dropped without a trace.
+    """
+    try:
+        return select_snapshots(run_dir), {}
+    except FileNotFoundError as e:
+        suffixes = ("", "+bn") if bn == "both" else ("",)
+        why = f"no snapshots in {Path(run_dir).name}/snapshots"  # relative to COMBO_DIR
+        print(f"note: SWA not evaluated: {e}; fig4.json lists its entries under 'missing' (n/a in "
+              "report.py)")
+        return [], {f"swa-{part}{s}": why for s in suffixes for part in PARTS}
+
+
+def print_table(methods, missing, tests):
+    """Mean Dice per method and test set; a method that could not be built is a row of n/a."""
     print(f"\n{'method':16s}" + "".join(f"{t:>8s}" for t in tests) + "   (mean Dice)")
     for name, block in methods.items():
         print(f"{name:16s}" + "".join(f"{block[t]['mean_dice']:8.3f}" for t in tests))
-    return report
+    for name, why in missing.items():
+        print(f"{name:16s}" + "".join(f"{'n/a':>8s}" for _ in tests) + f"   ({why})")
 
 
 def build_parser():
@@ -151,8 +172,10 @@ def main(argv=None):
     if args.bn_batches < 1:
         raise ValueError(f"--bn-batches must be >= 1, got {args.bn_batches}")
     report = figure4(args, parser)
-    print(f"\nwrote {args.out}: {len(report['methods'])} methods of {report['combo']} on {', '.join(report['tests'])}; "
-          f"the averages and each method's results.json are in {Path(args.combo_dir) / 'avg'}/")
+    na = f" ({len(report['missing'])} n/a: no snapshots)" if report["missing"] else ""
+    print(f"\nwrote {args.out}: {len(report['methods'])} methods{na} of {report['combo']} on "
+          f"{', '.join(report['tests'])}; the averages and each method's results.json are in "
+          f"{Path(args.combo_dir) / 'avg'}/")
     return report
 
 

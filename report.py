@@ -16,6 +16,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -26,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from curves import plot_sweep  # noqa: E402
-from data import DATASET_IDS, LESIONS, combo_name  # noqa: E402
+from data import DATASET_IDS, FOLDERS, LESIONS, combo_name  # noqa: E402
+from data.synthetic import MARKER  # noqa: E402
 from jsonio import null_nan, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +37,7 @@ DEFAULT_AUTHORS = "authors"  # `make authors-models`: authors/<COMBO>/results.js
 DEFAULT_CHARACTERIZE = "OUT/characterize/characterize.json"
 TEST_NAMES = {"IDR": "IDRiD", "DDR": "DDR", "FGA": "FGADR", "RET": "Retinal-Lesions", "MES": "Messidor"}
 STYLE_COLORS = {"fine": "#b7e4c7", "mixed": "#ffe8a3", "coarse": "#f4b6b6"}
+METHOD_COLORS = {"baseline": "0.6", "ensemble": "C1", "swa": "C2", "soup": "C3"}  # Figure 4, both
 ORDER_NAMES = {"n_train_images": "number of training images", "n_datasets": "number of training sets"}
 METHOD_ORDER = ("baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full",
                 "soup-encoder", "soup-decoder", "soup-full")
@@ -42,14 +45,17 @@ METHOD_ORDER = ("baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full"
 # Published numbers, transcribed from the paper (Playout & Cheriet, arXiv:2405.08329): its Table 2 (AUPR, trained
 # and tested on the same dataset; EX, HE, MA, CWS, mean) and Table 3 (Dice averaged over lesions, per test set and
 # training combination, canonical run names); AUPR as docs/PROTOCOL.md ("Evaluation protocol") defines it.
-# NOTE: Table 2's row labels are uncertain in our transcription; a mean is None where the paper gives none (we do
-# not invent it).
+# NOTE: Table 2's row labels are uncertain in our transcription; every cell, means included, is
+# the paper's.
 PAPER = {
     "table2": {
-        "IDR": {"L-Seg": (.795, .637, .463, .711, .652), "other method": (.842, .593, .484, .641, None),
+        "IDR": {"L-Seg": (.795, .637, .463, .711, .652),
+                "other method": (.842, .593, .484, .641, .640),
                 "Playout & Cheriet": (.825, .620, .451, .713, .652)},
-        "DDR": {"L-Seg": (.555, .359, .105, .265, None), "Playout & Cheriet": (.592, .408, .281, .434, .429)},
-        "RET": {"Lesion-Net": (.740, .617, .377, .575, None), "Playout & Cheriet": (.724, .589, .451, .540, None)},
+        "DDR": {"L-Seg": (.555, .359, .105, .265, .321),
+                "Playout & Cheriet": (.592, .408, .281, .434, .429)},
+        "RET": {"Lesion-Net": (.740, .617, .377, .575, .577),
+                "Playout & Cheriet": (.724, .589, .451, .540, .571)},
     },
     "table3": {
         "IDR": {"DDR+MES": .634, "RET": .222, "DDR+FGA+MES": .661},
@@ -82,40 +88,221 @@ def _combo_key(combo):
     return [DATASET_IDS.index(d) for d in combo.split("+")]
 
 
+# What a run may change when it resumes (train.py's RESUMABLE): where it is stored and read from,
+# how long and how it runs. The rest of args.json (combination, seed, model, optimisation, ...) is
+# what the run is. NOTE: a copy, so that this file stands alone; tests/test_report.py checks it.
+NOT_IDENTITY = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device",
+                "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out")
+
+
+def _read_run(path):
+    """RUNS_DIR/<folder>/s<SEED>/results.json -> a run: combination and seed from its args.json,
+    else from the results file, else from the folders' names; None if no baseline results file."""
+    rec = _read_json(path)
+    # NOTE: only baseline evaluations of single runs fill the tables; averages live in fig4.json.
+    if not isinstance(rec, dict) or not isinstance(rec.get("results"), dict) \
+            or rec.get("method", "baseline") != "baseline":
+        return None
+    args = _read_json(path.parent / "args.json")
+    args = args if isinstance(args, dict) else {}
+    seeds = (args.get("seed"), rec.get("seed"), path.parent.name[1:])
+    seed = next(s for s in seeds if s is not None)
+    try:
+        combo = _combo(args.get("train") or rec.get("train"), path.parent.parent.name)
+        seed = int(seed)
+    except (TypeError, ValueError):  # a damaged args.json: not a run of the sweep layout
+        return None
+    return {"combo": combo, "seed": seed, "results": rec["results"], "args": args, "record": rec,
+            "protocol": rec.get("protocol"), "path": path,
+            "n_train_images": rec.get("n_train_images", args.get("n_train_images"))}
+
+
+def settings_differ(a, b):
+    """The settings defining a run (args.json less NOT_IDENTITY) both record, with other values."""
+    keys = (set(a["args"]) & set(b["args"])) - set(NOT_IDENTITY)
+    return sorted(k for k in keys if a["args"][k] != b["args"][k])
+
+
+def _canonical(run):
+    """Is the run in the folder the sweep gives it, RUNS/<COMBO>/s<SEED>?"""
+    folder = run["path"].parent
+    return folder.parent.name == run["combo"] and folder.name == f"s{run['seed']}"
+
+
+def drop_duplicates(runs):
+    """Runs of one combination and seed whose recorded settings agree are one run in two folders
+    (a backup, a copy): counted once, from its sweep folder <COMBO>/s<SEED> if one is.
+    -> (runs, notes)."""
+    kept, notes = [], []
+    for run in sorted(runs, key=lambda r: (not _canonical(r), str(r["path"]))):
+        same = [k for k in kept if (k["combo"], k["seed"]) == (run["combo"], run["seed"])]
+        twin = next((k for k in same if not settings_differ(k, run)), None)
+        if twin is None:
+            kept.append(run)
+            continue
+        notes.append(f"{run['path'].parent} holds the same run as {twin['path'].parent} "
+                     f"({run['combo']}, seed {run['seed']}, same settings): counted once, "
+                     f"from {twin['path'].parent}")
+    groups = {}
+    for r in kept:
+        groups.setdefault((r["combo"], r["seed"]), []).append(r)
+    for (combo, seed), group in groups.items():
+        if len(group) > 1:  # NOTE: one seed under other settings (e.g. lr) is another run: counted
+            keys = sorted({k for a in group for b in group for k in settings_differ(a, b)})
+            notes.append(f"{combo} seed {seed} is {len(group)} runs with other settings "
+                         f"({', '.join(keys)}): {', '.join(str(r['path'].parent) for r in group)}, "
+                         "each counted")
+    return sorted(kept, key=lambda r: str(r["path"])), notes
+
+
 def load_runs(runs_dir):
-    """Glob RUNS_DIR/<COMBO>/s<SEED>/results.json and RUNS_DIR/<COMBO>/fig4.json; anything else is ignored."""
+    """Glob RUNS_DIR/*/s<SEED>/results.json and RUNS_DIR/*/fig4.json; anything else is ignored.
+
+    A run is what its args.json says (combination, seed, settings), not its folder's name: two
+    folders of one run count once. -> (runs, fig4 records, skipped paths, notes on duplicates).
+    """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs directory {runs_dir} not found")
     runs, fig4, skipped = [], [], []
     for path in sorted(runs_dir.glob("*/s*/results.json")):
-        seed = re.fullmatch(r"s(\d+)", path.parent.name)
-        rec = _read_json(path)
-        # NOTE: only baseline evaluations of single runs fill the tables; averaged models live in fig4.json.
-        if seed is None or not isinstance(rec, dict) or not isinstance(rec.get("results"), dict) \
-                or rec.get("method", "baseline") != "baseline":
+        run = _read_run(path) if re.fullmatch(r"s\d+", path.parent.name) else None
+        if run is None:
             skipped.append(path)
-            continue
-        try:
-            combo = _combo(rec.get("train"), path.parent.parent.name)
-        except ValueError:
-            skipped.append(path)
-            continue
-        runs.append({"combo": combo, "seed": int(seed.group(1) if rec.get("seed") is None else rec["seed"]), "results": rec["results"],
-                     "protocol": rec.get("protocol"), "n_train_images": rec.get("n_train_images"), "path": path})
+        else:
+            runs.append(run)
+    runs, notes = drop_duplicates(runs)
     for path in sorted(runs_dir.glob("*/fig4.json")):
         rec = _read_json(path)
         try:
             if not isinstance(rec, dict) or not isinstance(rec.get("methods"), dict):
                 raise ValueError
-            fig4.append({"combo": _combo(rec.get("train") or rec.get("combo"), path.parent.name),
-                         "methods": rec["methods"]})
+            combo = _combo(rec.get("train") or rec.get("combo"), path.parent.name)
+            fig4.append({**rec, "combo": combo, "path": path})
         except ValueError:
             skipped.append(path)
+    fig4, fig4_notes = drop_duplicate_fig4(fig4)
     if not runs and not fig4:
         raise FileNotFoundError(f"no results found under {runs_dir} "
                                 "(expected <COMBO>/s<SEED>/results.json or <COMBO>/fig4.json)")
-    return runs, fig4, skipped
+    return runs, fig4, skipped, notes + fig4_notes
+
+
+def drop_duplicate_fig4(fig4):
+    """One fig4.json per combination: the one in the folder named after it, else the first."""
+    kept, notes = {}, []
+    for rec in sorted(fig4, key=lambda r: (r["path"].parent.name != r["combo"], str(r["path"]))):
+        if rec["combo"] in kept:
+            notes.append(f"{rec['path']} is a second Figure 4 of {rec['combo']}: not counted "
+                         f"(counted: {kept[rec['combo']]['path']})")
+        else:
+            kept[rec["combo"]] = rec
+    return sorted(kept.values(), key=lambda r: str(r["path"])), notes
+
+
+# ---------------------------------------------------------------- where the data came from
+def _found(recorded):
+    """A path a run recorded, as found from here: as written (relative to the working folder), else
+    relative to this script (the Makefile's runs record demo/data); None when neither exists."""
+    path = Path(str(recorded))
+    for candidate in (path,) if path.is_absolute() else (path, HERE / path):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def dataset_source(dataset, settings, resolution):
+    """'synthetic', 'real' or 'unknown': the data one dataset was read from, by facts, not by names.
+
+    The root a run's prepared cache records (CACHE/<ID>/<R>/meta.json) is the folder it read:
+    synthetic when data.synthetic's marker file is in it, else real. Without that cache, the root
+    its flags name (--root ID=DIR, else DATA_ROOT/<distributed folder>) counts only when it holds
+    the marker: a folder there without it need not be the one read (env <ID>_ROOT, one level down).
+    """
+    cache, meta = settings.get("cache"), None
+    if cache is not None and resolution is not None:
+        path = _found(Path(cache) / dataset / str(resolution) / "meta.json")
+        meta = _read_json(path) if path is not None else None
+    root = _found(meta["root"]) if isinstance(meta, dict) and meta.get("root") else None
+    if root is not None:
+        return "synthetic" if (root / MARKER).is_file() else "real"
+    roots = dict(str(v).partition("=")[::2] for v in settings.get("root") or [])  # ["IDR=DIR"]
+    named = {k.strip().upper(): v for k, v in roots.items()}.get(dataset)
+    if not named and settings.get("data_root"):
+        named = Path(settings["data_root"]) / FOLDERS[dataset]
+    named = _found(named) if named else None
+    return "synthetic" if named is not None and (named / MARKER).is_file() else "unknown"
+
+
+def combine_sources(found):
+    """Several datasets' sources -> one: synthetic if any is, real if all are, else unknown."""
+    if "synthetic" in found:
+        return "synthetic"
+    return "real" if found and all(f == "real" for f in found) else "unknown"
+
+
+def run_source(run):
+    """The data of a run's training and test sets: 'synthetic' if any came from data.synthetic,
+    'real' if every one is known to be real, else 'unknown'. A results file's own data settings
+    (where it records them) win over the run's args.json for its test sets."""
+    args, rec = run.get("args") or {}, run.get("record") or {}
+    own = {k: rec[k] for k in ("data_root", "cache", "root") if rec.get(k) is not None}
+    tested = {**args, **own}
+    res = (rec.get("protocol") or {}).get("resolution") or args.get("resolution")
+    found = [dataset_source(d, args, args.get("resolution")) for d in run["combo"].split("+")]
+    found += [dataset_source(d, tested, res) for d in run["results"] if d in FOLDERS]
+    return combine_sources(found)
+
+
+def tested_source(rec):
+    """The source of a results file's test sets, from the data settings it records, else unknown."""
+    res = (rec.get("protocol") or {}).get("resolution")
+    tests = [d for d in rec.get("results") or {} if d in FOLDERS]
+    return combine_sources([dataset_source(d, rec, res) for d in tests])
+
+
+def source_counts(runs):
+    """{'synthetic': n, 'real': n, 'unknown': n} over runs (their 'source', set by main)."""
+    counts = {"synthetic": 0, "real": 0, "unknown": 0}
+    for r in runs:
+        counts[r.get("source", "unknown")] += 1
+    return counts
+
+
+def data_lines(runs):
+    """The report's first lines: what data its runs were trained and tested on."""
+    c, n = source_counts(runs), len(runs)
+    if n and c["synthetic"] == n:
+        return ["**Synthetic data, toy models.** Every run here was trained or tested on images "
+                f"generated by `data.synthetic` (its `{MARKER}` marker is in the data roots the "
+                "runs read): the models are toys and their scores say nothing about real fundus "
+                "photographs. The paper's published numbers shown beside them were measured on the "
+                "real datasets: the two are not comparable."]
+    if n and c["real"] == n:
+        return ["Data: the real datasets (no data root these runs read holds `data.synthetic`'s "
+                f"`{MARKER}` marker)."]
+    if not n:
+        return ["Data source unknown (no results file of a single run)."]
+    parts = [f"{c['synthetic']} on synthetic data (`data.synthetic`'s `{MARKER}` marker in a data "
+             "root they read: toy models, not comparable with published numbers)" if c["synthetic"]
+             else "", f"{c['real']} on the real datasets" if c["real"] else "",
+             f"{c['unknown']}: data source unknown (no args.json, or its cache and data root are "
+             "not found from here)" if c["unknown"] else ""]
+    return [f"**Data, of {n} run(s):** " + "; ".join(p for p in parts if p) + "."]
+
+
+def ours_caption(runs):
+    """What every caption beside published numbers says first when ours are not all on real data."""
+    c, n = source_counts(runs), len(runs)
+    if not n or c["real"] == n:
+        return ""
+    if c["synthetic"] == n:
+        return ("**Ours: toy models on synthetic data** (`data.synthetic`), not comparable with "
+                "published numbers. ")
+    parts = [f"{c['synthetic']} on synthetic data (toy models)" if c["synthetic"] else "",
+             f"{c['unknown']} data source unknown" if c["unknown"] else "",
+             f"{c['real']} on real data" if c["real"] else ""]
+    return f"**Ours, {n} run(s): " + ", ".join(p for p in parts if p) + ".** "
 
 
 def load_styles(path):
@@ -248,27 +435,65 @@ def figure3_data(by_combo, styles):
     return {"order_by": "n_train_images" if by_images else "n_datasets", "panels": panels}
 
 
+def _fig4_methods(rec):
+    """The methods fig4.py evaluates for one combination (--bn both: each average's '+bn' copy too),
+    then any other the record holds."""
+    order = list(METHOD_ORDER)
+    if rec.get("bn") == "both":
+        order += [m + "+bn" for m in METHOD_ORDER[2:]]
+    held = list(rec["methods"]) + list(rec.get("missing") or {})
+    return order + [m for m in held if m not in order]
+
+
 def figure4_data(fig4):
-    """Per method: each combination's Dice averaged over its test sets, then mean +- std over combinations."""
-    per_method = {}
+    """Per method: each combination's Dice averaged over its test sets, then mean +- std over
+    combinations; "missing": {combination: why} for each method a combination lacks (n/a cells)."""
+    per_method, missing = {}, {}
     for rec in fig4:
-        for method, tests in rec["methods"].items():
-            values = [_num(t.get("mean_dice")) for t in (tests or {}).values() if isinstance(t, dict)]
+        why = rec.get("missing") if isinstance(rec.get("missing"), dict) else {}
+        for method in _fig4_methods(rec):
+            tests = rec["methods"].get(method) or {}
+            values = [_num(t.get("mean_dice")) for t in tests.values() if isinstance(t, dict)]
             values = [v for v in values if math.isfinite(v)]
             if values:
                 per_method.setdefault(method, {})[rec["combo"]] = float(np.mean(values))
+            else:  # NOTE: never dropped in silence: a method a combination lacks is an n/a cell
+                held = "Dice undefined on every test set" if method in rec["methods"] else None
+                missing.setdefault(method, {})[rec["combo"]] = \
+                    why.get(method) or held or "not in fig4.json"
     # each average beside its copy with recomputed BatchNorm statistics ("+bn", fig4.py --bn both)
     order = [v for m in METHOD_ORDER for v in (m, m + "+bn")]
-    methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
+    found = set(per_method) | set(missing)
+    methods = [m for m in order if m in found] + sorted(found - set(order))
     base = per_method.get("baseline", {})
     out = {}
     for m in methods:
-        combos = per_method[m]
+        combos = per_method.get(m, {})
         stats = summarize(list(combos.values()))
-        deltas = [v - base[c] for c, v in combos.items() if c in base]  # paired: same combinations only
-        out[m] = {"mean_dice": stats["mean"], "std": stats["std"], "n_combos": stats["n"], "per_combo": combos,
+        deltas = [v - base[c] for c, v in combos.items() if c in base]  # paired: same combinations
+        out[m] = {"mean_dice": stats["mean"], "std": stats["std"], "n_combos": stats["n"],
+                  "per_combo": combos, "missing": missing.get(m, {}),
                   "delta_vs_baseline": float(np.mean(deltas)) if deltas else float("nan")}
     return out
+
+
+def figure4_sweep(f4, fig4):
+    """The paper's Figure 4: per training combination (ordered by number of training sets), each
+    method's Dice averaged over the combination's test sets (None: n/a), with each combination's
+    provenance (the seeds its ensemble and soups average, its SWA snapshots, its test sets)."""
+    combos = sorted({rec["combo"] for rec in fig4}, key=lambda c: (c.count("+"), _combo_key(c)))
+    runs = {}
+    for rec in fig4:
+        folder = lambda p: Path(str(p)).parent.name  # noqa: E731  .../<COMBO>/s0/best.pt -> s0
+        held = {t for block in rec["methods"].values() for t in (block or {})}  # older files
+        baseline = (rec.get("checkpoints") or {}).get("baseline", "")
+        runs[rec["combo"]] = {"members": [folder(m) for m in rec.get("members") or []],
+                              "baseline": folder(baseline),
+                              "snapshots": len(rec.get("snapshots") or []),
+                              "tests": rec.get("tests") or [t for t in DATASET_IDS if t in held]}
+    return {"combos": combos, "runs": runs,
+            "series": {m: [d["per_combo"].get(c) for c in combos] for m, d in f4.items()},
+            "missing": {m: d["missing"] for m, d in f4.items() if d["missing"]}}
 
 
 def reference_pairs(by_combo, reference):
@@ -299,7 +524,8 @@ def authors_rows(by_combo, authors, reference):
                          "ours_dice": cell(runs, test, "dice"), "model_aupr": _num(res.get("mean_aupr")),
                          "model_dice": _num(res.get("mean_dice")),
                          "model_dice_argmax": _num(res.get("mean_dice_argmax")),
-                         "export_aupr": float(np.mean(export)) if export else float("nan")})
+                         "export_aupr": float(np.mean(export)) if export else float("nan"),
+                         "tested": tested_source(authors[combo]) if res else None})
     return rows
 
 
@@ -352,32 +578,127 @@ def plot_figure3(data, path):
     plt.close(fig)
 
 
+def _why(missing):
+    """{combination: why} -> 'why (A, B); why2 (C)': each reason once, with its combinations."""
+    by_why = {}
+    for combo, why in missing.items():
+        by_why.setdefault(why, []).append(combo)
+    return "; ".join(f"{why} ({', '.join(combos)})" for why, combos in by_why.items())
+
+
 def plot_figure4(data, path):
+    """Per method: bars of the mean over combinations, dots of the combinations; a method some
+    combination lacks says so (n/a under its name, why in the footnote), never just left out."""
     fig, ax = plt.subplots(figsize=(1.0 * max(len(data), 3) + 1.5, 4.2))
-    colors = {"baseline": "0.6", "ensemble": "C1", "swa": "C2", "soup": "C3"}
     rng = np.random.default_rng(0)  # fixed jitter: the PNG is reproducible
+    names = []
     for i, (method, d) in enumerate(data.items()):
-        ax.bar(i, d["mean_dice"], yerr=d["std"] if math.isfinite(d["std"]) else None, capsize=3,
-               color=colors.get(method.split("-")[0], "C4"), alpha=0.8)
+        if d["n_combos"]:
+            ax.bar(i, d["mean_dice"], yerr=d["std"] if math.isfinite(d["std"]) else None, capsize=3,
+                   color=METHOD_COLORS.get(method.split("-")[0], "C4"), alpha=0.8)
+        else:
+            ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=8, color="C3",
+                    transform=ax.get_xaxis_transform())
         per_combo = list(d["per_combo"].values())
         ax.plot(i + rng.uniform(-0.2, 0.2, len(per_combo)), per_combo, "k.", ms=3)
-    ax.set_xticks(range(len(data)), list(data), rotation=30, ha="right")
+        n_a = f"\n(n/a in {len(d['missing'])})" if d["n_combos"] else "\n(n/a)"
+        names.append(method + (n_a if d["missing"] else ""))
+    ax.set_xticks(range(len(data)), names, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(data) - 0.4)  # room for an n/a at either end (no bar sets the limits)
+    for label, d in zip(ax.get_xticklabels(), data.values()):
+        label.set_color("C3" if d["missing"] else "k")
     ax.set_ylabel("Dice (mean over test sets)")
-    n = max((d["n_combos"] for d in data.values()), default=0)
-    ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)", fontsize=10)
+    n = max((d["n_combos"] + len(d["missing"]) for d in data.values()), default=0)
+    ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)",
+                 fontsize=10)
+    _footnote_missing(fig, data)
+    cli.save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def _footnote_missing(fig, data):
+    """Lay the figure out, with the reasons of its n/a entries (if any) as a footnote under it."""
+    missing = {}
+    for d in data.values():
+        for combo, why in d["missing"].items():
+            missing.setdefault(why, set()).add(combo)
+    if not missing:
+        fig.tight_layout()
+        return
+    text = "n/a: " + "; ".join(f"{why} ({', '.join(sorted(c, key=_combo_key))})"
+                               for why, c in missing.items())
+    width = int(fig.get_figwidth() * 15)  # characters per line at fontsize 7
+    lines = textwrap.wrap(text, width)
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, color="C3", va="bottom")
+    fig.tight_layout(rect=(0, 0.035 * len(lines) + 0.02, 1, 1))
+
+
+def _method_style(method):
+    """(colour, line style, marker) of a Figure 4 series: colour by family as in figure4.png, line
+    and marker by the part averaged (encoder dotted, v; decoder dashed, ^; else solid, o)."""
+    family, _, part = method.replace("+bn", "").partition("-")
+    ls, marker = {"encoder": (":", "v"), "decoder": ("--", "^")}.get(part, ("-", "o"))
+    return METHOD_COLORS.get(family, "C4"), ls, marker
+
+
+def plot_figure4_sweep(sweep, path):
+    """The paper's Figure 4: training sets on the x-axis, one line per method. Values a combination
+    lacks are crosses in a strip above the plot, one row per method (never a silent gap)."""
+    combos, gone = sweep["combos"], [m for m in sweep["series"] if sweep["missing"].get(m)]
+    x = np.arange(len(combos))
+    strip = 0.2 * len(gone) + 0.3  # inches: one row per method with n/a values
+    turn = len(combos) > 3  # names upright beyond 3 combinations: about 0.06 in per character
+    height = 3.8 + (0.06 * max(map(len, combos)) if turn else 0.2) + strip * bool(gone)
+    fig, axes = plt.subplots(2 if gone else 1, 1, sharex=True, squeeze=False,
+                             figsize=(max(6.5, 0.32 * len(combos) + 4.5), height),
+                             gridspec_kw={"height_ratios": [strip, 3.8]} if gone else {})
+    ax = axes[-1][0]
+    dodge = 0.6 / len(sweep["series"])  # methods side by side within a training set, not on top
+    for k, (method, values) in enumerate(sweep["series"].items()):
+        color, ls, marker = _method_style(method)
+        y = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        bn = method.endswith("+bn")  # hollow markers: BatchNorm statistics recomputed
+        ax.plot(x + (k - (len(sweep["series"]) - 1) / 2) * dodge, y, ls=ls, marker=marker, ms=5,
+                color=color, label=method, lw=2.4 if method == "baseline" else 1.3,
+                mfc="white" if bn else color)
+    if gone:
+        top = axes[0][0]
+        for row, method in enumerate(gone):
+            at = [i for i, c in enumerate(combos) if c in sweep["missing"][method]]
+            top.plot(x[at], [row] * len(at), ls="none", marker="x", ms=6, mew=1.5,
+                     color=_method_style(method)[0])
+        top.set_yticks(range(len(gone)), gone, fontsize=7)
+        top.set_ylim(len(gone) - 0.3, -0.7)
+        top.tick_params(axis="x", length=0)
+        top.set_title("n/a (why: report.md)", fontsize=7, loc="left")
+    ax.set_xticks(x, combos, rotation=90 if turn else 0, fontsize=8)
+    ax.set_xlim(-0.5, len(combos) - 0.5)
+    ax.set_xlabel("training sets (ordered by number of datasets)")
+    ax.set_ylabel("Dice (mean over lesions, then test sets)")
+    fig.suptitle(f"Ensemble, SWA and model soups vs baseline, per training set "
+                 f"({len(combos)} combination(s))", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     cli.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
-def plot_reference(pairs, path):
+def plot_reference(pairs, path, runs):
+    """Our AUPR against the authors' export; the title says when ours are not all on real data."""
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     for k, lesion in enumerate(LESIONS):
         sel = [p for p in pairs if p["lesion"] == lesion]
         ax.scatter([p["ours"] for p in sel], [p["authors"] for p in sel], s=14, color=f"C{k}", label=lesion)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="our AUPR (mean over seeds)", ylabel="authors' published AUPR")
-    ax.set_title("Per (combination, test set, lesion); setups differ", fontsize=9)
+    c = source_counts(runs)
+    ours = {"synthetic": "ours: toy models on SYNTHETIC data",
+            "unknown": "ours: data source unknown"}
+    caveat = next((ours[k] for k in ("synthetic", "unknown") if c[k]), "")
+    if caveat and c[max(c, key=c.get)] != len(runs):
+        caveat += f" ({c['synthetic']} synthetic, {c['unknown']} unknown of {len(runs)} runs)"
+    title = "Per (combination, test set, lesion); setups differ" + (f"\n{caveat}" if caveat else "")
+    ax.set_title(title, fontsize=9, color="C3" if caveat else "k")
     ax.legend(fontsize=8)
     fig.tight_layout()
     cli.save_figure(fig, path, dpi=120)
@@ -469,13 +790,88 @@ def style_lines(data, out):
     return md
 
 
-def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, authors=None, extra=()):
+def figure4_lines(f4, sweep=None):
+    """The Figure 4 section of report.md: the per-method summary, n/a cells with why, then the
+    paper's form over the training sets (figure4_sweep)."""
+    md = ["## Figure 4: weight averaging and ensembles", ""]
+    if not f4:
+        return md + ["No fig4.json found."]
+    md += ["![Figure 4](figure4.png)", "", "Each combination's Dice is averaged over the test sets "
+           "in its fig4.json, then over combinations (bars: mean ± std; dots: combinations). "
+           "*n/a*: combinations without that method, and why (e.g. SWA of a run without "
+           "snapshots).", "",
+           "| Method | mean Dice | std | combinations | Δ vs baseline (paired) | n/a |",
+           "|---|---|---|---|---|---|"]
+    for m, d in f4.items():
+        mean = f"{d['mean_dice']:.3f}" if d["n_combos"] else "n/a"
+        std, delta = (fmt_paper(null_nan(d[k])) for k in ("std", "delta_vs_baseline"))
+        n_a = _why(d["missing"]) or "—"
+        md.append(f"| {m} | {mean} | {std} | {d['n_combos']} | {delta} | {n_a} |")
+    return md + ([""] + figure4_sweep_lines(sweep) if sweep else [])
+
+
+def _one_or_each(values, fmt, each):
+    """The value all combinations share, formatted, else `each` (the table gives them)."""
+    distinct = {tuple(v) if isinstance(v, list) else v for v in values}
+    if len(distinct) != 1:
+        return each
+    (value,) = distinct
+    return fmt(list(value) if isinstance(value, tuple) else value)
+
+
+def figure4_sweep_lines(sweep):
+    """The paper's Figure 4 over the training sets: figure, provenance, one row per combination."""
+    runs, methods = sweep["runs"], list(sweep["series"])
+    each = list(runs.values())
+    seeds = _one_or_each([r["members"] for r in each], lambda m: f"seeds {', '.join(m)}" if m else
+                         "seeds not recorded", "each combination's seeds (table below)")
+    tests = _one_or_each([r["tests"] for r in each], lambda t: ", ".join(t) or "not recorded",
+                         "of each combination (table below)")
+    snaps = _one_or_each([r["snapshots"] for r in each], lambda n: f"{n} snapshot(s)",
+                         "table below")
+    md = ["### Over the training sets, as the paper draws it", "",
+          "![Figure 4 over the training sets](figure4_sweep.png)", "",
+          f"{len(sweep['combos'])} training combination(s), each from its `<COMBO>/fig4.json` "
+          "(`fig4.py`; `make fig4-sweep` runs it for every combination with two seeds): "
+          f"baseline = the first seed's best.pt; ensemble and soups = the best.pt of {seeds}; "
+          f"SWA = the first seed's snapshots ({snaps}). Each point: Dice "
+          f"(mean over lesions) averaged over the test sets {tests}; a training set's methods "
+          "side by side. Colour by method as above; dotted line and ▼ = encoder averaged, dashed "
+          "and ▲ = decoder; hollow markers: BatchNorm statistics recomputed (+bn); the crosses "
+          "above: n/a (why: the table above).", "",
+          "| Trained on | seeds | SWA snapshots | test sets | " + " | ".join(methods) + " |",
+          "|---" * (len(methods) + 4) + "|"]
+    for i, combo in enumerate(sweep["combos"]):
+        r = runs[combo]
+        cells = ["n/a" if sweep["series"][m][i] is None else f"{sweep['series'][m][i]:.3f}"
+                 for m in methods]
+        md.append(f"| {combo} | {', '.join(r['members']) or '—'} | {r['snapshots']} | "
+                  f"{', '.join(r['tests']) or '—'} | " + " | ".join(cells) + " |")
+    return md
+
+
+def authors_caption(authors):
+    """What data the authors' released models were scored on, as the caption of their table says."""
+    tested = {r["tested"] for r in authors if r["tested"]}
+    if tested == {"synthetic"}:
+        return "on synthetic data (`data.synthetic`: not comparable with *export*)"
+    if "synthetic" in tested:
+        return "on test data partly synthetic (`data.synthetic`), partly of other sources"
+    if tested == {"real"}:
+        return "on the real test sets"
+    return "on test data of unknown source (data source unknown)"
+
+
+def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, authors=None, extra=(),
+                 notes=(), sweep=None):
     seeds = sorted({r["seed"] for r in runs})
     combos = sorted({r["combo"] for r in runs}, key=_combo_key)
-    md = ["# Cross-dataset lesion segmentation: report", "",
+    of = lambda names: [r for r in runs if r["combo"] in names]  # noqa: E731 (runs a table shows)
+    md = ["# Cross-dataset lesion segmentation: report", "", *data_lines(runs), "",
           f"Built by `report.py` from {len(runs)} results file(s): {len(combos)} training combination(s), "
           f"seeds {seeds}. Cells: mean ± sample std (ddof=1) over seeds, n = runs with a defined value; "
           "`—` = no run; `NaN` = runs whose metric is undefined (no positive pixel).", "",
+          *(f"- NOTE: {n}" for n in notes), *([""] if notes else []),
           "## Protocol (the results files' `protocol` field)", "", *protocol_lines(runs), "",
           "## Table 2: AUPR, trained and tested on the same dataset", "",
           "| Dataset | Model | " + " | ".join(LESIONS) + " | mean |", "|---" * (len(LESIONS) + 3) + "|"]
@@ -485,25 +881,20 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
         md.append("| | ours: AP (floor-free) | " + " | ".join(fmt(row["ours_ap"][k]) for k in LESIONS + ("mean",)) + " |")
         for name, pub in row["published"].items():
             md.append(f"| | {name} (published) | " + " | ".join(fmt_paper(pub[k]) for k in LESIONS + ("mean",)) + " |")
-    md += ["", "Published rows: the paper's Table 2 (Playout & Cheriet, arXiv:2405.08329), row labels uncertain; "
-           "AUPR, floor and AP as defined in docs/PROTOCOL.md (\"Evaluation protocol\").", "",
+    md += ["", ours_caption(of(t2)) + "Published rows: the paper's Table 2 (Playout & Cheriet, "
+           "arXiv:2405.08329), row labels uncertain; AUPR, floor and AP as defined in "
+           "docs/PROTOCOL.md (\"Evaluation protocol\").", "",
            "## Table 3: Dice (mean over lesions) on other datasets' test sets", "",
            "| Test set | Trained on | ours | paper |", "|---|---|---|---|"]
     for test, row in t3.items():
         md += [f"| {TEST_NAMES[test]}-test | {c} | {fmt(v['ours'])} | {fmt_paper(v['paper'])} |" for c, v in row.items()]
+    t3_runs = of({c for row in t3.values() for c in row})
+    md += ["", ours_caption(t3_runs) + "*paper*: the paper's Table 3."]
     md += ["", "## Figure 3: leave-one-out scenarios", "", "![Figure 3](figure3.png)", "",
            f"Combinations ordered by {ORDER_NAMES[f3['order_by']]}; background = labelling style of the "
            "training sets (a combination with a coarse set is coarse, else with a mixed set mixed, else fine; "
            "white = not characterized); shade = min-max over seeds; star = best mean.", ""]
-    md += ["## Figure 4: weight averaging and ensembles", ""]
-    if f4:
-        md += ["![Figure 4](figure4.png)", "", "Each combination's Dice is averaged over the test sets in its "
-               "fig4.json, then over combinations (bars: mean ± std; dots: combinations).", "",
-               "| Method | mean Dice | std | combinations | Δ vs baseline (paired) |", "|---|---|---|---|---|"]
-        md += [f"| {m} | {d['mean_dice']:.3f} | {fmt_paper(null_nan(d['std']))} | {d['n_combos']} | "
-               f"{fmt_paper(null_nan(d['delta_vs_baseline']))} |" for m, d in f4.items()]
-    else:
-        md.append("No fig4.json found.")
+    md += figure4_lines(f4, sweep)
     md += ["", "## Training curves of the sweep", ""]
     if curves:
         md += [f"![Validation curves]({curves.name})", "",
@@ -515,15 +906,17 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
     md += ["", "## The authors' published AUPR beside ours", ""]
     if pairs:
         md += ["![Reference AUPR](reference_aupr.png)", "",
-               f"{len(pairs)} (combination, test set, lesion) pairs. {ref_note}"]
+               ours_caption(of({p["combo"] for p in pairs}))
+               + f"{len(pairs)} (combination, test set, lesion) pairs. {ref_note}"]
     else:
         md.append("Not plotted (no reference file or no matching combination).")
     md += ["", "## The authors' released models beside ours", ""]
     if authors:
         num = lambda v: "—" if not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
-        md += ["Means over lesions. *model*: the authors' released model of that combination "
-               "(`make authors-models`: `evaluate.py --ckpt hub:COMBO`), scored here under our protocol; *export*: "
-               "the AUPR of their own evaluation (`reference/`).", "",
+        md += [ours_caption(of({r["combo"] for r in authors})) + "Means over lesions. *model*: the "
+               "authors' released model of that combination (`make authors-models`: `evaluate.py "
+               f"--ckpt hub:COMBO`), scored here under our protocol, {authors_caption(authors)}; "
+               "*export*: the AUPR of their own evaluation (`reference/`).", "",
                "| Trained on | Test set | AUPR ours | AUPR model | AUPR export | Dice ours | Dice model | "
                "Dice model (argmax) |", "|---|---|---|---|---|---|---|---|"]
         md += [f"| {r['combo']} | {TEST_NAMES[r['test']]} | {fmt(r['ours_aupr'])} | {num(r['model_aupr'])} | "
@@ -564,9 +957,11 @@ def main(argv=None):
     if args.real_he is not None and not Path(args.real_he).is_file():
         raise FileNotFoundError(f"--real-he {args.real_he} not found")
 
-    runs, fig4, skipped = load_runs(args.runs_dir)
+    runs, fig4, skipped, notes = load_runs(args.runs_dir)
     for path in skipped:
         print(f"skipped (not a results file of the sweep layout): {path}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     styles = {}
     char = out / "characterize" / "characterize.json" if args.characterize == DEFAULT_CHARACTERIZE \
         else Path(args.characterize)
@@ -585,6 +980,8 @@ def main(argv=None):
         elif args.reference != DEFAULT_REFERENCE:
             raise FileNotFoundError(f"--reference {ref} not found")
 
+    for r in runs:
+        r["source"] = run_source(r)
     by_combo = {}
     for r in sorted(runs, key=lambda r: (_combo_key(r["combo"]), r["seed"])):
         by_combo.setdefault(r["combo"], []).append(r)
@@ -599,15 +996,20 @@ def main(argv=None):
     write_json(out / "table3.json", t3)
     write_json(out / "figure3.json", f3)
     plot_figure3(f3, out / "figure3.png")
-    for name in ("figure4.json", "figure4.png", "reference_aupr.json", "reference_aupr.png", "sweep_curves.png",
+    for name in ("figure4.json", "figure4.png", "figure4_sweep.json", "figure4_sweep.png",
+                 "reference_aupr.json", "reference_aupr.png", "sweep_curves.png",
                  "authors.json", "real_he_heldout.png"):
         (out / name).unlink(missing_ok=True)  # a rerun without them must not leave stale ones beside report.md
+    sweep = figure4_sweep(f4, fig4) if f4 else None
     if f4:
         write_json(out / "figure4.json", f4)
         plot_figure4(f4, out / "figure4.png")
+        write_json(out / "figure4_sweep.json", sweep)
+        plot_figure4_sweep(sweep, out / "figure4_sweep.png")
     if pairs:
         write_json(out / "reference_aupr.json", pairs)
-        plot_reference(pairs, out / "reference_aupr.png")
+        paired = {p["combo"] for p in pairs}
+        plot_reference(pairs, out / "reference_aupr.png", [r for r in runs if r["combo"] in paired])
     curves = plot_sweep(args.runs_dir, out / "sweep_curves.png")
     if authors:
         write_json(out / "authors.json", authors)
@@ -615,7 +1017,7 @@ def main(argv=None):
     styled = style_data(args.runs_dir, by_combo, styles)
     write_json(out / "style.json", styled)
     extra = extra + style_lines(styled, out)
-    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves, authors, extra)
+    write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves, authors, extra, notes, sweep)
     print(f"report: {len(runs)} run(s), {len(fig4)} fig4 file(s) -> {out / 'report.md'}")
 
 

@@ -3,6 +3,7 @@
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_fig4.py
 """
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,10 +85,24 @@ def test_fig4_needs_two_seeds_and_skips_swa_without_snapshots(runs, synth_root, 
         fig4.main([str(one), *flags, "-o", str(one / "fig4.json")])
     (one / "s3").mkdir()
     (one / "s3" / "best.pt").write_bytes((runs_dir / "IDR+MES" / "s1" / "best.pt").read_bytes())
-    fig4.main([str(one), *flags])  # -o: COMBO_DIR/fig4.json by default
-    assert "SWA entries skipped" in capsys.readouterr().out
+    fig4.main([str(one), *flags, "--bn", "both", "--bn-batches", "1"])  # -o: COMBO_DIR/fig4.json
+    printed = capsys.readouterr().out
     fig = json.loads((one / "fig4.json").read_text())
-    assert sorted(fig["methods"]) == ["baseline", "ensemble", "soup-decoder", "soup-encoder", "soup-full"]
+    soups = [f"soup-{p}{s}" for s in ("", "+bn") for p in ("encoder", "decoder", "full")]
+    assert sorted(fig["methods"]) == sorted(["baseline", "ensemble", *soups])
+    # SWA is not dropped: every SWA entry is in "missing" with why, and a row of n/a on the terminal
+    swa = [f"swa-{p}{s}" for s in ("", "+bn") for p in ("encoder", "decoder", "full")]
+    why = "no snapshots in s0/snapshots"
+    assert fig["missing"] == {m: why for m in swa}
+    for m in swa:
+        assert f"{m:16s}{'n/a':>8s}   ({why})" in printed
+    # report.py: the missing SWA is a visible cell (n/a, why) in the Figure 4 table, not a silence
+    report.main([str(tmp_path), "-o", str(tmp_path / "report"), "--reference", "none"])
+    f4 = json.loads((tmp_path / "report" / "figure4.json").read_text())
+    assert f4["swa-full"]["n_combos"] == 0 and f4["swa-full"]["missing"] == {"IDR+MES": why}
+    md = (tmp_path / "report" / "report.md").read_text()
+    (row,) = [x for x in md.splitlines() if x.startswith("| swa-full |")]
+    assert row == f"| swa-full | n/a | — | 0 | — | {why} (IDR+MES) |"
 
 
 def test_fig4_cli_errors_are_one_line(tmp_path):
@@ -110,3 +125,33 @@ def test_test_sets_same_list_syntax(tmp_path):
     assert parse([str(tmp_path)]).test == ["IDR", "DDR", "FGA", "RET", "MES"]
     with pytest.raises(ValueError, match="^--test: unknown dataset ID 'XYZ'"):
         parse([str(tmp_path), "--test", "XYZ"])
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make not installed")
+def test_make_fig4_sweep_plans_every_combination_with_two_seeds(tmp_path):
+    """`make fig4-sweep`: fig4.py for each combination with best.pt of >= 2 seeds (s<N> folders
+    only), with fig4's variables; a note for each combination it skips; none ready is an error."""
+    runs = tmp_path / "runs"
+    for run in ("IDR+MES/s0", "IDR+MES/s1", "IDR+MES/s5.bak", "IDR/s0", "RET/s0", "RET/s1.bak",
+                "DDR+FGA+RET/s3", "DDR+FGA+RET/s10"):
+        (runs / run).mkdir(parents=True)
+        (runs / run / "best.pt").write_bytes(b"")
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "-n", "fig4-sweep", f"RUNS={runs}",
+           "TESTS=IDR,MES", "FIG4_FLAGS=--bn both"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plans = [x for x in proc.stdout.splitlines() if x.startswith(".venv/bin/python fig4.py")]
+    assert sorted(plans) == sorted(
+        f".venv/bin/python fig4.py {runs}/{c} --test IDR,MES --data-root data_raw --cache cache "
+        f"-o {runs}/{c}/fig4.json --bn both" for c in ("IDR+MES", "DDR+FGA+RET"))
+    for combo in ("IDR", "RET"):  # one seed each (s1.bak is no seed)
+        note = f"note: fig4-sweep skips {combo}: best.pt of 1 seed(s) in {runs}/{combo}/s*/"
+        assert note in proc.stdout
+    assert f"note: fig4-sweep skips 27 combination(s) without a folder in {runs}" in proc.stdout
+    shutil.rmtree(runs / "IDR+MES")
+    shutil.rmtree(runs / "DDR+FGA+RET")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()  # ours, then make's own "*** [fig4-sweep] Error 1"
+    assert proc.returncode != 0 and err[1:] == [line for line in err[1:] if line.startswith("make")]
+    assert err[0] == f"error: no combination in {runs} has best.pt of 2 seeds " \
+                     "(make all-combos first)"

@@ -1,10 +1,12 @@
 """report.py on a hand-made fixture of results JSON files: exact table numbers, combos, figures, errors."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import report
@@ -164,7 +166,12 @@ def test_figure3_falls_back_to_dataset_count(fixture_dirs):
 
 def test_figure4_numbers(fixture_dirs):
     f4 = load(build(fixture_dirs), "figure4.json")
-    assert list(f4) == ["baseline", "ensemble", "swa-full"]
+    # every method fig4.py evaluates, also those no fig4.json holds (n/a cells, with why)
+    assert list(f4) == ["baseline", "ensemble", "swa-encoder", "swa-decoder", "swa-full",
+                        "soup-encoder", "soup-decoder", "soup-full"]
+    assert f4["swa-full"]["missing"] == {"IDR+DDR": "not in fig4.json"}
+    assert f4["soup-full"]["n_combos"] == 0 and f4["soup-full"]["mean_dice"] is None
+    assert f4["soup-full"]["missing"] == {c: "not in fig4.json" for c in ("DDR+MES", "IDR+DDR")}
     assert f4["baseline"]["per_combo"] == {"DDR+MES": pytest.approx(.5), "IDR+DDR": pytest.approx(.4)}
     assert f4["baseline"]["mean_dice"] == pytest.approx(.45)
     assert f4["baseline"]["std"] == pytest.approx(math.sqrt(2 * .05 ** 2))
@@ -270,3 +277,189 @@ def test_real_he_section(fixture_dirs, tmp_path):
     assert not (out / "real_he_heldout.png").exists() and "real-data" not in (out / "report.md").read_text()
     with pytest.raises(FileNotFoundError, match="--real-he"):
         build(fixture_dirs, "--real-he", str(tmp_path / "nope.json"))
+
+
+# The paper's Table 2 as /work/shared/REFERENCE.md transcribes it (EX, HE, MA, CWS, mean): every
+# cell is published.
+PUBLISHED_TABLE2 = {
+    "IDR": {"L-Seg": (.795, .637, .463, .711, .652), "other method": (.842, .593, .484, .641, .640),
+            "Playout & Cheriet": (.825, .620, .451, .713, .652)},
+    "DDR": {"L-Seg": (.555, .359, .105, .265, .321),
+            "Playout & Cheriet": (.592, .408, .281, .434, .429)},
+    "RET": {"Lesion-Net": (.740, .617, .377, .575, .577),
+            "Playout & Cheriet": (.724, .589, .451, .540, .571)},
+}
+
+
+def test_table2_every_published_cell_filled(fixture_dirs):
+    out = build(fixture_dirs)
+    t2, md = load(out, "table2.json"), (out / "report.md").read_text()
+    for ds, rows in PUBLISHED_TABLE2.items():
+        for name, values in rows.items():
+            assert t2[ds]["published"][name] == dict(zip(("EX", "HE", "MA", "CWS", "mean"), values))
+            cells = " | ".join(f"{v:.3f}" for v in values)
+            assert f"| | {name} (published) | {cells} |" in md
+    assert "| | other method (published) | 0.842 | 0.593 | 0.484 | 0.641 | 0.640 |" in md
+
+
+def test_report_refuses_to_count_a_backup_folder_as_a_seed(fixture_dirs, capsys):
+    """`cp -r runs/IDR runs/IDR.bak`: the same two runs in two more folders; each counted once."""
+    runs, _, out = fixture_dirs
+    for seed in (0, 1):
+        args = {"train": ["IDR"], "seed": seed, "lr": 3e-4, "resolution": 128,
+                "out": f"runs/IDR/s{seed}"}
+        (runs / "IDR" / f"s{seed}" / "args.json").write_text(json.dumps(args))
+    shutil.copytree(runs / "IDR", runs / "IDR.bak")
+    idr = load(build(fixture_dirs), "table2.json")["IDR"]
+    assert idr["seeds"] == [0, 1]
+    ex = idr["ours"]["EX"]  # the two seeds' EX AUPR, .8 and .9, each once
+    assert ex["n"] == 2 and ex["mean"] == pytest.approx(.85)
+    assert ex["std"] == pytest.approx(np.std([.8, .9], ddof=1))
+    err, md = capsys.readouterr().err, (out / "report.md").read_text()
+    for seed in (0, 1):
+        line = f"{runs / 'IDR.bak' / f's{seed}'} holds the same run as {runs / 'IDR' / f's{seed}'}"
+        assert f"note: {line}" in err and f"- NOTE: {line}" in md
+    # Another setting (lr) under one seed is another run: counted, and named.
+    shutil.rmtree(runs / "IDR.bak" / "s1")
+    other = json.loads((runs / "IDR.bak" / "s0" / "args.json").read_text()) | {"lr": 1e-3}
+    (runs / "IDR.bak" / "s0" / "args.json").write_text(json.dumps(other))
+    idr = load(build(fixture_dirs), "table2.json")["IDR"]
+    assert idr["seeds"] == [0, 0, 1] and idr["ours"]["EX"]["n"] == 3
+    assert "IDR seed 0 is 2 runs with other settings (lr)" in (out / "report.md").read_text()
+
+
+def test_run_identity_from_args_json_not_folder(fixture_dirs, capsys):
+    """A run's combination and seed are what its args.json says, whatever its folder is called; a
+    second fig4.json of one combination is named, not counted."""
+    runs, _, out = fixture_dirs
+    rec = json.loads((runs / "FGA" / "s0" / "results.json").read_text())
+    del rec["train"], rec["seed"]
+    (runs / "old" / "s7").mkdir(parents=True)
+    (runs / "old" / "s7" / "results.json").write_text(json.dumps(rec))
+    (runs / "old" / "s7" / "args.json").write_text(json.dumps({"train": ["RET"], "seed": 3}))
+    (runs / "old" / "fig4.json").write_text((runs / "IDR+DDR" / "fig4.json").read_text())
+    (runs / "bad" / "s2").mkdir(parents=True)  # a damaged args.json: skipped, never a traceback
+    (runs / "bad" / "s2" / "results.json").write_text(json.dumps(rec))
+    (runs / "bad" / "s2" / "args.json").write_text(json.dumps({"train": ["RET"], "seed": [2]}))
+    out = build(fixture_dirs)
+    assert f"skipped (not a results file of the sweep layout): {runs / 'bad' / 's2'}" in \
+        capsys.readouterr().err
+    (ret,) = [r for r in load(out, "figure3.json")["panels"]["IDR"] if r["combo"] == "RET"]
+    assert ret["n_runs"] == 2 and sorted(ret["values"]) == pytest.approx([.2, .25])
+    assert load(out, "figure4.json")["baseline"]["n_combos"] == 2
+    assert f"{runs / 'old' / 'fig4.json'} is a second Figure 4 of IDR+DDR: not counted" in \
+        (out / "report.md").read_text()
+
+
+def test_names_agree_with_train_resumable():
+    """report.NOT_IDENTITY is a copy of train.RESUMABLE (the flags a resume may change)."""
+    import train
+
+    assert set(report.NOT_IDENTITY) == set(train.RESUMABLE)
+
+
+def _give_args(runs, **settings):
+    """An args.json beside every results file of the fixture, recording the run's data settings."""
+    for path in runs.glob("*/s*/results.json"):
+        rec = report._read_json(path)
+        if not rec or "train" not in rec:  # the fixture's junk files
+            continue
+        args = {"train": rec["train"], "seed": rec["seed"], "resolution": 64, **settings}
+        (path.parent / "args.json").write_text(json.dumps(args))
+
+
+def test_synthetic_data_said_first_and_beside_published_numbers(fixture_dirs, tmp_path):
+    """Runs that read data.synthetic's output: the report's first lines and every caption beside
+    published numbers say so; without a recorded data source: "data source unknown", not either."""
+    from data.synthetic import generate
+
+    runs, _, out = fixture_dirs
+    md = (build(fixture_dirs) / "report.md").read_text()  # no args.json records a data root
+    assert "data source unknown" in md.split("## Protocol")[0] and "Synthetic" not in md
+    generate(tmp_path / "data", images=1, size=64, seed=0)  # the demo's datasets, with the marker
+    _give_args(runs, data_root=str(tmp_path / "data"), cache=str(tmp_path / "no-cache"))
+    md = (build(fixture_dirs) / "report.md").read_text()
+    assert md.splitlines()[2].startswith("**Synthetic data, toy models.**")
+    warned = [x for x in md.splitlines() if x.startswith("**Ours: toy models on synthetic data**")]
+    # Table 2, Table 3 and the reference AUPR (when the project has the authors' export)
+    assert len(warned) == 2 + (ROOT / report.DEFAULT_REFERENCE).is_file()
+    assert any("Published rows" in x for x in warned) and any("*paper*" in x for x in warned)
+    # The authors' released models: scored on data their results file does not name -> unknown.
+    rec = {"method": "authors", "train": ["IDR"], "protocol": {"resolution": 64},
+           "results": {"IDR": {"mean_aupr": .6, "mean_dice": .4}}}
+    (tmp_path / "authors" / "IDR").mkdir(parents=True)
+    (tmp_path / "authors" / "IDR" / "results.json").write_text(json.dumps(rec))
+    md = (build(fixture_dirs, "--authors", str(tmp_path / "authors")) / "report.md").read_text()
+    (line,) = [x for x in md.splitlines() if "*model*: the authors' released model" in x]
+    assert line.startswith("**Ours: toy models on synthetic data**")
+    assert "under our protocol, on test data of unknown source (data source unknown)" in line
+
+
+def test_real_data_source_from_the_prepared_cache(fixture_idrid, tmp_path):
+    """The cache's meta.json names the root a run read: the real IDRiD sample has no marker."""
+    from data import prepare_cache
+
+    prepare_cache("IDR", tmp_path / "none", tmp_path / "cache", 64, roots={"IDR": fixture_idrid},
+                  split_files={"IDR": str(fixture_idrid / "split.json")}, verbose=False)
+    runs = tmp_path / "runs"
+    write_run(runs, "IDR", 0, {"IDR": (flat(.5), flat(.5))})
+    rec = json.loads((runs / "IDR" / "s0" / "results.json").read_text())
+    rec["protocol"]["resolution"] = 64  # evaluated at the prepared cache's resolution
+    (runs / "IDR" / "s0" / "results.json").write_text(json.dumps(rec))
+    args = {"train": ["IDR"], "seed": 0, "resolution": 64, "cache": str(tmp_path / "cache"),
+            "data_root": str(tmp_path / "none"), "root": [f"IDR={fixture_idrid}"]}
+    (runs / "IDR" / "s0" / "args.json").write_text(json.dumps(args))
+    report.main([str(runs), "-o", str(tmp_path / "out"), "--reference", "none"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.splitlines()[2].startswith("Data: the real datasets") and "synthetic data" not in md
+    assert "**Ours" not in md
+
+
+def test_missing_swa_is_a_visible_cell(fixture_dirs):
+    """fig4.json of a run without snapshots lists SWA under "missing": an n/a cell with why, in the
+    table and on the figure's data; the other combination's SWA still counts."""
+    runs, _, out = fixture_dirs
+    path = runs / "IDR+DDR" / "fig4.json"
+    rec = json.loads(path.read_text())
+    why = "no snapshots in s0/snapshots"
+    rec["missing"] = {f"swa-{p}": why for p in ("encoder", "decoder", "full")}
+    path.write_text(json.dumps(rec))
+    out = build(fixture_dirs)
+    f4 = load(out, "figure4.json")
+    assert f4["swa-full"]["missing"] == {"IDR+DDR": "no snapshots in s0/snapshots"}
+    assert f4["swa-full"]["per_combo"] == {"DDR+MES": pytest.approx(.65)}
+    assert f4["swa-encoder"]["n_combos"] == 0
+    md = (out / "report.md").read_text()
+    assert "| swa-full | 0.650 | — | 1 | 0.150 | no snapshots in s0/snapshots (IDR+DDR) |" in md
+    assert "| swa-encoder | n/a | — | 0 | — | not in fig4.json (DDR+MES); " \
+           "no snapshots in s0/snapshots (IDR+DDR) |" in md
+    assert (out / "figure4.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figure4_over_the_training_sets(fixture_dirs):
+    """The paper's Figure 4: per training combination (x), each method's Dice averaged over that
+    combination's test sets; n/a where a combination lacks a method; drawn beside the summary."""
+    runs, _, out = fixture_dirs
+    path = runs / "IDR+DDR" / "fig4.json"
+    rec = json.loads(path.read_text())
+    members = [str(runs / "IDR+DDR" / f"s{i}" / "best.pt") for i in (0, 1)]
+    rec.update(tests=["MES", "DDR"], members=members, snapshots=["a.pt", "b.pt", "c.pt"],
+               missing={"swa-full": "no snapshots in s0/snapshots"})
+    path.write_text(json.dumps(rec))
+    out = build(fixture_dirs)
+    sweep = load(out, "figure4_sweep.json")
+    assert sweep["combos"] == ["IDR+DDR", "DDR+MES"]  # two sets each: canonical order
+    # by hand from the fig4.json files: IDR+DDR on MES and DDR, DDR+MES on IDR and MES (MES null)
+    assert sweep["series"]["baseline"] == pytest.approx([(.3 + .5) / 2, (.6 + .4) / 2])
+    assert sweep["series"]["ensemble"] == pytest.approx([(.4 + .6) / 2, (.7 + .5) / 2])
+    assert sweep["series"]["swa-full"] == [None, pytest.approx(.65)]
+    assert sweep["missing"]["swa-full"] == {"IDR+DDR": "no snapshots in s0/snapshots"}
+    assert sweep["runs"]["IDR+DDR"] == {"members": ["s0", "s1"], "baseline": "", "snapshots": 3,
+                                        "tests": ["MES", "DDR"]}
+    md = (out / "report.md").read_text()
+    assert (out / "figure4_sweep.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](figure4_sweep.png)" in md
+    assert md.index("](figure4.png)") < md.index("](figure4_sweep.png)")  # beside the summary
+    assert "| IDR+DDR | s0, s1 | 3 | MES, DDR | 0.400 | 0.500 | n/a | n/a | n/a |" in md
+    assert "| DDR+MES | — | 0 | IDR, MES | 0.500 | 0.600 | n/a | n/a | 0.650 |" in md
+    assert "2 training combination(s), each from its `<COMBO>/fig4.json` (`fig4.py`" in md

@@ -322,6 +322,9 @@ def evaluate_checkpoints(ckpt_paths, test_ids=DATASET_IDS, data_root="data_raw",
                          f"has one sigmoid per lesion (its Dice is at p >= 0.5)")
     protocol = make_protocol(resolution, lesions, options, tta, tile, overlap, roi, dtype, dice_argmax, style)
     header = results_header(ckpt_paths, headers, protocol)
+    # where the test sets were read (report.py tells synthetic from real data by it)
+    header.update(data_root=str(data_root), cache=str(cache_dir),
+                  root=[f"{k}={v}" for k, v in ((options or {}).get("roots") or {}).items()])
     if out is not None:
         check_results_file(out, header)
     if verbose:

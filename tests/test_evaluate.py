@@ -163,6 +163,7 @@ def test_cli_json_equals_brute_force(ckpts, cache_dir, synth_root, tmp_path):
                                "overlap": None, "dtype": "float32", "split_protocol": "paper", "split_seed": 0,
                                "lesions": list(LESIONS)}
     assert list(res["results"]) == ["IDR", "MES"]  # canonical order
+    assert (res["data_root"], res["cache"], res["root"]) == (str(synth_root), str(cache_dir), [])  # where read
     model = model_from(ckpts["a"])
     for test_id, block in res["results"].items():
         ds = PreparedDataset(cache_dir, test_id, R, "test")

@@ -163,8 +163,8 @@ demo: $(VENV)
 		FIG4_FLAGS="--members 2 --bn both --bn-batches 20 --device cpu" $(DEMO_VARS)
 	@mkdir -p $(DEMO)/style_photo && cp "$$(ls "$(DEMO)/data/IDRiD/A. Segmentation/1. Original Images/b. Testing Set/"*.jpg \
 		| head -1)" $(DEMO)/style_photo/
-	for s in fine coarse; do OMP_NUM_THREADS=1 $(PY) evaluate.py --ckpt $(DEMO)/runs/$(DEMO_COND)/cond-s0/best.pt \
-		--images $(DEMO)/style_photo --style $$s --save-maps $(DEMO)/report/style_maps/$$s --device cpu || exit 1; done
+	for s in fine coarse; do OMP_NUM_THREADS=1 $(PY) predict.py --ckpt $(DEMO)/runs/$(DEMO_COND)/cond-s0/best.pt \
+		--images $(DEMO)/style_photo --style $$s --out $(DEMO)/report/style_maps/$$s --device cpu || exit 1; done
 	$(PY) report.py $(DEMO)/runs -o $(DEMO)/report --real-he $(DEMO)/real_he/real_he.json
 	@echo "demo done: $(DEMO)/report/report.md"
 

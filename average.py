@@ -13,32 +13,122 @@ weights. Checkpoints are streamed one at a time and summed in float64 on the CPU
 soups, --reference best) and BatchNorm recomputation read the training combination's own validation /
 training splits (never test), with the data options recorded in the checkpoint's args unless given here.
 The paper's Figure 4 (every method on one combination) is fig4.py, built on these functions.
+
+The averaging itself (the first half of this file) needs only torch and model.py: copy both into another project.
+The ingredients are loaded with `load` (model.load_checkpoint; the command line also reads the authors' models),
+validation scores come from a `score(ckpt)` function and BatchNorm batches from an iterable, both passed in.
 """
-import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
-
-cli.early_ctrl_c(__name__ == "__main__")
-
 import argparse
+import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-import torch.nn as nn
-
-import data
-from data import combo_name
-from jsonio import write_json
-from kernels import AP_BINS, pr_metrics
-from model import (ARCH_FIELDS, architecture, is_hub_spec, load_checkpoint, load_models, read_manifest,
-                   save_checkpoint)
-from protocol import default_device, pooled_counts
 
 PARTS = ("encoder", "decoder", "full")
 # Validation scores a soup may follow: keys of kernels.pr_metrics. dice and ap are floor-free; the protocol's
 # aupr gives a map that predicts nothing about 0.5 (docs/PROTOCOL.md), so a soup on it can prefer a blank model.
 METRICS = ("dice", "ap", "aupr")
+
+
+# ---- the command line first: `python average.py --help` answers before torch loads --------------------------
+SWA_HELP = """Average one run's snapshots (eq. 2) into a training-format checkpoint.
+
+    python average.py swa runs/IDR+MES/s0 -o runs/IDR+MES/s0/swa.pt --last 5
+    python average.py swa runs/IDR+MES/s0 -o runs/IDR+MES/s0/swa-enc.pt --steps 2000: --part encoder --bn recompute
+"""
+SOUP_HELP = """Average the final weights of several runs of one combination (eq. 3): uniform, or greedy on validation.
+
+    python average.py soup runs/IDR+MES/s*/best.pt -o runs/IDR+MES/soup.pt
+    python average.py soup runs/IDR+MES/s*/best.pt -o runs/IDR+MES/greedy.pt --greedy --metric dice --part decoder
+"""
+ENSEMBLE_HELP = """Write an ensemble manifest (eq. 1): member paths, no weights; evaluate.py averages them.
+
+    python average.py ensemble runs/IDR+MES/s[0-3]/best.pt -o runs/IDR+MES/ensemble.json
+    python evaluate.py --ckpt runs/IDR+MES/ensemble.json --test MES
+"""
+
+
+def build_parser():
+    import utils  # noqa: PLC0415 (the command line only: the averaging itself needs torch and model.py alone)
+
+    p = utils.Parser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, text):
+        # `average.py NAME --help`: what NAME does on top, its own examples below the flags (the epilog)
+        summary, _, examples = text.partition("\n")
+        return sub.add_parser(name, help=summary, description=summary, epilog="examples:\n" + examples.strip("\n"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def outputs(q, what):
+        q.add_argument("-o", "--out", required=True, help=f"{what} to write (required)")
+        q.add_argument("--force", action="store_true", help="overwrite an existing output (default: %(default)s)")
+
+    def part(q):
+        q.add_argument("--part", choices=PARTS, default="full",
+                       help="average only the encoder, only the decoder (+ head), or everything (default: %(default)s)")
+
+    p.commands = sub.choices  # {name: subparser}: main reads the data flags' defaults there
+    q = command("swa", SWA_HELP)
+    q.add_argument("run_dir", help="run directory holding snapshots/step_N.pt")
+    sel = q.add_mutually_exclusive_group()
+    sel.add_argument("--last", type=int, default=None, help="only the last K snapshots (default: %(default)s = all)")
+    sel.add_argument("--steps", default=None, metavar="A:B",
+                     help="only snapshots with A <= step <= B; either side may be empty (default: %(default)s = all)")
+    outputs(q, "averaged checkpoint")
+    part(q)
+    add_averaging_args(q)
+
+    q = command("soup", SOUP_HELP)
+    q.add_argument("ckpts", nargs="+", help="checkpoints of runs of the same architecture (e.g. s*/best.pt)")
+    q.add_argument("--greedy", action="store_true",
+                   help="greedy soup: add ingredients by validation score, keep each only if the soup's "
+                        "validation score strictly improves (default: %(default)s = uniform soup)")
+    outputs(q, "soup checkpoint")
+    part(q)
+    add_averaging_args(q)
+
+    q = command("ensemble", ENSEMBLE_HELP)
+    q.add_argument("ckpts", nargs="+", help="member checkpoints or manifests (any architectures)")
+    outputs(q, "ensemble manifest (.json)")
+    return p
+
+
+def add_averaging_args(q, reference="first", bn=("keep", "recompute"), bn_help=""):
+    """The flags of averaging with validation scores and BatchNorm recomputation (swa, soup, fig4.py)."""
+    from data.flags import add_data_args  # noqa: PLC0415
+
+    g = q.add_argument_group("averaging")
+    g.add_argument("--reference", choices=("first", "best"), default=reference,
+                   help="ingredient supplying what is not averaged (other part, integer buffers): the first "
+                        "given or the best by validation score (default: %(default)s)")
+    g.add_argument("--bn", choices=bn, default="keep",
+                   help="keep the averaged BatchNorm statistics, or recompute them over training patches"
+                        f"{bn_help} (default: %(default)s)")
+    g.add_argument("--bn-batches", type=int, default=100,
+                   help="training batches (the run's --batch x --patch) for --bn recompute (default: %(default)s)")
+    g.add_argument("--metric", choices=METRICS, default="dice",
+                   help="validation score of --greedy and --reference best: mean over lesions of pooled Dice or "
+                        "AP (floor-free), or the protocol's AUPR, which a blank map scores about 0.5 "
+                        "(default: %(default)s)")
+    g.add_argument("--device", default=None,
+                   help="device of the validation and BatchNorm passes; averaging runs on the CPU (default: "
+                        "cuda if available, else cpu)")
+    add_data_args(q)
+
+
+
+if __name__ == "__main__":
+    import utils
+
+    utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while it loads: one line
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from model import ARCH_FIELDS, architecture, load_checkpoint, load_models, save_checkpoint  # noqa: E402
 
 
 def in_part(key, part):
@@ -86,13 +176,13 @@ def check_same_architecture(first_path, first, path, ckpt):
 # ---------------------------------------------------------------------------------------------------------
 # Averages (eq. 2 and 3) and ensembles (eq. 1)
 # ---------------------------------------------------------------------------------------------------------
-def average_checkpoints(paths, part="full", reference=None, method="average"):
+def average_checkpoints(paths, part="full", reference=None, method="average", load=load_checkpoint):
     """Uniform average of the checkpoints' `part` tensors; everything else from `reference` -> checkpoint dict.
 
     Streams: holds the reference, the float64 sums and one loaded checkpoint at a time. Float tensors
     (weights and BatchNorm running statistics) are summed in float64 and divided once at the end, so the
     average of n copies of A is exactly A. Integer buffers (num_batches_tracked) are copied from the
-    reference: a step counter has no meaningful average.
+    reference: a step counter has no meaningful average. load(path) -> checkpoint dict.
     """
     paths = [str(p) for p in paths]
     if not paths:
@@ -100,16 +190,16 @@ def average_checkpoints(paths, part="full", reference=None, method="average"):
     if part not in PARTS:
         raise ValueError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
     reference = str(reference or paths[0])
-    first = load_checkpoint(paths[0])
+    first = load(paths[0])
     check_same_architecture(paths[0], first, paths[0], first)  # refuses an ensemble file
     # What every ingredient is checked against: the first one's model_cfg and tensor shapes (meta: no memory)
     spec = {"model_cfg": first["model_cfg"], "args": first.get("args"), "method": first.get("method"),
             "model": {k: v.to("meta") for k, v in first["model"].items()}}
-    ref = first if reference == paths[0] else load_checkpoint(reference)
+    ref = first if reference == paths[0] else load(reference)
     check_same_architecture(paths[0], spec, reference, ref)
     total, step, epoch = {}, 0, 0
     for i, path in enumerate(paths):
-        ckpt = first if i == 0 else ref if path == reference else load_checkpoint(path)
+        ckpt = first if i == 0 else ref if path == reference else load(path)
         first = None
         check_same_architecture(paths[0], spec, path, ckpt)
         for k, v in ckpt["model"].items():
@@ -126,12 +216,12 @@ def average_checkpoints(paths, part="full", reference=None, method="average"):
                                          "part": part, "bn": "keep", "reference": reference}}
 
 
-def ingredient_scores(paths, score, memo=None):
+def ingredient_scores(paths, score, memo=None, load=load_checkpoint):
     """{path: validation score} of each ingredient, loading one checkpoint at a time; memo reuses earlier ones."""
     memo = {} if memo is None else memo
     for p in map(str, paths):
         if p not in memo:
-            memo[p] = score(load_checkpoint(p))
+            memo[p] = score(load(p))
             print(f"  validation score of {p}: {memo[p]:.4f}")
     return {p: memo[p] for p in map(str, paths)}
 
@@ -140,17 +230,17 @@ def _rank(value):
     return -math.inf if math.isnan(value) else value  # NaN (no lesion in validation) ranks last
 
 
-def pick_reference(paths, rule, score=None, memo=None):
+def pick_reference(paths, rule, score=None, memo=None, load=load_checkpoint):
     """The ingredient that supplies what is not averaged: the first given, or the best by validation score."""
     if rule == "first":
         return str(paths[0])
     if rule != "best":
         raise ValueError(f"--reference must be first or best, got {rule!r}")
-    scores = ingredient_scores(paths, score, memo)
+    scores = ingredient_scores(paths, score, memo, load)
     return max(scores, key=lambda p: _rank(scores[p]))  # ties: the earliest given
 
 
-def greedy_soup(paths, score, part="full", reference="first", memo=None):
+def greedy_soup(paths, score, part="full", reference="first", memo=None, load=load_checkpoint):
     """Greedy soup (Wortsman et al. 2022, recipe 2): ingredients by decreasing validation score, each kept
     only if the uniform soup of those kept so far plus it scores strictly better on validation.
 
@@ -158,15 +248,15 @@ def greedy_soup(paths, score, part="full", reference="first", memo=None):
     candidate soup is recomputed from its ingredients in float64 (n loads per candidate) so the final soup
     is an exact uniform average, not a chain of running means.
     """
-    scores = ingredient_scores(paths, score, memo)
+    scores = ingredient_scores(paths, score, memo, load)
     order = sorted(scores, key=lambda p: -_rank(scores[p]))  # stable: ties keep the command-line order
     ref = order[0] if reference == "best" else pick_reference(paths, reference)
     kept = [order[0]]
-    soup = average_checkpoints(kept, part, ref)
+    soup = average_checkpoints(kept, part, ref, load=load)
     # NOTE: with part != full, a soup of one is the best ingredient's part on the reference's other part.
     best = scores[order[0]] if part == "full" or ref == order[0] else score(soup)
     for p in order[1:]:
-        candidate = average_checkpoints(kept + [p], part, ref)
+        candidate = average_checkpoints(kept + [p], part, ref, load=load)
         s = score(candidate)
         # NOTE: strictly better, as model-soups' `if held_out_val_accuracy > best_val_acc_so_far`: a tie adds
         # an ingredient the validation set can't tell apart, so it is left out; NaN ranks -inf, never kept.
@@ -179,103 +269,31 @@ def greedy_soup(paths, score, part="full", reference="first", memo=None):
     return soup
 
 
-def make_ensemble(paths, out):
-    """Ensemble manifest (eq. 1) to be written at `out`: the members' paths relative to out's folder, no weights.
+def select_snapshots(run_dir, last=None, steps=None):
+    """RUN/snapshots/step_N.pt sorted by step: all, the last k, or those with A <= N <= B (steps 'A:B')."""
+    folder = Path(run_dir) / "snapshots"
+    found = sorted((int(m.group(1)), p) for p in folder.glob("step_*.pt")
+                   if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
+    if not found:
+        raise FileNotFoundError(f"no snapshots in {folder} (train.py keeps them at validation-loss minima, "
+                                f"or every N steps with --snapshot-every N)")
+    if steps is not None:
+        a, sep, b = str(steps).partition(":")
+        try:
+            lo, hi = int(a) if a else 0, int(b) if b else math.inf
+        except ValueError:
+            raise ValueError(f"--steps expects A:B (integers, either may be empty), got {steps!r}") from None
+        if not sep:
+            raise ValueError(f"--steps expects A:B (integers, either may be empty), got {steps!r}")
+        found = [(s, p) for s, p in found if lo <= s <= hi]
+    if last is not None:
+        if last < 1:
+            raise ValueError(f"--last must be >= 1, got {last}")
+        found = found[-last:]
+    if not found:
+        raise ValueError(f"--steps {steps} selects none of the snapshots in {folder}")
+    return [str(p) for _, p in found]
 
-    evaluate.py averages the members' probabilities. A manifest given as a member contributes its members
-    (a flat list, equally weighted); every member is loaded once (memory-mapped) to check it is a checkpoint.
-    """
-    paths = [str(p) for p in paths]
-    if not paths:
-        raise ValueError("no checkpoint for the ensemble")
-    out_dir = Path(os.path.abspath(out)).parent
-    members, counts, seen = [], [], []
-    for p in paths:
-        ckpt = load_checkpoint(p)  # FileNotFoundError / ValueError naming p, or a member of its manifest
-        inner = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
-        counts.append(len(inner))
-        seen += [(p if len(inner) == 1 else f"{p} (member {i})", m) for i, m in enumerate(inner)]
-        del ckpt, inner
-        listed = read_manifest(p)[1] if Path(p).suffix == ".json" else [p]
-        members += [str(m) if is_hub_spec(m) else Path(os.path.relpath(os.path.abspath(m), out_dir)).as_posix()
-                    for m in listed]
-    check_ensemble_members(seen)
-    n = sum(counts)
-    return {"kind": "ensemble", "version": 1, "members": members,
-            "provenance": {"method": "ensemble", "ingredients": paths, "weights": [c / n for c in counts],
-                           "part": "full", "bn": "keep", "reference": paths[0]}}
-
-
-def check_ensemble_members(members):
-    """members: [(name, checkpoint dict)]. One line naming the first member that does not run as the first:
-    another training resolution (evaluate.py would run it at the first one's, and the member order would
-    change the score), or style conditioning where the first has none (or the reverse)."""
-    (name0, first), res0 = members[0], (members[0][1].get("args") or {}).get("resolution")
-    cond0 = bool(first["model_cfg"].get("style_tokens"))
-    for name, m in members[1:]:
-        res = (m.get("args") or {}).get("resolution")
-        if res is not None and res0 is not None and str(res) != str(res0):
-            raise ValueError(f"ensemble member {name} was trained at {res} px, {name0} at {res0} px: an ensemble "
-                             f"runs every member at one resolution: list members trained at the same --resolution")
-        if bool(m["model_cfg"].get("style_tokens")) != cond0:
-            which = (name, name0) if cond0 else (name0, name)
-            raise ValueError(f"ensemble member {name}: {which[1]} is style-conditioned (train.py "
-                             f"--style-condition) and {which[0]} is not; an ensemble mixes no such members")
-
-
-def write_ensemble(out, paths):
-    """make_ensemble(paths, out) written to `out` (.json) -> the manifest dict."""
-    if Path(out).suffix != ".json":
-        raise ValueError(f"-o {out}: an ensemble is a JSON manifest listing its members; name it .json "
-                         f"(e.g. {Path(out).with_suffix('.json')})")
-    manifest = make_ensemble(paths, out)
-    write_json(out, manifest)
-    return manifest
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The training combination's data: validation scores and BatchNorm statistics
-# ---------------------------------------------------------------------------------------------------------
-def combination_sets(train_ids, resolution, split, data_root, cache_dir, options=None):
-    """The non-empty `split` PreparedDatasets of every training set (prepared on first use, quietly)."""
-    for d in train_ids:
-        data.prepare_cache(d, data_root, cache_dir, resolution, **{**(options or {}), "verbose": False})
-    sets = [data.PreparedDataset(cache_dir, d, resolution, split) for d in train_ids]
-    sets = [s for s in sets if len(s)]
-    if not sets:
-        raise ValueError(f"no {split} images in the splits of {combo_name(train_ids)} under {cache_dir}")
-    return sets
-
-
-def make_scorer(val_sets, metric="dice", device="cpu"):
-    """score(ckpt) -> mean over lesions of a pooled validation score (NaN lesions left out), higher is better.
-
-    metric: a key of kernels.pr_metrics (METRICS): "dice" at p >= 0.5 or "ap", the finely binned average
-    precision, both floor-free; or the protocol's "aupr".
-    """
-    if metric not in METRICS:
-        raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    fine = {"ap_bins": AP_BINS} if metric == "ap" else {}  # ap's fine curve, counted in the same pass
-
-    def score(ckpt):
-        models = load_models(ckpt, device)
-        counts = pooled_counts(models, val_sets, device, **fine)  # the union of the validation splits, as train.py
-        scores = pr_metrics(*counts)
-        if metric not in scores:
-            raise ValueError(f"--metric {metric}: kernels.pr_metrics returns no {metric!r} score "
-                             f"(only {', '.join(scores)})")
-        values = [float(v) for v in scores[metric] if not math.isnan(v)]
-        return sum(values) / len(values) if values else float("nan")
-
-    return score
-
-
-def training_batches(train_sets, patch, batch, n_batches, seed=0):
-    """n_batches float (B, 3, P, P) batches in [0, 1] of augmented training patches (the training distribution)."""
-    patches = data.PatchDataset(train_sets, patch=patch, length=n_batches * batch, seed=seed, augment=True)
-    for b in range(n_batches):
-        items = [patches[i] for i in range(b * batch, (b + 1) * batch)]
-        yield torch.stack([it["image"] for it in items]).float().div_(255)  # (B, 3, P, P)
 
 
 @torch.no_grad()
@@ -321,59 +339,185 @@ def recompute_bn_checkpoint(ckpt, batches, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command-line plumbing shared by the subcommands (and fig4.py)
+# Ensembles (eq. 1): a manifest of member paths, no weights
 # ---------------------------------------------------------------------------------------------------------
+def is_hub_spec(path):
+    return str(path).startswith("hub:")  # the authors' released models (authors.py): kept as they are
+
+
+def read_manifest(path):
+    """An ensemble manifest {"kind": "ensemble", "members": [paths relative to the manifest's folder], ...}
+    -> (the manifest dict, the member paths resolved). Writes nothing, loads no weights."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"ensemble manifest {path} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "ensemble":
+        raise ValueError(f"ensemble manifest {path} lacks \"kind\": \"ensemble\"")
+    members = manifest.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+        raise ValueError(f"ensemble manifest {path} needs a non-empty \"members\" list of checkpoint paths")
+    return manifest, [m if is_hub_spec(m) else path.parent / m for m in members]
+
+
+def _resolution(ckpt):
+    return ckpt["model_cfg"].get("resolution") or (ckpt.get("args") or {}).get("resolution")
+
+
+def check_ensemble_members(members):
+    """members: [(name, checkpoint dict)]. One line naming the first member that does not run as the first:
+    another training resolution (evaluate.py would run it at the first one's, and the member order would
+    change the score), or style conditioning where the first has none (or the reverse)."""
+    (name0, first), res0 = members[0], _resolution(members[0][1])
+    cond0 = bool(first["model_cfg"].get("style_tokens"))
+    for name, m in members[1:]:
+        res = _resolution(m)
+        if res is not None and res0 is not None and str(res) != str(res0):
+            raise ValueError(f"ensemble member {name} was trained at {res} px, {name0} at {res0} px: an ensemble "
+                             f"runs every member at one resolution: list members trained at the same --resolution")
+        if bool(m["model_cfg"].get("style_tokens")) != cond0:
+            which = (name, name0) if cond0 else (name0, name)
+            raise ValueError(f"ensemble member {name}: {which[1]} is style-conditioned (train.py "
+                             f"--style-condition) and {which[0]} is not; an ensemble mixes no such members")
+
+
+def make_ensemble(paths, out, load=load_checkpoint):
+    """Ensemble manifest (eq. 1) to be written at `out`: the members' paths relative to out's folder, no weights.
+
+    evaluate.py averages the members' probabilities. A manifest given as a member contributes its members
+    (a flat list, equally weighted); every member is loaded once (memory-mapped) to check it is a checkpoint.
+    """
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("no checkpoint for the ensemble")
+    out_dir = Path(os.path.abspath(out)).parent
+    members, counts, seen = [], [], []
+    for p in paths:
+        ckpt = load(p)  # FileNotFoundError / ValueError naming p, or a member of its manifest
+        inner = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
+        counts.append(len(inner))
+        seen += [(p if len(inner) == 1 else f"{p} (member {i})", m) for i, m in enumerate(inner)]
+        del ckpt, inner
+        listed = read_manifest(p)[1] if Path(p).suffix == ".json" else [p]
+        members += [str(m) if is_hub_spec(m) else Path(os.path.relpath(os.path.abspath(m), out_dir)).as_posix()
+                    for m in listed]
+    check_ensemble_members(seen)
+    n = sum(counts)
+    return {"kind": "ensemble", "version": 1, "members": members,
+            "provenance": {"method": "ensemble", "ingredients": paths, "weights": [c / n for c in counts],
+                           "part": "full", "bn": "keep", "reference": paths[0]}}
+
+
+def write_ensemble(out, paths, load=load_checkpoint):
+    """make_ensemble(paths, out) written to `out` (.json, whole or not at all) -> the manifest dict."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"-o {out}: an ensemble is a JSON manifest listing its members; name it .json "
+                         f"(e.g. {out.with_suffix('.json')})")
+    manifest = make_ensemble(paths, out, load)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line (and fig4.py): the training combination's data, for validation scores and BatchNorm batches.
+# NOTE: the functions below import the project's data and scoring modules when they run; the ones above need
+# only torch and model.py.
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
 class Combination:
-    """The training combination in a checkpoint's args: validation scores and training batches, built on first use."""
-
-    def __init__(self, ckpt_args, args, parser):
-        self.ckpt_args, self.args, self.parser = ckpt_args, args, parser
-        self._score, self.memo = None, {}  # memo: {ingredient path: validation score}
-
-    @property
-    def train(self):
-        if not self.ckpt_args.get("train") or not self.ckpt_args.get("resolution"):
-            raise ValueError("the checkpoint's args record no training combination ('train', 'resolution'): "
-                             "validation scores and --bn recompute need them")
-        return data.parse_dataset_ids(",".join(self.ckpt_args["train"]))
+    """The training combination of the ingredients (their first one's args): where its data are, and how its
+    validation scores and BatchNorm batches are made (built on first use, each validation score once)."""
+    train: list
+    resolution: int
+    where: tuple  # (data_root, cache, prepare_cache options): data.data_settings
+    metric: str = "dice"
+    device: str = "cpu"
+    bn_batches: int = 100
+    patch: int = 512
+    batch: int = 8
+    memo: dict = field(default_factory=dict)  # {ingredient path: validation score}
+    val_sets: list = None  # built on the first score
 
     def sets(self, split):
-        data_root, cache, options = data.data_settings(self.args, self.parser, self.ckpt_args)
-        return combination_sets(self.train, int(self.ckpt_args["resolution"]), split, data_root, cache, options)
+        """The non-empty `split` PreparedDatasets of every training set (prepared on first use, quietly)."""
+        import data  # noqa: PLC0415
+
+        data_root, cache, options = self.where
+        for d in self.train:
+            data.prepare_cache(d, data_root, cache, self.resolution, **{**(options or {}), "verbose": False})
+        sets = [s for s in (data.PreparedDataset(cache, d, self.resolution, split) for d in self.train) if len(s)]
+        if not sets:
+            raise ValueError(f"no {split} images in the splits of {'+'.join(self.train)} under {cache}")
+        return sets
 
     def score(self, ckpt):
-        if self._score is None:
-            self._score = make_scorer(self.sets("val"), self.args.metric, self.args.device)
-        return self._score(ckpt)
+        """Mean over lesions of a pooled validation score of ckpt (NaN lesions left out), higher is better:
+        "dice" at p >= 0.5, "ap" (finely binned, floor-free) or the protocol's "aupr" (kernels.pr_metrics)."""
+        from kernels import AP_BINS, pr_metrics  # noqa: PLC0415
+        from protocol import pooled_counts  # noqa: PLC0415
+
+        if self.val_sets is None:
+            self.val_sets = self.sets("val")
+        fine = {"ap_bins": AP_BINS} if self.metric == "ap" else {}  # ap's fine curve, counted in the same pass
+        models = load_models(ckpt, self.device)
+        scores = pr_metrics(*pooled_counts(models, self.val_sets, self.device, **fine))  # the union, as train.py
+        values = [float(v) for v in scores[self.metric] if not math.isnan(v)]
+        return sum(values) / len(values) if values else float("nan")
 
     def recompute_bn(self, ckpt):
-        sets = self.sets("train")
-        patch = int(self.ckpt_args.get("patch") or self.ckpt_args["resolution"])
-        batch = int(self.ckpt_args.get("batch") or 8)
-        print(f"recomputing BatchNorm statistics over {self.args.bn_batches} batches of {batch} training patches")
-        return recompute_bn_checkpoint(ckpt, training_batches(sets, patch, batch, self.args.bn_batches),
-                                       self.args.device)
+        """ckpt with BatchNorm statistics recomputed over bn_batches batches of augmented training patches."""
+        import data  # noqa: PLC0415
+
+        patches = data.PatchDataset(self.sets("train"), patch=self.patch, length=self.bn_batches * self.batch,
+                                    seed=0, augment=True)
+        batches = (torch.stack([patches[i]["image"] for i in range(b * self.batch, (b + 1) * self.batch)])
+                   .float().div_(255) for b in range(self.bn_batches))  # (B, 3, P, P) in [0, 1]
+        print(f"recomputing BatchNorm statistics over {self.bn_batches} batches of {self.batch} training patches")
+        return recompute_bn_checkpoint(ckpt, batches, self.device)
+
+
+def combination(ckpt_args, args, parser):
+    """The Combination of a checkpoint's training args, with this command line's data flags (data_settings)."""
+    import data  # noqa: PLC0415
+
+    if not ckpt_args.get("train") or not ckpt_args.get("resolution"):
+        raise ValueError("the checkpoint's args record no training combination ('train', 'resolution'): "
+                         "validation scores and --bn recompute need them")
+    return Combination(data.parse_dataset_ids(",".join(ckpt_args["train"])), int(ckpt_args["resolution"]),
+                       data.data_settings(args, parser, ckpt_args), args.metric, args.device or "cpu",
+                       args.bn_batches, int(ckpt_args.get("patch") or ckpt_args["resolution"]),
+                       int(ckpt_args.get("batch") or 8))
 
 
 def check_out(out, force):
     """Before any work: -o is not an existing file (unless --force) nor a folder, and its folder can be written."""
+    import utils  # noqa: PLC0415
+
     if Path(out).is_dir():
         raise ValueError(f"-o {out} is a folder: name the file to write")
     if Path(out).exists() and not force:
         raise ValueError(f"{out} exists (pass --force to overwrite)")
-    cli.writable_folder(Path(out).parent, "-o", f"write {Path(out).name} there")
+    utils.writable_folder(Path(out).parent, "-o", f"write {Path(out).name} there")
 
 
-def build_average(paths, kind, part, combo, args, bn=None):
+def build_average(paths, kind, part, combo, args, bn=None, load=load_checkpoint):
     """A soup / SWA checkpoint dict for the CLI: reference, optional greedy selection, optional BN recompute
     (`bn` overrides args.bn)."""
     method = f"{kind}-{part}"  # e.g. "swa-encoder": evaluate.py writes it as the results' "method"
     if getattr(args, "greedy", False):
-        ckpt = greedy_soup(paths, combo.score, part, args.reference, combo.memo)
+        ckpt = greedy_soup(paths, combo.score, part, args.reference, combo.memo, load)
         ckpt["provenance"].update(method=f"greedy-{method}", metric=args.metric)
     else:
-        ref = pick_reference(paths, args.reference, combo.score, combo.memo)
-        ckpt = average_checkpoints(paths, part, ref, method)
+        ref = pick_reference(paths, args.reference, combo.score, combo.memo, load)
+        ckpt = average_checkpoints(paths, part, ref, method, load)
     ckpt["provenance"]["reference_rule"] = args.reference
     # NOTE: BatchNorm statistics are recomputed once, after the greedy choice: candidates are scored with
     # their averaged statistics (a recompute per candidate would multiply the cost by the ingredients).
@@ -382,127 +526,24 @@ def build_average(paths, kind, part, combo, args, bn=None):
     return ckpt
 
 
-def select_snapshots(run_dir, last=None, steps=None):
-    """RUN/snapshots/step_N.pt sorted by step: all, the last k, or those with A <= N <= B (steps 'A:B')."""
-    folder = Path(run_dir) / "snapshots"
-    found = sorted((int(m.group(1)), p) for p in folder.glob("step_*.pt")
-                   if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
-    if not found:
-        raise FileNotFoundError(f"no snapshots in {folder} (train.py keeps them at validation-loss minima, "
-                                f"or every N steps with --snapshot-every N)")
-    if steps is not None:
-        a, sep, b = str(steps).partition(":")
-        try:
-            lo, hi = int(a) if a else 0, int(b) if b else math.inf
-        except ValueError:
-            raise ValueError(f"--steps expects A:B (integers, either may be empty), got {steps!r}") from None
-        if not sep:
-            raise ValueError(f"--steps expects A:B (integers, either may be empty), got {steps!r}")
-        found = [(s, p) for s, p in found if lo <= s <= hi]
-    if last is not None:
-        if last < 1:
-            raise ValueError(f"--last must be >= 1, got {last}")
-        found = found[-last:]
-    if not found:
-        raise ValueError(f"--steps {steps} selects none of the snapshots in {folder}")
-    return [str(p) for _, p in found]
-
-
-# ---------------------------------------------------------------------------------------------------------
-def add_averaging_args(q, reference="first", bn=("keep", "recompute"), bn_help=""):
-    """The flags of averaging with validation scores and BatchNorm recomputation (swa, soup, fig4.py)."""
-    g = q.add_argument_group("averaging")
-    g.add_argument("--reference", choices=("first", "best"), default=reference,
-                   help="ingredient supplying what is not averaged (other part, integer buffers): the first "
-                        "given or the best by validation score (default: %(default)s)")
-    g.add_argument("--bn", choices=bn, default="keep",
-                   help="keep the averaged BatchNorm statistics, or recompute them over training patches"
-                        f"{bn_help} (default: %(default)s)")
-    g.add_argument("--bn-batches", type=int, default=100,
-                   help="training batches (the run's --batch x --patch) for --bn recompute (default: %(default)s)")
-    g.add_argument("--metric", choices=METRICS, default="dice",
-                   help="validation score of --greedy and --reference best: mean over lesions of pooled Dice or "
-                        "AP (floor-free), or the protocol's AUPR, which a blank map scores about 0.5 "
-                        "(default: %(default)s)")
-    g.add_argument("--device", default=default_device(),
-                   help="device of the validation and BatchNorm passes (averaging: CPU) (default: %(default)s)")
-    data.add_data_args(q)
-
-
-SWA_HELP = """Average one run's snapshots (eq. 2) into a training-format checkpoint.
-
-    python average.py swa runs/IDR+MES/s0 -o runs/IDR+MES/s0/swa.pt --last 5
-    python average.py swa runs/IDR+MES/s0 -o runs/IDR+MES/s0/swa-enc.pt --steps 2000: --part encoder --bn recompute
-"""
-SOUP_HELP = """Average the final weights of several runs of one combination (eq. 3): uniform, or greedy on validation.
-
-    python average.py soup runs/IDR+MES/s*/best.pt -o runs/IDR+MES/soup.pt
-    python average.py soup runs/IDR+MES/s*/best.pt -o runs/IDR+MES/greedy.pt --greedy --metric dice --part decoder
-"""
-ENSEMBLE_HELP = """Write an ensemble manifest (eq. 1): member paths, no weights; evaluate.py averages them.
-
-    python average.py ensemble runs/IDR+MES/s[0-3]/best.pt -o runs/IDR+MES/ensemble.json
-    python evaluate.py --ckpt runs/IDR+MES/ensemble.json --test MES
-"""
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def command(name, text):
-        # `average.py NAME --help`: what NAME does on top, its own examples below the flags (the epilog)
-        summary, _, examples = text.partition("\n")
-        return sub.add_parser(name, help=summary, description=summary, epilog="examples:\n" + examples.strip("\n"),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def outputs(q, what):
-        q.add_argument("-o", "--out", required=True, help=f"{what} to write (required)")
-        q.add_argument("--force", action="store_true", help="overwrite an existing output (default: %(default)s)")
-
-    def part(q):
-        q.add_argument("--part", choices=PARTS, default="full",
-                       help="average only the encoder, only the decoder (+ head), or everything (default: %(default)s)")
-
-    p.commands = sub.choices  # {name: subparser}: main reads the data flags' defaults there
-    q = command("swa", SWA_HELP)
-    q.add_argument("run_dir", help="run directory holding snapshots/step_N.pt")
-    sel = q.add_mutually_exclusive_group()
-    sel.add_argument("--last", type=int, default=None, help="only the last K snapshots (default: %(default)s = all)")
-    sel.add_argument("--steps", default=None, metavar="A:B",
-                     help="only snapshots with A <= step <= B; either side may be empty (default: %(default)s = all)")
-    outputs(q, "averaged checkpoint")
-    part(q)
-    add_averaging_args(q)
-
-    q = command("soup", SOUP_HELP)
-    q.add_argument("ckpts", nargs="+", help="checkpoints of runs of the same architecture (e.g. s*/best.pt)")
-    q.add_argument("--greedy", action="store_true",
-                   help="greedy soup: add ingredients by validation score, keep each only if the soup's "
-                        "validation score strictly improves (default: %(default)s = uniform soup)")
-    outputs(q, "soup checkpoint")
-    part(q)
-    add_averaging_args(q)
-
-    q = command("ensemble", ENSEMBLE_HELP)
-    q.add_argument("ckpts", nargs="+", help="member checkpoints or manifests (any architectures)")
-    outputs(q, "ensemble manifest (.json)")
-    return p
-
-
 def main(argv=None):
+    import predict  # noqa: PLC0415 (reads any checkpoint: ours, a manifest, the authors')
+    import utils  # noqa: PLC0415
+
     parser = build_parser()
     args = parser.parse_args(argv)
     check_out(args.out, args.force)
+    load = predict.read_checkpoint
     if args.command == "ensemble":
-        manifest = write_ensemble(args.out, args.ckpts)
+        manifest = write_ensemble(args.out, args.ckpts, load)
         print(f"wrote {args.out}: ensemble manifest of {len(manifest['members'])} member(s)")
         return
     if args.bn_batches < 1:
         raise ValueError(f"--bn-batches must be >= 1, got {args.bn_batches}")
+    args.device = str(utils.check_device(args.device or utils.default_device()))
     paths = select_snapshots(args.run_dir, args.last, args.steps) if args.command == "swa" else args.ckpts
-    combo = Combination(load_checkpoint(paths[0]).get("args") or {}, args, parser.commands[args.command])
-    ckpt = build_average(paths, args.command, args.part, combo, args)
+    combo = combination(load(paths[0]).get("args") or {}, args, parser.commands[args.command])
+    ckpt = build_average(paths, args.command, args.part, combo, args, load=load)
     save_checkpoint(args.out, ckpt)
     prov = ckpt["provenance"]
     print(f"wrote {args.out}: {prov['method']} of {len(prov['ingredients'])} checkpoint(s), "
@@ -510,5 +551,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: nothing was written (the output is written whole, at the end); "
-                              "rerun the same command")
+    import utils
+
+    utils.run(main, interrupted="interrupted: nothing was written (the output is written whole, at the end); "
+                                "rerun the same command")

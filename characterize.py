@@ -8,9 +8,9 @@ Writes OUT/characterize.json, OUT/characterize.md (Table 1 and the measures), OU
 lesion counts and mean areas, quality measures), OUT/fig2_labelling_style.png, OUT/quality_measures.png and,
 with the MCF-Net weights of Fu et al. (github.com/HzFu/EyeQ), OUT/fig1_quality_grades.png.
 """
-import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+import utils
 
-cli.early_ctrl_c(__name__ == "__main__")
+utils.start(__name__)
 
 import argparse
 import csv
@@ -326,7 +326,7 @@ def plot_labelling_style(rows_by_dataset, styles, reference, rule, coarse_ratio,
                  f"dashed = {coarse_ratio:g}x reference (coarse region to the right)", fontsize=10)
     fig.text(0.01, 0.01, textwrap.fill("Rule: " + rule, 230), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.09, 1, 0.95))
-    cli.save_figure(fig, path, dpi=120)
+    utils.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -342,7 +342,7 @@ def plot_quality_measures(rows_by_dataset, path):
         ax.set_title(measure, fontsize=10)
     fig.suptitle("Image quality measures per dataset (median, 25-75%)", fontsize=10)
     fig.tight_layout()
-    cli.save_figure(fig, path, dpi=120)
+    utils.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -358,7 +358,7 @@ def plot_grades(grades_by_dataset, path):
     ax.set(ylabel="share of images", ylim=(0, 1), title="Image quality (MCF-Net, Fu et al. 2019)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
-    cli.save_figure(fig, path, dpi=120)
+    utils.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -371,7 +371,7 @@ def write_per_image_csv(rows, path):
             writer.writeheader()
             for r in rows:  # NaN (no lesion, so no mean area) as an empty cell
                 writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()})
-    cli.write_atomic(path, write)
+    utils.write_atomic(path, write)
 
 
 def _jsonable(x):
@@ -441,8 +441,8 @@ def main(argv=None):
               "quality_network": network_line, "quality_measures": QUALITY_MEASURES,
               "datasets": {ds: {**styles[ds], **summaries[ds]} for ds in ids}}
     text = json.dumps(_jsonable(report), indent=1) + "\n"
-    cli.write_atomic(out / "characterize.json", lambda tmp: tmp.write_text(text))
-    cli.write_atomic(out / "characterize.md", lambda tmp: tmp.write_text(markdown_report(report)))
+    utils.write_atomic(out / "characterize.json", lambda tmp: tmp.write_text(text))
+    utils.write_atomic(out / "characterize.md", lambda tmp: tmp.write_text(markdown_report(report)))
     write_per_image_csv([r for rows in rows_by_dataset.values() for r in rows], out / "per_image.csv")
     plot_labelling_style(rows_by_dataset, styles, reference, rule, args.coarse_ratio,
                          out / "fig2_labelling_style.png", args.resolution)
@@ -458,4 +458,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: rerun the same command (prepared caches are kept)")
+    utils.run(main, interrupted="interrupted: rerun the same command (prepared caches are kept)")

@@ -10,9 +10,9 @@ mean AP (floor-free, docs/PROTOCOL.md) on the right, and the step of best.pt on 
 sweep's validation curves, one panel per combination, with plot_sweep. Plain matplotlib Figures (no pyplot):
 importing this module never changes the backend of a notebook that imports train.py.
 """
-import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+import utils
 
-cli.early_ctrl_c(__name__ == "__main__")
+utils.start(__name__)
 
 import argparse
 import json
@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from data.ids import LESIONS, all_combos
-from maps import COLOURS
+from data.ids import LESION_COLOURS
 
-# One colour per lesion, the overlays' (maps.COLOURS): EX yellow, HE red, MA green, CWS cyan.
-LESION_COLOURS = {lesion: "#{:02x}{:02x}{:02x}".format(*COLOURS[c]) for c, lesion in enumerate(LESIONS)}
+# One colour per lesion, the overlays' (data.ids.LESION_COLOURS): EX yellow, HE red, MA green, CWS cyan.
+HEX_COLOURS = {lesion: "#{:02x}{:02x}{:02x}".format(*LESION_COLOURS[lesion]) for lesion in LESIONS}
 # NOTE: yellow and cyan vanish on white: a dark edge keeps the fixed colours readable.
 EDGE = [patheffects.withStroke(linewidth=3.2, foreground="0.2")]
 SIZE, DPI = (11, 5), 100  # curves.png is 1100 x 500 px
@@ -99,7 +99,7 @@ def _score_panel(ax, val, lesions):
     for lesion in lesions:  # the trained ones (train.py --lesions): the others score NaN
         dice = [_num((r.get("dice") or {}).get(lesion)) for r in val]
         absent = " (absent from validation)" if all(math.isnan(v) for v in dice) else ""
-        ax.plot(steps, dice, "o-", ms=3, lw=1.5, color=LESION_COLOURS[lesion], path_effects=EDGE,
+        ax.plot(steps, dice, "o-", ms=3, lw=1.5, color=HEX_COLOURS[lesion], path_effects=EDGE,
                 label=f"Dice {lesion}{absent}")
     ax.plot(steps, [_num(r.get("mean_dice")) for r in val], "-", color="k", lw=2.2, label="Dice, mean over lesions")
     ax.plot(steps, [_num(r.get("mean_ap")) for r in val], "--", color="0.35", lw=1.5,
@@ -142,7 +142,7 @@ def curves_figure(run_dir):
 
 def _save(fig, path):
     """Write the figure to path through a temporary file renamed into place (a reader never sees half a PNG)."""
-    return cli.save_figure(fig, path)
+    return utils.save_figure(fig, path)
 
 
 def plot_run(run_dir, path=None):
@@ -220,4 +220,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: rerun the same command")
+    utils.run(main, interrupted="interrupted: rerun the same command")

@@ -12,9 +12,9 @@ matches; each is evaluated on the test sets with evaluate.py's protocol (docs/PR
 scores per method and test set go to fig4.json, which report.py reads. A first seed without
 snapshots has no SWA: fig4.json lists its entries under "missing", with why; report.py shows n/a.
 """
-import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+import utils
 
-cli.early_ctrl_c(__name__ == "__main__")
+utils.start(__name__)
 
 import argparse
 import itertools
@@ -22,13 +22,14 @@ import re
 from pathlib import Path
 
 import data
-from average import (PARTS, Combination, add_averaging_args, build_average, check_out, select_snapshots,
-                     write_ensemble)
+from average import (PARTS, add_averaging_args, build_average, check_out, combination, read_manifest,
+                     select_snapshots, write_ensemble)
 from data import DATASET_IDS, combo_name
 from data.flags import add_dataset_list
-from evaluate import evaluate_checkpoints
-from jsonio import write_json
-from model import load_checkpoint, read_manifest, save_checkpoint
+from evaluate import evaluate
+from model import save_checkpoint
+from predict import read_checkpoint
+from utils import write_json
 
 # What fig4.json keeps of each test set's results block: the means over lesions that evaluate.py writes
 SCORES = ("mean_dice", "mean_aupr", "mean_ap", "mean_aupr_floor")
@@ -51,13 +52,13 @@ def _reusable(path, provenance):
     if not path.is_file():
         return False
     # a manifest is read without loading its members' weights
-    old = (read_manifest(path)[0] if path.suffix == ".json" else load_checkpoint(path)).get("provenance") or {}
+    old = (read_manifest(path)[0] if path.suffix == ".json" else read_checkpoint(path)).get("provenance") or {}
     keys = ("method", "ingredients", "part", "bn", "reference_rule")
     return all(old.get(k) == provenance.get(k) for k in keys)
 
 
 def _stale_results(path):
-    """The results file evaluate_checkpoints writes for avg/X; a rebuilt average must not inherit it."""
+    """The results file evaluate() writes for avg/X; a rebuilt average must not inherit it."""
     return Path(path).with_name(Path(path).stem + ".results.json")
 
 
@@ -66,7 +67,7 @@ def build_plan(combo, args, avg, baseline, members, snapshots):
     plan = {"baseline": baseline, "ensemble": str(avg / "ensemble.json")}
     want = {"method": "ensemble", "ingredients": members, "part": "full", "bn": "keep", "reference_rule": None}
     if not _reusable(plan["ensemble"], want):
-        write_ensemble(plan["ensemble"], members)
+        write_ensemble(plan["ensemble"], members, read_checkpoint)
         _stale_results(plan["ensemble"]).unlink(missing_ok=True)
     # --bn both: each average twice, e.g. "swa-full" (averaged statistics) and "swa-full+bn" (recomputed)
     modes = ("keep", "recompute") if args.bn == "both" else (args.bn,)
@@ -81,19 +82,19 @@ def build_plan(combo, args, avg, baseline, members, snapshots):
             print(f"reusing {plan[key]}")
             continue
         print(f"building {plan[key]} from {len(paths)} checkpoint(s)")
-        save_checkpoint(plan[key], build_average(paths, kind, part, combo, args, bn=bn))
+        save_checkpoint(plan[key], build_average(paths, kind, part, combo, args, bn=bn, load=read_checkpoint))
         _stale_results(plan[key]).unlink(missing_ok=True)
     return plan
 
 
-def evaluate_plan(plan, tests, data_root, cache, options, device, avg):
+def evaluate_plan(plan, tests, where, device, avg):
     """{method: {test set: {mean_dice, mean_aupr, ...}}}: each checkpoint of the plan on every test set."""
     methods = {}
     for name, path in plan.items():
         print(f"evaluating {name}: {path}")
         stem = name if name == "baseline" else Path(path).stem  # e.g. avg/swa-full-bn.results.json
-        res = evaluate_checkpoints(path, tests, data_root, cache, options, device=device,
-                                   out=avg / f"{stem}.results.json", verbose=False)["results"]
+        res = evaluate(path, tests, where, out=avg / f"{stem}.results.json", device=device,
+                       verbose=False)["results"]
         # NOTE: only this call's test sets: the results file may keep others from an earlier run
         methods[name] = {t: {k: res[t][k] for k in SCORES if k in res[t]} for t in tests}
     return methods
@@ -109,15 +110,15 @@ def figure4(args, parser):
     if len(members) < args.members:
         print(f"note: {len(members)} seeds found: the ensemble and the soups use {len(members)}, not {args.members}")
     baseline = str(seeds[0] / "best.pt")
-    combo = Combination(load_checkpoint(baseline).get("args") or {}, args, parser)
-    data_root, cache, options = data.data_settings(args, parser, combo.ckpt_args)
+    combo = combination(read_checkpoint(baseline).get("args") or {}, args, parser)
+    data_root, cache, options = combo.where
     tests = list(args.test)  # canonical IDs already (data.flags.DatasetList)
     for d in sorted(set(combo.train) | set(tests), key=DATASET_IDS.index):  # one summary each, then quiet
-        data.prepare_cache(d, data_root, cache, int(combo.ckpt_args["resolution"]), **options)
+        data.prepare_cache(d, data_root, cache, combo.resolution, **options)
     snapshots, missing = swa_snapshots(seeds[0], args.bn)
     avg = combo_dir / "avg"
     plan = build_plan(combo, args, avg, baseline, members, snapshots)
-    methods = evaluate_plan(plan, tests, data_root, cache, {**options, "verbose": False}, args.device, avg)
+    methods = evaluate_plan(plan, tests, (data_root, cache, {**options, "verbose": False}), combo.device, avg)
     report = {"version": 1, "combo": combo_name(combo.train), "train": combo.train, "tests": tests, "bn": args.bn,
               "reference": args.reference, "metric": args.metric, "members": members, "snapshots": snapshots,
               "checkpoints": plan, "methods": methods, "missing": missing}
@@ -171,6 +172,7 @@ def main(argv=None):
     check_out(args.out, args.force)
     if args.bn_batches < 1:
         raise ValueError(f"--bn-batches must be >= 1, got {args.bn_batches}")
+    args.device = str(utils.check_device(args.device or utils.default_device()))
     report = figure4(args, parser)
     na = f" ({len(report['missing'])} n/a: no snapshots)" if report["missing"] else ""
     print(f"\nwrote {args.out}: {len(report['methods'])} methods{na} of {report['combo']} on "
@@ -180,4 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: rerun the same command; the averages already built are reused")
+    utils.run(main, interrupted="interrupted: rerun the same command; the averages already built are reused")

@@ -25,9 +25,9 @@ legacy_seresnet*: the same keys and features). Every conversion runs both models
 (one line) when their outputs differ. Models with what smp's Unet lacks (softmax head, pad_to, local_contrast)
 do not convert.
 """
-import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+import utils
 
-cli.early_ctrl_c(__name__ == "__main__")
+utils.start(__name__)
 
 import argparse
 import copy
@@ -44,7 +44,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from data import LESIONS
-from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
+from model import ModelConfig, build_model, load_models, save_checkpoint
+from predict import load_ensemble, read_checkpoint
 from protocol import predict
 
 ONNX_TOL = 1e-4  # max abs difference of probabilities, onnxruntime vs torch (issue 14)
@@ -68,12 +69,6 @@ def _smp():
         raise ImportError(f"smp conversion needs segmentation_models_pytorch >= 0.5 (found {smp.__version__}): "
                           f"pip install -U 'segmentation-models-pytorch>=0.5'")
     return smp
-
-
-def _one_line(e):
-    """An exception as one short line, for error messages."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:150]}" if lines else type(e).__name__
 
 
 def _cpu_copies(models):
@@ -114,7 +109,7 @@ def export_onnx(models, path, opset=17):
                               input_names=["image"], output_names=["probabilities"],
                               dynamic_axes={"image": axes, "probabilities": axes})
         except Exception as e:  # an op the exporter cannot write with dynamic sizes, an unknown opset
-            raise ValueError(f"torch.onnx cannot export this model ({_one_line(e)})") from None
+            raise ValueError(f"torch.onnx cannot export this model ({utils.reason(e)})") from None
     return path
 
 
@@ -143,14 +138,14 @@ def check_onnx(models, path, shape=CHECK_SHAPE):
 
 
 def write_onnx(models, path, opset=17):
-    """export_onnx then check_onnx into a temporary file, renamed to path only once checked (cli.write_atomic)
+    """export_onnx then check_onnx into a temporary file, renamed to path only once checked (utils.write_atomic)
     -> check_onnx's result."""
     result = []
 
     def write(tmp):
         export_onnx(models, tmp, opset)
         result.append(check_onnx(models, tmp))
-    cli.write_atomic(path, write)
+    utils.write_atomic(path, write)
     return result[0]
 
 
@@ -225,7 +220,7 @@ def to_smp(ckpt, where=None):
     """Our checkpoint (path or loaded dict, one model) -> an equivalent smp.Unet in eval mode, encoder
     "tu-<timm name>": smp_unet((x - mean) / std) == ours(x), (mean, std): input_normalization of the model."""
     where = where or (str(ckpt) if not isinstance(ckpt, dict) else "checkpoint")
-    ckpt = load_checkpoint(ckpt) if not isinstance(ckpt, dict) else ckpt
+    ckpt = read_checkpoint(ckpt) if not isinstance(ckpt, dict) else ckpt
     models = load_models(ckpt, where=where)
     if len(models) != 1:
         raise ValueError(f"{where} is an ensemble of {len(models)} models; an smp Unet is one model: "
@@ -335,7 +330,7 @@ def from_smp(smp_model, where="smp model"):
         with torch.device("meta"):  # shapes only: no memory, no weights
             channels = timm.create_model(encoder, features_only=True, pretrained=False).feature_info.channels()
     except Exception as e:
-        raise ValueError(f"{where}: timm cannot build {encoder!r} with features_only=True ({_one_line(e)})") from None
+        raise ValueError(f"{where}: timm cannot build {encoder!r} with features_only=True ({utils.reason(e)})") from None
     if list(smp_model.encoder.out_channels[1:]) != channels:
         raise ValueError(f"{where}: smp's encoder features have channels {list(smp_model.encoder.out_channels[1:])}, "
                          f"timm's features_only {encoder} {channels} (encoder_depth must be {len(channels)})")
@@ -369,7 +364,7 @@ def load_smp(folder):
         kwargs = json.loads(config.read_text())
         state = load_file(str(weights))
     except Exception as e:
-        raise ValueError(f"{folder}: unreadable smp model ({_one_line(e)})") from None
+        raise ValueError(f"{folder}: unreadable smp model ({utils.reason(e)})") from None
     kind = kwargs.pop("_model_class", "Unet")
     if kind != "Unet":
         raise ValueError(f"{config}: only smp.Unet converts, this folder holds an smp {kind}")
@@ -378,7 +373,7 @@ def load_smp(folder):
         smp_model = smp.Unet(**kwargs)
         smp_model.load_state_dict(state)
     except Exception as e:
-        raise ValueError(f"{folder}: not an smp Unet this smp builds ({_one_line(e)})") from None
+        raise ValueError(f"{folder}: not an smp Unet this smp builds ({utils.reason(e)})") from None
     return smp_model.eval()
 
 
@@ -421,14 +416,14 @@ def main(argv=None):
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists: pass --force to overwrite it")
     if args.command == "onnx":
-        models = load_models(args.ckpt)
+        models = load_ensemble([args.ckpt])[0]
         diff, torch_err = write_onnx(models, out, args.opset)
         note = (f" (torch float32 itself is {torch_err:.1e} from float64 for this model: as accurate)"
                 if diff > ONNX_TOL else "")
         print(f"wrote {out}: {len(models)} model(s), input 'image' (B, 3, H, W) RGB in [0, 1], output "
               f"'probabilities' (B, 4, H, W) {','.join(LESIONS)}; onnxruntime vs torch max abs diff {diff:.1e}{note}")
     elif args.command == "to-smp":
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = read_checkpoint(args.ckpt)
         smp_model = to_smp(ckpt, where=args.ckpt)
         save_smp(smp_model, out)
         mean, std = input_normalization(load_models(ckpt, where=args.ckpt)[0])
@@ -442,4 +437,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: nothing was written; rerun the same command")
+    utils.run(main, interrupted="interrupted: nothing was written; rerun the same command")

@@ -1,6 +1,6 @@
 """Lesion maps as files: 8-bit probability PNGs, overlays a clinician can read, image | truth | prediction panels.
 
-    python evaluate.py --ckpt runs/IDR/s0/best.pt --images photos/ --save-maps photos_maps/   # your photographs
+    python predict.py --ckpt runs/IDR/s0/best.pt --images photos/ --out photos_maps/   # your photographs
     python evaluate.py --ckpt runs/IDR/s0/best.pt --test IDR --save-maps maps/                # test sets, + panels
     python -c "import numpy as np, maps; im = np.full((300, 400, 3), 90, np.uint8); p = np.zeros((4, 300, 400)); \
 p[1, 100:200, 150:250] = 0.9; maps.save_maps('out', 'demo', im, p)"
@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import write_atomic
-from data import LESIONS, restore_geometry
+from utils import write_atomic
+from data.ids import LESION_COLOURS, LESION_NAMES, LESIONS
+from data.preprocess import restore_geometry
 
-COLOURS = np.array([[255, 230, 0], [230, 20, 20], [40, 230, 40], [0, 200, 255]], dtype=np.uint8)  # LESIONS order
-NAMES = {"EX": "hard exudates", "HE": "haemorrhages", "MA": "microaneurysms", "CWS": "cotton-wool spots"}
+COLOURS = np.array([LESION_COLOURS[x] for x in LESIONS], dtype=np.uint8)  # (4, 3), LESIONS order
+NAMES = LESION_NAMES
 THRESHOLD = 0.5  # a lesion's region: p >= 0.5, as the protocol's Dice
 FILL_ALPHA = 0.3  # light fill: the photograph stays readable under the region
 TRUTH_COLOUR = (255, 255, 255)
@@ -117,7 +118,7 @@ def overlay(image, probs, truth=None, fov=None, lesions=LESIONS):
     """The photograph with the lesions at p >= 0.5 and the ground truth outlined, and a legend band below.
 
     image uint8 (H, W, 3); probs float (4, H, W) in [0, 1] or uint8 (4, H, W) = round(255 p); truth bool
-    (4, H, W) or None; fov bool (H, W) or None (None: probs are already 0 outside the fundus, as evaluate.segment
+    (4, H, W) or None; fov bool (H, W) or None (None: probs are already 0 outside the fundus, as predict.segment
     returns them); lesions: the ones drawn (a model trained on some only: the others are not its output)
     -> uint8 (H + band, W, 3).
     """
@@ -269,7 +270,7 @@ def save_test_maps(out_dir, item, probs, geometry, lesions=LESIONS):
     item: a data.PreparedDataset item (image, masks, fov at the prepared resolution); probs float (4, R, R).
     NOTE: the cache holds the prepared image only, so the photograph is that image enlarged (bilinear) into the
     original crop box, black around it; the masks are restored with nearest neighbour, the FOV as
-    evaluate.segment restores it (bilinear, cut at 0.5).
+    predict.segment restores it (bilinear, cut at 0.5).
     """
     image = restore_geometry(item["image"].transpose(2, 0, 1).astype(np.float32), geometry)  # (3, H0, W0)
     image = np.clip(image.transpose(1, 2, 0) + 0.5, 0, 255).astype(np.uint8)  # (H0, W0, 3)

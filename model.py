@@ -1,25 +1,24 @@
-"""U-Net with a timm encoder for multi-label lesion segmentation (EX, HE, MA, CWS), plus checkpoint I/O.
+"""U-Net with a timm encoder for multi-label lesion segmentation (EX, HE, MA, CWS), and its checkpoints.
 
-    python -c "import model; m = model.build_model(model.ModelConfig(pretrained=False)); print(m)"
-    python -c "import model; ms = model.load_models('runs/IDR+MES/s0/best.pt'); print(len(ms))"
-    python -c "import model; ms = model.load_models('hub:IDR+DDR'); print(ms[0].softmax)"   # the authors' model
+    python -c "import model; print(model.build_model(model.ModelConfig(pretrained=False)))"
+    python -c "import model; m, = model.load_models('runs/IDR+MES/s0/best.pt'); print(m.cfg.resolution)"
 
-Paper section 2.3: U-Net, ImageNet-pretrained SE-ResNet101 encoder (timm `legacy_seresnet101.in1k`), scSE
-attention as the optional decoder variant. The decoder follows segmentation_models_pytorch's U-Net layout
-(one block per skip plus a final block at input resolution) where the paper is silent, except for a 1x1 head.
-The authors' released models (torchseg U-Net / SE-ResNeXt50, softmax over 5 classes; hub.py downloads them) load
-into the same classes: `load_models("hub:IDR+DDR")` or a folder with their config.json and model.safetensors.
+Paper section 2.3: a U-Net on timm's ImageNet SE-ResNet101 (`legacy_seresnet101.in1k`), scSE attention as the
+optional decoder variant. The decoder follows segmentation_models_pytorch's U-Net layout (one block per skip,
+then a final block at the input resolution) with a 1x1 head. This file needs only torch and timm: copy it
+into another project to build, save, load and run the model.
+
+Checkpoints are plain dicts {"model": state dict, "model_cfg": ModelConfig as a dict, "args", "step", ...} of
+Python types and tensors only, so torch.load(path, weights_only=True) reads them; model_cfg carries the
+model's input contract (the square `resolution` it runs at, the `lesions` it was trained on).
 """
-import argparse
 import contextlib
-import json
 import os
-import pickle
-import re
 import signal
 import threading
+import uuid
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import timm
@@ -27,7 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
+LESIONS = ("EX", "HE", "MA", "CWS")  # output channels, in this order everywhere (= data.ids.LESIONS)
+# The authors' released models (authors.py) end in a softmax over these classes (their order; CTW = cotton-wool
+# spots); SOFTMAX_LESIONS gives each of LESIONS its softmax channel.
+SOFTMAX_CLASSES = ("BG", "CTW", "EX", "HE", "MA")
+SOFTMAX_LESIONS = (2, 3, 4, 1)
 
 
 class ConvBNReLU(nn.Module):
@@ -79,8 +82,8 @@ class DecoderBlock(nn.Module):
 class FiLM(nn.Module):
     """Per-channel scale and shift chosen by a style token (FiLM, Perez et al. 2018, arXiv:1709.07871).
 
-    Stored as offsets from the identity, scale = 1 + gamma and shift = beta, both 0 at init: a fresh conditioned
-    model computes exactly the unconditioned function, and train.py's weight decay pulls towards it.
+    Stored as offsets from the identity, scale = 1 + gamma and shift = beta, both 0 at init: a fresh
+    conditioned model computes exactly the unconditioned function, and weight decay pulls towards it.
     """
 
     def __init__(self, ch, tokens):
@@ -122,15 +125,9 @@ class UNetDecoder(nn.Module):
         return film(len(self.blocks) - 1, self.blocks[-1](x, size=size))  # (B, decoder_channels[-1], H, W)
 
 
-# The softmax classes of the authors' released models (their toolkit's order; CTW = cotton-wool spots) and, per
-# lesion of LESIONS (EX, HE, MA, CWS), its softmax channel.
-SOFTMAX_CLASSES = ("BG", "CTW", "EX", "HE", "MA")
-SOFTMAX_LESIONS = (2, 3, 4, 1)
-
-
 def one_vs_rest_logits(logits):
-    """Softmax logits (B, 5, H, W) over SOFTMAX_CLASSES -> (B, 4, H, W) lesion logits whose sigmoid is the lesion's
-    softmax probability: l_c - logsumexp(l_j, j != c), exact and stable (no log of a rounded probability)."""
+    """Softmax logits (B, 5, H, W) over SOFTMAX_CLASSES -> (B, 4, H, W) lesion logits whose sigmoid is the
+    lesion's softmax probability: l_c - logsumexp(l_j, j != c), exact and stable."""
     logits, out = logits.float(), []  # NOTE: float32 under autocast too: a difference of two large logits
     for c in SOFTMAX_LESIONS:
         rest = torch.cat([logits[:, :c], logits[:, c + 1:]], dim=1)
@@ -138,23 +135,13 @@ def one_vs_rest_logits(logits):
     return torch.stack(out, dim=1)  # (B, 4, H, W)
 
 
-def argmax_lesions(probs):
-    """Lesion probabilities of a softmax model (B, 4, H, W) -> bool (B, 4, H, W): where the lesion is the argmax
-    of the 5-way softmax (the background's probability being 1 minus their sum), as the authors' Dice counts.
-    Ties go to the first of SOFTMAX_CLASSES, as torch.argmax."""
-    bg = 1.0 - probs.sum(dim=1, keepdim=True)  # (B, 1, H, W)
-    by_class = [bg] + [probs[:, SOFTMAX_LESIONS.index(c), None] for c in range(1, len(SOFTMAX_CLASSES))]
-    winner = torch.cat(by_class, dim=1).argmax(dim=1)  # (B, H, W): an index into SOFTMAX_CLASSES
-    return torch.stack([winner == c for c in SOFTMAX_LESIONS], dim=1)
-
-
 def local_contrast(x, sigma):
     """Subtract each pixel's local mean (a Gaussian of `sigma` pixels, fundus pixels only) and rescale:
     (B, 3, H, W) in [0, 1] -> same shape, 0.5 + 4 (x - mean), black background kept at 0.5.
 
-    Ben Graham's fundus normalisation (Kaggle DR 2015), as a fixed layer: lesions appear as local departures
-    from the fundus colour whatever the photograph's illumination. The mean is a normalised convolution
-    (blur of the masked image over blur of the mask), so the FOV edge and a patch's border are not darkened.
+    Ben Graham's fundus normalisation (Kaggle DR 2015) as a fixed layer: lesions appear as local departures
+    from the fundus colour whatever the illumination. The mean is a normalised convolution (blur of the
+    masked image over blur of the mask), so the FOV edge and a patch's border are not darkened.
     """
     radius = max(1, int(3 * sigma + 0.5))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
@@ -171,34 +158,101 @@ def local_contrast(x, sigma):
     return (0.5 + 4 * (x - mean) * fov).clamp(0, 1)
 
 
+@dataclass
+class ModelConfig:
+    encoder: str = "legacy_seresnet101.in1k"  # any timm model that supports features_only
+    pretrained: bool = True  # start from the encoder's ImageNet weights (timm downloads them once)
+    decoder_channels: tuple = (256, 128, 64, 32, 16)  # one width per encoder feature, deepest first
+    attention: bool = False  # scSE in every decoder block
+    dropout: float = 0.0  # channel dropout before the head
+    classes: int = 4  # EX, HE, MA, CWS
+    head_kernel: int = 1  # the head conv's kernel (the authors' torchseg models: 3)
+    softmax: bool = False  # head = softmax over SOFTMAX_CLASSES (needs classes=5; the authors' models)
+    pad_to: int = 1  # pad inputs to a multiple of this (the authors' models: 32)
+    local_contrast: float = 0.0  # sigma (pixels) of the input's local-mean subtraction; 0 = off, the paper
+    style_tokens: tuple = ()  # style-conditioned decoder: token names; () = off, the paper's model
+    token_styles: tuple = ()  # each token's labelling style (fine / mixed / coarse)
+    # the input contract: the square size images are prepared at, the lesions trained (the others are
+    # outputs the model never learned)
+    resolution: int | None = None
+    lesions: tuple = LESIONS
+
+
+# What must agree for weights to load into (or be averaged with) another model of this file; pretrained,
+# dropout, pad_to and the input contract do not change the weights' shapes or meaning.
+ARCH_FIELDS = ("encoder", "decoder_channels", "attention", "classes", "local_contrast", "head_kernel", "softmax",
+               "style_tokens", "token_styles")
+# model_cfg keys of older checkpoints that this file no longer reads (the encoder's weights file, if any,
+# is in the state dict anyway)
+OBSOLETE_FIELDS = ("encoder_weights",)
+
+
+def config_from_dict(d, args=None):
+    """ModelConfig from a checkpoint's "model_cfg" (ValueError on an unknown field). Checkpoints older than
+    the input contract take it from their training `args` (resolution, lesions)."""
+    names = {f.name for f in fields(ModelConfig)}
+    d = {k: v for k, v in d.items() if k not in OBSOLETE_FIELDS}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown model_cfg field {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    args = args if isinstance(args, dict) else {}
+    d.setdefault("resolution", args.get("resolution"))
+    d.setdefault("lesions", args.get("lesions") or LESIONS)
+    cfg = ModelConfig(**d)
+    cfg.decoder_channels = tuple(int(c) for c in cfg.decoder_channels)
+    cfg.style_tokens, cfg.token_styles = tuple(cfg.style_tokens), tuple(cfg.token_styles)
+    cfg.lesions = tuple(str(x) for x in cfg.lesions)
+    if cfg.resolution is not None:
+        try:
+            number = int(cfg.resolution)
+            bad = number < 1 or str(number) != str(cfg.resolution).strip().removesuffix(".0")
+        except (TypeError, ValueError):
+            bad = True
+        if bad:
+            raise ValueError(f"resolution {cfg.resolution!r} is not a whole number of pixels >= 1")
+        cfg.resolution = number
+    unknown = [x for x in cfg.lesions if x not in LESIONS]
+    if unknown or not cfg.lesions:
+        raise ValueError(f"lesions {list(cfg.lesions)}: choose among {', '.join(LESIONS)}")
+    return cfg
+
+
+def architecture(cfg):
+    """The ARCH_FIELDS of a model_cfg dict as a comparable tuple (lists and tuples compare equal)."""
+    defaults = {f.name: f.default for f in fields(ModelConfig)}  # checkpoints older than a field lack it
+    return tuple(tuple(v) if isinstance(v, (list, tuple)) else v
+                 for v in (cfg.get(f, defaults[f]) for f in ARCH_FIELDS))
+
+
 class SegModel(nn.Module):
     """Float images in [0, 1] (B, 3, H, W) -> per-lesion logits (B, 4, H, W), any H and W.
 
-    softmax=True (the authors' models): the head's `classes` = 5 channels are a softmax over SOFTMAX_CLASSES and
-    forward returns one_vs_rest_logits, so sigmoid (protocol.predict) gives each lesion's softmax probability.
-    pad_to: inputs padded with black (0, as the prepared images' padding) at the bottom and right to a multiple of
-    it, the output cropped back; the authors' decoder upsamples by exactly 2 and only saw multiples of 32.
-    style_tokens: the names of the style tokens of a conditioned decoder (FiLM after every block; style.py), and
-    token_styles each token's labelling style; empty = unconditioned, the paper's model.
+    cfg.softmax (the authors' models): the head's 5 channels are a softmax over SOFTMAX_CLASSES and forward
+    returns one_vs_rest_logits, so a sigmoid gives each lesion's softmax probability. cfg.pad_to: inputs padded
+    with black at the bottom and right to a multiple of it, the output cropped back. cfg.style_tokens: a
+    conditioned decoder (FiLM after every block); forward(x, style) picks the style (default: fine).
     """
 
-    def __init__(self, encoder, decoder_channels=(256, 128, 64, 32, 16), attention=False, dropout=0.0, classes=4,
-                 head_kernel=1, softmax=False, pad_to=1, local_contrast=0.0, style_tokens=(), token_styles=()):
+    def __init__(self, encoder, cfg):
         super().__init__()
-        self.local_contrast = local_contrast  # sigma in pixels of the input; 0 = off (the paper)
-        self.style_tokens, self.token_styles = tuple(style_tokens), tuple(token_styles or style_tokens)
+        self.cfg = cfg
+        self.local_contrast = cfg.local_contrast  # sigma in pixels of the input; 0 = off (the paper)
+        self.style_tokens = tuple(cfg.style_tokens)
+        self.token_styles = tuple(cfg.token_styles or cfg.style_tokens)
         if len(self.token_styles) != len(self.style_tokens):
             raise ValueError(f"token_styles {self.token_styles} needs one style per token of {self.style_tokens}")
         # the style used when forward gets none: fine where a token is fine (what the test sets are labelled in)
-        self.default_style = None if not style_tokens else "fine" if "fine" in self.token_styles else \
+        self.default_style = None if not self.style_tokens else "fine" if "fine" in self.token_styles else \
             self.token_styles[0]
         self.encoder = encoder
-        self.decoder = UNetDecoder(encoder.feature_info.channels(), decoder_channels, attention, len(style_tokens))
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.head = nn.Conv2d(decoder_channels[-1], classes, head_kernel, padding=head_kernel // 2)
-        self.softmax, self.pad_to = softmax, pad_to
-        cfg = getattr(encoder, "pretrained_cfg", None) or {}
-        mean, std = cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN), cfg.get("std", timm.data.IMAGENET_DEFAULT_STD)
+        self.decoder = UNetDecoder(encoder.feature_info.channels(), tuple(cfg.decoder_channels), cfg.attention,
+                                   len(self.style_tokens))
+        self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.head = nn.Conv2d(cfg.decoder_channels[-1], cfg.classes, cfg.head_kernel, padding=cfg.head_kernel // 2)
+        self.softmax, self.pad_to = cfg.softmax, cfg.pad_to
+        pretrained = getattr(encoder, "pretrained_cfg", None) or {}
+        mean = pretrained.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)
+        std = pretrained.get("std", timm.data.IMAGENET_DEFAULT_STD)
         # NOTE: non-persistent: they follow from the encoder's name, so state dicts (and weight averages) hold
         # only learned tensors and buffers.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -224,18 +278,16 @@ class SegModel(nn.Module):
             if style is not None:
                 raise ValueError("the model is not style-conditioned (train.py --style-condition)")
             return None
-        # NOTE: in the FiLM weights' dtype, so a model cast with .double() (interop's check) works
-        gamma = self.decoder.films[0].gamma
-        T, device, dtype = len(self.style_tokens), gamma.device, gamma.dtype
+        T, gamma = len(self.style_tokens), self.decoder.films[0].gamma
         if isinstance(style, torch.Tensor):
-            return F.one_hot(style.to(device, torch.long), T).to(dtype)  # (B, T)
+            return F.one_hot(style.to(gamma.device, torch.long), T).to(gamma.dtype)  # (B, T)
         name = str(self.default_style if style is None else style).lower()
         hits = [i for i, tokens in enumerate(zip(self.style_tokens, self.token_styles))
                 if name in (t.lower() for t in tokens)]
         if not hits:
             raise ValueError(f"style {style!r} is not one of the model's: {', '.join(self.styles())}")
-        mix = torch.zeros(T, device=device, dtype=dtype)
-        mix[hits] = 1 / len(hits)
+        mix = torch.zeros(T, device=gamma.device, dtype=gamma.dtype)  # NOTE: the weights' dtype (a .double()
+        mix[hits] = 1 / len(hits)  # model, as interop.py checks an export in float64)
         return mix.expand(batch, T)  # (B, T)
 
     def forward(self, x, style=None):
@@ -255,172 +307,19 @@ class SegModel(nn.Module):
         return logits[..., :H, :W] if self.pad_to > 1 else logits
 
 
-@dataclass
-class ModelConfig:
-    encoder: str = "legacy_seresnet101.in1k"  # any timm model that supports features_only
-    pretrained: bool = True  # ImageNet weights from the timm hub (downloaded once, then cached)
-    decoder_channels: tuple = (256, 128, 64, 32, 16)  # one width per encoder feature, deepest first
-    attention: bool = False  # scSE in every decoder block
-    dropout: float = 0.0  # channel dropout before the head
-    classes: int = 4  # EX, HE, MA, CWS
-    encoder_weights: str | None = None  # local weights file; used instead of the hub when given
-    head_kernel: int = 1  # the head conv's kernel (the authors' torchseg models: 3)
-    softmax: bool = False  # head = softmax over SOFTMAX_CLASSES (needs classes=5; the authors' models)
-    pad_to: int = 1  # pad inputs to a multiple of this (the authors' models: 32)
-    local_contrast: float = 0.0  # sigma (pixels) of the local-mean subtraction of the input; 0 = off (model.local_contrast)
-    style_tokens: tuple = ()  # style-conditioned decoder: token names (style.py); () = off, the paper
-    token_styles: tuple = ()  # each token's labelling style (fine / mixed / coarse)
-
-
-# What must agree for a checkpoint's weights to load into (or be averaged with) another model of this file;
-# pretrained / encoder_weights / dropout / pad_to do not change the weights' shapes or meaning.
-ARCH_FIELDS = ("encoder", "decoder_channels", "attention", "classes", "local_contrast", "head_kernel", "softmax",
-               "style_tokens", "token_styles")
-
-
-def architecture(cfg):
-    """The ARCH_FIELDS of a model_cfg dict as a comparable tuple (lists and tuples compare equal)."""
-    defaults = {f.name: f.default for f in fields(ModelConfig)}  # checkpoints older than a field lack it
-    return tuple(tuple(v) if isinstance(v, (list, tuple)) else v
-                 for v in (cfg.get(f, defaults[f]) for f in ARCH_FIELDS))
-
-
-def config_from_dict(d):
-    """ModelConfig from a checkpoint's "model_cfg" dict; ValueError on unknown fields."""
-    names = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown model_cfg field {unknown[0]!r} (known: {', '.join(sorted(names))})")
-    cfg = ModelConfig(**d)
-    cfg.decoder_channels = tuple(int(c) for c in cfg.decoder_channels)
-    cfg.style_tokens, cfg.token_styles = tuple(cfg.style_tokens), tuple(cfg.token_styles)
-    return cfg
-
-
-def _short(e):
-    """One line describing an exception, for error messages."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:150]}" if text else type(e).__name__
-
-
-def _create_encoder(name, pretrained):
-    """timm features_only encoder; a failed download becomes one ValueError line."""
+def create_encoder(name, pretrained=False):
+    """timm's features_only model `name` (ImageNet weights: downloaded by timm, then cached); one-line errors."""
     if not timm.is_model(name):
         raise ValueError(f"unknown timm encoder {name!r} (see timm.list_models(); paper: legacy_seresnet101.in1k)")
-    if pretrained and not timm.is_model_pretrained(name):
-        raise ValueError(f"timm has no pretrained weights for {name!r}; pass --no-pretrained or "
-                         f"--encoder-weights PATH (the paper's encoder is legacy_seresnet101.in1k)")
-    if not pretrained:
-        try:
-            return timm.create_model(name, features_only=True, pretrained=False)
-        except Exception as e:
-            raise ValueError(f"cannot build timm encoder {name!r} with features_only=True ({_short(e)})") from None
-    import hub  # NOTE: imported here: only downloads need it (and huggingface_hub)
-
-    try:  # from the Hugging Face hub or a URL (hub.timm_source): one try when it does not answer
-        create = lambda: timm.create_model(name, features_only=True, pretrained=True)  # noqa: E731
-        return hub.fetch_pretrained(name, create)
-    except Exception as e:
-        try:  # tell a download failure (offline, proxy, hub down, bad cache) from an unusable encoder
-            timm.create_model(name, features_only=True, pretrained=False)
-        except Exception as e2:
-            raise ValueError(f"cannot build timm encoder {name!r} with features_only=True ({_short(e2)})") from None
-        fix = "pass --no-pretrained or --encoder-weights PATH (a local weights file)"
-        raise ValueError(hub.pretrained_error(name, e, fix)) from None
-
-
-def _unsafe_globals(path, e):
-    """What a weights_only load refused in the file at path: its pickled classes and functions
-    other than tensors and plain types ([] when the file is not a torch file at all)."""
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # torch >= 2.5
-    except Exception:
-        names = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-    return [n for n in names if n != "argparse.Namespace"]
-
-
-def _read_weights_file(path):
-    """A user's weights file -> its state dict, never running code pickled in it (torch.load with
-    weights_only=True, or safetensors). Takes a state dict, or one wrapped as timm's load_state_dict
-    unwraps it ({"state_dict_ema"|"model_ema"|"state_dict"|"model": ...}, first found)."""
-    where = f"--encoder-weights {path}"
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file  # noqa: PLC0415
-        except ImportError:
-            raise ImportError(f"{where} needs safetensors: pip install safetensors") from None
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:
-            raise ValueError(f"{where} is not a weights file ({_short(e)})") from None
-    try:
-        # NOTE: not timm.models.load_state_dict: timm 1.0.9-1.0.25 unpickle with weights_only=False,
-        # so a file could run code. argparse.Namespace: the args in timm's train.py checkpoints.
-        allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-        with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(path, e)
-        if unsafe:
-            raise ValueError(f"{where}: refused: it holds pickled {', '.join(unsafe[:3])}, which "
-                             f"loading could run as code; pass a state dict of tensors or a "
-                             f".safetensors file") from None
-        raise ValueError(f"{where} is not a weights file ({_short(e)})") from None
+        return timm.create_model(name, features_only=True, pretrained=pretrained)
     except Exception as e:
-        raise ValueError(f"{where} is not a weights file ({_short(e)})") from None
-    if isinstance(ckpt, dict):
-        key = next((k for k in ("state_dict_ema", "model_ema", "state_dict", "model")
-                    if isinstance(ckpt.get(k), dict)), None)
-        ckpt = ckpt[key] if key else ckpt
-    if not isinstance(ckpt, dict) or not all(isinstance(k, str) for k in ckpt):
-        raise ValueError(f"{where} is not a weights file (no state dict in it)")
-    return ckpt
+        raise ValueError(f"cannot build timm encoder {name!r} with features_only=True ({_short(e)})") from None
 
 
-def _load_encoder_weights(encoder, name, path):
-    """Load a local file (timm/torchvision state dict of the classifier or of the features model) strictly.
-
-    NOTE: timm's own route (pretrained_cfg_overlay=dict(file=...)) loads features_only models with
-    strict=False, so a file with the wrong keys silently leaves random weights: we match keys ourselves.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--encoder-weights file not found: {path}")
-    sd = strip_prefixes(_read_weights_file(path))  # "module." / "_orig_mod." prefixes
-    if any(k.startswith("encoder.") for k in sd):  # one of our own checkpoints: take its encoder
-        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    try:  # the classifier's keys: extra keys a full-model file may hold (head, classifier, ...)
-        with torch.device("meta"):
-            full_keys = set(timm.create_model(name, pretrained=False).state_dict())
-    except Exception:
-        full_keys = set()
-    # features_only may flatten top-level Sequentials: "stem.conv" in the classifier is "stem_conv" here
-    alias = {k.replace(".", "_", 1): k for k in full_keys}
-    own = encoder.state_dict()
-    mapped, used = {}, set()
-    for k, v in own.items():
-        src = k if k in sd else alias.get(k)
-        if src not in sd:
-            if k.endswith("num_batches_tracked"):  # NOTE: old torchvision files lack these counters
-                mapped[k] = v
-                continue
-            missing = sum(1 for k2 in own if k2 not in sd and alias.get(k2) not in sd)
-            raise ValueError(f"--encoder-weights {path} does not match encoder {name}: "
-                             f"missing key {k!r} ({missing} of {len(own)} missing)")
-        if sd[src].shape != v.shape:
-            raise ValueError(f"--encoder-weights {path} does not match encoder {name}: key {src!r} has shape "
-                             f"{tuple(sd[src].shape)}, expected {tuple(v.shape)}")
-        mapped[k] = sd[src]
-        used.add(src)
-    unexpected = [k for k in sd if k not in used and k not in full_keys]
-    if unexpected:
-        raise ValueError(f"--encoder-weights {path} does not match encoder {name}: unexpected key "
-                         f"{unexpected[0]!r} ({len(unexpected)} unexpected)")
-    encoder.load_state_dict(mapped)
-
-
-def build_model(cfg):
-    """SegModel from a ModelConfig: encoder (timm, features_only) + hand-written U-Net decoder + 1x1 head."""
+def build_model(cfg, encoder=None):
+    """SegModel of a ModelConfig: timm encoder + hand-written U-Net decoder + head. encoder: a features_only
+    model to use (weights.py builds it from a download or a weights file); None: create_encoder's."""
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.softmax and cfg.classes != len(SOFTMAX_CLASSES):
@@ -428,15 +327,10 @@ def build_model(cfg):
                          f"got {cfg.classes}")
     if cfg.head_kernel < 1 or cfg.head_kernel % 2 == 0 or cfg.pad_to < 1:
         raise ValueError(f"head_kernel must be odd and pad_to >= 1, got {cfg.head_kernel} and {cfg.pad_to}")
-    local = cfg.encoder_weights is not None
-    encoder = _create_encoder(cfg.encoder, cfg.pretrained and not local)
-    if local:
-        _load_encoder_weights(encoder, cfg.encoder, cfg.encoder_weights)
-    return SegModel(encoder, tuple(cfg.decoder_channels), cfg.attention, cfg.dropout, cfg.classes,
-                    cfg.head_kernel, cfg.softmax, cfg.pad_to, cfg.local_contrast, cfg.style_tokens, cfg.token_styles)
+    return SegModel(encoder if encoder is not None else create_encoder(cfg.encoder, cfg.pretrained), cfg)
 
 
-# ---- checkpoints: plain Python types and tensors only, so torch.load(weights_only=True) works ----
+# ---- checkpoints ----------------------------------------------------------------------------------------
 
 def strip_prefixes(state_dict):
     """Drop DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") wrappers from state dict keys."""
@@ -449,7 +343,7 @@ def strip_prefixes(state_dict):
 
 
 def _to_cpu(obj):
-    """Every tensor of a nested dict/list on the CPU, so plain torch.load works on a machine without a GPU."""
+    """Every tensor of a nested dict/list on the CPU, so torch.load works on a machine without a GPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
@@ -463,12 +357,11 @@ def _to_cpu(obj):
 def ctrl_c_deferred():
     """Hold back Ctrl-C (SIGINT) until the block is done, then deliver it to the handler that was in place.
 
-    torch.save interrupted half-way turns the KeyboardInterrupt into a RuntimeError from its zip writer
-    ("unexpected pos ..."), a traceback instead of the one-line exit; held back, the file is written whole
-    and the interrupt arrives after it. A second Ctrl-C does not wait (a write stuck on a slow disk can still
-    be stopped). Blocks nest; off the main thread (where Python handles no signals), or under a handler
-    installed outside Python, it does nothing. A block that raises drops a held-back Ctrl-C: its own error
-    ends the work anyway."""
+    NOTE: torch.save interrupted half-way turns the KeyboardInterrupt into a RuntimeError from its zip writer
+    ("unexpected pos ..."); held back, the file is written whole and the interrupt arrives after it. A second
+    Ctrl-C does not wait. Blocks nest; off the main thread, or under a handler installed outside Python, it
+    does nothing. A block that raises drops a held-back Ctrl-C: its own error ends the work anyway.
+    """
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous is None:
         yield
@@ -491,23 +384,22 @@ def ctrl_c_deferred():
 
 
 def save_checkpoint(path, ckpt):
-    """Write ckpt atomically (cli.write_atomic, synced to disk before the rename) with unwrapped model keys and
-    every tensor on the CPU. A Ctrl-C during the write takes effect once the file is complete; a full disk is
-    one OSError naming `path`."""
+    """Write ckpt whole or not at all: unwrapped model keys, tensors on the CPU, a temporary file synced to
+    disk then renamed into place. A Ctrl-C during the write takes effect once the file is complete; a full
+    disk is one OSError naming `path`, the old file kept."""
+    path = Path(path)
     ckpt = _to_cpu(ckpt)
     if "model" in ckpt:
         ckpt["model"] = strip_prefixes(ckpt["model"])
-    if "members" in ckpt:
-        ckpt["members"] = [{**m, "model": strip_prefixes(m["model"])} if "model" in m else m for m in ckpt["members"]]
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # .tmp: no *.pt glob sees it
     try:
         with ctrl_c_deferred():
-            cli.write_atomic(path, write)
+            with open(tmp, "wb") as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         # NOTE: torch's zip writer often replaces a failed write's OSError (a full disk) with its own
         # RuntimeError ("unexpected pos ..."): the OSError, naming the checkpoint, is what the user can act on.
@@ -519,17 +411,24 @@ def save_checkpoint(path, ckpt):
         if isinstance(cause, KeyboardInterrupt):  # a second Ctrl-C stopped the write (ctrl_c_deferred)
             raise KeyboardInterrupt from None
         raise OSError(cause.errno, f"cannot write the checkpoint ({cause.strerror or cause})", str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _check_members(ckpt, where):
+def _short(e):
+    """One line describing an exception, for error messages."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:150]}" if text else type(e).__name__
+
+
+def check_checkpoint(ckpt, where):
+    """ValueError naming `where` unless ckpt holds a model: {"model": {name: tensor}, "model_cfg": dict}.
+    An older ensemble file ({"kind": "ensemble", "members": [checkpoints]}) -> its members; else [ckpt]."""
     if not isinstance(ckpt, dict):
         raise ValueError(f"{where} is not a checkpoint (a {type(ckpt).__name__}, expected a dict)")
-    if ckpt.get("kind") == "ensemble":
-        if not isinstance(ckpt.get("members"), list) or not ckpt["members"]:
-            raise ValueError(f"{where} is an ensemble file without a non-empty 'members' list")
-        members = ckpt["members"]
-    else:
-        members = [ckpt]
+    members = ckpt.get("members") if ckpt.get("kind") == "ensemble" else [ckpt]
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"{where} is an ensemble file without a non-empty 'members' list")
     for i, m in enumerate(members):
         member = f" (member {i})" if m is not ckpt else ""
         for key in ("model", "model_cfg"):
@@ -547,177 +446,37 @@ def _check_members(ckpt, where):
     return members
 
 
-def read_manifest(path):
-    """An ensemble manifest {"kind": "ensemble", "members": [paths relative to the manifest's folder], ...}
-    -> (the manifest dict, the member paths resolved). Writes nothing, loads no weights."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"ensemble manifest {path} is not readable JSON ({_short(e)})") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != "ensemble":
-        raise ValueError(f"ensemble manifest {path} lacks \"kind\": \"ensemble\"")
-    members = manifest.get("members")
-    if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
-        raise ValueError(f"ensemble manifest {path} needs a non-empty \"members\" list of checkpoint paths")
-    return manifest, [m if is_hub_spec(m) else path.parent / m for m in members]
-
-
-def _load_manifest(path, seen):
-    """The ensemble a manifest names, as one ensemble dict whose members are the loaded training checkpoints
-    (a member that is itself an ensemble contributes its members)."""
-    key = os.path.abspath(path)
-    if key in seen:
-        raise ValueError(f"ensemble manifest {path} lists itself (through its members)")
-    manifest, paths = read_manifest(path)
-    members = []
-    for name, member in zip(manifest["members"], paths):
-        if not is_hub_spec(member) and not member.exists():
-            raise FileNotFoundError(f"ensemble manifest {path}: member {name} not found ({member})")
-        manifest_member = not is_hub_spec(member) and member.suffix == ".json"
-        ckpt = _load_manifest(member, seen | {key}) if manifest_member else load_checkpoint(member)
-        members += ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
-    # NOTE: the first member's training args (resolution, combination, data flags) describe the ensemble,
-    # as they did in the older ensemble files that embedded every member's weights.
-    return {"kind": "ensemble", "members": members, "args": members[0].get("args") or {},
-            "provenance": manifest.get("provenance") or {}, "version": manifest.get("version", 1)}
-
-
-# ---- the authors' released models: torchseg's U-Net in the Hugging Face hub layout ----
-
-AUTHORS_RESOLUTION = 1024  # their model card: trained and run at 1024 px
-# config.json of every released model (huggingface_hub's PyTorchModelHubMixin writes the __init__ arguments)
-AUTHORS_CONFIG = {"arch": "unet", "encoder": "seresnext50_32x4d", "in_channels": 3, "classes": 5}
-# torchseg's keys (under "model.") -> ours; a key no rule matches has no counterpart here
-TORCHSEG_KEYS = (
-    (r"model\.encoder\.model\.(.+)", r"encoder.\1"),  # its TimmEncoder wraps the same timm features_only model
-    (r"model\.decoder\.blocks\.(\d+)\.conv([12])\.0\.weight", r"decoder.blocks.\1.conv\2.conv.weight"),
-    (r"model\.decoder\.blocks\.(\d+)\.conv([12])\.1\.(.+)", r"decoder.blocks.\1.conv\2.bn.\3"),
-    (r"model\.segmentation_head\.0\.(weight|bias)", r"head.\1"),
-)
-
-
-def is_hub_spec(path):
-    """'hub:IDR+DDR' or 'hub:': one of the authors' models, downloaded by hub.py."""
-    return str(path).startswith("hub:")
-
-
-def torchseg_model_cfg(config, where):
-    """A hub config.json dict -> our model_cfg: the same U-Net with a 3x3 head, a softmax, inputs padded to 32."""
-    unknown = sorted(set(config) - set(AUTHORS_CONFIG))
-    if unknown:
-        raise ValueError(f"{where}: key {unknown[0]!r} is not read here (known: {', '.join(AUTHORS_CONFIG)})")
-    if str(config.get("arch", "")).lower() != "unet":
-        raise ValueError(f"{where}: arch {config.get('arch')!r}: only torchseg's unet maps onto this U-Net")
-    if config.get("in_channels", 3) != 3 or config.get("classes") != len(SOFTMAX_CLASSES):
-        raise ValueError(f"{where}: needs in_channels 3 and classes {len(SOFTMAX_CLASSES)} "
-                         f"({', '.join(SOFTMAX_CLASSES)}), got {config.get('in_channels')} and {config.get('classes')}")
-    name = config.get("encoder")
-    if not isinstance(name, str) or not timm.is_model(name):
-        raise ValueError(f"{where}: encoder {name!r} is not a timm model")
-    # NOTE: torchseg's TimmEncoder.fix_padding() pads 3x3 convs and max-pools that timm leaves unpadded (Inception
-    # nets); with such an encoder our model would compute another function, so it is refused.
-    with torch.device("meta"):
-        modules = timm.create_model(name, features_only=True).modules()
-    if any((isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.padding == (0, 0))
-           or (isinstance(m, nn.MaxPool2d) and m.padding == 0) for m in modules):
-        raise ValueError(f"{where}: torchseg re-pads encoder {name} (unpadded 3x3 convs or max-pools); not supported")
-    return asdict(ModelConfig(encoder=name, pretrained=False, classes=len(SOFTMAX_CLASSES), head_kernel=3,
-                              softmax=True, pad_to=32))
-
-
-def torchseg_state_dict(sd, where):
-    """torchseg Unet keys -> ours, every key mapped or one error; load_models then checks names and shapes."""
-    out = {}
-    for k, v in sd.items():
-        for pattern, target in TORCHSEG_KEYS:
-            if re.fullmatch(pattern, k):
-                out[re.sub(pattern, target, k)] = v
-                break
-        else:
-            raise ValueError(f"{where}: key {k!r} has no counterpart in this U-Net (torchseg's unet without "
-                             f"decoder attention, centre block or auxiliary head maps onto it)")
-    return out
-
-
-def load_hub_layout(path, train=None, source=None):
-    """The authors' layout (a folder with config.json and model.safetensors whose torchseg keys lie under
-    "model.", or that .safetensors file; a file without config.json beside it is read as AUTHORS_CONFIG)
-    -> a training-format checkpoint dict, args {"resolution": 1024, "train": train}, method "authors"."""
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    config_path = weights.parent / "config.json"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors (expected the hub layout: config.json and "
-                                f"model.safetensors)")
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{config_path} is not readable JSON ({_short(e)})") from None
-    elif path.is_dir():
-        raise FileNotFoundError(f"{path}: no config.json (expected the hub layout: config.json and model.safetensors)")
-    else:
-        config = AUTHORS_CONFIG
-    model_cfg = torchseg_model_cfg(config if isinstance(config, dict) else {}, config_path)
-    try:
-        from safetensors.torch import load_file  # installed with timm
-
-        sd = load_file(weights)
-    except Exception as e:
-        raise ValueError(f"{weights} is not a safetensors file ({_short(e)})") from None
-    return {"model": torchseg_state_dict(sd, weights), "model_cfg": model_cfg,
-            # NOTE: trained on the authors' own splits (data.splits, protocol "authors"): evaluate.py reads
-            # their test images unless told otherwise
-            "args": {"resolution": AUTHORS_RESOLUTION, "train": train, "split_protocol": "authors"},
-            "method": "authors",
-            "provenance": {"method": "authors", "source": source or str(path)}, "version": 1}
-
-
 def load_checkpoint(path):
-    """torch.load(weights_only=True) on CPU; one-line errors naming the path. An ensemble manifest (.json,
-    written by `average.py ensemble`) comes back as {"kind": "ensemble", "members": [checkpoints], ...}; the
-    authors' models (a hub spec such as hub:IDR+DDR, a hub-layout folder or .safetensors) as load_hub_layout."""
-    if is_hub_spec(path):
-        import hub  # NOTE: imported here: only downloads need it (and huggingface_hub)
-
-        folder, ids, source = hub.resolve(str(path))
-        return load_hub_layout(folder, ids, source)
+    """torch.load(weights_only=True) on the CPU, checked (check_checkpoint); one-line errors naming the path."""
     path = Path(path)
-    if path.is_dir() and not (path / "model.safetensors").exists() and \
-            any((path / name).exists() for name in ("best.pt", "last.pt", "args.json")):
+    if path.is_dir() and any((path / name).exists() for name in ("best.pt", "last.pt", "args.json")):
         raise ValueError(f"{path} is a training run's folder, not a checkpoint: pass {path / 'best.pt'}")
-    if path.is_dir() or path.suffix == ".safetensors":
-        return load_hub_layout(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".json":
-        return _load_manifest(path, frozenset())
     try:
         # mmap: tensors are read lazily, so peeking at "args" is cheap; only zip-format files (torch >= 1.6) allow it
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise ValueError(f"{path} is not a torch checkpoint loadable with weights_only=True ({_short(e)})") from None
-    _check_members(ckpt, str(path))
+    check_checkpoint(ckpt, str(path))
     return ckpt
 
 
 def load_models(path_or_ckpt, device="cpu", where=None):
-    """[SegModel] in eval mode: one for a training checkpoint, one per member for an ensemble (a manifest .json,
-    or an older ensemble .pt that embeds its members). where: the name errors give a loaded dict."""
+    """[SegModel] in eval mode, each with its ModelConfig as .cfg: one for a training checkpoint, one per member
+    of an older ensemble file. where: the name errors give a checkpoint dict."""
     if isinstance(path_or_ckpt, dict):
         ckpt, where = path_or_ckpt, where or "checkpoint"
     else:
         ckpt, where = load_checkpoint(path_or_ckpt), str(path_or_ckpt)
     models = []
-    for i, m in enumerate(_check_members(ckpt, where)):
+    for i, m in enumerate(check_checkpoint(ckpt, where)):
         name = where if "members" not in ckpt else f"{where} (member {i})"
         try:
-            cfg = config_from_dict(m["model_cfg"])
+            cfg = config_from_dict(m["model_cfg"], m.get("args") or ckpt.get("args"))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name}: bad model_cfg ({_short(e)})") from None
-        cfg.pretrained, cfg.encoder_weights = False, None  # the checkpoint holds every weight
-        model = build_model(cfg)
+        model = build_model(replace(cfg, pretrained=False))  # the checkpoint holds every weight
         sd, own = strip_prefixes(m["model"]), model.state_dict()
         bad = [f"missing key {k!r}" for k in own if k not in sd]
         bad += [f"unexpected key {k!r}" for k in sd if k not in own]

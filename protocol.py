@@ -17,48 +17,23 @@ import sys
 import numpy as np
 import torch
 
-from data import LESIONS
+from data.ids import LESIONS
 from kernels import binned_counts, pr_metrics
+from utils import torch_dtype
 
 THRESHOLDS = 11  # the IDRiD challenge's float32 linspace(0, 1, 11)
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both: the flip group of a square image
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(name):
-    """--device value -> torch.device, or a one-line ValueError when it is unknown or absent on this machine."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible here; pass --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here; pass --device cpu")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Prediction: ensemble mean of sigmoid probabilities, flip TTA, overlapping tiles
 # ---------------------------------------------------------------------------------------------------------
-def _as_dtype(dtype):
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype] if isinstance(dtype, str) else dtype
-
-
 def predict(models, x, dtype=torch.float32, tta=False, style=None):
     """Mean sigmoid probability over models (and flips): x float (B, 3, H, W) in [0, 1] -> float32 (B, 4, H, W).
 
     style: the labelling style asked of every style-conditioned model (fine, coarse, a dataset ID: model.SegModel
     .style_mix); None = each model's default (fine)."""
-    dtype = _as_dtype(dtype)
+    dtype = torch_dtype(dtype)
     flips = FLIPS if tta else FLIPS[:1]
     total = None
     for m in models:

@@ -6,9 +6,9 @@ with the sweep's validation curves (every run's log.jsonl) beside them.
     python report.py runs -o report/ --reference none      # leave out the authors' published AUPR
     python report.py runs -o report/ --authors authors     # beside `make authors-models` (their released models)
 """
-import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+import utils
 
-cli.early_ctrl_c(__name__ == "__main__")
+utils.start(__name__)
 
 import argparse
 import csv
@@ -29,7 +29,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from curves import plot_sweep  # noqa: E402
 from data import DATASET_IDS, FOLDERS, LESIONS, combo_name  # noqa: E402
 from data.synthetic import MARKER  # noqa: E402
-from jsonio import null_nan, write_json  # noqa: E402
+from utils import null_nan, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_REFERENCE = "reference/lesions_database_cross_study.csv"
@@ -574,7 +574,7 @@ def plot_figure3(data, path):
     fig.suptitle(f"Leave-one-out scenarios, training sets ordered by {ORDER_NAMES[data['order_by']]}", x=0.01,
                  ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    cli.save_figure(fig, path, dpi=120)
+    utils.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -612,7 +612,7 @@ def plot_figure4(data, path):
     ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)",
                  fontsize=10)
     _footnote_missing(fig, data)
-    cli.save_figure(fig, path, dpi=120)
+    utils.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -679,7 +679,7 @@ def plot_figure4_sweep(sweep, path):
                  f"({len(combos)} combination(s))", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    cli.save_figure(fig, path, dpi=120)
+    utils.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -701,7 +701,7 @@ def plot_reference(pairs, path, runs):
     ax.set_title(title, fontsize=9, color="C3" if caveat else "k")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    cli.save_figure(fig, path, dpi=120)
+    utils.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -743,7 +743,7 @@ def style_data(runs_dir, by_combo, styles):
     """Style conditioning (beyond the paper): per combination with style-conditioned runs (COMBO/cond-s<SEED>), Dice
     (mean over lesions) on its fine sets' test sets, for the fine sets alone, the combination and the combination
     conditioned (evaluated at the style its results record, fine by default) -> {combo: {"tests", "rows"}}."""
-    from style import STYLE_TABLE
+    from data.ids import STYLE_TABLE
 
     styles = {**STYLE_TABLE, **styles}  # characterize.json where measured, else the README's table
     conditioned = {}
@@ -784,7 +784,7 @@ def style_lines(data, out):
     maps = {s: sorted(p for p in (out / "style_maps" / s).glob("*_overlay.jpg") if not p.name.startswith("."))
             for s in ("fine", "coarse")}  # NOTE: a dot name is a temporary file a killed writer left
     if maps["fine"] and maps["coarse"]:
-        md += ["", "One test photograph, the first conditioned model, `evaluate.py --images --style fine` and "
+        md += ["", "One test photograph, the first conditioned model, `predict.py --images --style fine` and "
                "`--style coarse`:", "", "| style fine | style coarse |", "|---|---|",
                "| " + " | ".join(f"![{s}]({maps[s][0].relative_to(out).as_posix()})" for s in ("fine", "coarse")) + " |"]
     return md
@@ -933,7 +933,7 @@ def write_report(out, runs, t2, t3, f3, f4, pairs, ref_note, curves=None, author
     else:
         md.append("No results of the authors' released models (run `make authors-models`).")
     md += list(extra)
-    cli.write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
+    utils.write_atomic(out / "report.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
 
 
 def main(argv=None):
@@ -1022,4 +1022,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: rerun the same command")
+    utils.run(main, interrupted="interrupted: rerun the same command")

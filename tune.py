@@ -17,9 +17,9 @@ A killed worker's trial (SIGKILL, preempted node) is failed and queued again, ke
 retry resumes from its last.pt: at once when the rerun is on the same machine (the dead process is seen
 there), otherwise once its heartbeat is GRACE_PERIOD (120) s old. A live worker's trial is never taken over.
 """
-import cli  # first: a Ctrl-C during the slow imports below (torch: seconds) ends in one line
+import utils
 
-cli.early_ctrl_c(__name__ == "__main__")
+utils.start(__name__)
 
 import argparse
 import copy
@@ -599,7 +599,7 @@ def show(study, args):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     path = plot_dir / f"{study.study_name}_history.png"
     ax = ovm.plot_optimization_history(study, target_name=target)
-    cli.save_figure(ax.figure, path, dpi=120, bbox_inches="tight")
+    utils.save_figure(ax.figure, path, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)
     print(f"wrote {path}")
     # Importances compare completed trials: with fewer than 2, or no parameter that varied, there is nothing to rank.
@@ -614,7 +614,7 @@ def show(study, args):
     except (ImportError, RuntimeError, ValueError) as e:
         print(f"skipped {path}: {type(e).__name__}: {e}")
         return
-    cli.save_figure(ax.figure, path, dpi=120, bbox_inches="tight")
+    utils.save_figure(ax.figure, path, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)
     print(f"wrote {path}")
 
@@ -634,7 +634,7 @@ def write_members(complete, best, k, path):
                                                        warmup=0, objective="", train_extra=[]))
         flags = argv[argv.index("--encoder"):argv.index("--iters")]  # the search space's flags only
         lines.append(f"s{n}: {shlex.join(flags)}  # trial {t.number}, value {t.value:.4f}")
-    cli.write_atomic(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    utils.write_atomic(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     short = f" (only {len(same)} trials of that architecture)" if len(same) < k else ""
     print(f"wrote {path}: {min(k, len(same))} members{short}; make all-combos MEMBERS={path} SEEDS={min(k, len(same))}")
 
@@ -667,4 +667,4 @@ def run_study(args):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    utils.run(main)

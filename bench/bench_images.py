@@ -1,11 +1,11 @@
-"""`evaluate.py --images` on full-size 4288x2848 photographs: the work outside the network, per stage.
+"""`predict.py --images` on full-size 4288x2848 photographs: the work outside the network, per stage.
 
     python bench/bench_images.py                                # 2 photographs, a 1536 px model, 3 passes
     python bench/bench_images.py --resolution 512 --photos 4 --repeats 5
 
 The photographs are real IDRiD ones (tests/fixtures/idrid-he14, 1072x712) enlarged 4x back to the originals'
 4288x2848, written as JPEG (quality 95) to a temporary folder. Each path runs in a fresh process on one thread,
-through evaluate.predict_images itself; each stage is timed (CPU seconds: the machine may be shared) by wrapping
+through predict.predict_images itself; each stage is timed (CPU seconds: the machine may be shared) by wrapping
 the function that does it: read = load_image, preprocess = data.preprocess_image, restore = data.restore_geometry
 and data.restore_crop, write = save_maps (PNGs, overlay), network = predict_fitting, load = the checkpoint, once.
 The peer is the previous implementation (overlay in float32 with the probability as opacity, PNGs at zlib level 6,
@@ -86,19 +86,19 @@ def previous_predict_images(ckpt_paths, image_dir, out_dir):
     import torch
 
     import data
-    import evaluate
+    import predict
 
-    models, headers = evaluate.load_ensemble(ckpt_paths, torch.device("cpu"))
+    models, headers = predict.load_ensemble(ckpt_paths, torch.device("cpu"))
     resolution = headers[0]["args"]["resolution"]
     with torch.inference_mode():
         for path in sorted(Path(image_dir).glob("*.jpg")):
-            original = np.asarray(evaluate.load_image(path))
+            original = np.asarray(predict.load_image(path))
             image, fov, geometry = data.preprocess_image(original, resolution)
-            probs, _ = evaluate.predict_fitting(models, evaluate.to_input(image[None], "cpu"), None, "float32",
+            probs, _ = predict.predict_fitting(models, predict.to_input(image[None], "cpu"), None, "float32",
                                                 False, 0.5)
             probs = probs[0].masked_fill(~torch.from_numpy(fov), 0.0).numpy()
             probs = np.asarray(data.restore_geometry(probs, geometry), dtype=np.float32)
-            evaluate.save_maps(out_dir, path.stem, original, probs)  # wrapped below: the previous one
+            predict.save_maps(out_dir, path.stem, original, probs)  # wrapped below: the previous one
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def measure(path_name, ckpt, photos, out_dir, repeats, network, queue):
     torch.set_num_threads(1)
     sys.stdout = open(os.devnull, "w")  # predict_images' line per photograph
     import data
-    import evaluate
+    import predict
 
     times = {s: [0.0] for s in STAGES}  # per pass: the stage's CPU seconds, summed over the photographs
 
@@ -139,17 +139,17 @@ def measure(path_name, ckpt, photos, out_dir, repeats, network, queue):
         setattr(owner, name, wrapper)
 
     if not network:
-        evaluate.predict_fitting = stand_in_network
+        predict.predict_fitting = stand_in_network
     if path_name == "previous":
-        evaluate.save_maps = previous_save_maps
-    timed(evaluate, "load_ensemble", "load")
-    timed(evaluate, "load_image", "read")
+        predict.save_maps = previous_save_maps
+    timed(predict, "load_ensemble", "load")
+    timed(predict, "load_image", "read")
     timed(data, "preprocess_image", "preprocess")
-    timed(evaluate, "predict_fitting", "network")
+    timed(predict, "predict_fitting", "network")
     timed(data, "restore_geometry", "restore")
     timed(data, "restore_crop", "restore")  # segment's per-lesion restore (restore_geometry's own call is not wrapped)
-    timed(evaluate, "save_maps", "write")
-    run = previous_predict_images if path_name == "previous" else evaluate.predict_images
+    timed(predict, "save_maps", "write")
+    run = previous_predict_images if path_name == "previous" else predict.predict_images
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: imports, model
     n_photos = len(list(Path(photos).glob("*.jpg")))
     totals, walls = [], []

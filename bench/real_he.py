@@ -16,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402  first: a Ctrl-C during the slow imports below ends in one line
+import utils
 
-cli.early_ctrl_c(__name__ == "__main__")
+utils.start(__name__)
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
-from jsonio import write_json  # noqa: E402
+from utils import write_json  # noqa: E402
 from kernels import AP_BINS, binned_counts, pr_metrics  # noqa: E402
 from model import load_models  # noqa: E402
 from protocol import predict, to_input  # noqa: E402
@@ -124,7 +124,7 @@ def heldout_figure(path, dataset, models):
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     fig.suptitle("held-out real IDRiD photographs (HE): image | ground truth | prediction", fontsize=10)
     fig.tight_layout()
-    cli.save_figure(fig, path, dpi=80)
+    utils.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -174,4 +174,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: rerun the same command (the prepared cache is kept)")
+    utils.run(main, interrupted="interrupted: rerun the same command (the prepared cache is kept)")

@@ -28,14 +28,17 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 if __package__ in (None, ""):  # `python data/prepare.py` as well as `python -m data.prepare`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cli
-from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta
+import utils
+
+utils.start(__name__)  # a Ctrl-C while numpy loads: one line
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta  # noqa: E402
 from data.datasets import dataset_root, list_samples, load_image, load_masks
 from data.flags import add_data_args, add_dataset_list, data_options
 from data.ids import LESIONS, parse_dataset_ids
@@ -172,7 +175,7 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     created = [p for p in (Path(cache_dir), out.parent) if not p.exists()]
     try:
         waiting = f"note: {out} is being prepared by another process, waiting" if verbose else None
-        with cli.locked(out.parent / f".{resolution}.lock", waiting):
+        with utils.locked(out.parent / f".{resolution}.lock", waiting):
             if _up_to_date(out, fingerprint, False):  # another process prepared it while we waited
                 if verbose:
                     print(summary(out, read_meta(out), splits,
@@ -348,5 +351,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: the dataset in progress was not written (its temporary folder is removed); "
+    utils.run(main, interrupted="interrupted: the dataset in progress was not written (its temporary folder is removed); "
                               "rerun the same command")

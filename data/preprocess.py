@@ -6,7 +6,7 @@ preprocess_image; im, fov, geo = preprocess_image(np.asarray(load_image('demo/da
 1. Original Images/a. Training Set/IDRiD_01.jpg')), 512); print(geo)"
 
 The same three steps run once per image in `data.prepare` (with the lesion masks, nearest neighbour) and
-on users' own photographs in `evaluate.py --images`, whose predictions `restore_geometry` maps back.
+on users' own photographs in `predict.py --images`, whose predictions `restore_geometry` maps back.
 """
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ def restore_crop(t, geometry):
     """restore_geometry's work inside the crop box only: (..., R, R) numpy or torch -> (torch (..., y1 - y0,
     x1 - x0), box).
 
-    For callers that write the box into an array of their own (evaluate.segment, one lesion at a time) without a
+    For callers that write the box into an array of their own (predict.segment, one lesion at a time) without a
     second full-size copy; the photograph is 0 outside the box.
     """
     t = t if torch.is_tensor(t) else torch.from_numpy(np.ascontiguousarray(t))  # numpy in, torch out

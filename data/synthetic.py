@@ -21,12 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-from scipy import ndimage
+import utils
 
-import cli
-from data.ids import DATASET_IDS, FOLDERS, LESIONS, parse_dataset_ids
+utils.start(__name__)  # a Ctrl-C while numpy and scipy load: one line
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from data.ids import DATASET_IDS, FOLDERS, LESIONS, parse_dataset_ids  # noqa: E402
 
 ROOT_NAMES = FOLDERS  # each dataset under its distributed folder name
 MARKER = ".synthetic"  # written inside each generated root: only such a folder may be replaced on a re-run
@@ -614,4 +617,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="interrupted: rerun the same command")
+    utils.run(main, interrupted="interrupted: rerun the same command")

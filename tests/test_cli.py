@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import average
-import cli
+import utils
 import model
 from model import save_checkpoint
 
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ended(main, capsys, **kw):
-    """(exit status, stderr) of cli.run(main)."""
+    """(exit status, stderr) of utils.run(main)."""
     with pytest.raises(SystemExit) as out:
-        cli.run(main, **kw)
+        utils.run(main, **kw)
     code = out.value.code
     if isinstance(code, str):  # sys.exit("message"): Python prints it to stderr and exits 1
         print(code, file=sys.stderr)
@@ -58,7 +58,7 @@ def test_errors_and_ctrl_c_end_in_one_line(capsys):
     moved = OSError(errno.EXDEV, "Invalid cross-device link", "a.pt", None, "b.pt")
     assert ended(raising(moved), capsys) == (1, "error: a.pt -> b.pt: Invalid cross-device link\n")
     with pytest.raises(RuntimeError):  # a bug keeps its traceback
-        cli.run(raising(RuntimeError("bug")))
+        utils.run(raising(RuntimeError("bug")))
 
 
 def test_every_script_ends_through_cli_run():
@@ -68,16 +68,16 @@ def test_every_script_ends_through_cli_run():
     for path in scripts:
         tree = ast.parse(path.read_text())
         (block,) = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
-        assert ast.unparse(block.body[-1]).startswith("cli.run(main"), path.name
+        assert ast.unparse(block.body[-1]).startswith("utils.run(main"), path.name
 
 
 def test_writable_folder_is_checked_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("keep")
     for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ValueError, match=r"^-o .*afile.*: cannot write x.pt there \(a file, not a folder"):
-            cli.writable_folder(bad, "-o", "write x.pt there")
+            utils.writable_folder(bad, "-o", "write x.pt there")
     assert (tmp_path / "afile").read_text() == "keep"
-    made = cli.writable_folder(tmp_path / "new" / "deeper", "--save-maps")
+    made = utils.writable_folder(tmp_path / "new" / "deeper", "--save-maps")
     assert made.is_dir() and list(made.iterdir()) == []  # the probe is gone
 
 
@@ -98,7 +98,7 @@ def test_checkpoint_on_a_full_disk_is_one_oserror_and_the_old_file_stays(tmp_pat
     with pytest.raises(OSError) as err:  # torch's zip writer turned it into "RuntimeError: unexpected pos"
         save_checkpoint(path, {"model": {"w": torch.zeros(10_000)}, "model_cfg": {}, "step": 4})
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
-    assert cli.message(err.value) == f"{path}: cannot write the checkpoint (No space left on device)"
+    assert utils.message(err.value) == f"{path}: cannot write the checkpoint (No space left on device)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no .tmp left
     assert torch.load(path, weights_only=True)["step"] == 2
 
@@ -120,15 +120,15 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
 
     import maps
 
-    path = cli.write_atomic(tmp_path / "new" / "a.json", lambda tmp: tmp.write_text("old"))
+    path = utils.write_atomic(tmp_path / "new" / "a.json", lambda tmp: tmp.write_text("old"))
     assert path.read_text() == "old"
 
     def half_then_full(tmp):
         tmp.write_text("ne")
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(OSError) as err:
-        cli.write_atomic(path, half_then_full)
-    assert cli.message(err.value) == f"{path}: No space left on device"
+        utils.write_atomic(path, half_then_full)
+    assert utils.message(err.value) == f"{path}: No space left on device"
     assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["a.json"]
     # while it is written, no glob for the file's suffix sees the temporary file (report.py lists *_overlay.*)
     seen = []
@@ -137,7 +137,7 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
         Image.new("RGB", (4, 4)).save(tmp, format="JPEG")
         seen.extend(tmp_path.glob("*.jpg"))
         seen.extend(tmp_path.glob("x*"))
-    jpg = cli.write_atomic(tmp_path / "x.jpg", save_jpeg)
+    jpg = utils.write_atomic(tmp_path / "x.jpg", save_jpeg)
     assert Image.open(jpg).format == "JPEG" and seen == []
     # a probability map on a full disk: one OSError naming it, no half PNG left
     real = Path.write_bytes

@@ -376,3 +376,40 @@ def test_encoder_weights_in_every_accepted_format(tmp_path, kind):
     cfg = ModelConfig(encoder="test_resnet", pretrained=False, encoder_weights=str(path))
     for k, v in build_model(cfg).encoder.state_dict().items():
         assert torch.equal(v, ref[k]), k
+
+
+
+COPIED = """
+import dataclasses, os, sys
+sys.path.insert(0, os.getcwd())  # this folder only: nothing else of the project
+import torch
+import model
+
+torch.manual_seed(0)
+cfg = model.ModelConfig(pretrained=False, resolution=96, lesions=("HE",))  # the paper's SE-ResNet101 U-Net
+net = model.build_model(cfg).eval()
+model.save_checkpoint("ckpt/best.pt", {"model": net.state_dict(), "model_cfg": dataclasses.asdict(cfg)})
+(loaded,) = model.load_models("ckpt/best.pt")
+x = torch.rand(1, 3, 96, 80)
+with torch.no_grad():
+    a, b = net(x), loaded(x)
+print(loaded.cfg.resolution, loaded.cfg.lesions, tuple(b.shape), torch.equal(a, b))
+"""
+
+
+def test_model_py_works_copied_alone_into_an_empty_folder(tmp_path):
+    """model.py is the file people copy: alone in a folder (no other module of this project importable), it
+    builds the paper's model (random weights), saves and loads a checkpoint and predicts."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "model.py", tmp_path / "model.py")
+    (tmp_path / "run.py").write_text(COPIED)
+    # -I: isolated (no PYTHONPATH, no script folder on the path), -B: no __pycache__
+    r = subprocess.run([sys.executable, "-I", "-B", "run.py"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "96 ('HE',) (1, 4, 96, 80) True"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "model.py", "run.py"]

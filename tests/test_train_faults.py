@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+import utils
 import model
 import protocol
 import train
@@ -130,7 +130,7 @@ def test_full_disk_at_a_checkpoint_is_one_oserror_and_the_rerun_resumes(synth_ro
     real_open = open
 
     def disk_full_at_the_second_last_pt(path, mode="r", *a, **kw):  # last.pt of step 4 finds the disk full
-        if Path(path).name.startswith(".last.pt.") and str(path).endswith(".tmp"):  # cli.write_atomic's name
+        if Path(path).name.startswith(".last.pt.") and str(path).endswith(".tmp"):  # utils.write_atomic's name
             writes.append(path)
             if len(writes) == 2:
                 return FullDisk(path, "w")
@@ -139,7 +139,7 @@ def test_full_disk_at_a_checkpoint_is_one_oserror_and_the_rerun_resumes(synth_ro
     monkeypatch.setattr(model, "open", disk_full_at_the_second_last_pt, raising=False)
     with pytest.raises(OSError) as err:
         train.run(tiny_args(synth_root, cache_dir, out, "--iters", "6", "--val-every", "2"))
-    assert cli.message(err.value) == f"{out / 'last.pt'}: cannot write the checkpoint (No space left on device)"
+    assert utils.message(err.value) == f"{out / 'last.pt'}: cannot write the checkpoint (No space left on device)"
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2 and not list(out.glob(".last.pt.*"))
     monkeypatch.undo()  # space freed: the same command resumes from step 2 and finishes
     assert train.run(tiny_args(synth_root, cache_dir, out, "--iters", "6", "--val-every", "2"))["step"] == 6

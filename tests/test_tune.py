@@ -247,7 +247,7 @@ def test_interrupted_trial_resumes_from_its_last_checkpoint(tiny, tmp_path, monk
         return real_run(args, hook)
 
     monkeypatch.setattr(train, "run", interrupted_at_step_2)
-    with pytest.raises(KeyboardInterrupt, match="interrupted: rerun the same command"):  # cli.run: one line, 130
+    with pytest.raises(KeyboardInterrupt, match="interrupted: rerun the same command"):  # utils.run: one line, 130
         tune.main(tiny(tmp_path, "i", 1))
     run_dir = Path(load(tmp_path, "i").trials[0].user_attrs["run_dir"])
     assert (run_dir / "last.pt").exists()  # kept for the resume

@@ -13,9 +13,11 @@ go to train.py unchanged (e.g. `-- --batch 4 --patch 256 --dtype bfloat16`).
 
 The objective is floor-free by default (validation Dice): under the protocol's AUPR a blank map scores
 (1 + prevalence) / 2, and a short study picked a near-blank model (val AUPR 0.504, Dice 0.01).
-A killed worker's trial (SIGKILL, preempted node) is failed and queued again, keeping its run dir, so the
-retry resumes from its last.pt: at once when the rerun is on the same machine (the dead process is seen
-there), otherwise once its heartbeat is GRACE_PERIOD (120) s old. A live worker's trial is never taken over.
+A killed worker's trial (SIGKILL, preempted node) is failed and queued again, keeping its run dir,
+so the retry resumes from its last.pt: at once when the rerun is on the same machine (the dead
+process is seen there), otherwise once its Optuna heartbeat is GRACE_PERIOD (120) s old. A live
+worker's trial is never taken over; a trial whose worker keeps dying is given up after MAX_RETRY (2)
+retries.
 """
 import utils
 
@@ -55,9 +57,14 @@ FIXED_SETTINGS = ("train", "objective", "encoders", "decoder_widths", "attention
                   "losses")
 # A study name names files (tune/<study>.db, RUNS_DIR/<study>/, <study>_history.png): a plain file name only.
 STUDY_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
-# Workers write a heartbeat every HEARTBEAT_INTERVAL s; a trial of another machine whose heartbeat is older than
-# GRACE_PERIOD s is taken for dead. MAX_RETRY: a trial whose worker keeps dying (it kills the node) is given up.
+# Workers write Optuna's heartbeat every HEARTBEAT_INTERVAL s; a trial of another machine whose
+# heartbeat is older than GRACE_PERIOD s is taken for dead. MAX_RETRY: a trial whose worker keeps
+# dying (it kills the node) is given up after that many retries.
 HEARTBEAT_INTERVAL, GRACE_PERIOD, MAX_RETRY = 20, 120, 2
+# Optuna's callback that queues a failed trial again: RetryHeartbeatStaleTrialCallback since
+# optuna 4.9, RetryFailedTrialCallback before (a name optuna 6 removes).
+RETRY = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+         or optuna.storages.RetryFailedTrialCallback)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -235,7 +242,8 @@ def run_trial(trial, args):
     """Objective: train one trial in-process, report every validation, return the best validation score."""
     # First of all: who runs the trial, so that a rerun can tell a dead worker's trial from a live one's.
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("process", this_process())
+    # NOTE: with the trial's number: a queued copy of the trial inherits the record, not its worker.
+    trial.set_user_attr("process", {**this_process(), "trial": trial.number})
     params = search_space(trial, args)
     # NOTE: the retry of a trial that was interrupted (Ctrl-C) or whose worker died inherits its user
     # attributes, so it resumes the same run directory from last.pt (train.py's own resume).
@@ -266,7 +274,8 @@ def run_trial(trial, args):
     except KeyboardInterrupt:
         # Ctrl-C: optuna records this trial as failed; a queued copy resumes its run dir on the next start.
         (frozen,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
-        queue_retry(trial.study, frozen, max_retry=None)
+        # NOTE: a deep copy, as optuna passes it: the callback extends the retry history in place.
+        retry_callback(max_retry=None)(trial.study, copy.deepcopy(frozen))
         keep = True
         raise
     except Exception as e:  # OOM, a diverged (NaN) run, an encoder that cannot be built: the trial fails
@@ -287,6 +296,16 @@ def run_trial(trial, args):
 
 
 # ----------------------------------------------------------------------------- dead or alive workers
+# Optuna's documented heartbeat (make_storage) fails a RUNNING trial once its heartbeat is
+# GRACE_PERIOD s old and queues a copy through RETRY; the copy resumes the run dir. Alone, it
+# cannot resume a killed worker's trial at once: the heartbeat is its only sign of life, and a
+# rerun started right after the kill finds it fresh, starts a new trial instead and, once --trials
+# is reached counting the dead trial, ends without resuming it. A grace period of seconds would
+# take the trials of live workers whose heartbeat is late instead. Optuna has no public way to
+# mark a trial stale now or never (its private RDBStorage._get_stale_trial_ids alone decides), so
+# the smallest piece stays here: the worker process recorded with each trial, judged where this
+# machine sees it (Linux /proc), acted on through public methods only (study.tell, RETRY, the
+# storage's record_heartbeat).
 def _proc_stat(pid):
     """(state letter, start time in clock ticks since boot) of a process, from Linux's /proc; None if none."""
     try:
@@ -297,7 +316,8 @@ def _proc_stat(pid):
 
 
 def _machine():
-    """Where a PID means one process: host, kernel boot and PID namespace; None where /proc cannot tell."""
+    """Where a PID means one process: host, kernel boot and PID namespace; None where /proc cannot
+    tell. NOTE: a host name alone is not enough: containers and cloned machines share names."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
@@ -306,7 +326,9 @@ def _machine():
 
 
 def this_process(pid=None):
-    """The record of a worker process kept with its trial: machine, PID and start time (a reused PID differs)."""
+    """The record of a worker process kept with its trial: machine, PID and start time.
+    NOTE: the start time tells a reused PID (another process since) from the worker: without it a
+    dead worker's trial could look alive, and be vouched for, for ever."""
     pid = os.getpid() if pid is None else pid
     stat = _proc_stat(pid)
     return {"machine": _machine(), "pid": pid, "start": stat and stat[1]}
@@ -320,31 +342,38 @@ def worker_alive(process):
     return stat is not None and stat[0] not in "ZX" and stat[1] == process["start"]  # Z: killed, not yet reaped
 
 
-class WorkerAwareStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage, whose stale trials (failed and retried by optuna) are judged by their worker process
-    wherever this machine can see it: a dead worker's trial is stale at once, so an immediate rerun resumes it;
-    a live worker's trial never is, even when its heartbeat is late (a loaded machine, a locked SQLite file).
-    Trials of other machines are stale when their heartbeat is older than grace_period, as in optuna."""
-
-    def _get_stale_trial_ids(self, study_id):
-        stale = set(super()._get_stale_trial_ids(study_id))
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            alive = worker_alive(t.user_attrs.get("process"))
-            if alive is not None:
-                (stale.discard if alive else stale.add)(t._trial_id)
-        return sorted(stale)
-
-
-def queue_retry(study, trial, max_retry=MAX_RETRY):
-    """Queue a copy of a dead or interrupted trial: its parameters, run_dir and reports, so the copy resumes
-    the run from its last.pt. optuna records the chain in system_attrs["retry_history"] (see trial_count)."""
-    trial = copy.deepcopy(trial)
-    trial.user_attrs.pop("process", None)  # the dead worker's record would make the queued copy look dead too
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # optuna >= 4.9
+def retry_callback(max_retry=MAX_RETRY):
+    """Optuna's RETRY callback: it queues a WAITING copy of a failed trial with its parameters,
+    user attributes (run_dir) and reports, so the copy resumes the run from its last.pt; it gives
+    up after max_retry copies (None: never)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # experimental in older optuna
-        retry = retry or optuna.storages.RetryFailedTrialCallback
-        retry(max_retry=max_retry, inherit_intermediate_values=True)(study, trial)
+        warnings.simplefilter("ignore")  # experimental; the old name is deprecated since optuna 4.9
+        return RETRY(max_retry=max_retry, inherit_intermediate_values=True)
+
+
+def settle_local_trials(study, storage):
+    """Judge at once the RUNNING trials whose worker ran on this machine: a dead worker's trial
+    is failed and queued again, as Optuna's heartbeat would GRACE_PERIOD s later; a live
+    worker's heartbeat is recorded for it, so Optuna's check never takes its trial. Trials of
+    other machines are left to Optuna's heartbeat."""
+    running = optuna.trial.TrialState.RUNNING
+    for t in study.get_trials(deepcopy=False, states=(running,)):
+        process = t.user_attrs.get("process")
+        if not isinstance(process, dict) or process.get("trial") != t.number:
+            continue  # not yet started (or a queued copy's inherited record): the heartbeat decides
+        alive = worker_alive(process)
+        if alive:
+            # NOTE: a live worker's heartbeat can be late (a suspended process; optuna's
+            # heartbeat thread ends at a storage error, e.g. a SQLite file locked too long).
+            study_id = storage.get_study_id_from_name(study.study_name)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.record_heartbeat(trial_id)
+        elif alive is False:
+            try:
+                dead = study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # finished meanwhile: by its worker, or failed by another rerun first
+            retry_callback()(study, dead)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -419,7 +448,7 @@ def wait_for_lock(url, timeout):
 
 
 def make_storage(url, timeout=60):
-    """RDB storage with heartbeats, so trials of killed workers are failed and queued again (queue_retry).
+    """Optuna's RDB storage with its heartbeat: killed workers' trials are failed and queued again.
     An unusable URL (unparsable, no driver, unreachable server, unwritable file) stops here in one
     line, as does a SQLite file another process keeps locked for `timeout` s."""
     engine_kwargs = {}
@@ -445,9 +474,11 @@ def make_storage(url, timeout=60):
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # heartbeat and retry are marked experimental
-                return WorkerAwareStorage(driver_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                          grace_period=GRACE_PERIOD, **{callback: queue_retry})
+                warnings.simplefilter("ignore")  # the heartbeat is marked experimental
+                return optuna.storages.RDBStorage(
+                    driver_url(url), engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                    **{callback: retry_callback()})
         except sqlalchemy.exc.SQLAlchemyError as e:
             if locked(e):  # it waited `timeout` s already: no retry
                 raise _lock_error(url, timeout) from None
@@ -466,10 +497,8 @@ def make_pruner(args):
     return optuna.pruners.NopPruner()
 
 
-def open_study(args):
-    if args.show and sqlite_path(args.storage) is not None and not sqlite_path(args.storage).exists():
-        raise FileNotFoundError(f"no study database {sqlite_path(args.storage)} (see --storage, --study)")
-    storage = make_storage(args.storage, args.storage_timeout)
+def open_study(args, storage):
+    """The study --study in `storage` (make_storage): loaded for --show, else created/continued."""
     if args.show:
         try:
             return optuna.load_study(study_name=args.study, storage=storage)
@@ -509,7 +538,9 @@ def trial_count(study):
     Queued (WAITING) trials count once they start; one count per run directory in any case.
     """
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental
+        retried = {n for t in trials for n in RETRY.retry_history(t)}
     waiting = [t.state == optuna.trial.TrialState.WAITING for t in trials]
     counted = {t.user_attrs.get("run_dir", t.number) for t, w in zip(trials, waiting)
                if not w and t.number not in retried}
@@ -547,14 +578,15 @@ def prepare_data(args):
             data.prepare_cache(ds_id, targs.data_root, targs.cache, resolution, **data.data_options(targs))
 
 
-def optimize(study, args):
+def optimize(study, storage, args):
     """Run trials one at a time until the study holds --trials of them (or this worker ran --worker-trials)."""
     states = []  # of this worker's trials
     record = lambda study, trial: states.append(trial.state)  # noqa: E731
     while args.worker_trials is None or len(states) < args.worker_trials:
+        settle_local_trials(study, storage)  # dead workers' trials seen here -> FAIL + queued retry
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # experimental
-            optuna.storages.fail_stale_trials(study)  # a killed worker's trial -> FAIL + a queued retry
+            optuna.storages.fail_stale_trials(study)  # others: once their heartbeat is stale
         counted, waiting = trial_count(study)
         if counted >= args.trials and not waiting:  # queued retries still run
             break
@@ -653,12 +685,16 @@ def run_study(args):
     """Trials until the study holds --trials (none with --show), then the best trial, the PNGs."""
     if not args.show:
         check_inputs(args)  # before the study exists: a typo must not fix the study's search space
-    study = open_study(args)
+    db = sqlite_path(args.storage)
+    if args.show and db is not None and not db.exists():
+        raise FileNotFoundError(f"no study database {db} (see --storage, --study)")
+    storage = make_storage(args.storage, args.storage_timeout)
+    study = open_study(args, storage)
     if not args.show:
         prepare_data(args)
         tic = time.perf_counter()
         try:
-            optimize(study, args)
+            optimize(study, storage, args)
         except KeyboardInterrupt:
             raise KeyboardInterrupt("interrupted: rerun the same command to continue the study "
                                     "(the trial resumes from its last.pt)") from None

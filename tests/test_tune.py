@@ -1,10 +1,12 @@
 """tune.py: the search space as train.py reads it, a study that completes / continues / survives failures,
-interrupted and killed trials resumed (a SIGKILLed worker's at once, a live worker's never), pruning, a
-blank model not chosen, two workers on one SQLite file, the --show PNGs, one-line errors (bad --storage,
---study). PostgreSQL: tests/test_tune_postgres.py.
+interrupted and killed trials resumed (a SIGKILLed worker's at once, a live worker's never, one
+that keeps dying given up), pruning, a blank model not chosen, two workers on one SQLite file, the
+--show PNGs, one-line errors (bad --storage, --study), optuna's public API only. PostgreSQL:
+tests/test_tune_postgres.py.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_tune.py
 """
+import ast
 import json
 import math
 import os
@@ -25,6 +27,7 @@ import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPLETE, FAIL, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED
+RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
 # Tiny trials: 4 steps of 2 patches of 64 px, validated at steps 2 and 4, on the synthetic IDRiD.
 TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "cpu", "--dtype", "float32",
               "--workers", "0", "--log-every", "2"]
@@ -55,6 +58,24 @@ def show(tmp, study):
 
 def load(tmp, study="s"):
     return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp}/tune.db")
+
+
+def open_study(args):
+    """The study of a parsed tune.py command line and its storage, as tune.py opens them."""
+    storage = tune.make_storage(args.storage, args.storage_timeout)
+    return tune.open_study(args, storage), storage
+
+
+def beat(storage, study, number):
+    """One heartbeat of trial `number`, as its worker's optuna heartbeat thread writes it."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def quick_heartbeat(monkeypatch):
+    """A 1 s heartbeat and grace period instead of 20 s / 120 s, in the storages tune.py opens."""
+    monkeypatch.setattr(tune, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(tune, "GRACE_PERIOD", 1)
 
 
 def val_scores(run_dir, key="mean_dice"):
@@ -266,22 +287,17 @@ def test_interrupted_trial_resumes_from_its_last_checkpoint(tiny, tmp_path, monk
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the hand-made RUNNING trial of a dead worker
 def test_killed_workers_trial_is_retried_in_its_run_dir(tiny, tmp_path, monkeypatch):
-    real_storage = tune.make_storage
-
-    def quick_heartbeat(url, *timeout):  # 1 s heartbeat and grace period instead of 60 s / 300 s
-        storage = real_storage(url, *timeout)
-        storage.heartbeat_interval, storage.grace_period = 1, 1
-        return storage
-
-    monkeypatch.setattr(tune, "make_storage", quick_heartbeat)
+    """A worker of another machine (no process record this one can judge) killed: optuna's
+    heartbeat decides."""
+    quick_heartbeat(monkeypatch)
     argv = tiny(tmp_path, "k", 1)
     args = tune.parse_args(argv)
-    study = tune.open_study(args)
+    study, storage = open_study(args)
     # A worker started trial 0 and was killed (SIGKILL, preempted node): RUNNING, heartbeat silent.
     trial = study.ask()
     tune.search_space(trial, args)
     trial.set_user_attr("run_dir", str(tmp_path / "runs" / "k" / "trial_0000"))
-    study._storage.record_heartbeat(trial._trial_id)
+    beat(storage, study, trial.number)
     time.sleep(2.2)  # NOTE: SQLite's CURRENT_TIMESTAMP has 1 s resolution: > 2 s makes a 1 s grace certain
     tune.main(argv)
     dead, retry = load(tmp_path, "k").trials
@@ -336,13 +352,13 @@ def dead_process():
     return record
 
 
-def hand_made_trial(study, args, run_dir, process):
+def hand_made_trial(study, storage, args, run_dir, process):
     """A RUNNING trial as a worker leaves it: parameters, run dir, its process, a fresh heartbeat."""
     trial = study.ask()
     tune.search_space(trial, args)
     trial.set_user_attr("run_dir", str(run_dir))
-    trial.set_user_attr("process", process)
-    study._storage.record_heartbeat(trial._trial_id)
+    trial.set_user_attr("process", {**process, "trial": trial.number})
+    beat(storage, study, trial.number)
     return trial
 
 
@@ -352,9 +368,9 @@ def test_dead_local_worker_is_retried_at_once(tiny, tmp_path):
     """The heartbeat is fresh (the grace period is 120 s), yet the worker is gone: an immediate rerun retries it."""
     argv = tiny(tmp_path, "d", 1)
     args = tune.parse_args(argv)
-    study = tune.open_study(args)
+    study, storage = open_study(args)
     run_dir = tmp_path / "runs" / "d" / "trial_0000"
-    hand_made_trial(study, args, run_dir, dead_process())
+    hand_made_trial(study, storage, args, run_dir, dead_process())
     tic = time.monotonic()
     tune.main(argv)
     assert time.monotonic() - tic < tune.GRACE_PERIOD  # not waiting for the heartbeat
@@ -369,17 +385,11 @@ def test_dead_local_worker_is_retried_at_once(tiny, tmp_path):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_live_workers_trial_is_not_taken(tiny, tmp_path, monkeypatch):
     """A live worker (this test process) whose heartbeat is late: its RUNNING trial is neither failed nor retried."""
-    real_storage = tune.make_storage
-
-    def quick_heartbeat(url, *timeout):  # 1 s heartbeat and grace period: the heartbeat goes stale
-        storage = real_storage(url, *timeout)
-        storage.heartbeat_interval, storage.grace_period = 1, 1
-        return storage
-
-    monkeypatch.setattr(tune, "make_storage", quick_heartbeat)
+    quick_heartbeat(monkeypatch)  # 1 s: the heartbeat goes stale
     argv = tiny(tmp_path, "l", 2)
     args = tune.parse_args(argv)
-    live = hand_made_trial(tune.open_study(args), args, tmp_path / "runs" / "l" / "trial_0000", tune.this_process())
+    run_dir = tmp_path / "runs" / "l" / "trial_0000"
+    live = hand_made_trial(*open_study(args), args, run_dir, tune.this_process())
     time.sleep(2.2)  # NOTE: SQLite's CURRENT_TIMESTAMP has 1 s resolution: > 2 s makes a 1 s grace certain
     tune.main(argv)
     trials = load(tmp_path, "l").trials
@@ -387,6 +397,31 @@ def test_live_workers_trial_is_not_taken(tiny, tmp_path, monkeypatch):
     assert trials[0].number == live.number and not trials[0].user_attrs.get("error")
     assert trials[1].user_attrs["run_dir"] != trials[0].user_attrs["run_dir"]  # a new trial, not a retry
     assert tune.trial_count(load(tmp_path, "l")) == (2, 0)
+
+
+@pytest.mark.skipif(tune._machine() is None, reason="needs Linux's /proc to see processes")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_whose_worker_keeps_dying_is_given_up(tiny, tmp_path):
+    """Each death queues a copy (same parameters and run dir), MAX_RETRY times, then the trial is
+    given up; a copy just taken by a new worker, still holding the dead worker's record, is not
+    taken for dead."""
+    args = tune.parse_args(tiny(tmp_path, "g", 1))
+    study, storage = open_study(args)
+    run_dir = tmp_path / "runs" / "g" / "trial_0000"
+    trial = hand_made_trial(study, storage, args, run_dir, dead_process())
+    for _ in range(tune.MAX_RETRY):
+        tune.settle_local_trials(study, storage)  # as a rerun on this machine does first
+        (queued,) = study.get_trials(states=(WAITING,))
+        assert queued.params == trial.params and queued.user_attrs["run_dir"] == str(run_dir)
+        trial = study.ask()  # the next worker takes the copy ...
+        assert trial.number == queued.number
+        assert trial.user_attrs["process"]["trial"] != trial.number  # the dead worker's record
+        tune.settle_local_trials(study, storage)
+        assert study.trials[-1].state == RUNNING  # ... not taken for dead
+        trial.set_user_attr("process", {**dead_process(), "trial": trial.number})  # ... dies too
+    tune.settle_local_trials(study, storage)
+    assert [t.state for t in study.trials] == [FAIL] * (tune.MAX_RETRY + 1)  # no copy: given up
+    assert tune.trial_count(study) == (1, 0)  # one run dir, counted once
 
 
 def kill_mid_trial(proc, runs, deadline=600):
@@ -479,7 +514,7 @@ def test_objective_unknown_to_train_py_is_one_line(tiny, tmp_path, monkeypatch):
 ])
 def test_bad_storage_is_one_line(url, message):
     with pytest.raises(ValueError, match=re.escape(message)) as e:
-        tune.open_study(tune.parse_args(["--train", "IDR", "--study", "s", "--storage", url]))
+        open_study(tune.parse_args(["--train", "IDR", "--study", "s", "--storage", url]))
     assert "\n" not in str(e.value) and "secret" not in str(e.value)
 
 
@@ -491,6 +526,33 @@ def test_bad_storage_from_the_command_line_is_one_line(tmp_path):
     assert p.returncode == 1 and p.stdout == "" and "secret" not in p.stderr
     assert p.stderr.count("\n") == 1
     assert p.stderr.startswith("error: --storage postgresql://me:***@127.0.0.1:1/optuna: ")
+
+
+def test_tune_uses_only_optunas_public_api(tmp_path):
+    """tune.py subclasses no optuna class and reads no private name (a leading _) of optuna or any
+    other library, so an optuna release cannot break it silently; its storage is optuna's own
+    RDBStorage, with the heartbeat on."""
+    tree = ast.parse((ROOT / "tune.py").read_text())
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            bases = [ast.unparse(b) for b in node.bases]
+            found += [f"class {node.name}({b})" for b in bases if "optuna" in b]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            found += [m for m in modules if any(private(part) for part in m.split("."))]
+        elif isinstance(node, ast.Attribute) and private(node.attr):
+            # argparse keeps no public list of an argument's choices: train.py's own parser is read
+            if ast.unparse(node) != "train.build_parser()._actions":
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "hasattr"):
+            names = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+            found += [f"getattr(..., {n!r})" for n in names if isinstance(n, str) and private(n)]
+    assert not found, found
+    storage = tune.make_storage(f"sqlite:///{tmp_path}/t.db")
+    assert type(storage) is optuna.storages.RDBStorage
+    assert storage.get_heartbeat_interval() == tune.HEARTBEAT_INTERVAL
 
 
 def test_train_same_list_syntax():
@@ -511,7 +573,7 @@ def test_locked_study_file_is_waited_for_then_one_line(tiny, tmp_path, capsys):
     import threading
 
     db = tmp_path / "tune.db"
-    tune.open_study(tune.parse_args(tiny(tmp_path, "w", 1)))  # the study exists
+    open_study(tune.parse_args(tiny(tmp_path, "w", 1)))  # the study exists
     holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
     try:

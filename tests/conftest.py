@@ -84,3 +84,68 @@ def tiny_runs(synth_root, base):
             "--iters", "4", "--val-every", "2", "--snapshot-every", "2", "--warmup", "1", "--lr", "1e-2",
             "--device", "cpu", "--dtype", "float32", "--workers", "0"]))
     return runs_dir, cache
+
+
+# ----------------------------------------------------------------------------- TA: data/ helpers
+# Shared by test_datasets.py, test_splits.py, test_prepare.py, test_cache.py and test_patches.py.
+
+@pytest.fixture(scope="session")
+def dataset_folders():
+    """Each dataset's folder under --data-root as distributed, spelled out here (not read from
+    data.ids)."""
+    return {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set",
+            "RET": "retinal-lesions-v20191227", "MES": "MAPLES-DR"}
+
+
+@pytest.fixture(scope="session")
+def no_cache_left():
+    """check(cache): nothing was left in (or as) the cache folder."""
+    def check(cache):
+        leftovers = list(cache.rglob("*")) if cache.exists() else []
+        assert leftovers == [], f"left behind: {leftovers}"
+    return check
+
+
+@pytest.fixture(scope="session")
+def nearest_reference():
+    """reference(mask (..., H, W), geometry) -> (..., R, R) bool: nearest-neighbour resize of a
+    native mask onto the padded square, written out in numpy."""
+    import numpy as np
+
+    def reference(mask, geo):
+        x0, y0, x1, y1 = geo["box"]
+        (w, h), (left, top), R = geo["size"], geo["pad"], geo["resolution"]
+        ys = y0 + np.floor((np.arange(h) + 0.5) * (y1 - y0) / h).astype(int)
+        xs = x0 + np.floor((np.arange(w) + 0.5) * (x1 - x0) / w).astype(int)
+        out = np.zeros(mask.shape[:-2] + (R, R), bool)
+        out[..., top:top + h, left:left + w] = mask[..., ys[:, None], xs[None, :]]
+        return out
+    return reference
+
+
+@pytest.fixture(scope="session")
+def nntools_split():
+    """split(items, lengths): nntools.dataset.utils.ops.random_split (the authors' split), written
+    out: randperm with a fresh seed-42 generator, then consecutive slices of the permutation, each
+    part in permuted order."""
+    import torch
+
+    def split(items, lengths):
+        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(42)).tolist()
+        parts, offset = [], 0
+        for n in lengths:
+            parts.append([items[k] for k in perm[offset:offset + n]])
+            offset += n
+        return parts
+    return split
+
+
+@pytest.fixture()
+def small_cache(synth_root, tmp_path):
+    """(cache, cache/DDR/32): the synthetic DDR prepared at 32 px in a private cache (free to
+    damage)."""
+    from data.prepare import prepare_cache
+
+    cache = tmp_path / "cache"
+    prepare_cache("DDR", synth_root, cache, 32, verbose=False)
+    return cache, cache / "DDR" / "32"

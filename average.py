@@ -8,7 +8,7 @@
 swa and soup write a training-format checkpoint (evaluate.py and average.py take it unchanged) whose
 "provenance" records the method, ingredients, weights, part, BatchNorm mode and reference; ensemble writes a
 small manifest {"kind": "ensemble", "members": ["s0/best.pt", ...]} (paths relative to the manifest) that
-evaluate.py --ckpt / model.load_models read as k models whose sigmoid probabilities are averaged; it holds no
+evaluate.py --ckpt / predict.read_checkpoint read as k models whose sigmoid probabilities are averaged; it holds no
 weights. Checkpoints are streamed one at a time and summed in float64 on the CPU. Validation scores (greedy
 soups, --reference best) and BatchNorm recomputation read the training combination's own validation /
 training splits (never test), with the data options recorded in the checkpoint's args unless given here.

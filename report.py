@@ -745,7 +745,7 @@ def style_data(runs_dir, by_combo, styles):
     conditioned (evaluated at the style its results record, fine by default) -> {combo: {"tests", "rows"}}."""
     from data.ids import STYLE_TABLE
 
-    styles = {**STYLE_TABLE, **styles}  # characterize.json where measured, else the README's table
+    styles = {**STYLE_TABLE, **styles}  # characterize.json where measured, else data.ids.STYLE_TABLE
     conditioned = {}
     for path in sorted(Path(runs_dir).glob("*/cond-s*/results.json")):
         rec = _read_json(path)

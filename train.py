@@ -393,23 +393,35 @@ def val_loss_minima(history):
     return {b["step"] for a, b, c in zip(history, history[1:], history[2:]) if b["loss"] < min(a["loss"], c["loss"])}
 
 
-def prune_snapshots(out, history, args, finished=False):
-    """The one snapshot rule, applied after each validation and on resume (idempotent: a run killed at any point
-    ends with the same files). Every validation's weights are written as snapshots/step_N.pt; of the validations
-    in `history`, a file is kept when its loss is a local minimum (paper section 2.5), when it is one of the last
-    --keep-last validations (at least the latest, whose next neighbour is not known yet, while training), or a
-    --snapshot-every step; else it is removed. Files of steps after the history (a killed run's) are removed."""
-    judged = {r["step"] for r in history}
+def history_length(args):
+    """How many validation records last.pt keeps: the last --keep-last (at least the latest) and
+    the two before them, which judge whether the first of those is a local minimum."""
+    return max(1, args.keep_last) + 2
+
+
+def prune_snapshots(out, history, args, finished=False, step=None):
+    """The one snapshot rule, applied after each validation and on resume (idempotent: a run killed
+    at any point ends with the same files). Every validation's weights are written as
+    snapshots/step_N.pt; of the validations in `history`, a file is kept when its loss is a local
+    minimum (paper section 2.5), when it is one of the last --keep-last validations (at least the
+    latest, whose next neighbour is not known yet, while training), or a --snapshot-every step; else
+    it is removed. Files of steps after `step` (last.pt's; default: the latest validation's) are a
+    killed run's: removed.
+    NOTE: the first record of a full history has lost its left neighbour, so whether it is a
+    minimum is not known any more: it was judged one validation earlier, with both neighbours;
+    left alone."""
+    full = len(history) >= history_length(args)  # then records were dropped (validate_and_save)
+    judged = {r["step"] for r in (history[1:] if full else history)}
     n = args.keep_last if finished else max(1, args.keep_last)  # the last validations kept as they are
     keep = val_loss_minima(history) | ({r["step"] for r in history[-n:]} if n else set())
-    latest = history[-1]["step"] if history else -1
+    latest = step if step is not None else history[-1]["step"] if history else -1
     for path in sorted((out / "snapshots").glob("*step_*.pt")):
-        step = int(path.stem.rsplit("_", 1)[1])
+        at = int(path.stem.rsplit("_", 1)[1])
         if path.name.startswith("pending_"):  # NOTE: the older two-state layout: the same weights
-            os.replace(path, snapshot_path(out, step))
-            path = snapshot_path(out, step)
-        periodic = args.snapshot_every and step % args.snapshot_every == 0
-        if step > latest or (step in judged and step not in keep and not periodic):
+            os.replace(path, snapshot_path(out, at))
+            path = snapshot_path(out, at)
+        periodic = args.snapshot_every and at % args.snapshot_every == 0
+        if at > latest or (at in judged and at not in keep and not periodic):
             path.unlink()
 
 
@@ -636,7 +648,7 @@ def validate_and_save(state, val_sets, master, on_validate=None):
     better = is_better(args.val_metric, metric, state.best["value"])
     if better:
         state.best.update(value=metric, step=state.step)
-    state.history = (state.history + [record])[-(max(1, args.keep_last) + 2):]  # the waiting and their neighbours
+    state.history = (state.history + [record])[-history_length(args):]  # what last.pt remembers
     minimum = next(iter(val_loss_minima(state.history[-3:])), None)  # the previous validation, if a minimum
     if master:
         periodic = args.snapshot_every and state.step % args.snapshot_every == 0
@@ -779,7 +791,7 @@ def train(args, device, rank, world, ckpt, on_validate):
             record = state.validated_now()
             if record is not None and not snapshot_path(state.out, state.step).exists():
                 save_checkpoint(snapshot_path(state.out, state.step), state.checkpoint(record, snapshot="validation"))
-            prune_snapshots(state.out, state.history, args)
+            prune_snapshots(state.out, state.history, args, step=state.step)  # maybe a --stop-at
             print(f"resuming {state.out} from step {state.step}")
     del ckpt
     if args.val_metric != "loss":  # --val-metric must name a score validate() gives: tried on one image first

@@ -149,3 +149,171 @@ def small_cache(synth_root, tmp_path):
     cache = tmp_path / "cache"
     prepare_cache("DDR", synth_root, cache, 32, verbose=False)
     return cache, cache / "DDR" / "32"
+
+
+# ---- TB: fixtures of test_train, test_evaluate, test_predict, test_protocol, test_maps, and of the
+# style-conditioning blocks of test_model and test_average (from the old test_train*, test_lesions,
+# test_style, test_evaluate, test_maps)
+EVAL_R = 128  # the resolution of cache_dir, at which eval_ckpts are made
+STYLE_WIDTHS = (16, 8, 8, 8, 8)  # the decoder of style_net's models
+
+
+@pytest.fixture(scope="session")
+def tiny_runs_dir(synth_root, tmp_path_factory):
+    """tiny_runs trained once per session (read them, don't change them) -> (runs folder, cache)."""
+    return tiny_runs(synth_root, tmp_path_factory.mktemp("tiny_runs"))
+
+
+@pytest.fixture(scope="session")
+def he_run(synth_root, cache_dir, tmp_path_factory):
+    """A 4-step run on IDR training only HE (train.py --lesions HE) -> (run folder, parsed args)."""
+    import train
+
+    out = tmp_path_factory.mktemp("he") / "run"
+    args = train.parse_args([
+        "--train", "IDR", "--data-root", str(synth_root), "--cache", str(cache_dir),
+        "--out", str(out), "--encoder", "test_resnet", "--no-pretrained", "--resolution", "128",
+        "--patch", "64", "--batch", "2", "--device", "cpu", "--dtype", "float32", "--workers", "0",
+        "--warmup", "2", "--iters", "4", "--val-every", "2", "--lesions", "HE", "--lr", "1e-2"])
+    train.run(args)
+    return out, args
+
+
+def _eval_checkpoint(path, seed, cache_dir):
+    """A tiny U-Net 'trained' on MES at EVAL_R px, its head scaled so that its probabilities spread
+    over [0, 1]."""
+    import torch
+    from dataclasses import asdict
+
+    from data import LESIONS, PreparedDataset
+    from model import ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False, resolution=EVAL_R)
+    m = build_model(cfg).eval()
+    head = [mod for mod in m.modules()
+            if isinstance(mod, torch.nn.Conv2d) and mod.out_channels == len(LESIONS)][-1]
+    image = PreparedDataset(cache_dir, "MES", EVAL_R, "train")[0]["image"]
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        s = m(x.float() / 255).std().item()
+        head.weight.mul_(2.5 / max(s, 1e-6))  # logits ~ N(., 2.5): every threshold bin gets pixels
+        if head.bias is not None:
+            head.bias.fill_(-1.0)
+    args = {"train": ["MES"], "seed": seed, "resolution": EVAL_R, "patch": 64, "n_train_images": 8}
+    save_checkpoint(path, {"model": m.state_dict(), "model_cfg": asdict(cfg), "args": args,
+                           "step": 0, "epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": None,
+                           "metric": 0.0, "version": 1})
+    return path
+
+
+@pytest.fixture(scope="session")
+def eval_ckpts(cache_dir, tmp_path_factory):
+    """Two such checkpoints (seeds 0 and 1: "a", "b") and an ensemble file of "a" alone ("ens1")."""
+    import torch
+
+    from model import save_checkpoint
+
+    d = tmp_path_factory.mktemp("eval_ckpts")
+    a, b = _eval_checkpoint(d / "a.pt", 0, cache_dir), _eval_checkpoint(d / "b.pt", 1, cache_dir)
+    ck = torch.load(a, weights_only=True)
+    ens = d / "ens1.pt"
+    member = {"model": ck["model"], "model_cfg": ck["model_cfg"]}
+    save_checkpoint(ens, {"kind": "ensemble", "members": [member], "args": ck["args"],
+                          "version": 1})
+    return {"a": a, "b": b, "ens1": ens}
+
+
+@pytest.fixture(scope="session")
+def model_from():
+    """path -> the model of a checkpoint built by hand (ModelConfig + load_state_dict), in eval
+    mode: a reference that does not go through model.load_models or predict.load_ensemble."""
+    def build(path):
+        import torch
+
+        from model import ModelConfig, build_model
+
+        ckpt = torch.load(path, weights_only=True)
+        m = build_model(ModelConfig(**ckpt["model_cfg"]))
+        m.load_state_dict(ckpt["model"])
+        return m.eval()
+    return build
+
+
+@pytest.fixture(scope="session")
+def edit_ckpt():
+    """(src, dst, args={...}, cfg={...}) -> dst: a copy of a checkpoint with some training args and
+    model_cfg fields changed (what a checkpoint of another run would record)."""
+    def edit(src, dst, args=None, cfg=None):
+        import torch
+
+        from model import save_checkpoint
+
+        ck = torch.load(src, weights_only=True)
+        ck["args"] = {**ck["args"], **(args or {})}
+        ck["model_cfg"] = {**ck["model_cfg"], **(cfg or {})}
+        save_checkpoint(dst, ck)
+        return dst
+    return edit
+
+
+@pytest.fixture(scope="session")
+def fundus_jpeg():
+    """(path, w, h): a bright disc on black as a JPEG, as a fundus looks to the FOV detector."""
+    def write(path, w, h):
+        from PIL import Image, ImageDraw
+
+        im = Image.new("RGB", (w, h))
+        r = min(w, h) // 2 - 4
+        box = [w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r]
+        ImageDraw.Draw(im).ellipse(box, fill=(170, 80, 40))
+        im.save(path, quality=95)
+    return write
+
+
+@pytest.fixture(scope="session")
+def style_net():
+    """(seed=0, **ModelConfig fields, e.g. style_tokens) -> a tiny test_resnet U-Net (decoder
+    STYLE_WIDTHS)."""
+    def tiny(seed=0, **kw):
+        import torch
+
+        from model import ModelConfig, build_model
+
+        torch.manual_seed(seed)
+        return build_model(ModelConfig(encoder="test_resnet", pretrained=False,
+                                       decoder_channels=STYLE_WIDTHS, **kw))
+    return tiny
+
+
+@pytest.fixture(scope="session")
+def randomize_films():
+    """(net, seed) -> net with random FiLM scales and shifts (fresh, FiLM is the identity)."""
+    def randomize(net, seed):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for film in net.decoder.films:
+                film.gamma.copy_(0.5 * torch.randn(film.gamma.shape, generator=g))
+                film.beta.copy_(0.5 * torch.randn(film.beta.shape, generator=g))
+        return net
+    return randomize
+
+
+@pytest.fixture(scope="session")
+def style_checkpoint():
+    """(path, net, train_ids=("IDR", "RET")) -> path: a style_net model saved as a checkpoint
+    trained at 64 px."""
+    def save(path, net, train_ids=("IDR", "RET")):
+        from dataclasses import asdict
+
+        from model import ModelConfig, save_checkpoint
+
+        cfg = ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=STYLE_WIDTHS,
+                          style_tokens=net.style_tokens, token_styles=net.token_styles,
+                          resolution=64)
+        save_checkpoint(path, {"model": net.state_dict(), "model_cfg": asdict(cfg),
+                               "args": {"resolution": 64, "train": list(train_ids)}, "step": 0})
+        return path
+    return save

@@ -521,3 +521,43 @@ def test_ensemble_of_members_that_do_not_run_alike_is_refused_when_made(tmp_path
         with pytest.raises(ValueError) as e:
             average.main(["ensemble", *map(str, members), "-o", str(out)])
         assert needle in str(e.value) and "\n" not in str(e.value) and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TB: soups of style-conditioned checkpoints (from the old tests/test_style.py); models from conftest's
+# style_net, saved by style_checkpoint
+# ---------------------------------------------------------------------------------------------------------
+def test_soup_of_conditioned_checkpoints_is_the_mean_of_their_film_parameters(style_net, randomize_films,
+                                                                              style_checkpoint, tmp_path):
+    import numpy as np
+
+    nets = [randomize_films(style_net(seed, style_tokens=("fine", "coarse")), 10 + seed) for seed in (1, 2)]
+    paths = [style_checkpoint(tmp_path / f"s{i}.pt", n) for i, n in enumerate(nets)]
+    films = [{k: v for k, v in n.state_dict().items() if "films" in k} for n in nets]
+    assert len(films[0]) == 2 * len(nets[0].cfg.decoder_channels)
+    for part in ("full", "decoder", "encoder"):
+        soup = average.average_checkpoints(paths, part)["model"]
+        for k in films[0]:
+            # float64 mean of the two float32 tensors, then float32: numpy as the independent reference
+            mean = ((films[0][k].numpy().astype(np.float64) + films[1][k].numpy().astype(np.float64)) / 2)
+            want = films[0][k] if part == "encoder" else torch.from_numpy(mean.astype(np.float32))
+            assert torch.equal(soup[k], want), (part, k)  # FiLM lives in the decoder: averaged with it
+    (souped,) = load_models(average.average_checkpoints(paths))
+    assert souped.style_tokens == ("fine", "coarse")
+    other = style_checkpoint(tmp_path / "other.pt", style_net(style_tokens=("fine", "mixed", "coarse")))
+    plain = style_checkpoint(tmp_path / "plain.pt", style_net())
+    for path in (other, plain):
+        with pytest.raises(ValueError) as err:
+            average.average_checkpoints([paths[0], path])
+        msg = str(err.value)
+        assert "\n" not in msg and "'style_tokens'" in msg and path.name in msg  # the key and the file
+
+
+def test_older_unconditioned_checkpoint_soups_with_a_new_one(style_net, style_checkpoint, tmp_path):
+    new = style_checkpoint(tmp_path / "new.pt", style_net(1))
+    ckpt = torch.load(new, weights_only=True)
+    for key in ("style_tokens", "token_styles", "local_contrast"):  # fields older checkpoints lack
+        del ckpt["model_cfg"][key]
+    save_checkpoint(tmp_path / "old.pt", {**ckpt, "model": style_net(2).state_dict()})
+    soup = average.average_checkpoints([tmp_path / "old.pt", new])
+    assert soup["model"].keys() == ckpt["model"].keys()

@@ -80,3 +80,14 @@ def test_data_package_names_still_work():
         getattr(data, name)
     with pytest.raises(AttributeError, match="no_such_name"):
         data.no_such_name
+
+
+def test_parse_lesions_canonical_order_and_errors():
+    from data import parse_lesions
+
+    assert parse_lesions("he,ex") == ("EX", "HE")
+    assert parse_lesions("MA+CWS") == ("MA", "CWS")
+    with pytest.raises(ValueError, match="'SE'"):  # the unknown name
+        parse_lesions("SE")
+    with pytest.raises(ValueError, match="empty"):
+        parse_lesions(" , ")

@@ -1,18 +1,16 @@
-"""maps.py (overlays, panels, legend, files) against hand-built expectations; evaluate.segment on a real photograph."""
+"""maps.py (overlays, panels, legend, files) against hand-built expectations; test-set maps (evaluate.py
+--save-maps) on a real photograph's geometry."""
 import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy import ndimage
 
 import evaluate
 import maps
-from conftest import tiny_runs
-from data import LESIONS, PreparedDataset, preprocess_image
-from data.datasets import list_samples, load_image
-from model import load_models
+from data import LESIONS, PreparedDataset
+from data.datasets import list_samples
 
 PHOTO = "IDRiD_01"  # a real IDRiD photograph, 1072x712 (tests/fixtures/idrid-he14)
 
@@ -159,116 +157,24 @@ def test_save_maps_writes_8_bit_maps_and_pictures(tmp_path):
         assert im.width == 3 * 96
 
 
-# ---------------------------------------------------------------------------------------------------------
-# segment(): a photograph in three lines
-# ---------------------------------------------------------------------------------------------------------
+def test_overlay_and_legend_draw_only_the_given_lesions():
+    """lesions=("HE",) (a model trained with --lesions HE): a certain exudate everywhere, not a trained output,
+    leaves no yellow; with all four the exudate's outline is there."""
+    image = np.full((120, 160, 3), 90, np.uint8)
+    probs = np.zeros((4, 120, 160), np.float32)
+    probs[0] = 0.9
+    probs[1, 40:80, 50:100] = 0.9
+    drawn = maps.overlay(image, probs, lesions=("HE",))[:120]
+    assert not (drawn == maps.COLOURS[0]).all(-1).any() and (drawn == maps.COLOURS[1]).all(-1).any()
+    assert (maps.overlay(image, probs)[:120] == maps.COLOURS[0]).all(-1).any()  # all four: yellow outline
+    legend = maps.legend(600, lesions=("HE",))
+    assert not (legend == maps.COLOURS[0]).all(-1).any() and (legend == maps.COLOURS[1]).all(-1).any()
+
+
 @pytest.fixture(scope="module")
-def ckpt(synth_root, tmp_path_factory):
-    runs, _ = tiny_runs(synth_root, tmp_path_factory.mktemp("maps_runs"))
+def ckpt(tiny_runs_dir):
+    runs, _ = tiny_runs_dir
     return runs / "IDR+MES" / "s0" / "best.pt"  # trained at 64 px
-
-
-@pytest.fixture(scope="module")
-def photo(fixture_idrid):
-    return next(s.image for s in list_samples("IDR", fixture_idrid) if s.id == PHOTO)
-
-
-def test_segment_a_photograph_in_three_lines(ckpt, photo):
-    from evaluate import segment
-
-    image = np.asarray(Image.open(photo).convert("RGB"))
-    probs = segment(image, str(ckpt))
-    assert probs.shape == (4, 712, 1072) and probs.dtype == np.float32
-    assert probs.min() >= 0 and probs.max() <= 1 and probs.max() > 0
-    dark = ndimage.maximum_filter(image.max(-1), 41) < 12  # the black surround, 20 px clear of the fundus
-    assert dark.mean() > 0.1 and not probs[:, dark].any()
-
-
-def test_segment_maps_the_network_output_back_onto_the_photograph(ckpt, photo):
-    image = np.asarray(load_image(photo))
-    probs = evaluate.segment(image, str(ckpt))
-    # Reference: the network on the preprocessed square, plain torch, enlarged into the crop box by PIL
-    square, fov, geo = preprocess_image(image, 64)
-    model = load_models(str(ckpt))[0]
-    with torch.no_grad():
-        ref = torch.sigmoid(model(torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255))[0].numpy()
-    (w, h), (left, top), (x0, y0, x1, y1) = geo["size"], geo["pad"], geo["box"]
-    inside = np.zeros(image.shape[:2], bool)
-    crop_fov = Image.fromarray(fov[top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.NEAREST)
-    inside[y0:y1, x0:x1] = ndimage.binary_erosion(np.asarray(crop_fov), iterations=40)  # clear of the FOV edge
-    for c in range(4):
-        crop = Image.fromarray(ref[c, top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.BILINEAR)
-        full = np.zeros(image.shape[:2], np.float32)
-        full[y0:y1, x0:x1] = np.asarray(crop)
-        assert np.abs(probs[c] - full)[inside].max() < 1e-3, LESIONS[c]
-
-
-def test_images_are_read_as_viewers_show_them_exif_orientation(ckpt, photo, tmp_path):
-    """A photograph stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to show it,
-    as a phone held upright writes it): --images maps it as shown, the very maps of the upright
-    pixels."""
-    upright = np.asarray(Image.open(photo).convert("RGB"))  # (712, 1072, 3), no tag
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    (tmp_path / "in").mkdir()
-    stored = np.rot90(upright, 1).copy()  # (1072, 712, 3)
-    Image.fromarray(stored).save(tmp_path / "in" / "eye.png", exif=exif)
-    evaluate.predict_images([ckpt], tmp_path / "in", tmp_path / "out", device="cpu")
-    want = evaluate.segment(upright, str(ckpt), uint8=True)  # (4, 712, 1072)
-    for c, lesion in enumerate(LESIONS):
-        with Image.open(tmp_path / "out" / f"eye_{lesion}.png") as im:
-            assert np.array_equal(np.asarray(im), want[c]), lesion
-
-
-def test_segment_takes_loaded_models_and_equals_predict_images(ckpt, photo, tmp_path):
-    image = np.asarray(load_image(photo))
-    probs = evaluate.segment(image, str(ckpt))
-    assert np.array_equal(evaluate.segment(image, load_models(str(ckpt)), resolution=64), probs)
-    assert np.array_equal(evaluate.segment(image, evaluate.load_ensemble([ckpt], "cpu")), probs)
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "eye.jpg").write_bytes(photo.read_bytes())
-    evaluate.predict_images([ckpt], tmp_path / "in", tmp_path / "out", device="cpu")
-    for c, lesion in enumerate(LESIONS):
-        with Image.open(tmp_path / "out" / f"eye_{lesion}.png") as im:
-            assert np.abs(np.asarray(im, np.float32) / 255 - probs[c]).max() <= 0.5 / 255 + 1e-6, lesion
-
-
-def test_8_bit_maps_give_the_same_files_as_float_ones(ckpt, photo, tmp_path):
-    """segment(uint8=True), what --images writes from, is round(255 p) of the float maps, and save_maps draws the
-    same regions (p >= 0.5 is >= 128) from either, including maps that sit on the threshold."""
-    image = np.asarray(load_image(photo))
-    probs = evaluate.segment(image, str(ckpt))
-    p8 = evaluate.segment(image, str(ckpt), uint8=True)
-    assert p8.dtype == np.uint8 and np.array_equal(p8, np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8))
-    edge = np.float32([0.5, np.nextafter(np.float32(0.5), np.float32(0)), 127.5 / 255, 128 / 255, 0.0, 1.0])
-    probs[:, :8, :6] = edge  # on both sides of the threshold
-    p8 = maps.to_8bit(probs)
-    assert np.array_equal(maps.regions_of(p8), probs >= 0.5)
-    maps.save_maps(tmp_path / "f", "a", image, probs)
-    maps.save_maps(tmp_path / "u", "a", image, p8)
-    for name in [f"a_{lesion}.png" for lesion in LESIONS] + ["a_overlay.jpg"]:
-        assert (tmp_path / "f" / name).read_bytes() == (tmp_path / "u" / name).read_bytes(), name
-
-
-@pytest.mark.parametrize("options, message", [({"tile": 0}, "tile must be a whole number"),
-                                             ({"tile": -5}, "tile must be a whole number"),
-                                             ({"tile": 64.5}, "tile must be a whole number"),
-                                             ({"tile": 32, "overlap": 1.0}, r"overlap must be in \[0, 1\)"),
-                                             ({"dtype": "int8"}, "dtype must be one of float32"),
-                                             ({"resolution": -3}, "resolution must be >= 1 pixel")])
-def test_segment_refuses_bad_options_in_one_line(ckpt, photo, options, message):
-    image = np.asarray(load_image(photo))
-    with pytest.raises(ValueError, match=message) as e:
-        evaluate.segment(image, str(ckpt), **options)
-    assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("bad", [np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8),
-                                 np.zeros((8, 8, 4), np.uint8), [[0, 0, 0]]])
-def test_segment_rejects_what_is_not_an_rgb_photograph_in_one_line(ckpt, bad):
-    with pytest.raises(ValueError, match=r"uint8 numpy array \(H, W, 3\)") as e:
-        evaluate.segment(bad, str(ckpt))
-    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,8 +185,8 @@ def test_test_set_maps_are_on_the_photographs_geometry(ckpt, fixture_idrid, tmp_
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ids[1:], "test": [PHOTO]}))
     options = {"roots": {"IDR": str(fixture_idrid)}, "split_files": {"IDR": str(split)}, "verbose": False}
-    evaluate.evaluate_checkpoints([str(ckpt)], ["IDR"], tmp_path, tmp_path / "cache", options, device="cpu",
-                                  maps_dir=tmp_path / "maps", verbose=False)
+    evaluate.evaluate([str(ckpt)], ["IDR"], (tmp_path, tmp_path / "cache", options), device="cpu",
+                      maps_dir=tmp_path / "maps", verbose=False)
     out = tmp_path / "maps" / "IDR"
     for lesion in LESIONS:
         with Image.open(out / f"{PHOTO}_{lesion}.png") as im:

@@ -413,3 +413,107 @@ def test_model_py_works_copied_alone_into_an_empty_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "96 ('HE',) (1, 4, 96, 80) True"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "model.py", "run.py"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TB: style conditioning (FiLM, SegModel.style_mix), from the old tests/test_style.py: off is the paper's
+# model bit for bit, a fresh conditioned model computes the same function, tokens separate after training,
+# checkpoints keep the conditioning. Models from conftest's style_net (test_resnet, a small decoder).
+# ---------------------------------------------------------------------------------------------------------
+FILM_TOKENS = ("fine", "mixed", "coarse")
+
+
+def unet_reference_forward(net, x):
+    """The paper's U-Net written out (encoder -> every decoder block -> head): what the off model must compute."""
+    features = net.encoder((x - net.mean) / net.std)
+    y = features[-1]
+    for block, skip in zip(net.decoder.blocks, features[-2::-1]):
+        y = block(y, skip=skip)
+    return net.head(net.decoder.blocks[-1](y, size=x.shape[-2:]))
+
+
+def test_style_off_is_the_unconditioned_model_bit_for_bit(style_net):
+    off, conditioned = style_net(), style_net(style_tokens=FILM_TOKENS)
+    widths = off.cfg.decoder_channels
+    keys = list(off.state_dict())
+    assert not any("film" in k for k in keys)
+    assert [k for k in conditioned.state_dict() if k not in keys] == [
+        f"decoder.films.{i}.{p}" for i in range(len(widths)) for p in ("gamma", "beta")]
+    assert len(list(off.buffers())) == len(list(conditioned.buffers()))  # FiLM adds parameters only
+    # a few thousand parameters at the paper's widths: 2 x 3 tokens x (256 + 128 + 64 + 32 + 16) = 2976
+    assert sum(p.numel() for n, p in conditioned.named_parameters() if "films" in n) == 2 * 3 * sum(widths)
+    x = torch.rand(2, 3, 64 + 3, 64 + 7)
+    for mode in ("eval", "train"):  # train: BatchNorm on batch statistics
+        getattr(off, mode)()
+        assert torch.equal(off(x), unet_reference_forward(off, x)), mode
+    with pytest.raises(ValueError, match="not style-conditioned"):
+        off(x, style="fine")
+
+
+def test_style_identity_init_gives_the_unconditioned_outputs(style_net):
+    off, conditioned = style_net().eval(), style_net(style_tokens=FILM_TOKENS).eval()
+    sd = conditioned.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in off.state_dict().items())  # same init, same RNG draws
+    x = torch.rand(3, 3, 67, 71)
+    with torch.no_grad():
+        want = off(x)
+        for s in (None, "fine", "coarse", torch.tensor([0, 2, 1])):
+            assert torch.equal(conditioned(x, style=s), want), s
+
+
+def test_style_tokens_differ_after_a_training_step_and_unseen_tokens_stay_identity(style_net):
+    net = style_net(style_tokens=FILM_TOKENS).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.rand(4, 3, 64, 64), (torch.rand(4, 4, 64, 64) > 0.9).float()
+    torch.nn.functional.binary_cross_entropy_with_logits(net(x, style=torch.tensor([0, 0, 2, 2])), y).backward()
+    opt.step()
+    for film in net.decoder.films:  # "mixed" (token 1) had no patch: no gradient, still the identity
+        assert torch.count_nonzero(film.gamma[1]) == 0 and torch.count_nonzero(film.beta[1]) == 0
+        assert torch.count_nonzero(film.gamma[0]) > 0 and torch.count_nonzero(film.beta[2]) > 0
+    net.eval()
+    with torch.no_grad():
+        fine, coarse = net(x, style="fine"), net(x, style="coarse")
+        assert (fine - coarse).abs().max() > 1e-4
+        assert torch.equal(net(x), fine)  # None = the default style, fine
+        assert torch.equal(net(x, style=torch.tensor([2, 2, 2, 2])), coarse)
+
+
+def test_film_scale_and_shift_and_the_mean_of_dataset_tokens(style_net, randomize_films):
+    import copy
+
+    # dataset tokens: "fine" is the mean of the fine datasets' tokens, "RET" its own
+    net = randomize_films(style_net(style_tokens=("IDR", "DDR", "RET", "MES"),
+                                    token_styles=("fine", "fine", "coarse", "fine")), 3)
+    assert net.default_style == "fine" and net.styles() == ("IDR", "DDR", "RET", "MES", "fine", "coarse")
+    third = float(torch.tensor(1 / 3))  # float32
+    assert net.style_mix("fine", 2).tolist() == [[third, third, 0, third]] * 2
+    assert net.style_mix("ret", 1).tolist() == [[0, 0, 1, 0]]
+    width = net.cfg.decoder_channels[1]
+    film, x = net.decoder.films[1], torch.randn(2, width, 5, 7, dtype=torch.float64)
+    g, b = film.gamma.detach().double(), film.beta.detach().double()
+    want = x * (1 + (g[0] + g[1] + g[3]) / 3)[None, :, None, None] + ((b[0] + b[1] + b[3]) / 3)[None, :, None, None]
+    got = copy.deepcopy(film).double()(x, torch.tensor([[1 / 3, 1 / 3, 0, 1 / 3]] * 2, dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError) as err:  # the style asked for and the model's own, named
+        net.style_mix("mixed", 1)
+    assert "'mixed'" in str(err.value) and "IDR, DDR, RET, MES, fine, coarse" in str(err.value)
+    # a model trained without a fine set defaults to its first token's style
+    assert style_net(style_tokens=("coarse",)).default_style == "coarse"
+
+
+def test_style_checkpoint_round_trip_and_older_checkpoints(style_net, randomize_films, style_checkpoint,
+                                                           tmp_path):
+    net = randomize_films(style_net(style_tokens=("fine", "coarse")), 1).eval()
+    (loaded,) = load_models(style_checkpoint(tmp_path / "c.pt", net))
+    assert loaded.style_tokens == ("fine", "coarse") and loaded.token_styles == ("fine", "coarse")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for s in ("fine", "coarse"):
+            assert torch.equal(loaded(x, style=s), net(x, style=s))
+    # a checkpoint written before style conditioning lacks both fields: it loads as the unconditioned model
+    old = style_net().eval()
+    cfg = asdict(old.cfg)
+    del cfg["style_tokens"], cfg["token_styles"]
+    save_checkpoint(tmp_path / "old.pt", {"model": old.state_dict(), "model_cfg": cfg, "args": {}})
+    (loaded,) = load_models(tmp_path / "old.pt")
+    assert loaded.style_tokens == () and torch.equal(loaded(x), old(x))

@@ -174,3 +174,41 @@ def test_augment_p_and_rotate_as_the_authors_code(cache_dir, monkeypatch):
     assert 150 < plain < 250 and set(calls) == {None, 10.0}  # Binomial(400, 0.5): 200 +- 3 sd
     with pytest.raises(ValueError, match="--augment-p"):
         PatchDataset([ds], patch=32, augment_p=1.5)
+
+
+class FlatSet:
+    """A prepared-dataset stand-in whose every pixel has one grey value and is inside the FOV."""
+
+    def __init__(self, grey, n=3, size=32):
+        self.grey, self.n, self.size = grey, n, size
+
+    def __len__(self):
+        return self.n
+
+    def read(self, j):
+        from data.cache import FOV_BIT
+
+        return (np.full((self.size, self.size, 3), self.grey, np.uint8),
+                np.full((self.size, self.size), 1 << FOV_BIT, np.uint8))
+
+    def geometry(self, j):
+        return {"size": (self.size, self.size), "pad": (0, 0)}
+
+
+def test_patches_carry_their_datasets_token_and_the_plain_stream_is_unchanged():
+    sets = [FlatSet(40), FlatSet(200, n=5)]
+    plain = PatchDataset(sets, patch=16, length=40, seed=3, augment=False)
+    tagged = PatchDataset(sets, patch=16, length=40, seed=3, augment=False, styles=[2, 0])
+    seen = set()
+    for i in range(len(plain)):
+        a, b = plain[i], tagged[i]
+        assert "style" not in a and all(torch.equal(a[k], b[k]) for k in a)
+        grey = int(b["image"][0, 8, 8])  # which dataset the patch came from, read off its pixels
+        assert b["style"].dtype == torch.int64 and int(b["style"]) == {40: 2, 200: 0}[grey]
+        seen.add(grey)
+    assert seen == {40, 200}
+    batch = torch.utils.data.default_collate([tagged[i] for i in range(4)])
+    assert batch["style"].shape == (4,)
+    with pytest.raises(ValueError) as err:  # the two counts that disagree
+        PatchDataset(sets, styles=[0])
+    assert "1 style tokens" in str(err.value) and "2 datasets" in str(err.value)

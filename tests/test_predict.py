@@ -1,0 +1,296 @@
+"""predict.py: segment() on a real photograph against plain torch + PIL, a folder of photographs (--images,
+--out), any checkpoint source (read_checkpoint, load_ensemble), --style, and one-line errors.
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_predict.py
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+import maps
+import predict
+from data import LESIONS, preprocess_image
+from data.datasets import list_samples, load_image
+from model import load_models
+from protocol import predict as protocol_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTO = "IDRiD_01"  # a real IDRiD photograph, 1072x712 (tests/fixtures/idrid-he14)
+
+
+def one_line(err):
+    msg = str(err.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+def cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_runs_dir):
+    runs, _ = tiny_runs_dir
+    return runs / "IDR+MES" / "s0" / "best.pt"  # trained at 64 px
+
+
+@pytest.fixture(scope="module")
+def photo(fixture_idrid):
+    return next(s.image for s in list_samples("IDR", fixture_idrid) if s.id == PHOTO)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# segment(): a photograph in three lines
+# ---------------------------------------------------------------------------------------------------------
+def test_segment_a_photograph_in_three_lines(ckpt, photo):
+    from predict import segment
+
+    image = np.asarray(Image.open(photo).convert("RGB"))
+    probs = segment(image, str(ckpt))
+    assert probs.shape == (4, 712, 1072) and probs.dtype == np.float32
+    assert probs.min() >= 0 and probs.max() <= 1 and probs.max() > 0
+    dark = ndimage.maximum_filter(image.max(-1), 41) < 12  # the black surround, 20 px clear of the fundus
+    assert dark.mean() > 0.1 and not probs[:, dark].any()
+
+
+def test_segment_maps_the_network_output_back_onto_the_photograph(ckpt, photo):
+    image = np.asarray(load_image(photo))
+    probs = predict.segment(image, str(ckpt))
+    # Reference: the network on the preprocessed square, plain torch, enlarged into the crop box by PIL
+    square, fov, geo = preprocess_image(image, 64)
+    model = load_models(str(ckpt))[0]
+    with torch.no_grad():
+        ref = torch.sigmoid(model(torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255))[0].numpy()
+    (w, h), (left, top), (x0, y0, x1, y1) = geo["size"], geo["pad"], geo["box"]
+    inside = np.zeros(image.shape[:2], bool)
+    crop_fov = Image.fromarray(fov[top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.NEAREST)
+    inside[y0:y1, x0:x1] = ndimage.binary_erosion(np.asarray(crop_fov), iterations=40)  # clear of the FOV edge
+    for c in range(4):
+        crop = Image.fromarray(ref[c, top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.BILINEAR)
+        full = np.zeros(image.shape[:2], np.float32)
+        full[y0:y1, x0:x1] = np.asarray(crop)
+        assert np.abs(probs[c] - full)[inside].max() < 1e-3, LESIONS[c]
+
+
+def test_images_are_read_as_viewers_show_them_exif_orientation(ckpt, photo, tmp_path):
+    """A photograph stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to show it,
+    as a phone held upright writes it): --images maps it as shown, the very maps of the upright
+    pixels."""
+    upright = np.asarray(Image.open(photo).convert("RGB"))  # (712, 1072, 3), no tag
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "in").mkdir()
+    stored = np.rot90(upright, 1).copy()  # (1072, 712, 3)
+    Image.fromarray(stored).save(tmp_path / "in" / "eye.png", exif=exif)
+    predict.predict_images([ckpt], tmp_path / "in", tmp_path / "out", device="cpu")
+    want = predict.segment(upright, str(ckpt), uint8=True)  # (4, 712, 1072)
+    for c, lesion in enumerate(LESIONS):
+        with Image.open(tmp_path / "out" / f"eye_{lesion}.png") as im:
+            assert np.array_equal(np.asarray(im), want[c]), lesion
+
+
+def test_segment_takes_loaded_models_and_equals_predict_images(ckpt, photo, tmp_path):
+    image = np.asarray(load_image(photo))
+    probs = predict.segment(image, str(ckpt))
+    assert np.array_equal(predict.segment(image, load_models(str(ckpt)), resolution=64), probs)
+    assert np.array_equal(predict.segment(image, predict.load_ensemble([ckpt], "cpu")), probs)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "eye.jpg").write_bytes(photo.read_bytes())
+    predict.predict_images([ckpt], tmp_path / "in", tmp_path / "out", device="cpu")
+    for c, lesion in enumerate(LESIONS):
+        with Image.open(tmp_path / "out" / f"eye_{lesion}.png") as im:
+            assert np.abs(np.asarray(im, np.float32) / 255 - probs[c]).max() <= 0.5 / 255 + 1e-6, lesion
+
+
+def test_8_bit_maps_give_the_same_files_as_float_ones(ckpt, photo, tmp_path):
+    """segment(uint8=True), what --images writes from, is round(255 p) of the float maps, and save_maps draws the
+    same regions (p >= 0.5 is >= 128) from either, including maps that sit on the threshold."""
+    image = np.asarray(load_image(photo))
+    probs = predict.segment(image, str(ckpt))
+    p8 = predict.segment(image, str(ckpt), uint8=True)
+    assert p8.dtype == np.uint8 and np.array_equal(p8, np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8))
+    edge = np.float32([0.5, np.nextafter(np.float32(0.5), np.float32(0)), 127.5 / 255, 128 / 255, 0.0, 1.0])
+    probs[:, :8, :6] = edge  # on both sides of the threshold
+    p8 = maps.to_8bit(probs)
+    assert np.array_equal(maps.regions_of(p8), probs >= 0.5)
+    maps.save_maps(tmp_path / "f", "a", image, probs)
+    maps.save_maps(tmp_path / "u", "a", image, p8)
+    for name in [f"a_{lesion}.png" for lesion in LESIONS] + ["a_overlay.jpg"]:
+        assert (tmp_path / "f" / name).read_bytes() == (tmp_path / "u" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"tile": 0}, "tile"), ({"tile": -5}, "tile"), ({"tile": 64.5}, "tile"),
+    ({"tile": 32, "overlap": 1.0}, "overlap"), ({"dtype": "int8"}, "dtype"), ({"resolution": -3}, "resolution")])
+def test_segment_refuses_bad_options_in_one_line(ckpt, photo, options, name):
+    image = np.asarray(load_image(photo))
+    with pytest.raises(ValueError) as e:
+        predict.segment(image, str(ckpt), **options)
+    assert name in one_line(e) and repr(options[name]) in str(e.value)  # the option and its value
+
+
+@pytest.mark.parametrize("bad", [np.zeros((8, 8, 3), np.float32), np.zeros((8, 8), np.uint8),
+                                 np.zeros((8, 8, 4), np.uint8), [[0, 0, 0]]])
+def test_segment_rejects_what_is_not_an_rgb_photograph_in_one_line(ckpt, bad):
+    with pytest.raises(ValueError, match=r"uint8 numpy array \(H, W, 3\)") as e:
+        predict.segment(bad, str(ckpt))
+    assert "\n" not in str(e.value)
+
+
+def test_segment_refuses_an_empty_photograph(ckpt):
+    with pytest.raises(ValueError, match="H and W >= 1") as e:
+        predict.segment(np.zeros((0, 0, 3), np.uint8), str(ckpt))
+    assert "\n" not in str(e.value)
+
+
+def test_segment_refuses_an_ensemble_of_members_at_other_resolutions(eval_ckpts, edit_ckpt,
+                                                                     tmp_path):
+    low = edit_ckpt(eval_ckpts["b"], tmp_path / "low.pt", args={"resolution": 64},
+                    cfg={"resolution": 64})
+    image = np.zeros((80, 90, 3), np.uint8)
+    with pytest.raises(ValueError) as e:
+        predict.segment(image, [str(eval_ckpts["a"]), str(low)])
+    assert "low.pt at 64 px" in one_line(e) and "--resolution" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predict.py --images: a folder of photographs
+# ---------------------------------------------------------------------------------------------------------
+def test_images_folder(eval_ckpts, fundus_jpeg, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = {"left": (200, 150), "right": (150, 180)}
+    for name, (w, h) in sizes.items():
+        fundus_jpeg(photos / f"{name}.jpg", w, h)
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "maps"
+    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out), "--device", "cpu"])
+    for name, size in sizes.items():
+        for lesion in LESIONS:
+            with Image.open(out / f"{name}_{lesion}.png") as im:
+                assert im.size == size, (name, lesion)
+        with Image.open(out / f"{name}_overlay.jpg") as im:  # the photograph, the legend band below it
+            assert im.width == size[0] and im.height > size[1], name
+
+
+def test_maps_show_only_the_trained_lesions(eval_ckpts, edit_ckpt, fundus_jpeg, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    fundus_jpeg(photos / "eye.jpg", 160, 120)
+    he_only = edit_ckpt(eval_ckpts["a"], tmp_path / "he.pt", args={"lesions": ["HE"]},
+                        cfg={"lesions": ["HE"]})  # train.py --lesions HE
+    predict.main(["--ckpt", str(he_only), "--images", str(photos), "--out", str(tmp_path / "m"),
+                  "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.png")) == ["eye_HE.png"]
+
+
+def test_unwritable_out_is_one_line_before_any_work(eval_ckpts, fundus_jpeg, tmp_path):
+    """--out on a file, or under one (an OSError even for root), stops in one line naming the flag,
+    before a photograph is segmented; the file is untouched."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    fundus_jpeg(photos / "eye.jpg", 120, 100)
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        r = cli("--ckpt", eval_ckpts["a"], "--images", photos, "--out", out, "--device", "cpu")
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and f"--out {out}" in last
+        assert "eye.jpg: maps" not in r.stdout
+    assert blocker.read_text() == "keep me"
+
+
+def test_bad_images_folder_is_one_line_naming_it(eval_ckpts, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    for folder in (broken, tmp_path / "nowhere"):  # no readable photograph; no folder at all
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(folder),
+                          "--out", str(tmp_path / "m"), "--device", "cpu"])
+        assert folder.name in one_line(e)
+
+
+def test_images_oversized_photo_is_skipped_with_a_warning(eval_ckpts, fundus_jpeg, tmp_path, monkeypatch, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    fundus_jpeg(photos / "a_huge.jpg", 240, 200)  # 48,000 px: over twice the limit below, a decompression bomb
+    fundus_jpeg(photos / "b_small.jpg", 100, 90)
+    (photos / "._b_small.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS AppleDouble file: hidden, skipped silently
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    out = tmp_path / "maps"
+    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "a_huge.jpg" in err and "._b_small" not in err
+    assert not list(out.glob("._*"))
+    assert (out / "b_small_overlay.jpg").is_file() and not (out / "a_huge_overlay.jpg").exists()
+
+
+def test_sixteen_bit_photo_scaled_by_its_range(eval_ckpts, tmp_path):
+    from PIL import ImageDraw
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    disc = Image.new("L", (120, 100))
+    ImageDraw.Draw(disc).ellipse([12, 2, 108, 98], fill=255)
+    wide = (np.asarray(disc, np.uint16) * 12).astype(np.uint16)  # a 12-bit camera's range in a 16-bit file
+    Image.fromarray(wide).save(photos / "deep.png")
+    with Image.open(photos / "deep.png") as im:
+        assert im.mode.startswith("I")  # PIL reads it as 16-bit grey; convert("RGB") would clip it to white
+    rgb = predict.read_photo(photos / "deep.png")
+    expected = np.floor(wide.astype(np.float64) / wide.max() * 255 + 0.5).astype(np.uint8)
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert rgb.min() == 0 and (rgb == 0).mean() > 0.1  # the black surround stays black, not white
+    out = tmp_path / "maps"
+    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out), "--device", "cpu"])
+    with Image.open(out / "deep_overlay.jpg") as im:
+        assert im.width == 120 and im.height > 100
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Style-conditioned models: --style reaches every member
+# ---------------------------------------------------------------------------------------------------------
+def fundus(h=90, w=120):
+    """A red disc on black: enough of a fundus for the FOV crop."""
+    yy, xx = np.mgrid[:h, :w]
+    image = np.zeros((h, w, 3), np.uint8)
+    disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (0.45 * h) ** 2
+    image[disc] = (170, 80, 40)
+    image[disc & (xx % 9 == 0)] = (120, 40, 30)  # some texture
+    return image
+
+
+def test_segment_and_ensembles_pass_the_style_to_every_member(style_net, randomize_films):
+    a, b = (randomize_films(style_net(seed, style_tokens=("fine", "coarse")), seed).eval() for seed in (1, 2))
+    image = fundus()
+    maps_ = {s: predict.segment(image, [a], resolution=64, style=s) for s in (None, "fine", "coarse")}
+    assert maps_["fine"].shape == (4, 90, 120) and np.array_equal(maps_[None], maps_["fine"])
+    assert np.abs(maps_["fine"] - maps_["coarse"]).max() > 1e-3
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        got = protocol_predict([a, b], x, style="coarse")
+        want = (torch.sigmoid(a(x, style="coarse")) + torch.sigmoid(b(x, style="coarse"))) / 2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert predict.check_style([a, b]) == "fine" and predict.check_style([style_net()]) is None
+
+
+def test_style_for_an_unconditioned_model_is_one_line_before_any_work(style_net, style_checkpoint,
+                                                                      tmp_path):
+    plain = style_checkpoint(tmp_path / "plain.pt", style_net())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with pytest.raises(ValueError) as err:
+        predict.main(["--ckpt", str(plain), "--images", str(photos), "--out", str(tmp_path / "m"),
+                      "--style", "coarse", "--device", "cpu"])
+    assert one_line(err).startswith("--style coarse") and "not style-conditioned" in str(err.value)
+    assert not list((tmp_path / "m").glob("*"))  # no map written

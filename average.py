@@ -446,6 +446,10 @@ class Combination:
     memo: dict = field(default_factory=dict)  # {ingredient path: validation score}
     val_sets: list = None  # built on the first score
 
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+
     def sets(self, split):
         """The non-empty `split` PreparedDatasets of every training set (prepared on first use, quietly)."""
         import data  # noqa: PLC0415
@@ -469,6 +473,9 @@ class Combination:
         fine = {"ap_bins": AP_BINS} if self.metric == "ap" else {}  # ap's fine curve, counted in the same pass
         models = load_models(ckpt, self.device)
         scores = pr_metrics(*pooled_counts(models, self.val_sets, self.device, **fine))  # the union, as train.py
+        if self.metric not in scores:
+            raise ValueError(f"--metric {self.metric}: kernels.pr_metrics returns no "
+                             f"{self.metric!r} score (only {', '.join(scores)})")
         values = [float(v) for v in scores[self.metric] if not math.isnan(v)]
         return sum(values) / len(values) if values else float("nan")
 

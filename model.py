@@ -196,7 +196,8 @@ def config_from_dict(d, args=None):
     if unknown:
         raise ValueError(f"unknown model_cfg field {unknown[0]!r} (known: {', '.join(sorted(names))})")
     args = args if isinstance(args, dict) else {}
-    d.setdefault("resolution", args.get("resolution"))
+    if d.get("resolution") is None:  # absent, or None (made without one): the training args'
+        d["resolution"] = args.get("resolution")
     d.setdefault("lesions", args.get("lesions") or LESIONS)
     cfg = ModelConfig(**d)
     cfg.decoder_channels = tuple(int(c) for c in cfg.decoder_channels)

@@ -71,19 +71,53 @@ def cache_dir(synth_root, tmp_path_factory):
     return cache
 
 
-def tiny_runs(synth_root, base):
-    """Train two seeds of IDR+MES at 64 px (4 steps, snapshots every 2) under base -> (runs folder, cache)."""
-    import train
+# ---- TC: tiny training runs, scripts in a fresh interpreter -------------------------------------
+@pytest.fixture(scope="session")
+def tiny_runs(synth_root):
+    """tiny_runs(base) -> (runs folder, cache): two seeds of IDR+MES trained under `base` at 64 px
+    (4 steps, snapshots every 2). Each module trains its own copy: fig4.py writes into it."""
+    def train_two_seeds(base):
+        import train
 
-    cache, runs_dir = base / "cache", base / "runs"
-    for seed in (0, 1):
-        train.run(train.parse_args([
-            "--train", "IDR,MES", "--seed", str(seed), "--out", str(runs_dir / "IDR+MES" / f"s{seed}"),
-            "--data-root", str(synth_root), "--cache", str(cache), "--encoder", "test_resnet", "--no-pretrained",
-            "--decoder-channels", "16,8,8,8,8", "--resolution", "64", "--patch", "64", "--batch", "2",
-            "--iters", "4", "--val-every", "2", "--snapshot-every", "2", "--warmup", "1", "--lr", "1e-2",
-            "--device", "cpu", "--dtype", "float32", "--workers", "0"]))
-    return runs_dir, cache
+        cache, runs_dir = base / "cache", base / "runs"
+        for seed in (0, 1):
+            out = runs_dir / "IDR+MES" / f"s{seed}"
+            train.run(train.parse_args([
+                "--train", "IDR,MES", "--seed", str(seed), "--out", str(out),
+                "--data-root", str(synth_root), "--cache", str(cache), "--encoder", "test_resnet",
+                "--no-pretrained", "--decoder-channels", "16,8,8,8,8", "--resolution", "64",
+                "--patch", "64", "--batch", "2", "--iters", "4", "--val-every", "2",
+                "--snapshot-every", "2", "--warmup", "1", "--lr", "1e-2", "--device", "cpu",
+                "--dtype", "float32", "--workers", "0"]))
+        return runs_dir, cache
+    return train_two_seeds
+
+
+@pytest.fixture
+def in_fresh_python():
+    """in_fresh_python(codes, tmp_path, **env) -> [(output, seconds)]: each code line run in one
+    fresh interpreter (the project importable, HF_* unset, an empty hub cache tmp_path/hf, then
+    env), a ValueError printed as its message. The imports of torch and timm are not timed."""
+    import subprocess
+
+    def run(codes, tmp_path, **env):
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")},
+               "HF_HUB_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT), **env}
+        prog = "import time, authors, model, weights\n" + "".join(
+            f"t = time.time()\ntry:\n    {code}\nexcept ValueError as e:\n    print(e)\n"
+            f"print('@@', time.time() - t)\n" for code in codes)
+        out = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True,
+                             timeout=120)
+        results, lines = [], []
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("@@ "):
+                results.append(("\n".join(lines), float(line[3:])))
+                lines = []
+            else:
+                lines.append(line)
+        assert len(results) == len(codes) and not lines, out.stdout + out.stderr
+        return results
+    return run
 
 
 # ----------------------------------------------------------------------------- TA: data/ helpers
@@ -159,9 +193,9 @@ STYLE_WIDTHS = (16, 8, 8, 8, 8)  # the decoder of style_net's models
 
 
 @pytest.fixture(scope="session")
-def tiny_runs_dir(synth_root, tmp_path_factory):
+def tiny_runs_dir(tiny_runs, tmp_path_factory):
     """tiny_runs trained once per session (read them, don't change them) -> (runs folder, cache)."""
-    return tiny_runs(synth_root, tmp_path_factory.mktemp("tiny_runs"))
+    return tiny_runs(tmp_path_factory.mktemp("tiny_runs"))
 
 
 @pytest.fixture(scope="session")

@@ -10,17 +10,24 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_runs
 import torch
 
 import average
 import evaluate
+import kernels
+import protocol
 from data import PreparedDataset
 from kernels import pr_metrics
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
+from predict import load_ensemble, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = (16, 8, 8, 8, 8)  # decoder widths: keeps the checkpoints tiny
+
+
+def scorer(val_sets, metric="dice"):
+    """The validation scorer of `average.py soup --greedy` on these sets (a Combination's score)."""
+    return average.Combination(["IDR"], 128, (None, None, None), metric, val_sets=val_sets).score
 
 
 
@@ -179,23 +186,24 @@ def test_scorer_default_is_dice_and_any_metric_key_works(abc, monkeypatch):
         calls.append(kw)
         return scripted_counts()
 
-    monkeypatch.setattr(average, "pooled_counts", fake_pooled)
+    monkeypatch.setattr(protocol, "pooled_counts", fake_pooled)
     # Dice = 2 TP / (2 TP + FP + FN): EX 4 / (4 + 2 + 2), HE 0 / (0 + 1 + 2), CWS 6 / (6 + 1 + 0); MA left out
-    assert average.make_scorer([])(a) == pytest.approx((0.5 + 0.0 + 6 / 7) / 3, abs=1e-12)
+    assert scorer([])(a) == pytest.approx((0.5 + 0.0 + 6 / 7) / 3, abs=1e-12)
     assert calls == [{}]
     for sub in (["soup", "x.pt", "-o", "y.pt"], ["swa", "run", "-o", "y.pt"]):
         assert average.build_parser().parse_args(sub).metric == "dice"
 
     # "ap" asks for the fine counts and reads pr_metrics(...)["ap"] as soon as pr_metrics returns that key.
     ap = torch.tensor([0.2, 0.4, float("nan"), 0.9], dtype=torch.float64)
-    monkeypatch.setattr(average, "pr_metrics", lambda *c: {"dice": torch.zeros(4), "ap": ap})
-    assert average.make_scorer([], "ap")(a) == pytest.approx(0.5, abs=1e-12)
-    assert calls[-1] == {"ap_bins": average.AP_BINS} and average.AP_BINS >= 1000
+    monkeypatch.setattr(kernels, "pr_metrics", lambda *c: {"dice": torch.zeros(4), "ap": ap})
+    assert scorer([], "ap")(a) == pytest.approx(0.5, abs=1e-12)
+    assert calls[-1] == {"ap_bins": kernels.AP_BINS} and kernels.AP_BINS >= 1000
 
 
 def test_scorer_ap_matches_sklearn_on_the_binned_maps(abc, cache_dir):
     """Real counts: the scorer's "ap" is sklearn's average precision on the probabilities binned to
-    1 / AP_BINS (the fine curve's resolution), per lesion over the FOV pixels, averaged over present lesions."""
+    1 / kernels.AP_BINS (the fine curve's resolution), per lesion over the FOV pixels, averaged over
+    present lesions."""
     from sklearn.metrics import average_precision_score
 
     (_, a), _, _, _ = abc
@@ -208,27 +216,31 @@ def test_scorer_ap_matches_sklearn_on_the_binned_maps(abc, cache_dir):
         # contiguous NCHW, as the scorer's count_dataset feeds it: the same float32 sums, the same fine bins
         x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].contiguous().float() / 255  # (1, 3, H, W)
         with torch.no_grad():
-            p = evaluate.predict(models, x)[0]  # (4, H, W)
+            p = protocol.predict(models, x)[0]  # (4, H, W)
         fov = torch.from_numpy(item["fov"])
         probs.append(p[:, fov])  # (4, N) FOV pixels only
         masks.append(torch.from_numpy(item["masks"])[:, fov])
     probs, masks = torch.cat(probs, 1).double(), torch.cat(masks, 1)
-    binned = torch.floor(probs * average.AP_BINS)  # the bin each pixel falls in: its rank on the fine curve
+    # the bin each pixel falls in: its rank on the fine curve
+    binned = torch.floor(probs * kernels.AP_BINS)
     want = [average_precision_score(masks[c].numpy(), binned[c].numpy()) for c in range(4) if masks[c].any()]
     assert want  # at least one lesion present in the validation split
-    got = average.make_scorer([val], "ap")(a)
+    got = scorer([val], "ap")(a)
     assert got == pytest.approx(sum(want) / len(want), rel=1e-4, abs=1e-9)  # values here are ~0.01
 
 
 def test_scorer_without_the_metric_key_fails_in_one_line(abc, monkeypatch):
     (_, a), _, _, _ = abc
-    monkeypatch.setattr(average, "pooled_counts", lambda *args, **kw: scripted_counts())
-    monkeypatch.setattr(average, "pr_metrics", lambda *c: {"aupr": torch.zeros(4), "dice": torch.zeros(4)})
+    monkeypatch.setattr(protocol, "pooled_counts", lambda *args, **kw: scripted_counts())
+    no_ap = {"aupr": torch.zeros(4), "dice": torch.zeros(4)}
+    monkeypatch.setattr(kernels, "pr_metrics", lambda *c: no_ap)
     with pytest.raises(ValueError) as e:
-        average.make_scorer([], "ap")(a)
+        scorer([], "ap")(a)
     assert "--metric ap" in str(e.value) and "'ap'" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="--metric must be one of dice, ap, aupr"):
-        average.make_scorer([], "loss")
+    with pytest.raises(ValueError) as e:
+        scorer([], "loss")
+    msg = str(e.value)
+    assert "--metric" in msg and "'loss'" in msg and "dice, ap, aupr" in msg, msg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,21 +258,22 @@ def test_ensemble_of_one_and_mean_of_members(abc, tmp_path):
             singles.append(torch.sigmoid(m.eval()(x)))
 
     average.main(["ensemble", pa, "-o", str(tmp_path / "one.json")])
-    (m1,) = load_models(tmp_path / "one.json")
+    (m1,), _ = load_ensemble([tmp_path / "one.json"])
     with torch.no_grad():
-        assert torch.equal(evaluate.predict([m1], x), singles[0])
+        assert torch.equal(protocol.predict([m1], x), singles[0])
 
     average.main(["ensemble", pa, pb, "-o", str(tmp_path / "two.json")])
-    ens = load_checkpoint(tmp_path / "two.json")
+    ens = read_checkpoint(tmp_path / "two.json")
     assert ens["kind"] == "ensemble" and ens["args"] == a["args"] and len(ens["members"]) == 2
     assert ens["provenance"]["method"] == "ensemble" and ens["provenance"]["ingredients"] == [pa, pb]
-    models = load_models(tmp_path / "two.json")
+    models, _ = load_ensemble([tmp_path / "two.json"])
     with torch.no_grad():
-        torch.testing.assert_close(evaluate.predict(models, x), (singles[0] + singles[1]) / 2, rtol=0, atol=1e-6)
+        mean = (singles[0] + singles[1]) / 2
+        torch.testing.assert_close(protocol.predict(models, x), mean, rtol=0, atol=1e-6)
 
     # An ensemble file as a member contributes its members: ((A, B), A) = three equal votes.
     average.main(["ensemble", str(tmp_path / "two.json"), pa, "-o", str(tmp_path / "three.json")])
-    three = load_checkpoint(tmp_path / "three.json")
+    three = read_checkpoint(tmp_path / "three.json")
     assert len(three["members"]) == 3 and three["provenance"]["weights"] == [2 / 3, 1 / 3]
 
 
@@ -278,18 +291,20 @@ def test_ensemble_is_a_manifest_of_relative_paths(abc, tmp_path):
     # The folder moves as a whole: members are found relative to the manifest, not the working directory.
     moved = tmp_path / "moved"
     runs.rename(moved)
-    models = load_models(moved / "avg" / "ens.json")
+    models, headers = load_ensemble([str(moved / "avg" / "ens.json")], "cpu")
+    assert len(models) == 2
     for m, ckpt in zip(models, (a, b)):
         for k, v in m.state_dict().items():
             assert torch.equal(v, ckpt["model"][k]), k
-    got, headers = evaluate.load_ensemble([str(moved / "avg" / "ens.json")], "cpu")
-    assert len(got) == 2 and evaluate._ckpt_method(headers) == "ensemble"
-    assert evaluate._ckpt_args(headers[0]) == a["args"]
+    # what evaluate.py writes of it: an ensemble, trained as its first member
+    header = evaluate.results_header([str(moved / "avg" / "ens.json")], models, headers, {})
+    assert header["method"] == "ensemble" and headers[0]["args"] == a["args"]
+    assert (header["train"], header["seed"]) == (a["args"]["train"], a["args"]["seed"])
 
     # A member gone: one line naming the manifest and the member, from the library and from evaluate.py.
     (moved / "s1" / "best.pt").unlink()
     with pytest.raises(FileNotFoundError) as e:
-        load_models(moved / "avg" / "ens.json")
+        load_ensemble([moved / "avg" / "ens.json"])
     msg = str(e.value)
     assert str(moved / "avg" / "ens.json") in msg and "../s1/best.pt" in msg and "\n" not in msg, msg
     proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(moved / "avg" / "ens.json"), "--test", "IDR"],
@@ -307,14 +322,14 @@ def test_ensemble_refusals_and_older_ensemble_files(abc, tmp_path):
     loop = tmp_path / "loop.json"
     loop.write_text(json.dumps({"kind": "ensemble", "members": ["loop.json"]}))
     with pytest.raises(ValueError, match="lists itself"):
-        load_models(loop)
+        load_ensemble([loop])
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "ensemble", "members": []}))
     with pytest.raises(ValueError, match=r"bad\.json needs a non-empty \"members\" list"):
-        load_models(tmp_path / "bad.json")
+        load_ensemble([tmp_path / "bad.json"])
     manifest = tmp_path / "m.json"
-    average.write_ensemble(manifest, [pa, pb])
+    average.write_ensemble(manifest, [pa, pb], read_checkpoint)
     with pytest.raises(ValueError, match=r"m\.json is an ensemble"):  # a manifest is not a soup ingredient
-        average.average_checkpoints([manifest, pa])
+        average.average_checkpoints([manifest, pa], load=read_checkpoint)  # as the command line
 
     # An ensemble file of the older format (every member's weights embedded) still loads, alone or as a member.
     old = tmp_path / "old_ensemble.pt"
@@ -323,7 +338,7 @@ def test_ensemble_refusals_and_older_ensemble_files(abc, tmp_path):
                                       for c in (a, b)]})
     assert len(load_models(old)) == 2
     average.main(["ensemble", str(old), pa, "-o", str(tmp_path / "mixed.json")])
-    mixed = load_checkpoint(tmp_path / "mixed.json")
+    mixed = read_checkpoint(tmp_path / "mixed.json")
     assert len(mixed["members"]) == 3 and mixed["provenance"]["weights"] == [2 / 3, 1 / 3]
     k = "head.weight"
     assert [torch.equal(m["model"][k], c["model"][k]) for m, c in zip(mixed["members"], (a, b, a))] == [True] * 3
@@ -332,20 +347,30 @@ def test_ensemble_refusals_and_older_ensemble_files(abc, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # BatchNorm recomputation
 # ---------------------------------------------------------------------------------------------------------
-def test_bn_recompute_changes_only_running_stats(abc, cache_dir):
+def test_bn_recompute_changes_only_running_stats(abc, synth_root, cache_dir, monkeypatch):
     (pa, a), _, _, _ = abc
-    train_sets = [PreparedDataset(cache_dir, "IDR", 128, "train")]
-    batches = list(average.training_batches(train_sets, patch=64, batch=2, n_batches=3))
-    assert batches[0].shape == (2, 3, 64, 64) and 0 <= batches[0].min() and batches[0].max() <= 1
+    # the combination's batches of training patches, as `average.py --bn recompute` makes them
+    seen = []
+    real = average.recompute_bn_checkpoint
+
+    def keep_batches(ckpt, batches, device="cpu"):
+        seen.extend(batches)
+        return real(ckpt, iter(seen), device)
+    monkeypatch.setattr(average, "recompute_bn_checkpoint", keep_batches)
+    combo = average.Combination(["IDR"], 128, (synth_root, cache_dir, None), bn_batches=3, patch=64,
+                                batch=2)
+    ckpt = average.average_checkpoints([pa])
+    before = {k: v.clone() for k, v in ckpt["model"].items()}
+    ckpt = combo.recompute_bn(ckpt)
+    batches = seen
+    assert len(batches) == 3 and all(b.shape == (2, 3, 64, 64) for b in batches)
+    assert 0 <= batches[0].min() and batches[0].max() <= 1
 
     # Reference: torch's own SWA helper (whole model in train mode: the same here, as dropout is 0).
     (ref_model,) = load_models(a)
     torch.optim.swa_utils.update_bn(batches, ref_model)
     ref = ref_model.state_dict()
 
-    ckpt = average.average_checkpoints([pa])
-    before = {k: v.clone() for k, v in ckpt["model"].items()}
-    ckpt = average.recompute_bn_checkpoint(ckpt, iter(batches))
     assert ckpt["provenance"]["bn"] == "recompute" and ckpt["provenance"]["bn_batches"] == 3
     n_stats = 0
     for k, v in ckpt["model"].items():
@@ -424,9 +449,9 @@ def test_swa_selects_snapshots(abc, tmp_path):
 # Tiny real runs: greedy with the real validation scorer, BN recompute from the CLI (fig4: test_fig4.py)
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def runs(synth_root, tmp_path_factory):
+def runs(tiny_runs, tmp_path_factory):
     """Two seeds of IDR+MES at 64 px, 4 steps, snapshots every 2 steps (this module's own copy)."""
-    return tiny_runs(synth_root, tmp_path_factory.mktemp("avg_runs"))
+    return tiny_runs(tmp_path_factory.mktemp("avg_runs"))
 
 
 def _val_score(ckpt, cache, metric="aupr"):
@@ -434,7 +459,7 @@ def _val_score(ckpt, cache, metric="aupr"):
     models = load_models(ckpt)
     tp = fp = pos = 0
     for ds_id in ("IDR", "MES"):
-        t, f, p = evaluate.count_dataset(models, PreparedDataset(cache, ds_id, 64, "val"), "cpu")
+        t, f, p = protocol.count_dataset(models, PreparedDataset(cache, ds_id, 64, "val"), "cpu")
         tp, fp, pos = tp + t, fp + f, pos + p
     values = pr_metrics(tp, fp, pos)[metric]
     return float(values[~values.isnan()].mean())
@@ -457,7 +482,9 @@ def test_greedy_soup_on_real_runs(runs, tmp_path, metric):
     got = val_score(soup, cache)
     assert got == pytest.approx(prov["soup_score"], abs=1e-9)
     assert got >= max(singles.values()) - 1e-12  # the greedy soup never scores below its best ingredient
-    assert evaluate._ckpt_method([soup]) == "greedy-soup-full"
+    # the method evaluate.py writes in its results
+    header = evaluate.results_header([str(out)], *load_ensemble([out]), {})
+    assert header["method"] == "greedy-soup-full"
 
 
 def test_bn_recompute_from_the_cli(runs, tmp_path):
@@ -521,6 +548,20 @@ def test_ensemble_of_members_that_do_not_run_alike_is_refused_when_made(tmp_path
         with pytest.raises(ValueError) as e:
             average.main(["ensemble", *map(str, members), "-o", str(out)])
         assert needle in str(e.value) and "\n" not in str(e.value) and not out.exists()
+
+
+def test_average_refuses_an_unwritable_output_before_reading_any_checkpoint(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a folder"):
+        average.check_out(tmp_path, force=False)
+    # the command line: one line, exit 1, nothing read (the checkpoints named do not even exist)
+    argv = ["soup", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "afile" / "soup.pt")]
+    r = subprocess.run([sys.executable, str(ROOT / "average.py"), *argv], capture_output=True,
+                       text=True, timeout=120)
+    (line,) = r.stderr.splitlines()
+    assert r.returncode == 1 and line.startswith(f"error: -o {tmp_path / 'afile'}"), line
+    assert "soup.pt" in line, line
+    assert "a file" in line and "missing.pt" not in line, line  # why; nothing read
 
 
 # ---------------------------------------------------------------------------------------------------------

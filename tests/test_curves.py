@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 import curves
-from conftest import tiny_runs
 
 SIZE = (1100, 500)  # curves.SIZE x DPI, written out: a change of size is a change the reader should see
 
@@ -139,8 +138,8 @@ def test_plot_sweep(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
-def test_train_run_writes_curves(synth_root, tmp_path, capsys):
-    runs, _ = tiny_runs(synth_root, tmp_path)
+def test_train_run_writes_curves(tiny_runs, tmp_path, capsys):
+    runs, _ = tiny_runs(tmp_path)
     out = capsys.readouterr().out
     for seed in (0, 1):
         run = runs / "IDR+MES" / f"s{seed}"

@@ -3,13 +3,11 @@
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_fig4.py
 """
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_runs
 import torch
 
 import evaluate
@@ -21,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def runs(synth_root, tmp_path_factory):
+def runs(tiny_runs, tmp_path_factory):
     """Two seeds of IDR+MES at 64 px, 4 steps, snapshots every 2 steps (this module's own copy)."""
-    return tiny_runs(synth_root, tmp_path_factory.mktemp("fig4_runs"))
+    return tiny_runs(tmp_path_factory.mktemp("fig4_runs"))
 
 
 def test_fig4_writes_what_report_reads(runs, synth_root, tmp_path, capsys):
@@ -37,8 +35,9 @@ def test_fig4_writes_what_report_reads(runs, synth_root, tmp_path, capsys):
     assert sorted(fig["methods"]) == sorted(methods)
     assert fig["combo"] == "IDR+MES" and fig["train"] == ["IDR", "MES"] and fig["bn"] == "keep"
     # The ensemble manifest scores exactly what evaluate.py gives the two checkpoints passed together.
-    both = evaluate.evaluate_checkpoints([combo / "s0" / "best.pt", combo / "s1" / "best.pt"], "IDR", synth_root,
-                                         cache, device="cpu", verbose=False)["results"]["IDR"]
+    pair = [combo / "s0" / "best.pt", combo / "s1" / "best.pt"]
+    both = evaluate.evaluate(pair, "IDR", (synth_root, cache, None), device="cpu",
+                             verbose=False)["results"]["IDR"]
     # fig4.json keeps evaluate.py's means over lesions: Dice and AUPR (and AP, the AUPR floor once evaluated)
     means = {k for k in both if k.startswith("mean_")}
     assert {"mean_dice", "mean_aupr"} <= means
@@ -125,33 +124,3 @@ def test_test_sets_same_list_syntax(tmp_path):
     assert parse([str(tmp_path)]).test == ["IDR", "DDR", "FGA", "RET", "MES"]
     with pytest.raises(ValueError, match="^--test: unknown dataset ID 'XYZ'"):
         parse([str(tmp_path), "--test", "XYZ"])
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make not installed")
-def test_make_fig4_sweep_plans_every_combination_with_two_seeds(tmp_path):
-    """`make fig4-sweep`: fig4.py for each combination with best.pt of >= 2 seeds (s<N> folders
-    only), with fig4's variables; a note for each combination it skips; none ready is an error."""
-    runs = tmp_path / "runs"
-    for run in ("IDR+MES/s0", "IDR+MES/s1", "IDR+MES/s5.bak", "IDR/s0", "RET/s0", "RET/s1.bak",
-                "DDR+FGA+RET/s3", "DDR+FGA+RET/s10"):
-        (runs / run).mkdir(parents=True)
-        (runs / run / "best.pt").write_bytes(b"")
-    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "-n", "fig4-sweep", f"RUNS={runs}",
-           "TESTS=IDR,MES", "FIG4_FLAGS=--bn both"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    plans = [x for x in proc.stdout.splitlines() if x.startswith(".venv/bin/python fig4.py")]
-    assert sorted(plans) == sorted(
-        f".venv/bin/python fig4.py {runs}/{c} --test IDR,MES --data-root data_raw --cache cache "
-        f"-o {runs}/{c}/fig4.json --bn both" for c in ("IDR+MES", "DDR+FGA+RET"))
-    for combo in ("IDR", "RET"):  # one seed each (s1.bak is no seed)
-        note = f"note: fig4-sweep skips {combo}: best.pt of 1 seed(s) in {runs}/{combo}/s*/"
-        assert note in proc.stdout
-    assert f"note: fig4-sweep skips 27 combination(s) without a folder in {runs}" in proc.stdout
-    shutil.rmtree(runs / "IDR+MES")
-    shutil.rmtree(runs / "DDR+FGA+RET")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    err = proc.stderr.strip().splitlines()  # ours, then make's own "*** [fig4-sweep] Error 1"
-    assert proc.returncode != 0 and err[1:] == [line for line in err[1:] if line.startswith("make")]
-    assert err[0] == f"error: no combination in {runs} has best.pt of 2 seeds " \
-                     "(make all-combos first)"

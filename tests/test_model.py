@@ -1,11 +1,13 @@
-"""model.py: shapes at odd sizes, the default encoder's features, checkpoint I/O, one-line errors.
+"""model.py: shapes at odd sizes, the default encoder's features, the softmax adapter, local
+contrast, checkpoint I/O (atomic, Ctrl-C, a full disk), one-line errors; model.py copied alone.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_model.py
 """
+import errno
+import io
 import os
 import signal
 import time
-import urllib.error
 from dataclasses import asdict
 
 import pytest
@@ -14,6 +16,7 @@ import timm
 import torch
 
 import model
+import utils
 from model import ModelConfig, build_model, load_checkpoint, load_models, save_checkpoint
 
 
@@ -239,77 +242,11 @@ def test_load_models_rejects_state_dict_of_another_config(tmp_path):
     assert str(path) in msg and "missing key 'decoder.blocks.0.attention1." in msg
 
 
-def test_pretrained_download_failure_is_one_line(monkeypatch):
-    real = timm.create_model
-
-    def offline(name, pretrained=False, **kw):  # what timm raises with no network (urllib, URL weights)
-        if pretrained:
-            raise urllib.error.URLError(OSError(-2, "Name or service not known"))
-        return real(name, pretrained=False, **kw)
-
-    monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(ValueError) as e:
-        build_model(ModelConfig(encoder="test_resnet", pretrained=True))
-    msg = one_line(e)
-    assert msg.startswith("could not download pretrained weights for test_resnet from the Hugging "
-                          "Face hub repository timm/test_resnet.r160_in1k (URLError")
-    assert "--no-pretrained" in msg and "--encoder-weights PATH" in msg
-
-
 def test_bad_encoder_names_are_one_line():
     with pytest.raises(ValueError) as e:
         build_model(ModelConfig(encoder="no_such_net", pretrained=False))
     assert "unknown timm encoder 'no_such_net'" in one_line(e)
-    with pytest.raises(ValueError) as e:
-        build_model(ModelConfig(encoder="seresnet101", pretrained=True))  # timm has no weights for it
-    assert "--no-pretrained" in one_line(e)
-
-
-@pytest.mark.parametrize("kind", ["classifier", "features", "torchvision-old"])
-def test_encoder_weights_from_local_file(tmp_path, kind):
-    torch.manual_seed(1)
-    src = timm.create_model("test_resnet", features_only=kind == "features")
-    sd = src.state_dict()
-    if kind == "torchvision-old":  # old torchvision files have no BN counters and wrap in "state_dict"
-        sd = {"state_dict": {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}}
-    path = tmp_path / "w.pth"
-    torch.save(sd, path)
-    net = build_model(ModelConfig(encoder="test_resnet", pretrained=True, encoder_weights=str(path)))
-    ref = src.state_dict()
-    for k, v in net.encoder.state_dict().items():
-        if not k.endswith("num_batches_tracked"):
-            assert torch.equal(v, ref[k]), k
-
-
-def test_encoder_weights_of_flattened_features_model(tmp_path):
-    # byobnet's features_only model renames "stages.0" -> "stages_0": classifier files must still load
-    torch.manual_seed(1)
-    full = timm.create_model("test_byobnet")
-    path = tmp_path / "byob.pth"
-    torch.save(full.state_dict(), path)
-    net = build_model(ModelConfig(encoder="test_byobnet", pretrained=False, encoder_weights=str(path)))
-    w = net.encoder.state_dict()["stages_0.0.attn.fc1.weight"]
-    assert torch.equal(w, full.state_dict()["stages.0.0.attn.fc1.weight"])
-
-
-def test_encoder_weights_errors_are_one_line(tmp_path):
-    wrong = tmp_path / "resnet18.pth"
-    torch.save(timm.create_model("resnet18").state_dict(), wrong)
-    with pytest.raises(ValueError) as e:
-        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(wrong)))
-    assert str(wrong) in one_line(e) and "does not match encoder test_resnet" in str(e.value)
-    renamed = tmp_path / "renamed.pth"
-    torch.save({"backbone." + k: v for k, v in timm.create_model("test_resnet").state_dict().items()}, renamed)
-    with pytest.raises(ValueError) as e:
-        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(renamed)))
-    assert "missing key" in one_line(e)
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(tmp_path / "nope.pth")))
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError) as e:
-        build_model(ModelConfig(encoder="test_resnet", encoder_weights=str(junk)))
-    assert "is not a weights file" in one_line(e)
+    # pretrained weights and --encoder-weights files: weights.py (tests/test_weights.py)
 
 
 def test_config_from_dict_rejects_unknown_fields():
@@ -319,64 +256,101 @@ def test_config_from_dict_rejects_unknown_fields():
         model.config_from_dict({"depth": 5})
 
 
-# ---- --encoder-weights: read without running code pickled in the file (issue 23) ----
-
-def test_encoder_weights_never_run_pickled_code(tmp_path, monkeypatch):
-    """A weights file whose pickle calls a function when loaded is refused in one line, and the
-    function never runs, whatever timm's loader does (timm 1.0.9-1.0.25: weights_only=False)."""
-    import pathlib
-
-    marker = tmp_path / "marker"
-
-    class Payload:
-        def __reduce__(self):  # unpickling calls Path.touch(marker)
-            return pathlib.Path.touch, (marker,)
-
-    sd = timm.create_model("test_resnet").state_dict()
-    evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": {**sd, "extra": Payload()}}, evil)
-    # timm's loader as in timm 1.0.20 (weights_only=False): the file must not go through it
-    def old_timm(path, *args, **kwargs):
-        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    monkeypatch.setattr(timm.models, "load_state_dict", old_timm)
-    with pytest.raises(ValueError) as e:
-        build_model(ModelConfig(encoder="test_resnet", pretrained=False, encoder_weights=str(evil)))
-    assert one_line(e).startswith(f"--encoder-weights {evil}: refused: it holds pickled ")
-    assert "pathlib.Path" in str(e.value) and not marker.exists()
-    torch.load(evil, weights_only=False)  # the test's own check: unpickled, this file runs code
-    assert marker.exists()
+def test_config_from_dict_reads_older_checkpoints(tmp_path):
+    """The input contract (resolution, lesions) of a checkpoint older than it comes from its
+    training args; the encoder_weights key such checkpoints have is ignored."""
+    old_cfg = {"encoder": "test_resnet", "pretrained": False, "decoder_channels": [8, 8, 8, 8, 8],
+               "encoder_weights": "/gone/seresnet101.pth"}
+    cfg = model.config_from_dict(old_cfg, {"resolution": 96, "lesions": ["HE", "EX"]})
+    assert (cfg.resolution, cfg.lesions) == (96, ("HE", "EX"))
+    # a config written with resolution None (ModelConfig's default) takes it from the args too
+    cfg = model.config_from_dict({**old_cfg, "resolution": None}, {"resolution": 96})
+    assert cfg.resolution == 96
+    cfg = model.config_from_dict(old_cfg)  # no args either: unknown resolution, all four lesions
+    assert (cfg.resolution, cfg.lesions) == (None, ("EX", "HE", "MA", "CWS"))
+    for bad, name in (({"resolution": 12.5}, "resolution"), ({"resolution": 0}, "resolution"),
+                      ({"lesions": ["SE"]}, "lesions")):
+        with pytest.raises(ValueError, match=name):
+            model.config_from_dict({**old_cfg, **bad})
+    torch.manual_seed(0)
+    net = build_model(model.config_from_dict(old_cfg))
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"model": net.state_dict(), "model_cfg": old_cfg,
+                           "args": {"resolution": 64}})
+    (loaded,) = load_models(path)
+    assert loaded.cfg.resolution == 64 and loaded.cfg.lesions == model.LESIONS
 
 
-@pytest.mark.parametrize("kind", ["ours", "module-prefix", "timm-train", "ema", "safetensors"])
-def test_encoder_weights_in_every_accepted_format(tmp_path, kind):
-    """The formats timm's loader took: our own checkpoints (their encoder), DDP prefixes, timm's
-    train.py checkpoints (args as argparse.Namespace, EMA weights first), .safetensors."""
-    import argparse
+def test_one_vs_rest_logits_give_the_softmax_even_for_extreme_logits():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 5, 7, 9) * torch.tensor([1.0, 30.0, 300.0, 1e4, 1e-3]).view(1, 5, 1, 1)
+    probs = torch.sigmoid(model.one_vs_rest_logits(logits))
+    expected = torch.softmax(logits.double(), dim=1)[:, [2, 3, 4, 1]]
+    assert torch.isfinite(probs).all() and (probs.double() - expected).abs().max() < 1e-6
+    # the default head is the 1x1 sigmoid one of our runs (test_same_function_as_smp_unet checks it)
+    net = build_model(ModelConfig(encoder="test_resnet", pretrained=False))
+    assert net.head.kernel_size == (1, 1) and not net.softmax and net.pad_to == 1
 
-    from safetensors.torch import save_file
 
-    torch.manual_seed(2)
-    src = timm.create_model("test_resnet", features_only=True)
-    ref = src.state_dict()
-    path = tmp_path / ("w.safetensors" if kind == "safetensors" else "w.pth")
-    if kind == "ours":  # a training checkpoint of this project: the encoder's part is taken
-        cfg = ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=(8, 8, 8, 8, 8))
-        net = build_model(cfg)
-        net.encoder.load_state_dict(ref)
-        save_checkpoint(path, {"model": net.state_dict(), "model_cfg": asdict(cfg), "args": {}})
-    elif kind == "module-prefix":
-        torch.save({"model": {"module." + k: v for k, v in ref.items()}}, path)
-    elif kind == "timm-train":
-        torch.save({"state_dict": ref, "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)
-    elif kind == "ema":  # timm takes the EMA weights when a checkpoint has both
-        zeros = {k: torch.zeros_like(v) for k, v in ref.items()}
-        torch.save({"state_dict": zeros, "state_dict_ema": ref}, path)
-    else:
-        save_file({k: v.contiguous() for k, v in ref.items()}, str(path))
-    cfg = ModelConfig(encoder="test_resnet", pretrained=False, encoder_weights=str(path))
-    for k, v in build_model(cfg).encoder.state_dict().items():
-        assert torch.equal(v, ref[k]), k
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after `room` bytes."""
+    room = 100
 
+    def write(self, b):
+        if self.tell() + len(b) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(b)
+
+
+def test_checkpoint_on_a_full_disk_is_one_oserror_and_the_old_file_stays(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_cfg": {}, "step": 2})
+    full_disk = lambda p, mode: FullDisk(p, mode.replace("b", ""))  # noqa: E731
+    monkeypatch.setattr(model, "open", full_disk, raising=False)
+    # torch's zip writer turned it into "RuntimeError: unexpected pos"
+    with pytest.raises(OSError) as err:
+        save_checkpoint(path, {"model": {"w": torch.zeros(10_000)}, "model_cfg": {}, "step": 4})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    msg = utils.message(err.value)  # the line a script ends with: the file, what failed, why
+    assert msg.startswith(f"{path}: ") and "checkpoint" in msg, msg
+    assert "No space left on device" in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no .tmp left
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
+# ---- model.local_contrast (bench/real_he.py's recipe) ----
+def test_local_contrast_removes_smooth_illumination():
+    torch.manual_seed(0)
+    H = W = 96
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    fov = ((yy - 48) ** 2 + (xx - 48) ** 2 < 40 ** 2).float()
+    texture = 0.05 * torch.rand(1, 3, H, W)
+    flat = (0.4 + texture) * fov
+    lit = (0.4 + 0.15 * xx / W + texture) * fov  # a smooth gradient of illumination
+    a, b = model.local_contrast(flat, 4.0), model.local_contrast(lit, 4.0)
+    inside = fov.bool().expand(1, 3, H, W)
+    assert (a[~inside] == 0.5).all() and (b[~inside] == 0.5).all()  # background: a flat grey
+    # the gradient is gone; the texture (+-0.1 after x4) stays
+    assert (a - b)[inside].abs().max() < 0.02
+    assert (a[inside] - 0.5).abs().mean() > 0.03
+
+
+def test_local_contrast_off_is_the_plain_model():
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=(16, 8, 8, 8, 8))
+    torch.manual_seed(0)
+    plain = build_model(cfg).eval()
+    torch.manual_seed(0)
+    on = build_model(ModelConfig(**{**cfg.__dict__, "local_contrast": 3.0})).eval()
+    # a fixed layer: no weights, soups still work
+    assert plain.state_dict().keys() == on.state_dict().keys()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.equal(plain(x), on(x))
+        on.local_contrast = 0.0
+        assert torch.equal(plain(x), on(x))
+    older = {"encoder": "test_resnet", "decoder_channels": [16, 8, 8, 8, 8], "attention": False,
+             "classes": 4}  # a model_cfg of older checkpoints
+    assert model.architecture(older) == model.architecture(asdict(cfg))
 
 
 COPIED = """

@@ -463,3 +463,29 @@ def test_figure4_over_the_training_sets(fixture_dirs):
     assert "| IDR+DDR | s0, s1 | 3 | MES, DDR | 0.400 | 0.500 | n/a | n/a | n/a |" in md
     assert "| DDR+MES | — | 0 | IDR, MES | 0.500 | 0.600 | n/a | n/a | 0.650 |" in md
     assert "2 training combination(s), each from its `<COMBO>/fig4.json` (`fig4.py`" in md
+
+
+# ---- the authors' released models (authors.py) beside ours ----
+def test_report_shows_the_authors_models_beside_ours(tmp_path):
+    block = {"n_images": 3, "mean_aupr": 0.61, "mean_dice": 0.25, "mean_dice_argmax": 0.43,
+             "lesions": {}}
+    rec = {"version": 1, "checkpoints": ["hub:IDR+DDR"], "train": ["IDR", "DDR"], "seed": None,
+           "method": "authors", "protocol": {}, "results": {"MES": block}}
+    (tmp_path / "authors" / "IDR+DDR").mkdir(parents=True)
+    (tmp_path / "authors" / "IDR+DDR" / "results.json").write_text(json.dumps(rec))
+    ours = {**rec, "method": "baseline", "seed": 0,
+            "results": {"MES": {**block, "mean_aupr": 0.5, "mean_dice": 0.4}}}
+    (tmp_path / "runs" / "IDR+DDR" / "s0").mkdir(parents=True)
+    (tmp_path / "runs" / "IDR+DDR" / "s0" / "results.json").write_text(json.dumps(ours))
+    report.main([str(tmp_path / "runs"), "-o", str(tmp_path / "report"), "--authors",
+                 str(tmp_path / "authors")])
+    md = (tmp_path / "report" / "report.md").read_text()
+    # the export's mean AUPR of IDR+DDR on Messidor, from the CSV itself
+    export = report.load_reference(ROOT / "reference" / "lesions_database_cross_study.csv")
+    mean_export = sum(export[("IDR+DDR", "MES", les)] for les in ("EX", "HE", "MA", "CWS")) / 4
+    row = (f"| IDR+DDR | Messidor | 0.500 (n=1) | 0.610 | {mean_export:.3f} | 0.400 (n=1) | 0.250 "
+           f"| 0.430 |")
+    assert row in md
+    assert "softmax vs sigmoid" in md and "ROI" in md
+    table = json.loads((tmp_path / "report" / "authors.json").read_text())
+    assert table[-1]["model_dice_argmax"] == 0.43

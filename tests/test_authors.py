@@ -1,13 +1,13 @@
-"""hub.py and model.py's loader of the authors' released models: torchseg as the reference, no network.
+"""authors.py: the authors' released models (hub specs, branches, the cached download, their layout
+read into model.py's U-Net, their argmax Dice) through predict.py and evaluate.py: torchseg as the
+reference, no network.
 
-    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_hub.py
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_authors.py
 
 The reference model is built by torchseg (the authors' library) and saved by huggingface_hub's
 PyTorchModelHubMixin exactly as the authors' toolkit defines its hub class, so the folder is the released layout.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hub
+import authors
 import model
-from model import load_checkpoint, load_models
+from model import load_models
+from predict import load_ensemble, read_checkpoint
 from protocol import predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def one_line(err):
 
 def test_loader_matches_torchseg_on_a_size_not_a_multiple_of_32(authors_model):
     folder, net = authors_model
-    assert json.loads((folder / "config.json").read_text()) == model.AUTHORS_CONFIG  # the released layout
+    assert json.loads((folder / "config.json").read_text()) == authors.CONFIG  # the released layout
     torch.manual_seed(1)
     x = torch.rand(1, 3, 80, 112)  # 2.5 x 3.5 times 32
     with pytest.raises(RuntimeError, match="divisible by 32"):
@@ -81,7 +82,7 @@ def test_loader_matches_torchseg_on_a_size_not_a_multiple_of_32(authors_model):
     ref, _ = reference_probs(net, x)
     assert ref.std() > 0.05 and 0.01 < ref.mean() < 0.5  # not saturated: the comparison means something
     for path in (folder, folder / "model.safetensors"):  # the folder, and the weights file alone
-        (ours,) = load_models(path)
+        (ours,) = load_models(authors.load(path))
         assert ours.softmax and ours.head.kernel_size == (3, 3)
         with torch.no_grad():
             probs = predict([ours], x)  # the protocol's prediction: (B, 4, H, W), sigmoid of the lesion logits
@@ -97,16 +98,18 @@ def test_argmax_lesions_is_the_softmax_argmax(authors_model):
     winner = full.argmax(dim=1)  # (B, H, W) over BG, CTW, EX, HE, MA
     expected = torch.stack([winner == c for c in (2, 3, 4, 1)], dim=1)
     assert expected.any() and not expected.all()
-    assert torch.equal(model.argmax_lesions(ref), expected)
+    assert torch.equal(authors.argmax_lesions(ref), expected)
 
 
 def test_checkpoint_header_and_soup_round_trip(authors_model, tmp_path):
     folder, _ = authors_model
-    ckpt = load_checkpoint(folder)
-    assert ckpt["args"]["resolution"] == model.AUTHORS_RESOLUTION == 1024 and ckpt["method"] == "authors"
+    ckpt = authors.load(folder)
+    assert ckpt["args"]["resolution"] == authors.RESOLUTION == 1024 and ckpt["method"] == "authors"
+    assert ckpt["model_cfg"]["resolution"] == 1024  # the input contract (predict, evaluate)
     # saved in our training format (what average.py writes) it loads back to the same weights
     model.save_checkpoint(tmp_path / "authors.pt", ckpt)
-    a, b = load_models(folder)[0].state_dict(), load_models(tmp_path / "authors.pt")[0].state_dict()
+    (a,), (b,) = load_models(authors.load(folder)), load_models(tmp_path / "authors.pt")
+    a, b = a.state_dict(), b.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -124,34 +127,24 @@ def test_strict_key_mapping_errors_are_one_line(authors_model, tmp_path):
     for name, (bad, expected) in cases.items():
         save_file(bad, tmp_path / "model.safetensors")
         with pytest.raises(ValueError) as e:
-            load_models(tmp_path)
+            load_ensemble([tmp_path])  # what evaluate.py and predict.py load with
         assert expected in one_line(e) and str(tmp_path) in str(e.value), name
-    (tmp_path / "config.json").write_text(json.dumps({**model.AUTHORS_CONFIG, "classes": 4}))
+    (tmp_path / "config.json").write_text(json.dumps({**authors.CONFIG, "classes": 4}))
     with pytest.raises(ValueError) as e:
-        load_checkpoint(tmp_path)
-    assert "classes 5" in one_line(e)
+        authors.load(tmp_path)
+    assert "classes 5" in one_line(e) and "config.json" in str(e.value)
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_checkpoint(tmp_path)
-
-
-def test_one_vs_rest_logits_give_the_softmax_even_for_extreme_logits():
-    torch.manual_seed(3)
-    logits = torch.randn(2, 5, 7, 9) * torch.tensor([1.0, 30.0, 300.0, 1e4, 1e-3]).view(1, 5, 1, 1)
-    probs = torch.sigmoid(model.one_vs_rest_logits(logits))
-    expected = torch.softmax(logits.double(), dim=1)[:, [2, 3, 4, 1]]
-    assert torch.isfinite(probs).all() and (probs.double() - expected).abs().max() < 1e-6
-    # the default head is the 1x1 sigmoid one of our runs (tests/test_model.py checks it against smp's U-Net)
-    net = model.build_model(model.ModelConfig(encoder="test_resnet", pretrained=False))
-    assert net.head.kernel_size == (1, 1) and not net.softmax and net.pad_to == 1
+        authors.load(tmp_path)
 
 
 @pytest.mark.parametrize("spec, branch", [
     ("hub:", "main"), ("hub:IDR+DDR+FGA+RET+MES", "main"), ("hub:IDR+DDR", "DDR_IDRID"),
-    ("hub:mes,idr", "IDRID_MESSIDOR"), ("hub:RET", "RETLES"), ("hub:FGA+DDR+RET", "DDR_FGADR_RETLES"), ("hub:IDR+DDR+FGA+MES", "DDR_FGADR_IDRID_MESSIDOR"),
+    ("hub:mes,idr", "IDRID_MESSIDOR"), ("hub:RET", "RETLES"),
+    ("hub:FGA+DDR+RET", "DDR_FGADR_RETLES"), ("hub:IDR+DDR+FGA+MES", "DDR_FGADR_IDRID_MESSIDOR"),
 ])
 def test_branch_names(spec, branch):
-    assert hub.branch(hub.parse_spec(spec)) == branch
+    assert authors.branch(authors.parse_spec(spec)) == branch
 
 
 def test_branch_names_match_the_authors_export_tags():
@@ -160,104 +153,59 @@ def test_branch_names_match_the_authors_export_tags():
 
     with open(ROOT / "reference" / "lesions_database_cross_study.csv", newline="") as f:
         tags = {row["Tags"] for row in csv.DictReader(f)}
-    names = {v: k for k, v in hub.HUB_NAMES.items()}
+    names = {v: k for k, v in authors.HUB_NAMES.items()}
     for tag in tags:
         parts = [t.strip() for t in tag.split(",")]
         assert parts == sorted(parts)
         ids = [names[t] for t in parts]
-        assert hub.branch(ids) == ("main" if len(ids) == 5 else "_".join(parts))
+        assert authors.branch(ids) == ("main" if len(ids) == 5 else "_".join(parts))
     with pytest.raises(ValueError, match="unknown dataset ID 'XYZ'"):
-        hub.parse_spec("hub:IDR+XYZ")
+        authors.parse_spec("hub:IDR+XYZ")
 
 
 def test_hub_spec_loads_through_the_download(authors_model, monkeypatch):
     folder, _ = authors_model
     asked = []
-    monkeypatch.setattr(hub, "download", lambda branch, repo_id=hub.REPO: asked.append(branch) or folder)
-    ckpt = load_checkpoint("hub:IDR+DDR")
+    monkeypatch.setattr(authors, "download",
+                        lambda branch, repo_id=authors.REPO: asked.append(branch) or folder)
+    ckpt = read_checkpoint("hub:IDR+DDR")
     assert asked == ["DDR_IDRID"] and ckpt["args"]["train"] == ["IDR", "DDR"]
-    assert ckpt["provenance"]["source"] == f"{hub.REPO}@DDR_IDRID"
-    assert len(load_models("hub:")) == 1 and asked[-1] == "main"
+    assert ckpt["provenance"]["source"] == f"{authors.REPO}@DDR_IDRID"
+    assert len(load_ensemble(["hub:"])[0]) == 1 and asked[-1] == "main"
 
 
 def test_manifest_of_hub_members(authors_model, monkeypatch, tmp_path):
     folder, _ = authors_model
-    monkeypatch.setattr(hub, "download", lambda branch, repo_id=hub.REPO: folder)
+    monkeypatch.setattr(authors, "download", lambda branch, repo_id=authors.REPO: folder)
     manifest = tmp_path / "ens.json"
     manifest.write_text(json.dumps({"kind": "ensemble", "members": ["hub:IDR", str(folder)]}))
-    assert len(load_models(manifest)) == 2
+    assert len(load_ensemble([manifest])[0]) == 2
 
 
-def _children(codes, tmp_path, **env):
-    """Run each code line in one fresh interpreter with an empty hub cache -> [(its output, seconds it took)];
-    the imports of torch and timm are not timed (seconds on a loaded machine, and not what is asked)."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_HUB_CACHE": str(tmp_path / "hf"),
-           "PYTHONPATH": str(ROOT), **env}
-    prog = "import time, hub, model\n" + "".join(
-        f"t = time.time()\ntry:\n    {code}\nexcept ValueError as e:\n    print(e)\nprint('@@', time.time() - t)\n"
-        for code in codes)
-    out = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True, timeout=120)
-    results, lines = [], []
-    for line in (out.stdout + out.stderr).splitlines():
-        if line.startswith("@@ "):
-            results.append(("\n".join(lines), float(line[3:])))
-            lines = []
-        else:
-            lines.append(line)
-    assert len(results) == len(codes) and not lines, out.stdout + out.stderr
-    return results
-
-
-@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
-def test_offline_failures_are_one_fast_line(tmp_path, how):
-    # NOTE: nothing is downloaded: HF_HUB_OFFLINE=1, or a hub endpoint and a proxy that refuse
-    # connections (port 9). The paper's encoder has its weights on GitHub, in torch's hub cache once
-    # downloaded: its line names both, and HF_HUB_OFFLINE=1 tries no URL (a refusal would show).
-    proxy = "http://127.0.0.1:9"
-    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": proxy, "http_proxy": proxy,
-           "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
-    env.update({"HF_HUB_OFFLINE": "1"} if how == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": proxy})
-    hf_cache = str(tmp_path / "hf")
-    torch_file = tmp_path / "torch" / "hub" / "checkpoints" / "se_resnet101-7e38fcc6.pth"
-    cases = {"model.build_model(model.ModelConfig(encoder='test_resnet', pretrained=True))":
-             ("pretrained weights for test_resnet from the Hugging Face hub repository timm/",
-              "HF_HUB_OFFLINE", hf_cache, "--no-pretrained", "--encoder-weights PATH"),
-             "model.load_checkpoint('hub:IDR+DDR')":
-             (f"{hub.REPO}@DDR_IDRID", "HF_HUB_OFFLINE", hf_cache, "--ckpt a local folder"),
-             "model.build_model(model.ModelConfig(encoder='legacy_seresnet101.in1k'))":
-             ("pretrained weights for legacy_seresnet101.in1k from https://github.com/",
-              f"not in torch's hub cache: {torch_file}", "--no-pretrained",
-              "(HF_HUB_OFFLINE is set;" if how == "HF_HUB_OFFLINE" else "Connection refused")}
-    for (text, seconds), expected in zip(_children(list(cases), tmp_path, **env), cases.values()):
-        assert "\n" not in text and text.startswith("could not download"), text
-        assert all(e in text for e in expected), text
-        assert ("Hugging Face" in text) == ("legacy" not in text), text  # right source and cache
-        assert seconds < 10, (seconds, text)
-
-
-def test_cached_download_is_used_offline(authors_model, tmp_path):
+def test_cached_download_is_used_offline(authors_model, tmp_path, in_fresh_python):
     # the hub cache's own layout (refs/<branch> -> snapshots/<commit>/...), filled by hand: no network
     folder, _ = authors_model
-    repo = tmp_path / "hf" / ("models--" + hub.REPO.replace("/", "--"))
+    repo = tmp_path / "hf" / ("models--" + authors.REPO.replace("/", "--"))
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "DDR_IDRID").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
-    for name in hub.FILES:
+    for name in authors.FILES:
         (repo / "snapshots" / commit / name).symlink_to(folder / name)
-    ((text, _),) = _children(["print(hub.download('DDR_IDRID'))"], tmp_path, HF_HUB_OFFLINE="1")
+    ((text, _),) = in_fresh_python(["print(authors.download('DDR_IDRID'))"], tmp_path,
+                                   HF_HUB_OFFLINE="1")
     assert text.endswith(str(repo / "snapshots" / commit)), text
 
 
 def test_missing_huggingface_hub_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub -> ImportError
-    with pytest.raises(ValueError) as e:
-        hub.download("main")
+    with pytest.raises(ImportError) as e:  # an optional package missing: utils.run's one line
+        authors.download("main")
     assert "pip install huggingface_hub" in one_line(e)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# evaluate.py with the authors' models (needs its hub/argmax support)
+# evaluate.py and predict.py with the authors' models
 # ---------------------------------------------------------------------------------------------------------
 def reference_counts(net, ds):
     """Pooled Dice at p >= 0.5 and argmax Dice of the torchseg model over a prepared test set, FOV pixels only,
@@ -283,7 +231,7 @@ def test_evaluate_hub_spec_end_to_end(authors_model, cache_dir, synth_root, tmp_
     from data import LESIONS, PreparedDataset
 
     folder, net = authors_model
-    monkeypatch.setattr(hub, "download", lambda branch, repo_id=hub.REPO: folder)
+    monkeypatch.setattr(authors, "download", lambda branch, repo_id=authors.REPO: folder)
     monkeypatch.chdir(tmp_path)  # the default --out of a hub spec: authors/<COMBO>/results.json
     evaluate.main(["--ckpt", "hub:IDR+DDR", "--test", "MES", "--data-root", str(synth_root), "--cache",
                    str(cache_dir), "--resolution", "128", "--device", "cpu", "--dice-argmax"])
@@ -310,9 +258,10 @@ def test_dice_argmax_refuses_sigmoid_models(cache_dir, synth_root, tmp_path):
     model.save_checkpoint(path, {"model": model.build_model(cfg).state_dict(), "model_cfg": asdict(cfg),
                                  "args": {"resolution": 64}})
     with pytest.raises(ValueError) as e:
-        evaluate.evaluate_checkpoints([str(path)], ["MES"], synth_root, cache_dir, {}, device="cpu",
-                                      dice_argmax=True, verbose=False)
-    assert "one sigmoid per lesion" in one_line(e)
+        evaluate.evaluate([str(path)], ["MES"], (synth_root, cache_dir, {}), device="cpu",
+                          dice_argmax=True, verbose=False)
+    msg = one_line(e)  # the flag, the checkpoint, and why: one sigmoid per lesion, not a softmax
+    assert msg.startswith("--dice-argmax") and str(path) in msg and "sigmoid" in msg, msg
 
 
 def test_segment_and_images_with_the_authors_model(authors_model, fixture_idrid, tmp_path):
@@ -320,12 +269,12 @@ def test_segment_and_images_with_the_authors_model(authors_model, fixture_idrid,
     from PIL import Image
 
     import data
-    import evaluate
+    import predict
 
     folder, net = authors_model
     photo = sorted((fixture_idrid / "A. Segmentation" / "1. Original Images").rglob("*.jpg"))[0]
     image = np.asarray(Image.open(photo).convert("RGB"))[::4, ::4].copy()  # (178, 268, 3)
-    probs = evaluate.segment(image, str(folder), resolution=96, device="cpu")
+    probs = predict.segment(image, str(folder), resolution=96, device="cpu")
     assert probs.shape == (4, *image.shape[:2]) and probs.dtype == np.float32
     square, fov, geometry = data.preprocess_image(image, 96)  # independent route: the torchseg reference
     ref, _ = reference_probs(net, torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255)
@@ -336,52 +285,7 @@ def test_segment_and_images_with_the_authors_model(authors_model, fixture_idrid,
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(image).save(photos / "eye.png")
-    evaluate.main(["--ckpt", str(folder), "--images", str(photos), "--save-maps", str(tmp_path / "maps"),
-                   "--resolution", "96", "--device", "cpu"])
+    predict.main(["--ckpt", str(folder), "--images", str(photos), "--out", str(tmp_path / "maps"),
+                  "--resolution", "96", "--device", "cpu"])
     with Image.open(tmp_path / "maps" / "eye_HE.png") as im:
         assert im.size == (image.shape[1], image.shape[0])
-
-
-def test_report_shows_the_authors_models_beside_ours(tmp_path):
-    import report
-
-    block = {"n_images": 3, "mean_aupr": 0.61, "mean_dice": 0.25, "mean_dice_argmax": 0.43, "lesions": {}}
-    rec = {"version": 1, "checkpoints": ["hub:IDR+DDR"], "train": ["IDR", "DDR"], "seed": None, "method": "authors",
-           "protocol": {}, "results": {"MES": block}}
-    (tmp_path / "authors" / "IDR+DDR").mkdir(parents=True)
-    (tmp_path / "authors" / "IDR+DDR" / "results.json").write_text(json.dumps(rec))
-    ours = {**rec, "method": "baseline", "seed": 0, "results": {"MES": {**block, "mean_aupr": 0.5, "mean_dice": 0.4}}}
-    (tmp_path / "runs" / "IDR+DDR" / "s0").mkdir(parents=True)
-    (tmp_path / "runs" / "IDR+DDR" / "s0" / "results.json").write_text(json.dumps(ours))
-    report.main([str(tmp_path / "runs"), "-o", str(tmp_path / "report"), "--authors", str(tmp_path / "authors")])
-    md = (tmp_path / "report" / "report.md").read_text()
-    # the export's mean AUPR of IDR+DDR on Messidor, from the CSV itself
-    export = report.load_reference(ROOT / "reference" / "lesions_database_cross_study.csv")
-    mean_export = sum(export[("IDR+DDR", "MES", les)] for les in ("EX", "HE", "MA", "CWS")) / 4
-    assert f"| IDR+DDR | Messidor | 0.500 (n=1) | 0.610 | {mean_export:.3f} | 0.400 (n=1) | 0.250 | 0.430 |" in md
-    assert "softmax vs sigmoid" in md and "ROI" in md
-    assert json.loads((tmp_path / "report" / "authors.json").read_text())[-1]["model_dice_argmax"] == 0.43
-
-
-# ---- timm weights from a URL (the paper's encoder): torch's hub cache (issue 23) ----
-def test_url_weights_in_torch_cache_are_used_offline(tmp_path, monkeypatch):
-    """A URL encoder's weights in torch's hub cache load with HF_HUB_OFFLINE=1 and no download."""
-    import timm
-    import torch.hub
-
-    cfg = timm.models.get_pretrained_cfg("legacy_seresnet18.in1k")
-    assert not cfg.hf_hub_id and cfg.url.startswith("https://github.com/")  # as legacy_seresnet101
-    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.manual_seed(3)
-    weights = timm.create_model("legacy_seresnet18").state_dict()
-    torch.save(weights, checkpoints / Path(cfg.url).name)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(hub, "is_offline", lambda: True)
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("downloaded")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    net = model.build_model(model.ModelConfig(encoder="legacy_seresnet18.in1k", pretrained=True))
-    own = net.encoder.state_dict()
-    assert set(own) <= set(weights) and all(torch.equal(v, weights[k]) for k, v in own.items())

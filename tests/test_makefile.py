@@ -1,4 +1,5 @@
-"""The Makefile's sweep plan and a miniature `make demo`, end to end (issue: make all-combos + demo)."""
+"""The Makefile: the sweep plan (make all-combos, make fig4-sweep), the members file,
+gpu_slot.sh, and a miniature `make demo` end to end."""
 import itertools
 import json
 import re
@@ -96,3 +97,34 @@ def test_members_file_gives_each_seed_its_own_flags(tmp_path):
                         *common], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and f"error: MEMBERS={table} has no line s2:" in r.stderr
     assert not any(t.startswith("train.py") for t in r.stdout.splitlines())  # the run never started
+
+
+def test_make_fig4_sweep_plans_every_combination_with_two_seeds(tmp_path):
+    """`make fig4-sweep`: fig4.py for each combination with best.pt of >= 2 seeds (s<N> folders
+    only), with fig4's variables; a note for each combination it skips; none ready is an error."""
+    runs = tmp_path / "runs"
+    for run in ("IDR+MES/s0", "IDR+MES/s1", "IDR+MES/s5.bak", "IDR/s0", "RET/s0", "RET/s1.bak",
+                "DDR+FGA+RET/s3", "DDR+FGA+RET/s10"):
+        (runs / run).mkdir(parents=True)
+        (runs / run / "best.pt").write_bytes(b"")
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "-n", "fig4-sweep", f"RUNS={runs}",
+           "TESTS=IDR,MES", "FIG4_FLAGS=--bn both"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plans = [x for x in proc.stdout.splitlines() if x.startswith(".venv/bin/python fig4.py")]
+    assert sorted(plans) == sorted(
+        f".venv/bin/python fig4.py {runs}/{c} --test IDR,MES --data-root data_raw --cache cache "
+        f"-o {runs}/{c}/fig4.json --bn both" for c in ("IDR+MES", "DDR+FGA+RET"))
+    notes = [x for x in proc.stdout.splitlines() if x.startswith("note: fig4-sweep skips ")]
+    for combo in ("IDR", "RET"):  # one seed each (s1.bak is no seed): the combination, seeds, where
+        assert any(f"skips {combo}:" in x and "1 seed" in x and f"{runs}/{combo}/s*/" in x
+                   for x in notes), notes
+    # the combinations without a folder
+    assert any("27 combination(s)" in x and str(runs) in x for x in notes), notes
+    shutil.rmtree(runs / "IDR+MES")
+    shutil.rmtree(runs / "DDR+FGA+RET")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()  # ours, then make's own "*** [fig4-sweep] Error 1"
+    assert proc.returncode != 0 and err[1:] == [line for line in err[1:] if line.startswith("make")]
+    assert err[0].startswith("error: ") and str(runs) in err[0] and "2 seeds" in err[0], err
+    assert "make all-combos" in err[0], err  # what to run first

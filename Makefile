@@ -33,7 +33,7 @@ SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
 
 .PHONY: print-combos setup test test-all bench real-he demo demo-jobs all-combos authors-models report table2 table3 fig3 fig4 characterize tune clean-demo
-.PHONY: fig4-sweep
+.PHONY: fig4-sweep slurm-sweep slurm-tune
 .DELETE_ON_ERROR:
 
 setup: $(VENV)
@@ -82,6 +82,71 @@ $(RUNS)/%/results.json: | $(VENV)
 	$(call member_flags,$*)sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(call run_flags,$*) $(TRAIN_FLAGS)$(if $(MEMBERS), $$member)
 	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(EVAL_FLAGS)
 
+# ---- the sweep on Slurm (docs/STUDY.md, "On Slurm"): ONE job array, a task per run of the plan
+# whose results.json is missing, each making that run's target above with the sweep's variables,
+# through slurm_task.sh. SLURM_WARN s before its time limit a task gets SIGUSR1: train.py writes
+# last.pt and the task requeues itself; a failed task is requeued SLURM_RETRIES times. Logs:
+# RUNS/slurm/sweep_JOB_TASK.log. SLURM_REPORT: a job that runs `make report` once the array has
+# ended. `make -n slurm-sweep` prints the sbatch command.
+SLURM_GRES     ?= gpu:1
+SLURM_TIME     ?= 24:00:00
+SLURM_CPUS     ?= 8
+SLURM_WARN     ?= 600
+SLURM_RETRIES  ?= 1
+SLURM_PARALLEL ?=
+SLURM_FLAGS    ?=
+SLURM_REPORT   ?= yes
+TODO = $(filter-out $(wildcard $(RESULTS)),$(RESULTS))
+shquote = '$(subst ','\'',$(1))'
+pass_vars = $(foreach v,$(1),$(call shquote,$(v)=$($(v))))
+SWEEP_VARS := DATA_ROOT CACHE RUNS RESOLUTION PATCH ITERS BATCH LR ENCODER VAL_EVERY TESTS \
+	TRAIN_FLAGS EVAL_FLAGS MEMBERS AUTHORS REPORT
+# --array=0-K for a list of K+1 items; SLURM_PARALLEL=N: at most N tasks at once (%N)
+slurm_array = --array=0-$(words $(wordlist 2,$(words $(1)),$(1)))$(if \
+	$(SLURM_PARALLEL),%$(SLURM_PARALLEL))
+SBATCH = sbatch --parsable --chdir=$(CURDIR) --requeue --open-mode=append \
+	--signal=B:USR1@$(SLURM_WARN) --time=$(SLURM_TIME) --cpus-per-task=$(SLURM_CPUS) \
+	$(if $(SLURM_GRES),--gres=$(SLURM_GRES)) $(SLURM_FLAGS)
+# The jobs' make never rebuilds the venv (-o): that is the submitter's, made once, not by every
+# task at once; nor does it inherit this make's MAKEFLAGS: it runs what its command line says.
+# NOTE: `make`, not $(MAKE), in the jobs' command lines: make -n runs every line naming $(MAKE).
+JOB_MAKE = env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make --no-print-directory -o $(VENV)
+define sweep_submit
+mkdir -p $(RUNS)/slurm && id=$$($(strip $(SBATCH)) --job-name=sweep $(call slurm_array,$(TODO)) \
+  --output=$(RUNS)/slurm/sweep_%A_%a.log slurm_task.sh $(SLURM_RETRIES) \
+  $(JOB_MAKE) $(call pass_vars,$(SWEEP_VARS)) GPUS= -- $(TODO)) && id=$${id%%;*} && \
+echo "slurm-sweep: job array $$id, $(words $(TODO)) task(s);" \
+  "logs $(RUNS)/slurm/sweep_$${id}_TASK.log" $(if $(SLURM_REPORT),&& $(report_submit))
+endef
+define report_submit
+rid=$$(sbatch --parsable --chdir=$(CURDIR) --dependency=afterany:$$id --job-name=report \
+  --time=2:00:00 $(SLURM_FLAGS) --output=$(RUNS)/slurm/report_%j.log slurm_task.sh 0 \
+  $(JOB_MAKE) $(call pass_vars,$(SWEEP_VARS)) report) && \
+echo "slurm-sweep: job $${rid%%;*} runs make report once the array has ended"
+endef
+slurm-sweep: | $(VENV)
+	$(if $(TODO),$(sweep_submit),@echo "slurm-sweep: every run of the plan has its results.json \
+	in $(RUNS); nothing to submit")
+
+# ---- the Optuna search on Slurm: TUNE_WORKERS array tasks of `make tune` against one study in
+# one database (TUNE_STORAGE, PostgreSQL), task K with its own sampler seed TUNE_SEED=K; the
+# SLURM_* variables as above.
+TUNE_WORKERS ?= 4
+TUNE_STORAGE ?=
+tune_seeds = $(foreach k,$(shell seq 0 $$(( $(TUNE_WORKERS) - 1 ))),TUNE_SEED=$(k))
+define tune_submit
+mkdir -p $(RUNS)/slurm && id=$$($(strip $(SBATCH)) --job-name=tune \
+  $(call slurm_array,$(tune_seeds)) --output=$(RUNS)/slurm/tune_%A_%a.log \
+  slurm_task.sh $(SLURM_RETRIES) $(JOB_MAKE) \
+  $(call pass_vars,DATA_ROOT CACHE COMBO TUNE_STORAGE TUNE_FLAGS) tune -- $(tune_seeds)) && \
+id=$${id%%;*} && echo "slurm-tune: job array $$id, $(TUNE_WORKERS) worker(s);" \
+  "logs $(RUNS)/slurm/tune_$${id}_TASK.log"
+endef
+slurm-tune: | $(VENV)
+	$(if $(TUNE_STORAGE),$(tune_submit),@echo "error: make slurm-tune needs \
+	TUNE_STORAGE=postgresql://USER@HOST/DB, the one database of every worker (its password in \
+	~/.pgpass: the URL is on the job's command line)" >&2; exit 1)
+
 # ---- Figure 4 for one combination: baseline, ensemble of 4, SWA and soups on encoder / decoder / full ----
 # (FIG4_FLAGS="--bn both" reports each average with averaged and with recomputed BatchNorm statistics)
 # COMBO in any order or case (IDR+MES+DDR) names the canonical run folder (IDR+DDR+MES)
@@ -120,13 +185,19 @@ authors-models: $(foreach c,$(COMBOS),$(AUTHORS)/$(c)/results.json)
 $(AUTHORS)/%/results.json: | $(VENV)
 	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt hub:$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(AUTHORS_FLAGS) $(EVAL_FLAGS)
 
+REPORT ?= report
 report table2 table3 fig3: $(VENV)
-	$(PY) report.py $(RUNS) -o report --authors $(AUTHORS)
+	$(PY) report.py $(RUNS) -o $(REPORT) --authors $(AUTHORS)
 
-# ---- the paper's Optuna search (tune.py --help; many workers: TUNE_FLAGS="--storage postgresql://... --seed N")
+# ---- the paper's Optuna search (tune.py --help). Many workers: `make slurm-tune`, or each its own
+# TUNE_SEED=N with one TUNE_STORAGE=postgresql://...; TUNE_FLAGS come after, so they win, and may
+# end with `-- train.py flags`.
 comma := ,
+TUNE_SEED ?=
+tune_args = --train $(subst +,$(comma),$(COMBO)) --data-root $(DATA_ROOT) --cache $(CACHE) \
+	$(if $(TUNE_STORAGE),--storage $(TUNE_STORAGE)) $(if $(TUNE_SEED),--seed $(TUNE_SEED))
 tune: $(VENV)
-	$(PY) tune.py --train $(subst +,$(comma),$(COMBO)) --data-root $(DATA_ROOT) --cache $(CACHE) $(TUNE_FLAGS)
+	$(PY) tune.py $(tune_args) $(TUNE_FLAGS)
 
 # ---- the main job on the embedded default: the whole study at toy scale, CPU, under 10 minutes ----
 # synthetic datasets -> prepared caches -> characterize -> a reduced sweep (every single dataset, every

@@ -6,8 +6,11 @@ r"""Train the U-Net of Playout & Cheriet on any combination of the five lesion d
     torchrun --standalone --nproc-per-node 4 train.py --train IDR,DDR,MES --data-root data_raw --sync-bn
 
 Rerunning the same command resumes from OUT/last.pt (model, optimizer, scheduler, scaler, step, RNG: bit-identical
-on CPU); a finished run prints one line; Ctrl-C stops in one line (exit 130), last.pt intact. One train.py at a
-time per run folder (OUT/.lock). A resume refuses other settings than the run's own, except these, which may
+on CPU); a finished run prints one line; Ctrl-C stops in one line (exit 130), last.pt intact.
+SIGUSR1 or SIGTERM (a scheduler's warning before a time limit, a preemption: `make slurm-sweep`,
+docs/STUDY.md) stops the run at the end of its step: last.pt is written there and train.py exits 75
+(EX_TEMPFAIL) in one line; rerunning resumes. One train.py at a time per run folder (OUT/.lock).
+A resume refuses other settings than the run's own, except these, which may
 change: --iters (not below the step of last.pt; the cosine then stretches to the new end), --stop-at, --val-every,
 --snapshot-every, --log-every, --workers, --device, --dtype, --compile, --channels-last, --sync-bn and the data
 locations --data-root, --cache, --root. The schedule and the rules are in docs/TRAINING.md; tune.py calls
@@ -129,7 +132,9 @@ import datetime  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -550,6 +555,7 @@ def patch_loader(args, train_sets, start, rank, world):
     sampler = StepSampler(start, args.iters, args.batch, rank, world)
     return DataLoader(patches, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                       pin_memory=torch.device(args.device).type == "cuda",
+                      worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator())  # NOTE: own generator: leaves the global RNG stream alone
 
 
@@ -677,6 +683,52 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run, carrying the line that says how to resume (a KeyboardInterrupt: tune.py catches it)."""
 
 
+# Stop signals: Slurm's warning before a time limit (sbatch --signal=B:USR1@S), a preemption or
+# scancel (SIGTERM). EX_TEMPFAIL (sysexits.h): stopped, last.pt written; rerun to resume.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_STOPPED = 75
+_received = []  # the stop signals received during run(); train_loop looks after every step
+
+
+class Stopped(Interrupted):
+    """A stop signal ended the run after a step, last.pt written there: main() exits EXIT_STOPPED;
+    tune.py takes it as a Ctrl-C (the trial is queued again and resumes from last.pt)."""
+
+
+def catch_stop_signals():
+    """From now on a stop signal is only recorded (the loop stops at the end of the step, where
+    saving is safe) -> the handlers it replaced, for restore_signals. Only the main thread may set
+    handlers (Python's rule): elsewhere (optuna's threads) the signals keep theirs."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: _received.append(signum))
+    return previous
+
+
+def restore_signals(previous):
+    for s, handler in previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker_init_fn. NOTE: a scheduler signals every process of the job; a worker
+    killed by SIGTERM would end the run ("DataLoader worker exited unexpectedly") unsaved."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def stop_requested(state, device):
+    """Did this process (under DDP: any rank; all must stop at the same step) get a stop signal?"""
+    if state.world == 1:
+        return bool(_received)
+    flag = torch.tensor(float(bool(_received)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 def train_step(state, model, batch, device):
     """One optimizer update on one batch -> (mean loss over ranks, learning rate used)."""
     args, dtype = state.args, utils.torch_dtype(state.args.dtype)
@@ -711,7 +763,8 @@ def train_step(state, model, batch, device):
 
 
 def train_loop(state, model, loader, val_sets, device, master, on_validate):
-    """Steps from state.step to --iters, validating and saving on the way; False when --stop-at ended them."""
+    """Steps from state.step to --iters, validating and saving on the way; False when --stop-at
+    ended them. A stop signal (catch_stop_signals) raises Stopped at the end of its step."""
     args = state.args
     bar = tqdm(total=args.iters, initial=state.step, disable=not master, dynamic_ncols=True,
                desc=combo_name(args.train))
@@ -745,6 +798,13 @@ def train_loop(state, model, loader, val_sets, device, master, on_validate):
                     check_finite(state)
                     save_last(state, master)
                 return False
+            if state.step < args.iters and stop_requested(state, device):
+                if state.validated_now() is None:
+                    check_finite(state)
+                    save_last(state, master)
+                name = signal.Signals(_received[0]).name if _received else "another rank's signal"
+                raise Stopped(f"stopped by {name} at step {state.step}: {state.out / 'last.pt'} "
+                              f"written; rerun the same command to resume (exit {EXIT_STOPPED})")
         if state.validated_now() is None:  # e.g. --iters raised on a finished run: the final validation
             validate_and_save(state, val_sets, master, on_validate)
         return True
@@ -821,9 +881,11 @@ def run(args, on_validate=None):
     """Train (or resume) the run described by `args` (parse_args) -> its last validation record and
     {"best", "best_step", "out", "finished"}. on_validate(step, record) is called after every validation, once
     the checkpoints are written; an exception it raises (e.g. optuna.TrialPruned) propagates. Ctrl-C raises
-    Interrupted (a KeyboardInterrupt) whose message says how to resume."""
+    Interrupted (a KeyboardInterrupt) whose message says how to resume; SIGUSR1 or SIGTERM raises
+    Stopped (an Interrupted) at the end of the step, last.pt written."""
     device, rank, world, own_group = setup_process(args)
     out, lock = Path(args.out), None
+    previous = catch_stop_signals()
     try:
         lock = on_rank0(rank == 0, world, lambda: lock_run(out))  # before the one read of last.pt
         if rank == 0:
@@ -832,6 +894,7 @@ def run(args, on_validate=None):
         done = finished_result(ckpt, args, rank == 0)
         return done if done is not None else train(args, device, rank, world, ckpt, on_validate)
     finally:
+        restore_signals(previous)
         if lock is not None:
             os.close(lock)
         if own_group:
@@ -839,7 +902,11 @@ def run(args, on_validate=None):
 
 
 def main():
-    run(parse_args())
+    try:
+        run(parse_args())
+    except Stopped as e:  # its own exit status: a job script can tell "resume me" from a failure
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,479 @@
+"""The sweep on a real Slurm (issue 27), and train.py's stop signals on their own.
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_slurm.py
+
+train.py on SIGUSR1 / SIGTERM: last.pt at the step it stopped, exit 75, and a rerun that ends with
+the weights of a run never stopped. The sbatch lines of `make -n slurm-sweep` / `slurm-tune`. Then
+a cluster of this module's own: Debian's slurm-wlm and munge (installed with apt-get where missing:
+the machine is root with apt; a failed install fails the tests in one line), munged, slurmctld and
+slurmd on free ports in a temporary folder. `make slurm-sweep` submits 3 combinations x 2 seeds as
+one job array and one task is sent its time-limit warning mid-training; a failing task and a
+cancelled one; `make slurm-tune` runs two tune.py workers against one PostgreSQL study. Afterwards
+the daemons are stopped by their pids and the folder is removed. About 2 minutes on 2 busy cores.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train
+from test_train import TINY, read_log, straight_run, tiny_args  # noqa: F401 (a fixture)
+from test_tune import TINY_TRAIN
+from test_tune_postgres import free_port, postgres_url  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+# straight_run's settings (test_train.py): 6 steps, validations at 2, 4, 6, dropout on
+COMMON = ["--iters", "6", "--val-every", "2", "--snapshot-every", "3", "--dropout", "0.3",
+          "--val-metric", "loss"]
+
+
+def assert_same_run(ref_dir, out):
+    """`out` ended with the weights, optimizer state and validations of `ref_dir`'s run (bit for
+    bit on CPU)."""
+    ref, got = (torch.load(d / "last.pt", weights_only=True) for d in (ref_dir, out))
+    assert got["step"] == ref["step"] == 6
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], got["model"][k]), k
+    for i, state in ref["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, got["optimizer"]["state"][i][name]), (i, name)
+    val = [[(r["step"], r["loss"]) for r in read_log(d, "val")] for d in (ref_dir, out)]
+    assert val[0] == val[1]
+    # NOTE: a training line's loss is the mean since this process's last line: steps only
+    assert [r["step"] for r in read_log(out, "train")] == \
+        [r["step"] for r in read_log(ref_dir, "train")]
+
+
+# ------------------------------------------------------------------------ train.py's stop signals
+# train.py with a train_step that signals its process group (as slurm_task.sh passes Slurm's
+# warning on: the main process and its DataLoader worker) once step AT is done
+SIGNAL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train, utils
+step = train.train_step
+def train_step(state, *rest):
+    out = step(state, *rest)
+    if state.step == {at}:
+        os.killpg(os.getpgid(0), signal.{name})
+    return out
+train.train_step = train_step
+sys.argv = ["train.py"] + sys.argv[1:]
+utils.run(train.main)
+"""
+
+
+def test_sigusr1_writes_last_pt_exits_75_and_the_rerun_is_bit_identical(
+        straight_run, synth_root, cache_dir, tmp_path):
+    ref_dir, out = straight_run[0], tmp_path / "run"
+    argv = ["--train", "IDR", "--data-root", str(synth_root), "--cache", str(cache_dir), "--out",
+            str(out), *TINY, *COMMON, "--workers", "1"]
+    script = SIGNAL_AT.format(root=str(ROOT), at=3, name="SIGUSR1")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == train.EXIT_STOPPED == 75, proc.stderr[-3000:]
+    assert re.split(r"[\r\n]+", proc.stderr.strip())[-1] == \
+        f"stopped by SIGUSR1 at step 3: {out / 'last.pt'} written; rerun the same command to " \
+        f"resume (exit 75)"
+    assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in read_log(out, "val")] == [2]
+    train.run(tiny_args(synth_root, cache_dir, out, *COMMON))  # the same command, to the end
+    assert_same_run(ref_dir, out)
+
+
+def test_sigterm_stops_in_process_and_restores_the_handlers(straight_run, synth_root, cache_dir,
+                                                           tmp_path, monkeypatch):
+    ref_dir, out = straight_run[0], tmp_path / "run"
+    real = train.train_step
+
+    def sigterm_at_step_4(state, *rest):  # a validation step: last.pt is already written there
+        result = real(state, *rest)
+        if state.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setattr(train, "train_step", sigterm_at_step_4)
+    with pytest.raises(train.Stopped) as err:
+        train.run(tiny_args(synth_root, cache_dir, out, *COMMON))
+    assert str(err.value) == f"stopped by SIGTERM at step 4: {out / 'last.pt'} written; rerun " \
+                             f"the same command to resume (exit 75)"
+    assert isinstance(err.value, KeyboardInterrupt)  # tune.py queues the trial again
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(train, "train_step", real)
+    train.run(tiny_args(synth_root, cache_dir, out, *COMMON))
+    assert_same_run(ref_dir, out)
+
+
+# ------------------------------------------------------------------------ the sbatch lines
+def make(*args, env=None, check=True):
+    done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def make_n(*args):
+    """The one line of `make -n TARGET` that submits."""
+    (line,) = [line for line in make("-n", *args).stdout.splitlines() if "sbatch" in line]
+    return line
+
+
+def test_slurm_sweep_plan_is_one_array_of_the_runs_not_done(tmp_path):
+    done = tmp_path / "IDR+MES" / "s1"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text("{}")
+    line = make_n("slurm-sweep", "SEEDS=2", f"RUNS={tmp_path}", "SLURM_PARALLEL=4",
+                  "TRAIN_FLAGS=--no-pretrained --lr 'a b'", "SLURM_FLAGS=--partition=gpu --qos=x")
+    sweep = re.search(r"id=\$\((sbatch .*?)\) && id=", line)[1]  # the array's sbatch command
+    assert re.search(r"sbatch --parsable .*--requeue --open-mode=append --signal=B:USR1@600 "
+                     r"--time=24:00:00 --cpus-per-task=8 --gres=gpu:1 --partition=gpu --qos=x "
+                     r"--job-name=sweep --array=0-60%4 ", sweep), sweep
+    targets = sweep.split(" -- ")[1].split()  # 31 combinations x 2 seeds, one done
+    assert len(targets) == len(set(targets)) == 61 and f"{done}/results.json" not in targets
+    assert targets[0] == f"{tmp_path}/IDR/s0/results.json"
+    assert f"--output={tmp_path}/slurm/sweep_%A_%a.log slurm_task.sh 1 " in sweep
+    # every setting of the sweep reaches the tasks' make, quoted for the shell; no GPU pinning
+    assert """'TRAIN_FLAGS=--no-pretrained --lr '\\''a b'\\''' """ in sweep
+    assert f"'RUNS={tmp_path}' " in sweep and "'ENCODER=legacy_seresnet101.in1k'" in sweep
+    assert " GPUS= -- " in sweep
+    assert "--dependency=afterany:$id" in line and " report) && " in line
+    line = make_n("slurm-sweep", "SEEDS=1", f"RUNS={tmp_path}", "SLURM_GRES=", "SLURM_REPORT=")
+    assert "--gres" not in line and "--array=0-30 " in line and "dependency" not in line
+    line = make_n("slurm-sweep", "COMBOS=IDR+MES", f"RUNS={tmp_path}", "SEEDS=2")
+    assert "--array=0-0 " in line and f"-- {tmp_path}/IDR+MES/s0/results.json)" in line
+    (tmp_path / "IDR+MES" / "s0").mkdir()
+    (tmp_path / "IDR+MES" / "s0" / "results.json").write_text("{}")
+    assert make("slurm-sweep", "COMBOS=IDR+MES", f"RUNS={tmp_path}", "SEEDS=2").stdout == \
+        f"slurm-sweep: every run of the plan has its results.json in {tmp_path}; nothing to " \
+        f"submit\n"
+
+
+def test_slurm_tune_needs_one_database_and_gives_each_worker_its_seed(tmp_path):
+    line = make_n("slurm-tune", "TUNE_STORAGE=postgresql://me@db/optuna", "TUNE_WORKERS=3",
+                  f"RUNS={tmp_path}")
+    assert "--job-name=tune --array=0-2 " in line
+    assert " tune -- TUNE_SEED=0 TUNE_SEED=1 TUNE_SEED=2)" in line
+    assert "'TUNE_STORAGE=postgresql://me@db/optuna'" in line
+    plan = make("-n", "tune", "TUNE_SEED=2", "TUNE_STORAGE=pg://me@db/o", "TUNE_FLAGS=--trials 9")
+    assert "--storage pg://me@db/o --seed 2 --trials 9" in plan.stdout
+    done = make("slurm-tune", f"RUNS={tmp_path}", check=False)
+    assert done.returncode != 0
+    assert done.stderr.startswith("error: make slurm-tune needs TUNE_STORAGE=postgresql://")
+    assert not (tmp_path / "slurm").exists()
+
+
+# --------------------------------------------------------------------- a Slurm cluster of our own
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+
+
+def slurm_tools():
+    """{tool: path}, after `apt-get install -y slurm-wlm munge` where one is missing; one line if
+    that fails."""
+    paths = {t: shutil.which(t, path=SBIN_PATH) for t in SLURM_TOOLS}
+    if all(paths.values()):
+        return paths
+    missing = ", ".join(t for t, p in paths.items() if p is None)
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.fail(f"Slurm is not installed ({missing} missing) and this is not root with "
+                    f"apt-get: run `apt-get install -y slurm-wlm munge` as root", pytrace=False)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "slurm-wlm", "munge"]
+    for cmds in ([install], [["apt-get", "update"], install]):  # again with fresh package lists
+        for cmd in cmds:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+            if done.returncode:
+                break
+        else:
+            break
+    if done.returncode:
+        why = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}")
+        pytest.fail(f"{' '.join(done.args)} failed: {why.splitlines()[-1]}", pytrace=False)
+    paths = {t: shutil.which(t, path=SBIN_PATH) for t in SLURM_TOOLS}
+    assert all(paths.values()), f"installed slurm-wlm and munge, and still missing: {paths}"
+    return paths
+
+
+def slurm_conf(folder, host):
+    """A single-node cluster, all its files in `folder`. NOTE: cred_expire is also how long a
+    requeued job waits before it may start again (Slurm's default: 120 s); sched_interval=1: the
+    main scheduler every second, not 60; config_overrides: CPUs=2 even on a smaller machine."""
+    return f"""ClusterName=retlesions-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={folder}/munge.socket,cred_expire=5
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerParameters=sched_interval=1
+SlurmdParameters=config_overrides
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd.log
+ReturnToService=2
+KillWait=5
+MpiDefault=none
+NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def log_tails(folder, pattern="*.log"):
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-2500:]}"
+                     for p in sorted(Path(folder).glob(pattern)))
+
+
+def wait_for(ready, timeout, what, daemons=(), folder=None):
+    """Poll ready() until it is true; a daemon that ended or the timeout fails, with the logs."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        dead = [p.args[0] for p in daemons if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            why = f"{', '.join(dead)} ended" if dead else f"not within {timeout} s"
+            logs = log_tails(folder) if folder else ""
+            raise AssertionError(f"waiting for {what}: {why}\n{logs}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-node Slurm: .env (SLURM_CONF, its tools on the PATH), .run(*argv) -> stdout,
+    .wait_for_jobs(timeout, logs) -> the job logs once no job is left."""
+    tools = slurm_tools()
+    folder = Path(tempfile.mkdtemp(prefix="slurm-test-"))
+    (folder / "state").mkdir()
+    (folder / "spool").mkdir()
+    key = folder / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    host = socket.gethostname().split(".")[0]
+    conf = folder / "slurm.conf"
+    conf.write_text(slurm_conf(folder, host))
+    env = dict(os.environ, SLURM_CONF=str(conf), PATH=SBIN_PATH, OMP_NUM_THREADS="1")
+    daemons = []
+
+    def start(name, *argv):
+        with open(folder / f"{name}.out.log", "w") as out:
+            daemons.append(subprocess.Popen([tools[name], *argv], stdout=out,
+                                            stderr=subprocess.STDOUT, env=env))
+
+    def run(*argv, timeout=60):
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+        assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
+        return done.stdout
+
+    def queued():
+        return subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True,
+                              env=env, timeout=60).stdout.split()
+
+    def wait_for_jobs(timeout, logs):
+        wait_for(lambda: not queued(), timeout, "the jobs to end", folder=logs)
+        return log_tails(logs)
+
+    def node_state():
+        return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                              env=env, timeout=60).stdout.strip()
+
+    try:
+        start("munged", "-F", "--force", f"--socket={folder}/munge.socket", f"--key-file={key}",
+              f"--pid-file={folder}/munged.pid", f"--log-file={folder}/munged.log",
+              f"--seed-file={folder}/munged.seed")
+        wait_for(lambda: (folder / "munge.socket").exists(), 30, "munged", daemons, folder)
+        start("slurmctld", "-D", "-f", str(conf))
+        start("slurmd", "-D", "-f", str(conf), "-N", host)
+        wait_for(lambda: node_state() == "idle", 60, "an idle node", daemons, folder)
+        yield SimpleNamespace(env=env, run=run, wait_for_jobs=wait_for_jobs)
+    finally:
+        try:
+            if len(daemons) == 3 and queued():  # nothing of ours keeps running
+                subprocess.run(["scancel", *queued()], env=env, timeout=60)
+                wait_for(lambda: not queued(), 60, "the jobs to end", daemons, folder)
+        finally:
+            for p in reversed(daemons):  # slurmd, slurmctld, munged: by their pids
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ the sweep on Slurm
+ITERS, VAL_EVERY = 80, 40
+COMBOS, SEEDS = ("IDR", "MES", "IDR+MES"), 2
+TOY = ["RESOLUTION=64", "PATCH=64", f"ITERS={ITERS}", "BATCH=2", "LR=1e-2", "ENCODER=test_resnet",
+       f"VAL_EVERY={VAL_EVERY}", "TESTS=IDR,MES", "EVAL_FLAGS=--device cpu",
+       "TRAIN_FLAGS=--no-pretrained --decoder-channels 16,8,8,8,8 --warmup 2 --device cpu "
+       "--dtype float32 --workers 0 --log-every 1"]
+NO_GPU = ["SLURM_GRES=", "SLURM_CPUS=1", "SLURM_TIME=10", "SLURM_WARN=60"]
+
+
+def test_slurm_sweep_requeues_a_task_warned_of_its_time_limit(slurm, synth_root, tmp_path):
+    from data import prepare_cache
+
+    cache, runs, report = tmp_path / "cache", tmp_path / "runs", tmp_path / "report"
+    for ds in ("IDR", "MES"):
+        prepare_cache(ds, synth_root, cache, 64, verbose=False)  # once, before the tasks
+    out = make("slurm-sweep", f"COMBOS={' '.join(COMBOS)}", f"SEEDS={SEEDS}", f"RUNS={runs}",
+               f"DATA_ROOT={synth_root}", f"CACHE={cache}", f"REPORT={report}", *TOY, *NO_GPU,
+               env=slurm.env).stdout
+    array = re.search(r"job array (\d+), 6 task\(s\)", out)
+    assert array and re.search(r"job \d+ runs make report once the array has ended", out), out
+    array, log0 = array[1], runs / "slurm" / f"sweep_{array[1]}_0.log"
+    # Task 0 (IDR/s0) gets its time-limit warning mid-training, as sbatch --signal=B:USR1@60
+    # sends it (to the batch shell only), once its log shows a few steps.
+    warned = runs / "IDR" / "s0"
+    trained = lambda: (warned / "log.jsonl").read_text().count('"split": "train"')  # noqa: E731
+    wait_for(lambda: (warned / "log.jsonl").exists() and trained() >= 3, 120, f"{warned} to train")
+    (task0,) = [line.split()[1] for line in slurm.run("squeue", "-h", "-o", "%i %A").splitlines()
+                if line.startswith(f"{array}_0 ")]
+    # NOTE: Slurm 22.05 answers a signal to an array task "Job can not be altered now" once it has
+    # delivered it, and scancel retries for minutes: it is stopped as soon as the task has seen the
+    # signal (before the requeued task may start again, which a retry would signal too).
+    scancel = subprocess.Popen(["scancel", "--signal=USR1", "--batch", task0], env=slurm.env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "slurm_task: time limit near" in log0.read_text(), 60, "the signal")
+    finally:
+        scancel.terminate()
+        scancel.wait()
+    logs = slurm.wait_for_jobs(400, runs / "slurm")
+
+    for k, (combo, seed) in enumerate((c, s) for c in COMBOS for s in range(SEEDS)):
+        run = runs / combo / f"s{seed}"
+        res = json.loads((run / "results.json").read_text())
+        assert res["train"] == combo.split("+") and set(res["results"]) == {"IDR", "MES"}
+        # every step trained once, none twice, no restart from step 0; each validation once
+        assert [r["step"] for r in read_log(run, "train")] == list(range(1, ITERS + 1)), run
+        assert [r["step"] for r in read_log(run, "val")] == [VAL_EVERY, ITERS], run
+        log = (runs / "slurm" / f"sweep_{array}_{k}.log").read_text()
+        assert log.count(f"done: {ITERS} steps") == 1, log
+        assert log.count(f"wrote {run / 'results.json'}") == 1, log
+        if run != warned:
+            assert "attempt 2" not in log and "resuming" not in log, log
+    log = log0.read_text()
+    last = re.escape(str(warned / "last.pt"))
+    stopped = re.findall(rf"stopped by SIGUSR1 at step (\d+): {last} written", log)
+    assert len(stopped) == 1 and 0 < int(stopped[0]) < ITERS, logs
+    assert "slurm_task: time limit near (SIGUSR1): requeued" in log and "attempt 2:" in log
+    assert log.count("resuming") == 1 and f"resuming {warned} from step {stopped[0]}\n" in log
+    assert "attempt 3" not in log
+    # the dependent job made the report of all six runs once the array had ended
+    assert (report / "report.md").exists(), logs
+    assert "error:" not in log_tails(runs / "slurm", "report_*.log"), logs
+
+
+# Like train.py under make: noted at once, the signal ends the step, then a slow write (a large
+# last.pt), exit 75; the next attempt finds the file and ends.
+SLOW_SAVE = """import os, signal, sys, time
+if os.path.exists(sys.argv[1]):
+    print("resumed", flush=True)
+    sys.exit(0)
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+print("running", flush=True)
+while not got:
+    time.sleep(0.1)
+time.sleep(3)
+open(sys.argv[1], "w").close()
+print("saved", flush=True)
+sys.exit(75)
+"""
+
+
+def test_a_warned_task_requeues_once_its_command_has_saved(slurm, tmp_path):
+    (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
+    # `; true`: a shell that stays between the task and python, as make's does (and dies of USR1)
+    command = f"{sys.executable} {tmp_path / 'slow_save.py'} {tmp_path / 'last'}; true"
+    log = tmp_path / "warned.log"
+    job = slurm.run("sbatch", "--parsable", f"--chdir={ROOT}", "--requeue", "--open-mode=append",
+                    "--time=5", f"--output={log}", "slurm_task.sh", "1", "sh", "-c", command)
+    wait_for(lambda: log.exists() and "running" in log.read_text(), 60, "the job to run")
+    slurm.run("scancel", "--signal=USR1", "--batch", job.strip())
+    slurm.wait_for_jobs(120, tmp_path)
+    lines = [line for line in log.read_text().splitlines() if not line.startswith("slurmstepd")]
+    assert lines[1:5] == ["running", "saved", "slurm_task: time limit near (SIGUSR1): requeued; "
+                          "the next attempt resumes from last.pt", lines[4]], lines
+    assert "attempt 2:" in lines[4] and lines[5:] == ["resumed"], lines
+
+
+def test_a_failing_task_is_requeued_retries_times_and_a_cancelled_one_never(slurm, tmp_path):
+    sbatch = ["sbatch", "--parsable", f"--chdir={ROOT}", "--requeue", "--open-mode=append",
+              "--time=5"]
+    failing = slurm.run(*sbatch, f"--output={tmp_path}/failing.log", "slurm_task.sh", "1",
+                        "sh", "-c", "echo boom; exit 3").strip()
+    # a command that, like train.py, notes SIGTERM, ends its step and exits 75
+    stoppable = "import signal, sys, time\ngot = []\n" \
+                "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n" \
+                "print('running', flush=True)\nwhile not got: time.sleep(0.1)\nsys.exit(75)"
+    cancelled = slurm.run(*sbatch, f"--output={tmp_path}/cancelled.log", "slurm_task.sh", "1",
+                          sys.executable, "-c", stoppable).strip()
+    log = tmp_path / "cancelled.log"
+    wait_for(lambda: log.exists() and "running" in log.read_text(), 60, "the job to run")
+    slurm.run("scancel", cancelled)
+    slurm.wait_for_jobs(120, tmp_path)
+    text = (tmp_path / "failing.log").read_text()
+    assert text.splitlines().count("boom") == 2, text
+    assert "slurm_task: failed (exit 3): requeued, retry 1 of 1" in text
+    assert text.strip().splitlines()[-1] == "slurm_task: error: sh -c echo boom; exit 3 failed " \
+        "(exit 3) 2 time(s); not requeued again; the lines above say why"
+    assert "ExitCode=3:0" in slurm.run("scontrol", "show", "job", failing)
+    text = log.read_text()
+    assert "slurm_task: stopped by SIGTERM (scancel, or a preemption that Slurm requeues): " \
+           "exit 75" in text, text
+    assert "attempt 2" not in text and "requeued," not in text
+
+
+# --------------------------------------------------------------------- the Optuna search on Slurm
+def test_slurm_tune_runs_workers_with_their_own_seeds_on_one_postgres_study(
+        slurm, postgres_url, synth_root, tmp_path):
+    import optuna
+
+    import tune
+    from data import prepare_cache
+
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    prepare_cache("IDR", synth_root, cache, 64, verbose=False)
+    flags = ["--study", "pg", "--runs-dir", str(tmp_path / "trials"), "--plot-dir",
+             str(tmp_path / "plots"), "--trials", "4", "--worker-trials", "2", "--encoders",
+             "test_resnet", "--decoder-widths", "8,8,8,8,8", "--resolutions", "64", "--iters", "4",
+             "--val-every", "2", "--pruner", "none", "--", *TINY_TRAIN]
+    out = make("slurm-tune", f"TUNE_STORAGE={postgres_url}", "TUNE_WORKERS=2", "COMBO=IDR",
+               f"DATA_ROOT={synth_root}", f"CACHE={cache}", f"RUNS={runs}",
+               f"TUNE_FLAGS={' '.join(flags)}", *NO_GPU, env=slurm.env).stdout
+    array = re.search(r"job array (\d+), 2 worker\(s\)", out)
+    assert array, out
+    logs = slurm.wait_for_jobs(300, runs / "slurm")
+    for k in (0, 1):
+        log = (runs / "slurm" / f"tune_{array[1]}_{k}.log").read_text()
+        assert re.search(rf"tune\.py --train IDR .*--storage {re.escape(postgres_url)} --seed {k} ",
+                         log), log
+        assert "this worker ran 2 trial(s)" in log, logs
+    study = optuna.load_study(study_name="pg", storage=tune.driver_url(postgres_url))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4 and len({t.user_attrs["worker"] for t in done}) == 2

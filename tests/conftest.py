@@ -1,6 +1,12 @@
 """Shared fixtures: a small synthetic copy of the five datasets, prepared once per test session."""
+import json
 import os
+import pwd
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -351,3 +357,71 @@ def style_checkpoint():
                                "args": {"resolution": 64, "train": list(train_ids)}, "step": 0})
         return path
     return save
+
+
+# ---- shared by test_train.py and test_slurm.py ---------------------------------------------------
+@pytest.fixture
+def read_log():
+    """read_log(run_dir, split) -> the records of a run's log.jsonl of one split ("train" or "val")."""
+    def read(run_dir, split):
+        lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["split"] == split]
+    return read
+
+
+# ---- a PostgreSQL server of the test's own (test_tune.py, test_slurm.py) --------------------------
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def as_server_user(argv, user):
+    """initdb refuses to run as root: as root, run PostgreSQL's commands as `user`."""
+    return ["runuser", "-u", user, "--", *argv] if user else argv
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """free_port() -> a free TCP port on the loopback (for the servers tests start)."""
+    return _free_port
+
+
+@pytest.fixture
+def postgres_url():
+    """postgresql://...@127.0.0.1:PORT/optuna on a fresh server, stopped (and its folder removed) afterwards."""
+    if not all((PG_BIN / tool).is_file() for tool in ("initdb", "pg_ctl", "createdb")):
+        pytest.skip(f"PostgreSQL binaries (initdb, pg_ctl, createdb) not found in {PG_BIN} (set PG_BIN)")
+    user = None
+    if os.geteuid() == 0:
+        user = "postgres"
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            pytest.fail("running as root, and there is no 'postgres' user to run initdb as")
+    # NOTE: not pytest's tmp_path: its parents are private to root, and the server runs as another user.
+    folder = Path(tempfile.mkdtemp(prefix="tune-pg-"))
+    if user:
+        shutil.chown(folder, user)
+    data, port, log = folder / "data", _free_port(), folder / "server.log"
+    run = lambda *argv: subprocess.run(as_server_user([str(a) for a in argv], user), check=True,  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    run(PG_BIN / "initdb", "-D", data, "-U", "tune", "-A", "trust", "--no-sync", "-E", "UTF8")
+    started = False
+    try:
+        run(PG_BIN / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start",
+            "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off")
+        started = True
+        run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "tune", "optuna")
+        yield f"postgresql://tune:secret@127.0.0.1:{port}/optuna"
+    except subprocess.CalledProcessError as e:
+        server_log = log.read_text() if log.exists() else ""
+        pytest.fail(f"{e.cmd[-1]} failed: {e.stderr}\n{server_log}")
+    finally:
+        if started:
+            subprocess.run(as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
+                                           "stop"], user), capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -28,97 +28,11 @@ import pytest
 import torch
 
 import train
-from test_train import TINY, read_log, straight_run, tiny_args  # noqa: F401 (a fixture)
-from test_tune import TINY_TRAIN
-from test_tune_postgres import free_port, postgres_url  # noqa: F401 (a fixture)
+# train.py flags of the tune workers: tiny, CPU
+TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "cpu", "--dtype", "float32",
+              "--workers", "0", "--log-every", "2"]
 
 ROOT = Path(__file__).resolve().parents[1]
-# straight_run's settings (test_train.py): 6 steps, validations at 2, 4, 6, dropout on
-COMMON = ["--iters", "6", "--val-every", "2", "--snapshot-every", "3", "--dropout", "0.3",
-          "--val-metric", "loss"]
-
-
-def assert_same_run(ref_dir, out):
-    """`out` ended with the weights, optimizer state and validations of `ref_dir`'s run (bit for
-    bit on CPU)."""
-    ref, got = (torch.load(d / "last.pt", weights_only=True) for d in (ref_dir, out))
-    assert got["step"] == ref["step"] == 6
-    for k in ref["model"]:
-        assert torch.equal(ref["model"][k], got["model"][k]), k
-    for i, state in ref["optimizer"]["state"].items():
-        for name, t in state.items():
-            assert torch.equal(t, got["optimizer"]["state"][i][name]), (i, name)
-    val = [[(r["step"], r["loss"]) for r in read_log(d, "val")] for d in (ref_dir, out)]
-    assert val[0] == val[1]
-    # NOTE: a training line's loss is the mean since this process's last line: steps only
-    assert [r["step"] for r in read_log(out, "train")] == \
-        [r["step"] for r in read_log(ref_dir, "train")]
-
-
-# ------------------------------------------------------------------------ train.py's stop signals
-# train.py with a train_step that signals its process group (as slurm_task.sh passes Slurm's
-# warning on: the main process and its DataLoader worker) once step AT is done
-SIGNAL_AT = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import train, utils
-step = train.train_step
-def train_step(state, *rest):
-    out = step(state, *rest)
-    if state.step == {at}:
-        os.killpg(os.getpgid(0), signal.{name})
-    return out
-train.train_step = train_step
-sys.argv = ["train.py"] + sys.argv[1:]
-utils.run(train.main)
-"""
-
-
-def test_sigusr1_writes_last_pt_exits_75_and_the_rerun_is_bit_identical(
-        straight_run, synth_root, cache_dir, tmp_path):
-    ref_dir, out = straight_run[0], tmp_path / "run"
-    argv = ["--train", "IDR", "--data-root", str(synth_root), "--cache", str(cache_dir), "--out",
-            str(out), *TINY, *COMMON, "--workers", "1"]
-    script = SIGNAL_AT.format(root=str(ROOT), at=3, name="SIGUSR1")
-    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-                          start_new_session=True)
-    assert proc.returncode == train.EXIT_STOPPED == 75, proc.stderr[-3000:]
-    assert re.split(r"[\r\n]+", proc.stderr.strip())[-1] == \
-        f"stopped by SIGUSR1 at step 3: {out / 'last.pt'} written; rerun the same command to " \
-        f"resume (exit 75)"
-    assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
-    assert [r["step"] for r in read_log(out, "val")] == [2]
-    train.run(tiny_args(synth_root, cache_dir, out, *COMMON))  # the same command, to the end
-    assert_same_run(ref_dir, out)
-
-
-def test_sigterm_stops_in_process_and_restores_the_handlers(straight_run, synth_root, cache_dir,
-                                                           tmp_path, monkeypatch):
-    ref_dir, out = straight_run[0], tmp_path / "run"
-    real = train.train_step
-
-    def sigterm_at_step_4(state, *rest):  # a validation step: last.pt is already written there
-        result = real(state, *rest)
-        if state.step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
-    monkeypatch.setattr(train, "train_step", sigterm_at_step_4)
-    with pytest.raises(train.Stopped) as err:
-        train.run(tiny_args(synth_root, cache_dir, out, *COMMON))
-    assert str(err.value) == f"stopped by SIGTERM at step 4: {out / 'last.pt'} written; rerun " \
-                             f"the same command to resume (exit 75)"
-    assert isinstance(err.value, KeyboardInterrupt)  # tune.py queues the trial again
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(train, "train_step", real)
-    train.run(tiny_args(synth_root, cache_dir, out, *COMMON))
-    assert_same_run(ref_dir, out)
-
-
 # ------------------------------------------------------------------------ the sbatch lines
 def make(*args, env=None, check=True):
     done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
@@ -209,7 +123,7 @@ def slurm_tools():
     return paths
 
 
-def slurm_conf(folder, host):
+def slurm_conf(folder, host, ports):
     """A single-node cluster, all its files in `folder`. NOTE: cred_expire is also how long a
     requeued job waits before it may start again (Slurm's default: 120 s); sched_interval=1: the
     main scheduler every second, not 60; config_overrides: CPUs=2 even on a smaller machine."""
@@ -226,8 +140,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerParameters=sched_interval=1
 SlurmdParameters=config_overrides
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool
 SlurmctldPidFile={folder}/slurmctld.pid
@@ -260,7 +174,7 @@ def wait_for(ready, timeout, what, daemons=(), folder=None):
 
 
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(free_port):
     """A running single-node Slurm: .env (SLURM_CONF, its tools on the PATH), .run(*argv) -> stdout,
     .wait_for_jobs(timeout, logs) -> the job logs once no job is left."""
     tools = slurm_tools()
@@ -272,7 +186,7 @@ def slurm():
     key.chmod(0o600)
     host = socket.gethostname().split(".")[0]
     conf = folder / "slurm.conf"
-    conf.write_text(slurm_conf(folder, host))
+    conf.write_text(slurm_conf(folder, host, (free_port(), free_port())))
     env = dict(os.environ, SLURM_CONF=str(conf), PATH=SBIN_PATH, OMP_NUM_THREADS="1")
     daemons = []
 
@@ -333,7 +247,7 @@ TOY = ["RESOLUTION=64", "PATCH=64", f"ITERS={ITERS}", "BATCH=2", "LR=1e-2", "ENC
 NO_GPU = ["SLURM_GRES=", "SLURM_CPUS=1", "SLURM_TIME=10", "SLURM_WARN=60"]
 
 
-def test_slurm_sweep_requeues_a_task_warned_of_its_time_limit(slurm, synth_root, tmp_path):
+def test_slurm_sweep_requeues_a_task_warned_of_its_time_limit(slurm, synth_root, tmp_path, read_log):
     from data import prepare_cache
 
     cache, runs, report = tmp_path / "cache", tmp_path / "runs", tmp_path / "report"

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,11 +45,6 @@ def tiny_args(synth_root, cache_dir, out, *extra, train_ids="IDR"):
 
 def env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-
-
-def read_log(run_dir, split):
-    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def files_written(out):
@@ -124,7 +120,7 @@ def test_validation_loss_is_pooled_over_the_set():
 
 
 # ----------------------------------------------------------------------------- training runs
-def test_short_run_lowers_training_loss(synth_root, cache_dir, tmp_path):
+def test_short_run_lowers_training_loss(synth_root, cache_dir, tmp_path, read_log):
     out = tmp_path / "run"
     args = tiny_args(synth_root, cache_dir, out, "--iters", "40", "--val-every", "40", "--log-every", "1",
                      "--lr", "1e-2", "--loss", "bce")
@@ -159,7 +155,7 @@ def test_on_validate_sees_every_validation(straight_run):
     assert result["loss"] == m["loss"] and result["best"] == min(c[1]["loss"] for c in calls)
 
 
-def test_resume_is_bit_identical(straight_run, synth_root, cache_dir, tmp_path):
+def test_resume_is_bit_identical(straight_run, synth_root, cache_dir, tmp_path, read_log):
     ref_dir, _, _, _ = straight_run
     out = tmp_path / "run"
     # Stop between two validations (step 3), then rerun the same command.
@@ -489,7 +485,7 @@ class FullDisk(io.FileIO):
 
 
 def test_full_disk_at_a_checkpoint_is_one_oserror_and_the_rerun_resumes(synth_root, cache_dir, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, read_log):
     out = tmp_path / "run"
     writes = []
     real_open = open
@@ -513,7 +509,7 @@ def test_full_disk_at_a_checkpoint_is_one_oserror_and_the_rerun_resumes(synth_ro
 
 
 def test_ctrl_c_keeps_last_pt_and_the_rerun_is_bit_identical(straight_run, synth_root, cache_dir, tmp_path,
-                                                             monkeypatch, capsys):
+                                                             monkeypatch, capsys, read_log):
     ref_dir = straight_run[0]
     real, calls = train.compute_loss, []
 
@@ -748,7 +744,7 @@ def test_untrained_lesions_get_no_gradient(he_run):
             assert torch.equal(trained[c], init[c]), LESIONS[c]
 
 
-def test_validation_scores_only_trained_lesions(he_run):
+def test_validation_scores_only_trained_lesions(he_run, read_log):
     out, _ = he_run
     he = LESIONS.index("HE")
     records = read_log(out, "val")
@@ -796,3 +792,87 @@ def test_train_style_flag_errors(synth_root, tmp_path):
         style_args(synth_root, tmp_path, tmp_path / "x", "--style-condition", "labels")
     assert "--style-condition" in one_line(err) and "'labels'" in str(err.value)
     assert not (tmp_path / "x").exists()
+
+
+# ---- stop signals (slurm_task.sh passes Slurm's time-limit warning on as SIGUSR1; preemption: SIGTERM)
+
+
+def assert_same_run(ref_dir, out, read_log):
+    """`out` ended with the weights, optimizer state and validations of `ref_dir`'s run (bit for
+    bit on CPU)."""
+    ref, got = (torch.load(d / "last.pt", weights_only=True) for d in (ref_dir, out))
+    assert got["step"] == ref["step"] == 6
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], got["model"][k]), k
+    for i, state in ref["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, got["optimizer"]["state"][i][name]), (i, name)
+    val = [[(r["step"], r["loss"]) for r in read_log(d, "val")] for d in (ref_dir, out)]
+    assert val[0] == val[1]
+    # NOTE: a training line's loss is the mean since this process's last line: steps only
+    assert [r["step"] for r in read_log(out, "train")] == \
+        [r["step"] for r in read_log(ref_dir, "train")]
+
+
+# ------------------------------------------------------------------------ train.py's stop signals
+# train.py with a train_step that signals its process group (as slurm_task.sh passes Slurm's
+# warning on: the main process and its DataLoader worker) once step AT is done
+SIGNAL_AT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train, utils
+step = train.train_step
+def train_step(state, *rest):
+    out = step(state, *rest)
+    if state.step == {at}:
+        os.killpg(os.getpgid(0), signal.{name})
+    return out
+train.train_step = train_step
+sys.argv = ["train.py"] + sys.argv[1:]
+utils.run(train.main)
+"""
+
+
+def test_sigusr1_writes_last_pt_exits_75_and_the_rerun_is_bit_identical(
+        straight_run, synth_root, cache_dir, tmp_path, read_log):
+    ref_dir, out = straight_run[0], tmp_path / "run"
+    argv = ["--train", "IDR", "--data-root", str(synth_root), "--cache", str(cache_dir), "--out",
+            str(out), *TINY, *STRAIGHT, "--workers", "1"]
+    script = SIGNAL_AT.format(root=str(ROOT), at=3, name="SIGUSR1")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == train.EXIT_STOPPED == 75, proc.stderr[-3000:]
+    assert re.split(r"[\r\n]+", proc.stderr.strip())[-1] == \
+        f"stopped by SIGUSR1 at step 3: {out / 'last.pt'} written; rerun the same command to " \
+        f"resume (exit 75)"
+    assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+    assert [r["step"] for r in read_log(out, "val")] == [2]
+    train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))  # the same command, to the end
+    assert_same_run(ref_dir, out, read_log)
+
+
+def test_sigterm_stops_in_process_and_restores_the_handlers(straight_run, synth_root, cache_dir,
+                                                           tmp_path, monkeypatch, read_log):
+    ref_dir, out = straight_run[0], tmp_path / "run"
+    real = train.train_step
+
+    def sigterm_at_step_4(state, *rest):  # a validation step: last.pt is already written there
+        result = real(state, *rest)
+        if state.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setattr(train, "train_step", sigterm_at_step_4)
+    with pytest.raises(train.Stopped) as err:
+        train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))
+    assert str(err.value) == f"stopped by SIGTERM at step 4: {out / 'last.pt'} written; rerun " \
+                             f"the same command to resume (exit 75)"
+    assert isinstance(err.value, KeyboardInterrupt)  # tune.py queues the trial again
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(train, "train_step", real)
+    train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))
+    assert_same_run(ref_dir, out, read_log)

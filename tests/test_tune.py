@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import torch
 
 import train
@@ -596,3 +597,47 @@ def test_locked_study_file_is_waited_for_then_one_line(tiny, tmp_path, capsys):
     assert "waiting for the study file" in out.err and "no completed trial yet" in out.out
     with pytest.raises(ValueError, match="--storage-timeout must be > 0"):
         tune.parse_args(tiny(tmp_path, "w", 1, "--storage-timeout", "0"))
+
+
+# ---- on a real PostgreSQL server (conftest.postgres_url: its own server, started and stopped here)
+def kill_when_mid_trial(proc, url, study_name, deadline=600):
+    """SIGKILL `proc` once a trial it runs (RUNNING, its pid) has written last.pt; that trial's run dir and the
+    step its last.pt holds."""
+    tic, study = time.monotonic(), None
+    while time.monotonic() - tic < deadline:
+        assert proc.poll() is None, "the worker ended before it could be killed mid-trial"
+        try:  # NOTE: loaded once it exists; creating it here would race the workers creating the tables
+            study = study or optuna.load_study(study_name=study_name, storage=tune.driver_url(url))
+            trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no study, or no tables yet
+            trials = []
+        for t in trials:
+            last = Path(t.user_attrs.get("run_dir", "-")) / "last.pt"
+            if t.user_attrs.get("worker", "").endswith(f":{proc.pid}") and last.exists():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return last.parent, torch.load(last, weights_only=True, map_location="cpu")["step"]
+        time.sleep(0.1)
+    raise AssertionError("no trial of the worker validated in time")
+
+
+def test_two_workers_on_postgres_one_killed_and_restarted(postgres_url, synth_root, tmp_path):
+    from data import prepare_cache
+
+    cache = tmp_path / "cache"
+    prepare_cache("IDR", synth_root, cache, 64)  # once, before the workers
+    argv = lambda seed: ["--train", "IDR", "--data-root", str(synth_root), "--cache", str(cache),  # noqa: E731
+                         "--study", "pg", "--storage", postgres_url, "--runs-dir", str(tmp_path / "runs"),
+                         "--plot-dir", str(tmp_path / "plots"), "--trials", "3", "--seed", str(seed),
+                         "--encoders", "test_resnet", "--decoder-widths", "8,8,8,8,8", "--resolutions", "64",
+                         "--iters", "10", "--val-every", "2", "--pruner", "none", "--", *TINY_TRAIN]
+    logs = [tmp_path / name for name in ("a.log", "b.log", "a-again.log")]
+    a, b = worker(argv(0), logs[0]), worker(argv(1), logs[1])
+    run_dir, step = kill_when_mid_trial(a, postgres_url, "pg")
+    again = worker(argv(0), logs[2])  # restarted at once, as a job scheduler would
+    outputs = finish([b, again], logs[1:])
+    # Whichever worker starts a trial next sees the dead process and queues its trial again; one resumes it.
+    assert sum(f"resuming {run_dir} from step {step}" in out for out in outputs) == 1
+    study = optuna.load_study(study_name="pg", storage=tune.driver_url(postgres_url))
+    retry = check_resumed(study, run_dir, step, trials=3, iters=10)
+    assert retry.state == COMPLETE

@@ -1,129 +1,164 @@
 r"""Train the U-Net of Playout & Cheriet on any combination of the five lesion datasets.
 
-    python train.py --train IDR,MES --data-root data_raw --seed 0                  # -> runs/IDR+MES/s0/
+    python train.py --train IDR,MES --data-root data_raw --seed 0       # -> runs/IDR+MES/s0/
     python train.py --train IDR --data-root demo/data --encoder test_resnet --no-pretrained \
-        --resolution 128 --patch 64 --batch 4 --iters 200 --warmup 20 --val-every 50 --device cpu   # toy, CPU
-    torchrun --standalone --nproc-per-node 4 train.py --train IDR,DDR,MES --data-root data_raw --sync-bn
+        --resolution 128 --patch 64 --batch 4 --iters 200 --warmup 20 --val-every 50 \
+        --device cpu  # toy, CPU
+    torchrun --standalone --nproc-per-node 4 train.py --train IDR,DDR,MES --data-root data_raw \
+        --sync-bn
 
-Rerunning the same command resumes from OUT/last.pt (model, optimizer, scheduler, scaler, step, RNG: bit-identical
-on CPU); a finished run prints one line; Ctrl-C stops in one line (exit 130), last.pt intact.
-SIGUSR1 or SIGTERM (a scheduler's warning before a time limit, a preemption: `make slurm-sweep`,
-docs/STUDY.md) stops the run at the end of its step: last.pt is written there and train.py exits 75
-(EX_TEMPFAIL) in one line; rerunning resumes. One train.py at a time per run folder (OUT/.lock).
-A resume refuses other settings than the run's own, except these, which may
-change: --iters (not below the step of last.pt; the cosine then stretches to the new end), --stop-at, --val-every,
---snapshot-every, --log-every, --workers, --device, --dtype, --compile, --channels-last, --sync-bn and the data
-locations --data-root, --cache, --root. The schedule and the rules are in docs/TRAINING.md; tune.py calls
+Rerunning the same command resumes from OUT/last.pt (bit-identical on CPU); a finished run prints
+one line. Ctrl-C stops in one line (exit 130); SIGUSR1 or SIGTERM (a time limit's warning, a
+preemption) at the end of the step, last.pt written (exit 75). One train.py at a time per run folder
+(OUT/.lock). The schedule, resuming, snapshots, stop signals: docs/TRAINING.md. tune.py calls
 build_parser() / parse_args() / run() in-process.
 """
 import argparse
 import math
 import os
 import sys
+import textwrap
 
 import utils
 from data.flags import add_data_args, add_dataset_list
 from data.ids import LESIONS, combo_name, parse_lesions, style_tokens
 
-# The flags that may differ between a run and its resume (the docstring, hence --help, lists them).
-RESUMABLE = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device", "dtype",
-             "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out")
+# The flags that may differ between a run and its resume (--help lists them).
+RESUMABLE = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device",
+             "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out")
 HIGHER_IS_BETTER = {"loss": False, "dice": True, "ap": True, "aupr": True}  # --val-metric choices
 
 
-# ----------------------------------------------------------------------------- the command line
+# ---------------------------------------------------------------------------- the command line
 def _channels(text):
     """'256,128,64,32,16' -> (256, 128, 64, 32, 16), positive widths."""
     try:
         widths = tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
     if min(widths) < 1:
         raise argparse.ArgumentTypeError(f"widths must be positive, got {text}")
     return widths
 
 
+# argparse types: a whole number >= 1, a count >= 0, a fraction in [0, 1]
+WHOLE, COUNT, FRACTION = (utils.check_range(int, 1), utils.check_range(int, 0),
+                          utils.check_range(float, 0, 1))
+
+
 def build_parser():
-    whole, positive = utils.check_range(int, 1), utils.check_range(int, 0)
-    p = utils.Parser(description=__doc__)
+    resumable = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k != "out")
+    p = utils.Parser(description=__doc__, epilog=textwrap.fill(
+        f"A resume refuses other settings than the run's own, except {resumable} (--iters not "
+        f"below the step of last.pt: the cosine then stretches to the new end); docs/TRAINING.md"))
     g = p.add_argument_group("run")
     add_dataset_list(g, "--train", "datasets to train on", required=True)
-    g.add_argument("--out", default=None, help="run folder; rerunning resumes it (default: runs/COMBO/sSEED)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the patch stream and dropout (default: %(default)s)")
+    g.add_argument("--out", default=None,
+                   help="run folder; rerunning resumes it (default: runs/COMBO/sSEED)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the patch stream and dropout (default: %(default)s)")
     g.add_argument("--init-seed", type=int, default=0,
-                   help="seed of the decoder's init, shared by the seeds of a combination: soups need one start "
-                        "(default: %(default)s)")
+                   help="seed of the decoder's init, shared by the seeds of a combination: soups "
+                        "need one start (default: %(default)s)")
     add_data_args(p)
-    g = p.add_argument_group("model")
+    add_model_args(p.add_argument_group("model"))
+    add_optimisation_args(p.add_argument_group("optimisation"))
+    add_checkpoint_args(p.add_argument_group("validation and checkpoints"))
+    add_system_args(p.add_argument_group("system"))
+    return p
+
+
+def add_model_args(g):
     g.add_argument("--encoder", default="legacy_seresnet101.in1k",
                    help="timm encoder with features_only support (default: %(default)s)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from the encoder's ImageNet weights (weights.py) (default: %(default)s)")
+                   help="start from the encoder's ImageNet weights (weights.py) "
+                        "(default: %(default)s)")
     g.add_argument("--encoder-weights", default=None, metavar="FILE",
                    help="start the encoder from this local weights file instead (default: none)")
     g.add_argument("--decoder-channels", type=_channels, default=(256, 128, 64, 32, 16),
                    help="decoder block widths, deepest first (default: 256,128,64,32,16)")
-    g.add_argument("--decoder-attention", action="store_true", help="scSE in the decoder blocks (default: off)")
+    g.add_argument("--decoder-attention", action="store_true",
+                   help="scSE in the decoder blocks (default: off)")
     g.add_argument("--dropout", type=utils.check_range(float, 0, 0.999999), default=0.0,
                    help="channel dropout before the head, in [0, 1) (default: %(default)s)")
-    g.add_argument("--local-contrast", type=utils.check_range(float, 0), default=0.0, metavar="SIGMA",
-                   help="subtract the local mean (Gaussian of SIGMA px at --resolution) inside the model; 0 = off, "
-                        "the paper (default: %(default)s)")
+    g.add_argument("--local-contrast", type=utils.check_range(float, 0), default=0.0,
+                   metavar="SIGMA",
+                   help="subtract the local mean (Gaussian of SIGMA px at --resolution) inside the "
+                        "model; 0 = off, the paper (default: %(default)s)")
     g.add_argument("--style-condition", choices=("off", "style", "dataset"), default="off",
-                   help="FiLM-condition the decoder on each patch's labelling style or dataset (docs/STYLE.md) "
-                        "(default: %(default)s, the paper's model)")
+                   help="FiLM-condition the decoder on each patch's labelling style or dataset "
+                        "(docs/STYLE.md) (default: %(default)s, the paper's model)")
     g.add_argument("--characterize", default=None, metavar="PATH",
-                   help="characterize.json giving each training set's style (default: data.ids.STYLE_TABLE)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--resolution", type=whole, default=1536, help="side of the prepared images (default: %(default)s)")
-    g.add_argument("--patch", type=whole, default=512, help="side of the training patches (default: %(default)s)")
-    g.add_argument("--batch", type=whole, default=8, help="patches per step per process (default: %(default)s)")
-    g.add_argument("--lesion-patches", type=utils.check_range(float, 0, 1), default=0.0, metavar="Q",
-                   help="fraction of patches centred on a lesion pixel; 0 = random FOV pixels, the paper "
-                        "(default: %(default)s)")
-    g.add_argument("--augment-p", type=utils.check_range(float, 0, 1), default=1.0, metavar="P",
-                   help="fraction of patches augmented, the others plain crops; the authors' code: 0.5 "
-                        "(default: %(default)s)")
+                   help="characterize.json giving each training set's style "
+                        "(default: data.ids.STYLE_TABLE)")
+
+
+def add_optimisation_args(g):
+    g.add_argument("--resolution", type=WHOLE, default=1536,
+                   help="side of the prepared images (default: %(default)s)")
+    g.add_argument("--patch", type=WHOLE, default=512,
+                   help="side of the training patches (default: %(default)s)")
+    g.add_argument("--batch", type=WHOLE, default=8,
+                   help="patches per step per process (default: %(default)s)")
+    g.add_argument("--lesion-patches", type=FRACTION, default=0.0, metavar="Q",
+                   help="fraction of patches centred on a lesion pixel; 0 = random FOV pixels, "
+                        "the paper (default: %(default)s)")
+    g.add_argument("--augment-p", type=FRACTION, default=1.0, metavar="P",
+                   help="fraction of patches augmented, the others plain crops; the authors' code: "
+                        "0.5 (default: %(default)s)")
     g.add_argument("--rotate", type=utils.check_range(float, 0, 180), default=180.0, metavar="DEG",
-                   help="rotation of an augmented patch, uniform in +-DEG; the authors' code: 10 (default: %(default)s)")
-    g.add_argument("--iters", type=whole, default=20000, help="optimizer steps in total (default: %(default)s)")
+                   help="rotation of an augmented patch, uniform in +-DEG; the authors' code: 10 "
+                        "(default: %(default)s)")
+    g.add_argument("--iters", type=WHOLE, default=20000,
+                   help="optimizer steps in total (default: %(default)s)")
     g.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adamw",
                    help="sgd: momentum 0.9, Nesterov (default: %(default)s)")
     g.add_argument("--lr", type=utils.check_range(float, 0, low_open=True), default=3e-4,
                    help="peak learning rate (default: %(default)s)")
     g.add_argument("--weight-decay", type=utils.check_range(float, 0), default=1e-2,
                    help="on conv and linear weights only (default: %(default)s)")
-    g.add_argument("--warmup", type=positive, default=500,
-                   help="linear warmup steps, then cosine to 0; >= --iters: iters // 10 (default: %(default)s)")
+    g.add_argument("--warmup", type=COUNT, default=500,
+                   help="linear warmup steps, then cosine to 0; >= --iters: iters // 10 "
+                        "(default: %(default)s)")
     g.add_argument("--loss", choices=("bce", "dice", "bce+dice"), default="bce+dice",
                    help="inside the FOV only (default: %(default)s)")
     g.add_argument("--lesions", default=",".join(LESIONS), metavar="LIST",
-                   help="lesions trained and scored, the others out of the loss (not negatives) (default: all)")
-    g = p.add_argument_group("validation and checkpoints")
-    g.add_argument("--val-every", type=whole, default=1000,
-                   help="validate and save last.pt every N steps, and at the end (default: %(default)s)")
+                   help="lesions trained and scored, the others out of the loss (not negatives) "
+                        "(default: all)")
+
+
+def add_checkpoint_args(g):
+    g.add_argument("--val-every", type=WHOLE, default=1000,
+                   help="validate and save last.pt every N steps, and at the end "
+                        "(default: %(default)s)")
     g.add_argument("--val-metric", choices=tuple(HIGHER_IS_BETTER), default="loss",
-                   help="what best.pt follows: the validation loss (paper section 2.5) or a mean over lesions "
-                        "(default: %(default)s)")
-    g.add_argument("--snapshot-every", type=positive, default=0,
+                   help="what best.pt follows: the validation loss (paper section 2.5) or a mean "
+                        "over lesions (default: %(default)s)")
+    g.add_argument("--snapshot-every", type=COUNT, default=0,
                    help="also keep snapshots/step_N.pt every N steps (default: %(default)s = off)")
-    g.add_argument("--keep-last", type=positive, default=2, metavar="K",
-                   help="keep the last K validations' weights as snapshots, besides the minima (SWA) "
-                        "(default: %(default)s)")
-    g.add_argument("--stop-at", type=whole, default=None,
+    g.add_argument("--keep-last", type=COUNT, default=2, metavar="K",
+                   help="keep the last K validations' weights as snapshots, besides the minima "
+                        "(SWA) (default: %(default)s)")
+    g.add_argument("--stop-at", type=WHOLE, default=None,
                    help="save last.pt and exit at this step (time-limited jobs) (default: none)")
-    g.add_argument("--log-every", type=whole, default=10, help="training-loss lines in log.jsonl (default: %(default)s)")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--log-every", type=WHOLE, default=10,
+                   help="training-loss lines in log.jsonl (default: %(default)s)")
+
+
+def add_system_args(g):
+    g.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=utils.DTYPES, default=None,
-                   help="autocast dtype; float16 adds a GradScaler (default: bfloat16 on a GPU that has it, else "
-                        "float32)")
-    g.add_argument("--workers", type=positive, default=min(8, os.cpu_count() or 1),
+                   help="autocast dtype; float16 adds a GradScaler (default: bfloat16 on a GPU "
+                        "that has it, else float32)")
+    g.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes; 0 loads in the main process (default: %(default)s)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (default: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes, CUDA (default: off)")
-    return p
+    g.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm across DDP processes, CUDA (default: off)")
 
 
 utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while it loads: one line
@@ -151,12 +186,13 @@ import weights  # noqa: E402
 from curves import refresh as refresh_curves  # noqa: E402
 from data import PatchDataset, PreparedDataset, data_options, prepare_cache  # noqa: E402
 from kernels import AP_BINS, pr_metrics  # noqa: E402
-from model import ModelConfig, architecture, build_model, ctrl_c_deferred, load_checkpoint, save_checkpoint  # noqa
+from model import (ModelConfig, architecture, build_model, ctrl_c_deferred,  # noqa: E402
+                   load_checkpoint, save_checkpoint)
 from protocol import nanmean, pooled_counts  # noqa: E402
 
 
 def parse_args(argv=None):
-    """The command line, checked across flags: a user error is a one-line ValueError naming the flag."""
+    """The command line, checked across flags: a user error is one ValueError naming the flag."""
     args = build_parser().parse_args(argv)
     try:
         args.lesions = parse_lesions(args.lesions)
@@ -165,40 +201,44 @@ def parse_args(argv=None):
     if args.patch > args.resolution:
         raise ValueError(f"--patch {args.patch} is larger than --resolution {args.resolution}")
     if args.local_contrast >= args.resolution:
-        raise ValueError(f"--local-contrast must be in [0, --resolution), got {args.local_contrast}")
+        raise ValueError(f"--local-contrast must be in [0, --resolution), "
+                         f"got {args.local_contrast}")
     if args.characterize and args.style_condition == "off":
-        raise ValueError("--characterize gives the styles of --style-condition style or dataset; pass one of them")
-    style_tokens(args.style_condition, args.train, args.characterize)  # a file without a style for a training set
+        raise ValueError("--characterize gives the styles of --style-condition style or dataset; "
+                         "pass one of them")
+    # a --characterize file without a style for a training set: one line
+    style_tokens(args.style_condition, args.train, args.characterize)
     cuda = torch.cuda.is_available()
     args.device = args.device or ("cuda" if cuda else "cpu")
-    args.dtype = args.dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32")
+    args.dtype = args.dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported()
+                                else "float32")
     utils.check_device(args.device)  # e.g. --device cuda on a machine without a GPU
     if args.warmup >= args.iters:  # NOTE: a warmup as long as the run would never reach --lr
-        print(f"warning: --warmup {args.warmup} >= --iters {args.iters} would never reach --lr; using --warmup "
-              f"{args.iters // 10} (iters // 10)", file=sys.stderr)
+        print(f"warning: --warmup {args.warmup} >= --iters {args.iters} would never reach --lr; "
+              f"using --warmup {args.iters // 10} (iters // 10)", file=sys.stderr)
         args.warmup = args.iters // 10
     args.out = args.out or os.path.join("runs", combo_name(args.train), f"s{args.seed}")
     return args
 
 
-# ----------------------------------------------------------------------------- the pure pieces
+# ---------------------------------------------------------------------------- the pure pieces
 def compute_loss(scores, masks, fov, kind, probs=False):
     """Multi-label loss over the lesion channels, counting only pixels inside the FOV.
 
-    scores (B, C, H, W) float32 logits (or probabilities with probs=True), masks (B, C, H, W) float 0/1,
-    fov (B, H, W) bool. NOTE: padding and the black border outside the FOV are ignored (as the evaluation
-    protocol's ROI): the model is neither rewarded nor punished there.
+    scores (B, C, H, W) float32 logits (or probabilities with probs=True), masks (B, C, H, W) float
+    0/1, fov (B, H, W) bool. NOTE: as the evaluation protocol's ROI, padding and the black border
+    outside the FOV are ignored: the model is neither rewarded nor punished there.
     """
     roi = fov[:, None].to(scores.dtype)  # (B, 1, H, W)
     p = scores if probs else torch.sigmoid(scores)
     loss = scores.new_zeros(())
     if "bce" in kind:
-        bce = F.binary_cross_entropy(p, masks, reduction="none") if probs else \
-            F.binary_cross_entropy_with_logits(scores, masks, reduction="none")
+        bce = (F.binary_cross_entropy(p, masks, reduction="none") if probs
+               else F.binary_cross_entropy_with_logits(scores, masks, reduction="none"))
         loss = loss + (bce * roi).sum() / (roi.sum() * scores.shape[1]).clamp(min=1)
     if "dice" in kind:
-        # Soft Dice per lesion pooled over the batch ("batch Dice": a patch without the lesion does not give
-        # 0/0); +1 smoothing keeps an all-empty channel finite and pushes it towards 0.
+        # Soft Dice per lesion pooled over the batch ("batch Dice": a patch without the lesion does
+        # not give 0/0); +1 smoothing keeps an all-empty channel finite and pushes it towards 0.
         p, y = p * roi, masks * roi
         inter = (p * y).sum((0, 2, 3))  # (C,)
         dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + y.sum((0, 2, 3)) + 1)
@@ -220,20 +260,22 @@ def lr_factor(step, warmup, iters):
 
 
 def make_optimizer(model, args):
-    """AdamW (or Adam, SGD) with weight decay on conv / linear weights only: BatchNorm and biases are left alone."""
+    """AdamW (or Adam, SGD); weight decay on conv / linear weights only, not BatchNorm or biases."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
-    return (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(groups, lr=args.lr)
+    adam = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return adam(groups, lr=args.lr)
 
 
 class StepSampler(Sampler):
     """Indices of PatchDataset for steps [start, iters) of one rank.
 
-    The patch stream is global: step s uses items s*B*W .. (s+1)*B*W - 1, rank r the slice r*B .. r*B+B-1 of
-    it. Starting at `start` is what makes a resumed run see the same patches as an uninterrupted one.
+    The patch stream is global: step s uses items s*B*W .. (s+1)*B*W - 1, rank r the slice
+    r*B .. r*B+B-1 of it. Starting at `start`, a resumed run sees an uninterrupted run's patches.
     """
 
     def __init__(self, start, iters, batch, rank=0, world=1):
@@ -241,7 +283,7 @@ class StepSampler(Sampler):
 
     def __iter__(self):
         for s in range(self.start, self.iters):
-            first = (s * self.world + self.rank) * self.batch
+            first = (s * self.world + self.rank) * self.batch  # this rank's slice of step s
             yield from range(first, first + self.batch)
 
     def __len__(self):
@@ -249,16 +291,16 @@ class StepSampler(Sampler):
 
 
 def validation_loss(sums, kind):
-    """The training loss over a whole validation set, from pooled sums (see validate): BCE + soft Dice.
+    """The training loss over a whole validation set, from pooled sums (see validate).
 
-    NOTE: pooled over every FOV pixel of every validation image, not averaged per image: a per-image soft Dice
-    with +1 smoothing scores a blank map 0 on each lesion an image lacks, so a blank model would win the
-    selection. Lesions absent from the whole set leave the Dice mean (as they leave the protocol's).
+    NOTE: pooled over every FOV pixel of every validation image, not averaged per image: a per-image
+    soft Dice with +1 smoothing scores a blank map 0 on each lesion an image lacks, so a blank model
+    would win the selection. Lesions absent from the whole set leave the Dice mean (as in protocol).
     """
     bce, pixels, inter, p_sum, y_sum = sums
     loss = 0.0
-    if "bce" in kind:
-        loss += float(bce.sum() / (pixels[0] * len(bce)).clamp(min=1))  # pixels: the FOV count, per lesion
+    if "bce" in kind:  # pixels: the FOV count, per lesion
+        loss += float(bce.sum() / (pixels[0] * len(bce)).clamp(min=1))
     if "dice" in kind:
         present = y_sum > 0
         dice = (2 * inter + 1) / (p_sum + y_sum + 1)  # (C,), the training loss's smoothing
@@ -267,48 +309,51 @@ def validation_loss(sums, kind):
 
 
 def validate(model, val_sets, device, dtype, loss_kind, lesions=LESIONS):
-    """Validation loss, per-lesion AUPR, AP and Dice on full images at the training resolution, in one pass of
-    protocol.pooled_counts over all validation sets (the evaluation protocol's pooling). Only the trained
-    `lesions` enter the loss and the means; the others score NaN. NOTE: the one place where validation scores
-    are named: --val-metric X reads "mean_X"."""
-    sums, bad = [torch.zeros(len(LESIONS), dtype=torch.float64, device=device) for _ in range(5)], []
+    """Validation loss, per-lesion AUPR, AP and Dice on full images at the training resolution, in
+    one pass of protocol.pooled_counts over all validation sets. Only the trained `lesions` enter
+    the loss and the means; the others score NaN. NOTE: --val-metric X reads "mean_X" of this."""
+    # sums over FOV pixels, per lesion: BCE, pixels, p * y, p, y (what validation_loss pools)
+    sums = [torch.zeros(len(LESIONS), dtype=torch.float64, device=device) for _ in range(5)]
+    bad = []
 
     def add_sums(ids, probs, items):  # probs (B, 4, R, R) float32
-        # NOTE: binary_cross_entropy raises on a NaN probability (a device-side assert on CUDA): count the
-        # non-finite ones and score a stand-in; they make the loss NaN below (one host sync per validation).
+        # NOTE: binary_cross_entropy raises on a NaN probability (a device-side assert on CUDA):
+        # count the non-finite ones, score a stand-in; they make the loss NaN (one host sync).
         bad.append((~torch.isfinite(probs)).sum())
         probs = probs.nan_to_num(nan=0.5, posinf=1.0, neginf=0.0)
-        masks = torch.from_numpy(np.stack([it["masks"] for it in items])).to(probs.device).float()  # (B, 4, R, R)
-        roi = torch.from_numpy(np.stack([it["fov"] for it in items])).to(probs.device)[:, None].float()
-        bce = F.binary_cross_entropy(probs, masks, reduction="none") * roi
+        masks = torch.from_numpy(np.stack([it["masks"] for it in items])).to(probs.device).float()
+        roi = torch.from_numpy(np.stack([it["fov"] for it in items])).to(probs.device)
+        roi = roi[:, None].float()  # (B, 1, R, R)
+        bce = F.binary_cross_entropy(probs, masks, reduction="none") * roi  # (B, 4, R, R)
         for k, v in enumerate((bce.sum((0, 2, 3)), roi.sum().expand(len(LESIONS)),
                                (probs * masks * roi).sum((0, 2, 3)), (probs * roi).sum((0, 2, 3)),
                                (masks * roi).sum((0, 2, 3)))):
             sums[k] += v.double()  # stays on the device
 
-    tp, fp, pos, tp_fine, fp_fine = pooled_counts([model], val_sets, device, dtype=dtype, on_batch=add_sums,
-                                                  ap_bins=AP_BINS)
+    # ap_bins: the finely binned curve behind the floor-free AP, counted in the same pass
+    tp, fp, pos, tp_fine, fp_fine = pooled_counts([model], val_sets, device, dtype=dtype,
+                                                  on_batch=add_sums, ap_bins=AP_BINS)
     m = pr_metrics(tp, fp, pos, tp_fine, fp_fine)
     aupr, ap, dice = ([float(v) if n in lesions else float("nan") for n, v in zip(LESIONS, m[k])]
                       for k in ("aupr", "ap", "dice"))
-    trained = lesion_channels(lesions)
-    loss = float("nan") if torch.stack(bad).sum().item() else \
-        validation_loss([t.cpu()[trained] for t in sums], loss_kind)
-    return {"loss": loss, "mean_aupr": nanmean(aupr), "mean_ap": nanmean(ap), "mean_dice": nanmean(dice),
-            "aupr": aupr, "ap": ap, "dice": dice}
+    trained = lesion_channels(lesions)  # the loss of the trained lesions only, as in training
+    loss = (float("nan") if torch.stack(bad).sum().item()
+            else validation_loss([t.cpu()[trained] for t in sums], loss_kind))
+    return {"loss": loss, "mean_aupr": nanmean(aupr), "mean_ap": nanmean(ap),
+            "mean_dice": nanmean(dice), "aupr": aupr, "ap": ap, "dice": dice}
 
 
 def is_better(name, value, best):
-    """Does `value` of --val-metric `name` beat `best` (None before the first validation; NaN always loses)?"""
+    """Does `value` of --val-metric `name` beat `best` (None before any validation; NaN loses)?"""
     if best is None or (math.isnan(best) and not math.isnan(value)):
         return True
     return value > best if HIGHER_IS_BETTER[name] else value < best
 
 
-# ----------------------------------------------------------------------------- the run folder
+# ---------------------------------------------------------------------------- the run folder
 def lock_run(out):
-    """Hold OUT/.lock (fcntl.flock) for the run's life: a second train.py on the same --out refuses at once.
-    NOTE: the kernel drops a flock when its process ends, killed or not: a dead run never leaves a stale lock.
+    """Hold OUT/.lock (fcntl.flock) for the run's life: a second train.py on the same --out refuses
+    at once. NOTE: the kernel drops a flock when its process ends, killed or not: no stale lock.
     Returns the file descriptor; closing it releases the lock."""
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -317,9 +362,9 @@ def lock_run(out):
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process not yet named"
         os.close(fd)
-        raise ValueError(f"{out} is in use by another train.py ({holder}); wait for it to end or pass "
-                         f"another --out") from None
-    os.ftruncate(fd, 0)
+        raise ValueError(f"{out} is in use by another train.py ({holder}); wait for it to end or "
+                         f"pass another --out") from None
+    os.ftruncate(fd, 0)  # then name the holder, for the line that refuses the next train.py
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return fd
 
@@ -330,49 +375,52 @@ def _plain(value):
 
 
 def check_resume_args(recorded, args, path, step):
-    """Refuse to continue the run of `path` (at `step`) under settings other than its own: its args.json would
-    describe a run that never happened. Only the RESUMABLE flags may change."""
+    """Refuse to continue the run of `path` (at `step`) under settings other than its own: its
+    args.json would describe a run that never happened. Only the RESUMABLE flags may change."""
     now = _plain(vars(args))
     differ = [k for k in now if k not in RESUMABLE and k in recorded and recorded[k] != now[k]]
     if differ:
         shown = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
-        changes = ", ".join(f"--{k.replace('_', '-')} {shown(recorded[k])} -> {shown(now[k])}" for k in differ)
-        raise ValueError(f"{path} was trained with other settings ({changes}); rerun with the run's own flags to "
-                         f"resume it, or pass another --out (train.py --help lists the flags that may change)")
+        changes = ", ".join(f"--{k.replace('_', '-')} {shown(recorded[k])} -> {shown(now[k])}"
+                            for k in differ)
+        raise ValueError(f"{path} was trained with other settings ({changes}); rerun with the "
+                         f"run's own flags to resume it, or pass another --out (train.py --help "
+                         f"lists the flags that may change)")
     if args.iters < step:
-        raise ValueError(f"--iters {args.iters} is below step {step} of {path}; resume with --iters >= {step} "
-                         f"or pass another --out")
+        raise ValueError(f"--iters {args.iters} is below step {step} of {path}; resume with "
+                         f"--iters >= {step} or pass another --out")
 
 
 def refuse_restart(out, args):
-    """A folder holding a run but no last.pt (deleted: it is 3x best.pt) is never retrained from step 0 over
-    that run's files: one line saying what to do. Only a run that got no further than its first validation
-    may start again (redone the same way, nothing is lost)."""
+    """A folder holding a run but no last.pt (deleted: it is 3x best.pt) is never retrained from
+    step 0 over that run's files. Only a run that got no further than its first validation may
+    start again (redone the same way, nothing is lost)."""
     best, kept = out / "best.pt", sorted((out / "snapshots").glob("step_*.pt"))
     if not best.exists():
         if kept:
-            raise ValueError(f"{out} holds snapshots ({kept[-1].name}) but no last.pt to resume from; pass "
-                             f"another --out, or move {out} away to train again from step 0")
+            raise ValueError(f"{out} holds snapshots ({kept[-1].name}) but no last.pt to resume "
+                             f"from; pass another --out, or move {out} away to train again from "
+                             f"step 0")
         return
     ckpt = load_checkpoint(best)
     step = int(ckpt.get("step") or 0)
     check_resume_args(ckpt.get("args") or {}, args, best, step)  # another --train etc.: refused
     if step > min(args.val_every, args.iters) or kept:
-        raise ValueError(f"{out} holds a run (best.pt at step {step}) but no last.pt to resume it from: training "
-                         f"again would start at step 0 and replace its files; restore last.pt, pass another "
-                         f"--out, or move {out} away to train again")
+        raise ValueError(f"{out} holds a run (best.pt at step {step}) but no last.pt to resume it "
+                         f"from: training again would start at step 0 and replace its files; "
+                         f"restore last.pt, pass another --out, or move {out} away to train again")
 
 
 def load_resume(out, args, world):
-    """OUT/last.pt checked against this command line, or None for a fresh run. Call with OUT/.lock held."""
+    """OUT/last.pt checked against this command line, or None for a fresh run. Hold OUT/.lock."""
     last = out / "last.pt"
     ckpt = load_checkpoint(last) if last.exists() else None
-    if world > 1:  # every rank must resume from the same step, or the ranks drift apart and DDP hangs
+    if world > 1:  # every rank must resume from the same step, or the ranks drift and DDP hangs
         steps = [None] * world
         dist.all_gather_object(steps, ckpt["step"] if ckpt is not None else None)
         if len(set(steps)) > 1:
-            raise ValueError(f"the ranks see different {last} (steps {steps}): --out must be on a filesystem "
-                             f"shared by every node")
+            raise ValueError(f"the ranks see different {last} (steps {steps}): --out must be on a "
+                             f"filesystem shared by every node")
     if ckpt is not None:
         check_resume_args(ckpt.get("args") or {}, args, last, ckpt["step"])
     else:
@@ -381,8 +429,8 @@ def load_resume(out, args, world):
 
 
 def remove_partial_writes(out):
-    """The temporary files of writes a killed run left (.NAME.XXXXXXXX.tmp, as large as the checkpoint for a
-    checkpoint): removed. Only train.py writes these names in a run folder. Call with OUT/.lock held."""
+    """Remove the temporary files (.NAME.XXXXXXXX.tmp, as large as a checkpoint) of writes a killed
+    run left. Only train.py writes these names in a run folder. Hold OUT/.lock."""
     ours = ("last.pt", "best.pt", "args.json", "log.jsonl", "curves.png")
     for path in [*out.glob(".*.tmp"), *(out / "snapshots").glob(".*.tmp")]:
         if path.parent.name == "snapshots" or path.name[1:].rsplit(".", 2)[0] in ours:
@@ -395,7 +443,8 @@ def snapshot_path(out, step):
 
 def val_loss_minima(history):
     """Steps of the validations whose loss is lower than both neighbours' (paper section 2.5)."""
-    return {b["step"] for a, b, c in zip(history, history[1:], history[2:]) if b["loss"] < min(a["loss"], c["loss"])}
+    return {b["step"] for a, b, c in zip(history, history[1:], history[2:])
+            if b["loss"] < min(a["loss"], c["loss"])}
 
 
 def history_length(args):
@@ -405,19 +454,15 @@ def history_length(args):
 
 
 def prune_snapshots(out, history, args, finished=False, step=None):
-    """The one snapshot rule, applied after each validation and on resume (idempotent: a run killed
-    at any point ends with the same files). Every validation's weights are written as
-    snapshots/step_N.pt; of the validations in `history`, a file is kept when its loss is a local
-    minimum (paper section 2.5), when it is one of the last --keep-last validations (at least the
-    latest, whose next neighbour is not known yet, while training), or a --snapshot-every step; else
-    it is removed. Files of steps after `step` (last.pt's; default: the latest validation's) are a
-    killed run's: removed.
-    NOTE: the first record of a full history has lost its left neighbour, so whether it is a
-    minimum is not known any more: it was judged one validation earlier, with both neighbours;
-    left alone."""
+    """The one snapshot rule (docs/TRAINING.md), after each validation and on resume, idempotent.
+    Of the validations in `history`, snapshots/step_N.pt stays when its loss is a local minimum,
+    when it is one of the last --keep-last (at least the latest while training) or a
+    --snapshot-every step; files of steps after `step` (default: the latest validation's) go.
+    NOTE: the first record of a full history has lost its left neighbour: it was judged one
+    validation earlier, with both; left alone."""
     full = len(history) >= history_length(args)  # then records were dropped (validate_and_save)
-    judged = {r["step"] for r in (history[1:] if full else history)}
-    n = args.keep_last if finished else max(1, args.keep_last)  # the last validations kept as they are
+    judged = {r["step"] for r in (history[1:] if full else history)}  # see the NOTE
+    n = args.keep_last if finished else max(1, args.keep_last)  # the last validations kept
     keep = val_loss_minima(history) | ({r["step"] for r in history[-n:]} if n else set())
     latest = step if step is not None else history[-1]["step"] if history else -1
     for path in sorted((out / "snapshots").glob("*step_*.pt")):
@@ -440,8 +485,8 @@ def append_log(path, record):
 
 
 def trim_log(path, step):
-    """On resume, drop the log lines after the checkpoint's step (they will be redone) and a last line cut
-    short by a crash."""
+    """On resume, drop the log lines after the checkpoint's step (they will be redone) and a last
+    line cut short by a crash."""
     if not path.exists():
         return
     keep = []
@@ -454,10 +499,10 @@ def trim_log(path, step):
     utils.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
 
-# ----------------------------------------------------------------------------- setup
+# ---------------------------------------------------------------------------- setup
 def setup_process(args):
-    """Device and DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain process is rank 0 of 1.
-    Returns (device, rank, world, own_group)."""
+    """Device and DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain process is
+    rank 0 of 1. Returns (device, rank, world, own_group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = utils.check_device(args.device)
@@ -467,18 +512,19 @@ def setup_process(args):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # one patch size: cuDNN picks its kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs, as nanoGPT
         torch.backends.cudnn.allow_tf32 = True
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
-        # NOTE: long timeout: rank 0 may spend many minutes preparing the cache while the others wait.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        # NOTE: long timeout: rank 0 may spend many minutes preparing the cache while others wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     return device, rank, world, own_group
 
 
 def on_rank0(master, world, work):
-    """work() on rank 0 only; a one-line error it raises stops every rank (the others would wait forever)."""
+    """work() on rank 0 only; a one-line error it raises stops every rank (not left waiting)."""
     result, failure = None, None
     if master:
         try:
@@ -488,7 +534,7 @@ def on_rank0(master, world, work):
                 raise
             failure = e
     if world > 1:
-        box = [str(failure) if failure else None]
+        box = [str(failure) if failure else None]  # rank 0's error line, raised on every rank
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             raise failure if master else ValueError(box[0])
@@ -496,36 +542,43 @@ def on_rank0(master, world, work):
 
 
 def load_data(args, master, world):
-    """Prepared caches (rank 0 prepares while the others wait) -> (training sets, non-empty validation sets)."""
+    """Prepared caches (rank 0 prepares, the others wait) -> (training sets, non-empty val sets)."""
     on_rank0(master, world, lambda: [prepare_cache(d, args.data_root, args.cache, args.resolution,
                                                    **data_options(args)) for d in args.train])
     train_sets = [PreparedDataset(args.cache, d, args.resolution, "train") for d in args.train]
-    val_sets = [ds for ds in (PreparedDataset(args.cache, d, args.resolution, "val") for d in args.train) if len(ds)]
+    val_sets = [ds for ds in (PreparedDataset(args.cache, d, args.resolution, "val")
+                              for d in args.train) if len(ds)]
     if not val_sets:
-        raise ValueError(f"no validation images in the splits of {','.join(args.train)} (see --splits)")
+        raise ValueError(f"no validation images in the splits of {','.join(args.train)} "
+                         f"(see --splits)")
     if sum(len(ds) for ds in train_sets) == 0:
-        raise ValueError(f"no training images in the splits of {','.join(args.train)} (see --splits)")
+        raise ValueError(f"no training images in the splits of {','.join(args.train)} "
+                         f"(see --splits)")
     return train_sets, val_sets
 
 
 def make_model(args, ckpt, device):
-    """The run's ModelConfig and model: last.pt's weights on resume (no download), else a new model whose encoder
-    starts from ImageNet (or --encoder-weights) and whose decoder init is --init-seed's."""
+    """The run's ModelConfig and model: last.pt's weights on resume (no download), else a new model
+    whose encoder starts from ImageNet (or --encoder-weights), its decoder init --init-seed's."""
     tokens, token_styles, _ = style_tokens(args.style_condition, args.train, args.characterize)
-    cfg = ModelConfig(encoder=args.encoder, pretrained=args.pretrained, decoder_channels=tuple(args.decoder_channels),
-                      attention=args.decoder_attention, dropout=args.dropout, local_contrast=args.local_contrast,
-                      style_tokens=tokens, token_styles=token_styles, resolution=args.resolution,
+    cfg = ModelConfig(encoder=args.encoder, pretrained=args.pretrained,
+                      decoder_channels=tuple(args.decoder_channels),
+                      attention=args.decoder_attention, dropout=args.dropout,
+                      local_contrast=args.local_contrast, style_tokens=tokens,
+                      token_styles=token_styles, resolution=args.resolution,
                       lesions=tuple(args.lesions))
-    # NOTE: one decoder init for every seed (like the shared pretrained encoder): model soups average runs that
-    # start from the same weights (Wortsman et al. 2022); seeds differ in patches and dropout.
+    # NOTE: one decoder init for every seed (like the shared pretrained encoder): model soups
+    # average runs that start from the same weights (Wortsman et al. 2022); seeds differ in
+    # patches and dropout.
     torch.manual_seed(args.init_seed)
     encoder = weights.create_encoder(cfg.encoder, cfg.pretrained and ckpt is None,
                                      args.encoder_weights if ckpt is None else None)
     model = build_model(cfg, encoder)
     if ckpt is not None:
         if architecture(ckpt["model_cfg"]) != architecture(asdict(cfg)):
-            raise ValueError(f"{args.out}/last.pt holds another architecture ({ckpt['model_cfg']['encoder']}, "
-                             f"decoder {ckpt['model_cfg']['decoder_channels']}); use another --out")
+            raise ValueError(f"{args.out}/last.pt holds another architecture "
+                             f"({ckpt['model_cfg']['encoder']}, decoder "
+                             f"{ckpt['model_cfg']['decoder_channels']}); use another --out")
         model.load_state_dict(ckpt["model"])
     model.to(device)
     if args.channels_last:
@@ -534,8 +587,8 @@ def make_model(args, ckpt, device):
 
 
 def wrap(model, args, device, world):
-    """The model as trained: SyncBatchNorm, torch.compile (before DDP, as nanoGPT), DDP; it shares `model`'s
-    parameters, which the checkpoints hold."""
+    """The model as trained: SyncBatchNorm, torch.compile (before DDP, as nanoGPT), DDP; it shares
+    `model`'s parameters, which the checkpoints hold."""
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
@@ -546,43 +599,49 @@ def wrap(model, args, device, world):
 
 
 def patch_loader(args, train_sets, start, rank, world):
-    """Batches of augmented patches for steps [start, --iters): each rank reads its own slice of one global,
-    seeded patch stream, so a resumed run sees the same patches as an uninterrupted one."""
-    token_of = style_tokens(args.style_condition, args.train, args.characterize)[2]  # {dataset: token}, {} when off
-    patches = PatchDataset(train_sets, patch=args.patch, length=args.iters * args.batch * world, seed=args.seed,
-                           lesion_patches=args.lesion_patches, lesions=args.lesions, augment_p=args.augment_p,
-                           rotate=args.rotate, styles=[token_of[d] for d in args.train] if token_of else None)
+    """Batches of augmented patches for steps [start, --iters): each rank reads its own slice of one
+    global, seeded patch stream (StepSampler)."""
+    # {dataset: token} of a style-conditioned run, {} when off
+    token_of = style_tokens(args.style_condition, args.train, args.characterize)[2]
+    patches = PatchDataset(train_sets, patch=args.patch, length=args.iters * args.batch * world,
+                           seed=args.seed, lesion_patches=args.lesion_patches,
+                           lesions=args.lesions, augment_p=args.augment_p, rotate=args.rotate,
+                           styles=[token_of[d] for d in args.train] if token_of else None)
     sampler = StepSampler(start, args.iters, args.batch, rank, world)
     return DataLoader(patches, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                       pin_memory=torch.device(args.device).type == "cuda",
                       worker_init_fn=ignore_stop_signals,
-                      generator=torch.Generator())  # NOTE: own generator: leaves the global RNG stream alone
+                      generator=torch.Generator())  # NOTE: own generator: the global RNG untouched
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------- checkpoints
 class State:
-    """What last.pt holds and the loop changes: the model (unwrapped), its optimisation, the step, the best
-    validation, the last validations (history) and where the run's files go."""
+    """What last.pt holds and the loop changes: the model (unwrapped), its optimisation, the step,
+    the best validation, the last validations (history) and where the run's files go."""
 
     def __init__(self, args, cfg, model, n_train, world):
         self.args, self.cfg, self.model, self.n_train, self.world = args, cfg, model, n_train, world
         self.out = Path(args.out)
         self.optimizer = make_optimizer(model, args)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: lr_factor(s, args.warmup, args.iters))
-        self.scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=args.dtype == "float16")
-        self.step, self.best, self.history, self.saved_step = 0, {"value": None, "step": None}, [], None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, args.warmup, args.iters))
+        self.scaler = torch.amp.GradScaler(torch.device(args.device).type,
+                                           enabled=args.dtype == "float16")
+        self.step, self.best, self.history = 0, {"value": None, "step": None}, []
+        self.saved_step = None  # the step of last.pt, which the Ctrl-C line names
 
     def checkpoint(self, record=None, last=False, **extra):
-        """The house checkpoint dict of the weights now (validated by `record`, or not); optimizer, scheduler and
-        scaler only in last.pt, the one a run resumes from."""
+        """The house checkpoint of the weights now (validated by `record`, or not); optimizer,
+        scheduler and scaler only in last.pt, the one a run resumes from."""
         at = record["step"] if record else self.step
-        return {"model": self.model.state_dict(), "model_cfg": asdict(self.cfg), "args": self.run_args(), "step": at,
-                "epoch": at * self.args.batch * self.world // self.n_train,
+        return {"model": self.model.state_dict(), "model_cfg": asdict(self.cfg),
+                "args": self.run_args(), "step": at,
+                "epoch": at * self.args.batch * self.world // self.n_train,  # passes over images
                 "optimizer": self.optimizer.state_dict() if last else None,
                 "scheduler": self.scheduler.state_dict() if last else None,
                 "scaler": self.scaler.state_dict() if last and self.scaler.is_enabled() else None,
-                "metric": record["metric"] if record else float("nan"), "version": 1, "val": record, **extra}
+                "metric": record["metric"] if record else float("nan"), "version": 1, "val": record,
+                **extra}
 
     def run_args(self):
         """The run's settings as args.json and every checkpoint's "args" hold them."""
@@ -593,7 +652,7 @@ class State:
         return self.history[-1] if self.history and self.history[-1]["step"] == self.step else None
 
     def restore(self, ckpt, rank):
-        """Continue from last.pt: optimizer, scheduler, scaler, step, best, history, this rank's RNG."""
+        """Continue from last.pt: optimizer, scheduler, scaler, step, best, history, rank's RNG."""
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"] and self.scaler.is_enabled():  # --dtype may change on resume
@@ -601,52 +660,63 @@ class State:
         self.step = self.saved_step = ckpt["step"]
         self.best, self.history = ckpt["best"], ckpt["history"]
         rng = ckpt["rng"]
-        if len(rng["torch"]) == self.world:
+        if len(rng["torch"]) == self.world:  # one stream per rank: another world cannot reuse
             torch.set_rng_state(rng["torch"][rank])
             if rng["cuda"] and torch.device(self.args.device).type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"][rank], torch.cuda.current_device())
         elif rank == 0:
-            print(f"note: {self.out / 'last.pt'} was saved by {len(rng['torch'])} processes, now {self.world}: RNG "
-                  f"streams reseeded")
+            print(f"note: {self.out / 'last.pt'} was saved by {len(rng['torch'])} processes, now "
+                  f"{self.world}: RNG streams reseeded")
 
 
 def save_last(state, master):
-    """OUT/last.pt: everything a resume needs. Every rank takes part in gathering the RNG states; rank 0 writes."""
+    """OUT/last.pt: everything a resume needs. Every rank gathers its RNG states; rank 0 writes."""
     cuda = torch.device(state.args.device).type == "cuda"
     states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
     gathered = [states]
     if state.world > 1:
         gathered = [None] * state.world
         dist.all_gather_object(gathered, states)
-    with ctrl_c_deferred():  # a Ctrl-C here finds last.pt and saved_step (which the resume line names) agreeing
+    with ctrl_c_deferred():  # a Ctrl-C finds last.pt and saved_step (the resume line's) agreeing
         if master:
-            rng = {"torch": [g["torch"] for g in gathered], "cuda": [g["cuda"] for g in gathered] if cuda else None}
-            save_checkpoint(state.out / "last.pt", state.checkpoint(state.validated_now(), last=True,
-                                                                    best=state.best, history=state.history, rng=rng))
+            rng = {"torch": [g["torch"] for g in gathered],
+                   "cuda": [g["cuda"] for g in gathered] if cuda else None}
+            save_checkpoint(state.out / "last.pt",
+                            state.checkpoint(state.validated_now(), last=True, best=state.best,
+                                             history=state.history, rng=rng))
         state.saved_step = state.step
+
+
+def save_last_unless_validated(state, master):
+    """last.pt of this step, unless this step's validation wrote it (--stop-at, a stop signal)."""
+    if state.validated_now() is None:
+        check_finite(state)
+        save_last(state, master)
 
 
 def check_finite(state):
     """Called on every rank before weights are saved: a blown-up model is never written."""
-    if not all(torch.isfinite(v).all() for v in state.model.state_dict().values() if v.is_floating_point()):
+    if not all(torch.isfinite(v).all() for v in state.model.state_dict().values()
+               if v.is_floating_point()):
         raise diverged(state, "a weight", "not finite", state.step)
 
 
 def diverged(state, what, value, at):
     last = state.out / "last.pt"
     good = f"{last} is the last good checkpoint" if last.exists() else "no checkpoint was written"
-    return ValueError(f"{what} is {value} at step {at}: training diverged; lower --lr (now {state.args.lr:g}, in "
-                      f"another --out) or resume with --dtype float32; {good}")
+    return ValueError(f"{what} is {value} at step {at}: training diverged; lower --lr (now "
+                      f"{state.args.lr:g}, in another --out) or resume with --dtype float32; "
+                      f"{good}")
 
 
-# ----------------------------------------------------------------------------- validation
+# ---------------------------------------------------------------------------- validation
 def validate_and_save(state, val_sets, master, on_validate=None):
-    """Validate; write the validated weights as a snapshot (prune_snapshots keeps what it should), best.pt when
-    better, the log line and last.pt; then call on_validate(step, record)."""
+    """Validate; write the validated weights as a snapshot (prune_snapshots keeps what it should),
+    best.pt when better, the log line and last.pt; then call on_validate(step, record)."""
     args = state.args
     check_finite(state)
-    metrics = validate(state.model, val_sets, torch.device(args.device), utils.torch_dtype(args.dtype), args.loss,
-                       args.lesions)
+    metrics = validate(state.model, val_sets, torch.device(args.device),
+                       utils.torch_dtype(args.dtype), args.loss, args.lesions)
     if not math.isfinite(metrics["loss"]):
         raise diverged(state, "the validation loss", metrics["loss"], state.step)
     metric = metrics["loss"] if args.val_metric == "loss" else metrics[f"mean_{args.val_metric}"]
@@ -655,32 +725,34 @@ def validate_and_save(state, val_sets, master, on_validate=None):
     if better:
         state.best.update(value=metric, step=state.step)
     state.history = (state.history + [record])[-history_length(args):]  # what last.pt remembers
-    minimum = next(iter(val_loss_minima(state.history[-3:])), None)  # the previous validation, if a minimum
+    # the step of the previous validation, if its loss is a local minimum (log.jsonl "minimum_at")
+    minimum = next(iter(val_loss_minima(state.history[-3:])), None)
     if master:
         periodic = args.snapshot_every and state.step % args.snapshot_every == 0
-        save_checkpoint(snapshot_path(state.out, state.step),
-                        state.checkpoint(record, snapshot="every+validation" if periodic else "validation"))
+        save_checkpoint(snapshot_path(state.out, state.step), state.checkpoint(
+            record, snapshot="every+validation" if periodic else "validation"))
         prune_snapshots(state.out, state.history, args)
         if better:
             save_checkpoint(state.out / "best.pt", state.checkpoint(record))
         append_log(state.out / "log.jsonl", {
-            "step": state.step, "split": "val", "loss": metrics["loss"], "mean_aupr": metrics["mean_aupr"],
-            "mean_ap": metrics["mean_ap"], "mean_dice": metrics["mean_dice"],
-            **{k: dict(zip(LESIONS, metrics[k])) for k in ("aupr", "ap", "dice")}, "best": better,
-            "minimum_at": minimum})
+            "step": state.step, "split": "val",
+            **{k: metrics[k] for k in ("loss", "mean_aupr", "mean_ap", "mean_dice")},
+            **{k: dict(zip(LESIONS, metrics[k])) for k in ("aupr", "ap", "dice")},
+            "best": better, "minimum_at": minimum})
         dice = " ".join(f"{name} {v:.3f}" for name, v in zip(LESIONS, metrics["dice"]))
-        best = "new best" if better else f"best {state.best['value']:.4f} at step {state.best['step']}"
-        tqdm.write(f"step {state.step}: val loss {metrics['loss']:.4f}, Dice {dice}; {args.val_metric} "
-                   f"{metric:.4f} ({best})")
-        refresh_curves(state.out)  # OUT/curves.png from log.jsonl (a failure to draw is a warning, not the end)
+        best = ("new best" if better
+                else f"best {state.best['value']:.4f} at step {state.best['step']}")
+        tqdm.write(f"step {state.step}: val loss {metrics['loss']:.4f}, Dice {dice}; "
+                   f"{args.val_metric} {metric:.4f} ({best})")
+        refresh_curves(state.out)  # OUT/curves.png from log.jsonl (failing to draw: a warning)
     save_last(state, master)
     if on_validate is not None:
         on_validate(state.step, dict(record))
 
 
-# ----------------------------------------------------------------------------- the step loop
+# ---------------------------------------------------------------------------- the step loop
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run, carrying the line that says how to resume (a KeyboardInterrupt: tune.py catches it)."""
+    """Ctrl-C during a run, carrying the line that says how to resume (tune.py catches it)."""
 
 
 # Stop signals: Slurm's warning before a time limit (sbatch --signal=B:USR1@S), a preemption or
@@ -732,7 +804,7 @@ def stop_requested(state, device):
 def train_step(state, model, batch, device):
     """One optimizer update on one batch -> (mean loss over ranks, learning rate used)."""
     args, dtype = state.args, utils.torch_dtype(state.args.dtype)
-    images = batch["image"].to(device, non_blocking=True).float().div_(255)  # (B, 3, P, P) in [0, 1]
+    images = batch["image"].to(device, non_blocking=True).float().div_(255)  # (B, 3, P, P), [0, 1]
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     masks = batch["masks"].to(device, non_blocking=True).float()  # (B, 4, P, P) 0/1
@@ -743,8 +815,8 @@ def train_step(state, model, batch, device):
         logits = model(images) if style is None else model(images, style=style)  # (B, 4, P, P)
     trained = lesion_channels(args.lesions)
     loss = compute_loss(logits.float()[:, trained], masks[:, trained], fov, args.loss)
-    # The mean loss over ranks: logged, and checked on every rank before the update, so that all stop
-    # together and a NaN never reaches the weights.
+    # The mean loss over ranks: logged, and checked on every rank before the update, so that all
+    # stop together and a NaN never reaches the weights.
     loss_value = loss.detach().clone()
     if state.world > 1:
         dist.all_reduce(loss_value)
@@ -756,7 +828,7 @@ def train_step(state, model, batch, device):
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
-    lr = state.optimizer.param_groups[0]["lr"]
+    lr = state.optimizer.param_groups[0]["lr"]  # this update's; the scheduler moves on below
     state.scheduler.step()
     state.step += 1
     return loss_value, lr
@@ -775,54 +847,53 @@ def train_loop(state, model, loader, val_sets, device, master, on_validate):
             loss_value, lr = train_step(state, model, batch, device)
             running.append(loss_value)
             seen += args.batch * state.world
-            rate = seen / max(time.perf_counter() - tic, 1e-9)
+            rate = seen / max(time.perf_counter() - tic, 1e-9)  # patches/s, all ranks
             bar.update(1)
             val = f"{state.history[-1]['loss']:.4f}" if state.history else "-"
-            bar.set_postfix({"loss": f"{loss_value:.4f}", "val": val, "lr": f"{lr:.2e}", "patches/s": f"{rate:.1f}"},
-                            refresh=False)
+            bar.set_postfix({"loss": f"{loss_value:.4f}", "val": val, "lr": f"{lr:.2e}",
+                             "patches/s": f"{rate:.1f}"}, refresh=False)
             if master and (state.step % args.log_every == 0 or state.step == args.iters):
                 append_log(state.out / "log.jsonl", {"step": state.step, "split": "train",
-                                                     "loss": sum(running) / len(running), "lr": lr,
-                                                     "patches_per_s": rate})
+                                                     "loss": sum(running) / len(running),
+                                                     "lr": lr, "patches_per_s": rate})
                 running = []
             if state.step % args.val_every == 0 or state.step == args.iters:
                 validate_and_save(state, val_sets, master, on_validate)
                 tic, seen = time.perf_counter(), 0  # patches/s measures training only
-            if args.snapshot_every and state.step % args.snapshot_every == 0 and state.validated_now() is None:
+            if (args.snapshot_every and state.step % args.snapshot_every == 0
+                    and state.validated_now() is None):
                 check_finite(state)
                 if master:
-                    save_checkpoint(snapshot_path(state.out, state.step), state.checkpoint(snapshot="every"))
+                    save_checkpoint(snapshot_path(state.out, state.step),
+                                    state.checkpoint(snapshot="every"))
                 tic, seen = time.perf_counter(), 0
             if args.stop_at is not None and args.stop_at <= state.step < args.iters:
-                if state.validated_now() is None:
-                    check_finite(state)
-                    save_last(state, master)
+                save_last_unless_validated(state, master)
                 return False
             if state.step < args.iters and stop_requested(state, device):
-                if state.validated_now() is None:
-                    check_finite(state)
-                    save_last(state, master)
+                save_last_unless_validated(state, master)
                 name = signal.Signals(_received[0]).name if _received else "another rank's signal"
                 raise Stopped(f"stopped by {name} at step {state.step}: {state.out / 'last.pt'} "
                               f"written; rerun the same command to resume (exit {EXIT_STOPPED})")
-        if state.validated_now() is None:  # e.g. --iters raised on a finished run: the final validation
+        if state.validated_now() is None:  # e.g. --iters raised on a finished run: validate now
             validate_and_save(state, val_sets, master, on_validate)
         return True
     except KeyboardInterrupt as e:
         if isinstance(e, Interrupted):
             raise
         if state.saved_step is None:
-            raise Interrupted(f"interrupted at step {state.step}, before the first checkpoint; rerun the same "
-                              f"command to start again") from None
-        raise Interrupted(f"interrupted at step {state.step}; rerun the same command to resume from "
-                          f"{state.out / 'last.pt'} (saved at step {state.saved_step})") from None
+            raise Interrupted(f"interrupted at step {state.step}, before the first checkpoint; "
+                              f"rerun the same command to start again") from None
+        raise Interrupted(f"interrupted at step {state.step}; rerun the same command to resume "
+                          f"from {state.out / 'last.pt'} (saved at step {state.saved_step})"
+                          ) from None
     finally:
         bar.close()
 
 
-# ----------------------------------------------------------------------------- the run
+# ---------------------------------------------------------------------------- the run
 def finished_result(ckpt, args, master):
-    """run()'s result for a run already finished at --iters (one line printed, nothing written), else None."""
+    """run()'s result for a run finished at --iters (one line printed, nothing written), or None."""
     val = (ckpt or {}).get("val") or {}
     if ckpt is None or ckpt["step"] < args.iters or val.get("step") != ckpt["step"]:
         return None
@@ -830,59 +901,69 @@ def finished_result(ckpt, args, master):
     if master:
         print(f"{args.out} already finished at step {ckpt['step']} (best val {args.val_metric} "
               f"{best.get('value', float('nan')):.4f} at step {best.get('step')}); nothing to do")
-    return {**val, "best": best.get("value"), "best_step": best.get("step"), "out": str(args.out), "finished": True}
+    return {**val, "best": best.get("value"), "best_step": best.get("step"), "out": str(args.out),
+            "finished": True}
+
+
+def resume(state, ckpt, rank, master):
+    """Continue from last.pt; rank 0 also puts the snapshot files right (prune_snapshots)."""
+    state.restore(ckpt, rank)
+    if master:
+        # NOTE: a killed run's later validation may have pruned this one's snapshot; last.pt of a
+        # validation step holds the same weights
+        record = state.validated_now()
+        if record is not None and not snapshot_path(state.out, state.step).exists():
+            save_checkpoint(snapshot_path(state.out, state.step),
+                            state.checkpoint(record, snapshot="validation"))
+        prune_snapshots(state.out, state.history, state.args, step=state.step)  # maybe a --stop-at
+        print(f"resuming {state.out} from step {state.step}")
 
 
 def train(args, device, rank, world, ckpt, on_validate):
-    """The accepted run, in nanoGPT's order: data, model, optimisation, resume, args.json, the loop, a summary."""
+    """The accepted run, as nanoGPT: data, model, optimisation, resume, args.json, loop, summary."""
     master = rank == 0
     train_sets, val_sets = load_data(args, master, world)
     cfg, raw_model = make_model(args, ckpt, device)
     model = wrap(raw_model, args, device, world)
     state = State(args, cfg, raw_model, sum(len(ds) for ds in train_sets), world)
-    torch.manual_seed(args.seed + rank)  # what draws from torch's RNG during training (dropout), per rank
+    torch.manual_seed(args.seed + rank)  # what draws from torch's RNG in training (dropout)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     if ckpt is not None:
-        state.restore(ckpt, rank)
-        if master:
-            # NOTE: a killed run's later validation may have pruned the snapshot of this one; last.pt of a
-            # validation step holds the same weights
-            record = state.validated_now()
-            if record is not None and not snapshot_path(state.out, state.step).exists():
-                save_checkpoint(snapshot_path(state.out, state.step), state.checkpoint(record, snapshot="validation"))
-            prune_snapshots(state.out, state.history, args, step=state.step)  # maybe a --stop-at
-            print(f"resuming {state.out} from step {state.step}")
+        resume(state, ckpt, rank, master)
     del ckpt
-    if args.val_metric != "loss":  # --val-metric must name a score validate() gives: tried on one image first
-        metrics = validate(raw_model, [Subset(val_sets[0], [0])], device, utils.torch_dtype(args.dtype), args.loss,
-                           args.lesions)
+    if args.val_metric != "loss":  # --val-metric must name a score validate() gives: one image
+        metrics = validate(raw_model, [Subset(val_sets[0], [0])], device,
+                           utils.torch_dtype(args.dtype), args.loss, args.lesions)
         if f"mean_{args.val_metric}" not in metrics:
-            raise ValueError(f"--val-metric {args.val_metric}: the validation gives no mean_{args.val_metric}")
+            raise ValueError(f"--val-metric {args.val_metric}: the validation gives no "
+                             f"mean_{args.val_metric}")
     if master:
         text = json.dumps(state.run_args(), indent=2) + "\n"
         utils.write_atomic(state.out / "args.json", lambda tmp: tmp.write_text(text))
         trim_log(state.out / "log.jsonl", state.step)
     loader = patch_loader(args, train_sets, state.step, rank, world)
     finished = train_loop(state, model, loader, val_sets, device, master, on_validate)
+    out = state.out
     if master and finished:
-        prune_snapshots(state.out, state.history, args, finished=True)  # the last validations stay (--keep-last)
-        kept = len(list((state.out / "snapshots").glob("step_*.pt")))
-        print(f"done: {state.step} steps; best val {args.val_metric} {state.best['value']:.4f} at step "
-              f"{state.best['step']} in {state.out / 'best.pt'}; {kept} snapshots in {state.out / 'snapshots'}; "
-              f"curves in {state.out / 'curves.png'}")
+        prune_snapshots(out, state.history, args, finished=True)  # the last --keep-last stay
+        kept = len(list((out / "snapshots").glob("step_*.pt")))
+        print(f"done: {state.step} steps; best val {args.val_metric} {state.best['value']:.4f} at "
+              f"step {state.best['step']} in {out / 'best.pt'}; {kept} snapshots in "
+              f"{out / 'snapshots'}; curves in {out / 'curves.png'}")
     elif master:
-        print(f"stopped at step {state.step} (--stop-at); rerun without it to continue from {state.out / 'last.pt'}")
+        print(f"stopped at step {state.step} (--stop-at); rerun without it to continue from "
+              f"{out / 'last.pt'}")
     return {**(state.history[-1] if state.history else {}), "best": state.best["value"],
-            "best_step": state.best["step"], "out": str(state.out), "finished": finished}
+            "best_step": state.best["step"], "out": str(out), "finished": finished}
 
 
 def run(args, on_validate=None):
-    """Train (or resume) the run described by `args` (parse_args) -> its last validation record and
-    {"best", "best_step", "out", "finished"}. on_validate(step, record) is called after every validation, once
-    the checkpoints are written; an exception it raises (e.g. optuna.TrialPruned) propagates. Ctrl-C raises
-    Interrupted (a KeyboardInterrupt) whose message says how to resume; SIGUSR1 or SIGTERM raises
-    Stopped (an Interrupted) at the end of the step, last.pt written."""
+    """Train (or resume) the run of `args` (parse_args) -> its last validation record and
+    {"best", "best_step", "out", "finished"}. on_validate(step, record) is called after every
+    validation, checkpoints written; what it raises (optuna.TrialPruned) propagates. Ctrl-C raises
+    Interrupted (a KeyboardInterrupt) saying how to resume; SIGUSR1 or SIGTERM raises Stopped (an
+    Interrupted) at the end of the step, last.pt written."""
     device, rank, world, own_group = setup_process(args)
     out, lock = Path(args.out), None
     previous = catch_stop_signals()

@@ -1,15 +1,15 @@
-"""Weights from elsewhere, each failure in one line and fast offline: timm's ImageNet encoders, a local weights
-file, and the Hugging Face downloads of the authors' released models (authors.py).
+"""Weights from elsewhere, each failure in one line and fast offline: timm's ImageNet encoders, a
+local weights file, and the Hugging Face downloads of the authors' released models (authors.py).
 
-    python -c "import weights; print(weights.encoder_source('legacy_seresnet101.in1k'))"   # where timm gets them
-    python train.py --train IDR --encoder-weights seresnet101.pth ...                       # a file instead
+    python -c "import weights; print(weights.encoder_source('legacy_seresnet101.in1k'))"  # where
+    python train.py --train IDR --encoder-weights seresnet101.pth ...                     # a file
 
-timm takes an encoder's pretrained weights from the Hugging Face hub when the model has a hub id (test_resnet,
-seresnext50_32x4d), into the Hugging Face cache; otherwise from a URL on GitHub, into torch's hub cache
-$TORCH_HOME/hub/checkpoints (the paper's legacy_seresnet101.in1k). Before a download, one request with a
-5 s timeout asks whether the source answers: when it does not (offline, a proxy, the hub down), a cached copy is
-used without asking again (huggingface_hub's own offline mode), else one line names the source and the cache.
-HF_HUB_OFFLINE=1 keeps both kinds from the network.
+timm takes an encoder's pretrained weights from the Hugging Face hub when the model has a hub id
+(test_resnet, seresnext50_32x4d), into the Hugging Face cache; otherwise from a URL on GitHub, into
+torch's hub cache $TORCH_HOME/hub/checkpoints (the paper's legacy_seresnet101.in1k). Before a
+download, one request with a 5 s timeout asks whether the source answers: when it does not (offline,
+a proxy, the hub down), a cached copy is used without asking again (huggingface_hub's own offline
+mode), else one line names the source and the cache. HF_HUB_OFFLINE=1 keeps both off the network.
 """
 import contextlib
 import os
@@ -29,14 +29,15 @@ from utils import reason
 TIMEOUT = 5.0  # seconds one probe of a download source may take
 
 
-# ---- the Hugging Face hub -----------------------------------------------------------------------------
+# ---- the Hugging Face hub ------------------------------------------------------------------------
 def hf():
     """huggingface_hub (installed with timm), or one line saying how to install it."""
     try:
         import huggingface_hub  # noqa: PLC0415
     except ImportError:
-        raise ImportError("the authors' models and pretrained weights download through huggingface_hub, which "
-                          "is not installed: pip install huggingface_hub") from None
+        raise ImportError("the authors' models and pretrained weights download through "
+                          "huggingface_hub, which is not installed: pip install huggingface_hub"
+                          ) from None
     return huggingface_hub
 
 
@@ -49,10 +50,10 @@ def hf_offline():
 
 
 def hub_answers(repo_id):
-    """Whether the hub answers one request about repo_id within TIMEOUT (an HTTP error is an answer)."""
+    """Whether the hub answers one request about repo_id within TIMEOUT (an HTTP error answers)."""
     try:
         hf().HfApi().model_info(repo_id, timeout=TIMEOUT)
-    except hf().errors.HfHubHTTPError:
+    except hf().errors.HfHubHTTPError:  # an answer: the download itself says what is wrong
         pass
     except Exception:
         return False
@@ -61,10 +62,10 @@ def hub_answers(repo_id):
 
 @contextlib.contextmanager
 def hf_offline_mode(on=True):
-    """huggingface_hub's offline mode (HF_HUB_OFFLINE) for the block: files come from its cache, no request."""
+    """huggingface_hub's offline mode (HF_HUB_OFFLINE) for the block: files from its cache only."""
     constants = hf().constants
     was = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = was or on
+    constants.HF_HUB_OFFLINE = was or on  # huggingface_hub reads it at each call
     try:
         yield
     finally:
@@ -72,28 +73,30 @@ def hf_offline_mode(on=True):
 
 
 def hub_call(call, repo_id):
-    """call() (a download from repo_id) when the hub answers; when it does not, or HF_HUB_OFFLINE is set,
-    call() in offline mode: from the cache, or an error at once instead of minutes of retries."""
+    """call() (a download from repo_id) when the hub answers; when it does not, or HF_HUB_OFFLINE is
+    set, call() in offline mode: from the cache, or an error at once (not minutes of retries)."""
     offline = hf_offline() or not hub_answers(repo_id)
     with hf_offline_mode(offline):
         return call()
 
 
 def hub_error(what, e, fix):
-    """The one line for a failed Hugging Face download of `what`: why, the cache, HF_HUB_OFFLINE, `fix`."""
+    """The line for a failed hub download of `what`: why, the cache, HF_HUB_OFFLINE, `fix`."""
     offline = hf_offline()
-    why = "HF_HUB_OFFLINE is set" if offline else f"the hub did not answer in {TIMEOUT:g} s, or {reason(e)}"
+    why = ("HF_HUB_OFFLINE is set" if offline
+           else f"the hub did not answer in {TIMEOUT:g} s, or {reason(e)}")
     tail = "" if offline else "; HF_HUB_OFFLINE=1 uses the cache without asking the hub"
-    return f"could not download {what} ({why}; not in the Hugging Face cache {hf().constants.HF_HUB_CACHE}); " \
-           f"{fix}{tail}"
+    return (f"could not download {what} ({why}; not in the Hugging Face cache "
+            f"{hf().constants.HF_HUB_CACHE}); {fix}{tail}")
 
 
-# ---- timm's pretrained encoders -------------------------------------------------------------------------
+# ---- timm's pretrained encoders ------------------------------------------------------------------
 def encoder_source(name):
     """Where timm takes the pretrained weights of `name` from -> ("hf-hub", repo id, None) or
     ("url", URL, the file of torch's hub cache that timm reads, or downloads into)."""
     cfg = timm.models.get_pretrained_cfg(name)
-    # NOTE: timm takes the hub wherever the model has a hub id (_resolve_pretrained_source in timm.models._builder)
+    # NOTE: timm takes the hub wherever the model has a hub id (timm.models._builder's
+    # _resolve_pretrained_source)
     if cfg.hf_hub_id or not cfg.url:
         return "hf-hub", cfg.hf_hub_id, None
     file = os.path.basename(urllib.parse.urlparse(cfg.url).path)
@@ -101,7 +104,8 @@ def encoder_source(name):
 
 
 def url_answers(url):
-    """One HEAD request within TIMEOUT (the user's proxy settings apply, no retries): OSError if nobody answers."""
+    """One HEAD request within TIMEOUT (the user's proxy settings apply, no retries); OSError if
+    nobody answers."""
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT).close()
     except urllib.error.HTTPError:
@@ -109,10 +113,11 @@ def url_answers(url):
 
 
 def pretrained_encoder(name):
-    """timm's features_only encoder `name` with its ImageNet weights, downloaded once and cached; one line when
-    they cannot be had (source, why, cache, what to pass instead)."""
+    """timm's features_only encoder `name` with its ImageNet weights, downloaded once and cached;
+    one line when they cannot be had (source, why, cache, what to pass instead)."""
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm encoder {name!r} (see timm.list_models(); paper: legacy_seresnet101.in1k)")
+        raise ValueError(f"unknown timm encoder {name!r} (see timm.list_models(); "
+                         f"paper: legacy_seresnet101.in1k)")
     if not timm.is_model_pretrained(name):
         raise ValueError(f"timm has no pretrained weights for {name!r}; pass --no-pretrained or "
                          f"--encoder-weights PATH (the paper's encoder is legacy_seresnet101.in1k)")
@@ -125,20 +130,21 @@ def pretrained_encoder(name):
         if not cached.is_file():
             if hf_offline():
                 raise ConnectionError("HF_HUB_OFFLINE is set")
-            url_answers(where)  # NOTE: torch's download has no timeout: a blocked network would hang for minutes
+            # NOTE: torch's download has no timeout: a blocked network would hang for minutes
+            url_answers(where)
         return create()
     except Exception as e:
-        model.create_encoder(name)  # an unusable encoder (not a download failure) says so in its own line
+        model.create_encoder(name)  # an unusable encoder (not a download failure): its own line
         if source == "hf-hub":
-            raise ValueError(hub_error(f"pretrained weights for {name} from the Hugging Face hub repository "
-                                       f"{where}", e, fix)) from None
-        raise ValueError(f"could not download pretrained weights for {name} from {where} ({reason(e)}; not in "
-                         f"torch's hub cache: {cached}); {fix}") from None
+            raise ValueError(hub_error(f"pretrained weights for {name} from the Hugging Face hub "
+                                       f"repository {where}", e, fix)) from None
+        raise ValueError(f"could not download pretrained weights for {name} from {where} "
+                         f"({reason(e)}; not in torch's hub cache: {cached}); {fix}") from None
 
 
 def create_encoder(name, pretrained=True, weights_file=None):
-    """The encoder of a new model: from a local weights file (read_weights_file, strict), with its ImageNet
-    weights (pretrained_encoder), or random."""
+    """The encoder of a new model: from a local weights file (read_weights_file, strict), with its
+    ImageNet weights (pretrained_encoder), or random."""
     if weights_file is not None:
         encoder = model.create_encoder(name)
         load_encoder_weights(encoder, name, weights_file)
@@ -146,10 +152,10 @@ def create_encoder(name, pretrained=True, weights_file=None):
     return pretrained_encoder(name) if pretrained else model.create_encoder(name)
 
 
-# ---- a local weights file: never run what it pickles ------------------------------------------------------
+# ---- a local weights file: never run what it pickles --------------------------------------------
 def _unsafe_globals(path, e):
-    """What a weights_only load refused in the file: its pickled classes and functions other than tensors and
-    plain types ([] when the file is not a torch file at all)."""
+    """What a weights_only load refused in the file: its pickled classes and functions other than
+    tensors and plain types ([] when the file is not a torch file at all)."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # torch >= 2.5
     except Exception:
@@ -178,8 +184,9 @@ def read_weights_file(path):
     except pickle.UnpicklingError as e:
         unsafe = _unsafe_globals(path, e)
         if unsafe:
-            raise ValueError(f"{where}: refused: it holds pickled {', '.join(unsafe[:3])}, which loading could "
-                             f"run as code; pass a state dict of tensors or a .safetensors file") from None
+            raise ValueError(f"{where}: refused: it holds pickled {', '.join(unsafe[:3])}, which "
+                             f"loading could run as code; pass a state dict of tensors or a "
+                             f".safetensors file") from None
         raise ValueError(f"{where} is not a weights file ({reason(e)})") from None
     except Exception as e:
         raise ValueError(f"{where} is not a weights file ({reason(e)})") from None
@@ -193,11 +200,11 @@ def read_weights_file(path):
 
 
 def load_encoder_weights(encoder, name, path):
-    """Load a local file (a timm / torchvision state dict of the classifier or of the features model, or one of
-    our checkpoints' encoder) into `encoder`, every key matched.
+    """Load a local file (a timm / torchvision state dict of the classifier or of the features
+    model, or one of our checkpoints' encoder) into `encoder`, every key matched.
 
-    NOTE: timm's own route (pretrained_cfg_overlay=dict(file=...)) loads features_only models with strict=False,
-    so a file with the wrong keys would silently leave random weights: the keys are matched here.
+    NOTE: timm's own route (pretrained_cfg_overlay=dict(file=...)) loads features_only models with
+    strict=False, so a file with the wrong keys would silently leave random weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -205,12 +212,12 @@ def load_encoder_weights(encoder, name, path):
     sd = model.strip_prefixes(read_weights_file(path))  # "module." / "_orig_mod." prefixes
     if any(k.startswith("encoder.") for k in sd):  # one of our own checkpoints: take its encoder
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    try:  # the classifier's keys: extra keys a full-model file may hold (head, classifier, ...)
+    try:  # the classifier's keys: the extra keys a full-model file may hold (head, fc, ...)
         with torch.device("meta"):
             full_keys = set(timm.create_model(name, pretrained=False).state_dict())
     except Exception:
         full_keys = set()
-    # features_only may flatten top-level Sequentials: "stem.conv" in the classifier is "stem_conv" here
+    # features_only may flatten top-level Sequentials: the classifier's "stem.conv" is "stem_conv"
     alias = {k.replace(".", "_", 1): k for k in full_keys}
     own, where = encoder.state_dict(), f"--encoder-weights {path} does not match encoder {name}"
     mapped, used = {}, set()
@@ -223,10 +230,12 @@ def load_encoder_weights(encoder, name, path):
             missing = sum(1 for k2 in own if k2 not in sd and alias.get(k2) not in sd)
             raise ValueError(f"{where}: missing key {k!r} ({missing} of {len(own)} missing)")
         if sd[src].shape != v.shape:
-            raise ValueError(f"{where}: key {src!r} has shape {tuple(sd[src].shape)}, expected {tuple(v.shape)}")
+            raise ValueError(f"{where}: key {src!r} has shape {tuple(sd[src].shape)}, "
+                             f"expected {tuple(v.shape)}")
         mapped[k] = sd[src]
         used.add(src)
     unexpected = [k for k in sd if k not in used and k not in full_keys]
     if unexpected:
-        raise ValueError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise ValueError(f"{where}: unexpected key {unexpected[0]!r} "
+                         f"({len(unexpected)} unexpected)")
     encoder.load_state_dict(mapped)

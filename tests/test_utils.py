@@ -229,7 +229,8 @@ def test_early_ctrl_c_handler_lasts_until_run(capsys, monkeypatch):
 HELP = {"train": (["train.py", "--help"], "--train"),
         "evaluate": (["evaluate.py", "--help"], "--ckpt"),
         "average": (["average.py", "--help"], "ensemble"),
-        "average soup": (["average.py", "soup", "--help"], "--greedy")}
+        "average soup": (["average.py", "soup", "--help"], "--greedy"),
+        "authors": (["authors.py", "--help"], "combo")}
 
 
 @pytest.mark.parametrize("name", list(HELP))

@@ -1,24 +1,55 @@
-"""Segment your own fundus photographs with a trained model (or an ensemble), from the command line or Python.
+"""Segment your own fundus photographs with a trained model (or an ensemble): command line, Python.
 
     python predict.py --ckpt runs/IDR+MES/s0/best.pt --images photos/ --out photos_maps/
-    python predict.py --ckpt runs/IDR/s0/best.pt runs/IDR/s1/best.pt --images photos/ --tta   # an ensemble
-    python predict.py --ckpt hub:IDR+DDR --images photos/          # the authors' released model (authors.py)
+    python predict.py --ckpt runs/IDR/s0/best.pt runs/IDR/s1/best.pt --images photos/ --tta
+    python predict.py --ckpt hub:IDR+DDR --images photos/          # the authors' released model
 
     import predict, numpy as np
     models = predict.load_ensemble(["runs/IDR+MES/s0/best.pt"])          # once
     probs = predict.segment(predict.read_photo("eye.jpg"), models)       # (4, H, W): EX HE MA CWS
 
-Each photograph gets the training data's preprocessing (FOV crop, resize, pad: paper section 2.2) at the model's
-resolution; the maps come back on its own geometry, 0 outside the fundus. Per photograph: <name>_<LESION>.png
-(probability x 255, 8-bit) for each lesion the model was trained on, and <name>_overlay.jpg (maps.py).
+Each photograph gets the training data's preprocessing (FOV crop, resize, pad: paper section 2.2)
+at the model's resolution; the maps come back on its own geometry, 0 outside the fundus. Per
+photograph: <name>_<LESION>.png (probability x 255, 8-bit) for each lesion the model was trained
+on, and <name>_overlay.jpg (maps.py). Several --ckpt form an ensemble; hub:COMBO is the authors'
+model (authors.py). More in docs/EVALUATION.md.
 """
+import sys
+from pathlib import Path
+
 import utils
 
-utils.start(__name__)  # a Ctrl-C while torch loads: one line
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+def build_parser():
+    p = utils.Parser(description=__doc__)
+    p.add_argument("--ckpt", nargs="+", action="extend", required=True,
+                   help="checkpoint(s), average.py ensemble manifest(s), or the authors' models "
+                        "(hub:IDR+DDR); several: an ensemble (required)")
+    p.add_argument("--images", required=True, metavar="DIR",
+                   help="folder of fundus photographs (required)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the maps go (default: IMAGES_maps)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square size (default: the models' own)")
+    p.add_argument("--lesions", default=None, metavar="LIST",
+                   help="lesions drawn (default: those trained)")
+    p.add_argument("--tta", action="store_true", help="average over the 4 flips (default: off)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="predict in tiles of this size (default: whole image)")
+    p.add_argument("--tile-overlap", type=float, default=0.5,
+                   help="tile overlap fraction (default: 0.5)")
+    p.add_argument("--style", default=None,
+                   help="style of a style-conditioned model (default: fine)")
+    # --device stays None here (no torch before --help): main() resolves it
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=utils.DTYPES,
+                   help="autocast precision (default: float32)")
+    return p
+
+
+utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while it loads: one line
+# the heavy imports (torch, numpy, the data modules: seconds) after --help was answered
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -33,123 +64,143 @@ from model import load_checkpoint, load_models  # noqa: E402
 from protocol import predict_fitting, to_input  # noqa: E402
 
 
-# ---- models from any source ---------------------------------------------------------------------------
+# ---- models from any source ----------------------------------------------------------------------
 def read_checkpoint(path, seen=frozenset()):
-    """A checkpoint dict from: a training checkpoint (.pt), an average.py ensemble manifest (.json: its members
-    loaded, {"kind": "ensemble", "members": [checkpoints]}), or the authors' models (hub:COMBO, their folder or
-    .safetensors). One-line errors naming the path."""
+    """A checkpoint dict from: a training checkpoint (.pt), an average.py ensemble manifest (.json:
+    its members loaded, {"kind": "ensemble", "members": [checkpoints]}), or the authors' models
+    (hub:COMBO, their folder or .safetensors). One-line errors naming the path."""
     if authors.is_spec(path) or authors.is_layout(path):
         return authors.load(path)
     if Path(path).suffix != ".json":
         return load_checkpoint(path)
+    # a manifest: `seen` holds the manifests above this one, so a cycle is one line, not a recursion
     key = str(Path(path).resolve())
     if key in seen:
         raise ValueError(f"ensemble manifest {path} lists itself (through its members)")
-    manifest, paths = average.read_manifest(path)
+    manifest, paths = average.read_manifest(path)  # member paths resolved against its folder
     members = []
     for name, member in zip(manifest["members"], paths):
         if not authors.is_spec(member) and not Path(member).exists():
             raise FileNotFoundError(f"ensemble manifest {path}: member {name} not found ({member})")
         ckpt = read_checkpoint(member, seen | {key})
+        # a manifest inside a manifest: its members join this one's list (flat, equally weighted)
         members += ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
     return {"kind": "ensemble", "members": members, "args": members[0].get("args") or {},
             "provenance": manifest.get("provenance") or {}, "version": manifest.get("version", 1)}
 
 
 def load_ensemble(paths, device="cpu"):
-    """Every model of these checkpoints (read_checkpoint) in eval mode -> (models, headers). Each model has
-    .cfg (model.ModelConfig: its resolution and lesions) and .source (the path, and the member); a header keeps
-    the small fields of its checkpoint (args, kind, method, provenance, step, each member's args)."""
+    """Every model of these checkpoints (read_checkpoint) in eval mode -> (models, headers). Each
+    model has .cfg (model.ModelConfig: its resolution and lesions) and .source (the path, and the
+    member); a header keeps the small fields of its checkpoint (args, kind, method, provenance,
+    step, each member's args)."""
     models, headers = [], []
     for p in map(str, paths):
         ckpt = read_checkpoint(p)
-        loaded = load_models(ckpt, device, where=p)
+        loaded = load_models(ckpt, device, where=p)  # a manifest: one model per member
         for i, m in enumerate(loaded):
-            m.source = p if len(loaded) == 1 else f"{p} (member {i})"
+            m.source = p if len(loaded) == 1 else f"{p} (member {i})"  # named in one-line errors
         models += loaded
-        headers.append({k: v for k, v in ckpt.items() if k in ("args", "kind", "method", "provenance", "step")}
+        # no weights in the header: the models hold them, and the checkpoint dict is let go
+        headers.append({k: v for k, v in ckpt.items()
+                        if k in ("args", "kind", "method", "provenance", "step")}
                        | {"members": [{"args": m.get("args")} for m in ckpt.get("members") or []]})
     return models, headers
 
 
 def ensemble_resolution(models, resolution=None):
-    """The square size every model runs at: `resolution` when given, else the one they were all trained at.
-    NOTE: members trained at different sizes are refused, not run at the first one's: the ensemble's score would
-    then depend on the order of its members."""
+    """The square size every model runs at: `resolution` when given, else the one they were all
+    trained at. NOTE: members trained at different sizes are refused, not run at the first one's:
+    the ensemble's score would then depend on the order of its members."""
     if resolution is not None:
-        if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        # a bool is an int to Python: refused, as is a float
+        if (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
+                or resolution < 1):
             raise ValueError(f"resolution must be >= 1 pixel (a whole number), got {resolution!r}")
         return int(resolution)
     found = {}  # resolution -> the first model trained at it
     for m in models:
-        if m.cfg.resolution is not None:
+        if m.cfg.resolution is not None:  # None: an old checkpoint that recorded none
             found.setdefault(m.cfg.resolution, getattr(m, "source", "a model"))
     if len(found) > 1:
         sizes = ", ".join(f"{where} at {r} px" for r, where in found.items())
-        raise ValueError(f"--ckpt: the ensemble's members were trained at different resolutions ({sizes}); "
-                         f"pass --resolution R to run every member at R")
+        raise ValueError(f"--ckpt: the ensemble's members were trained at different resolutions "
+                         f"({sizes}); pass --resolution R to run every member at R")
     if not found:
-        raise ValueError(f"{getattr(models[0], 'source', 'the model')} records no resolution: pass --resolution")
+        raise ValueError(f"{getattr(models[0], 'source', 'the model')} records no resolution: "
+                         f"pass --resolution")
     return next(iter(found))
 
 
 def ensemble_lesions(models, lesions=None):
     """The lesions scored and drawn: `lesions` when given, else those every model was trained on."""
-    if lesions:
+    if lesions:  # "HE,EX" or a list -> LESIONS order, one line for an unknown name
         return data.parse_lesions(",".join(lesions) if not isinstance(lesions, str) else lesions)
     return tuple(x for x in LESIONS if all(x in m.cfg.lesions for m in models))
 
 
 def check_style(models, style=None):
-    """--style for these models -> the style they run at (None when none is style-conditioned: train.py
-    --style-condition); a one-line ValueError for a style given to an unconditioned model or one it lacks."""
+    """--style for these models -> the style they run at (None when none is style-conditioned:
+    train.py --style-condition); a one-line ValueError for a style given to an unconditioned model
+    or one it lacks."""
     for m in models:
         try:
-            m.style_mix(style, 1)
+            m.style_mix(style, 1)  # what the forward pass does with it: raises for a bad style
         except ValueError as e:
             raise ValueError(f"--style {style}: {e}") from None
-    defaults = [m.default_style for m in models if m.style_tokens]  # fine, for a model trained on a fine set
+    # fine, for a model trained on a fine set
+    defaults = [m.default_style for m in models if m.style_tokens]
     return style if style is not None else defaults[0] if defaults else None
 
 
-# ---- one photograph -----------------------------------------------------------------------------------------
+# ---- one photograph ------------------------------------------------------------------------------
 def read_photo(path):
-    """A photograph as viewers show it (turned by its EXIF orientation tag) -> uint8 (H, W, 3) RGB."""
+    """A photograph as viewers show it (turned by its EXIF orientation tag) -> uint8 (H, W, 3)
+    RGB."""
     return np.asarray(load_image(path))
 
 
+def _check_photo(image):
+    """A one-line ValueError unless `image` is a uint8 (H, W, 3) numpy array, H and W >= 1."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[2] == 3 and min(image.shape[:2]) >= 1):
+        what = (f"{image.dtype} {tuple(image.shape)}" if hasattr(image, "shape")
+                else type(image).__name__)
+        raise ValueError(f"segment expects an RGB photograph as a uint8 numpy array (H, W, 3), H "
+                         f"and W >= 1, got {what}")
+
+
 @torch.inference_mode()
-def segment(image, models, resolution=None, device=None, dtype="float32", tta=False, tile=None, overlap=0.5,
-            style=None, uint8=False):
+def segment(image, models, resolution=None, device=None, dtype="float32", tta=False, tile=None,
+            overlap=0.5, style=None, uint8=False):
     """Segment one photograph: uint8 (H, W, 3) RGB -> float32 (4, H, W) probabilities, EX HE MA CWS.
 
-    models: load_ensemble's pair or a list of its models (loaded once, reused for every photograph), or a path
-    (or a list of paths) loaded at each call. resolution: default the models' own. dtype, tta, tile, overlap,
-    style: as predict.py's flags. uint8=True: the maps as uint8 round(255 p) (the PNGs' values; p >= 0.5 is
-    >= 128), a quarter of the memory.
+    models: load_ensemble's pair or a list of its models (loaded once, reused for every
+    photograph), or a path (or a list of paths) loaded at each call. resolution: default the
+    models' own. dtype, tta, tile, overlap, style: as predict.py's flags. uint8=True: the maps as
+    uint8 round(255 p) (the PNGs' values; p >= 0.5 is >= 128), a quarter of the memory.
     """
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-            and min(image.shape[:2]) >= 1):
-        what = f"{image.dtype} {tuple(image.shape)}" if hasattr(image, "shape") else type(image).__name__
-        raise ValueError(f"segment expects an RGB photograph as a uint8 numpy array (H, W, 3), H and W >= 1, "
-                         f"got {what}")
-    if isinstance(models, tuple) and len(models) == 2 and isinstance(models[0], list):  # load_ensemble's pair
-        models = models[0]
+    _check_photo(image)
+    if isinstance(models, tuple) and len(models) == 2 and isinstance(models[0], list):
+        models = models[0]  # load_ensemble's (models, headers)
     elif isinstance(models, (str, Path)) or not all(isinstance(m, torch.nn.Module) for m in models):
         paths = [models] if isinstance(models, (str, Path)) else list(models)
         models = load_ensemble(paths, device or utils.default_device())[0]
     resolution = ensemble_resolution(models, resolution)
     device = next(models[0].parameters()).device  # loaded models stay where they are
-    square, fov, geometry = data.preprocess_image(image, resolution)  # (R, R, 3), (R, R), plain numbers
-    probs, _ = predict_fitting(models, to_input(square[None], device), tile, dtype, tta, overlap, style)
+    # (R, R, 3) uint8, (R, R) bool, plain numbers (crop box, size, padding)
+    square, fov, geometry = data.preprocess_image(image, resolution)
+    probs, _ = predict_fitting(models, to_input(square[None], device), tile, dtype, tta, overlap,
+                               style)  # (1, 4, R, R); the tile halves on a GPU out of memory
     fov = torch.from_numpy(fov).to(device)
     probs = probs[0].masked_fill_(~fov, 0.0)  # (4, R, R), in place
-    # NOTE: outside the fundus the bilinear edge would leak: the FOV restored bilinearly, then cut at 0.5, for a
-    # smooth rim rather than the prepared pixels' staircase; in the crop box only (the photograph is 0 outside
-    # it): no full-size float copy of the FOV or of a lesion
-    outside, (x0, y0, x1, y1) = data.restore_crop(fov.float(), geometry)
+    # NOTE: outside the fundus the bilinear edge would leak: the FOV restored bilinearly, then cut
+    # at 0.5, for a smooth rim rather than the prepared pixels' staircase; in the crop box only (the
+    # photograph is 0 outside it): no full-size float copy of the FOV or of a lesion
+    outside, (x0, y0, x1, y1) = data.restore_crop(fov.float(), geometry)  # (y1 - y0, x1 - x0)
     outside = outside < 0.5
-    out = np.zeros((probs.shape[0], geometry["height"], geometry["width"]), np.uint8 if uint8 else np.float32)
+    out = np.zeros((probs.shape[0], geometry["height"], geometry["width"]),
+                   np.uint8 if uint8 else np.float32)  # (4, H, W): the photograph's own size
     for c in range(len(out)):  # one lesion at a time
         crop = data.restore_crop(probs[c], geometry)[0].masked_fill_(outside, 0.0)
         if uint8:  # in place, as maps.to_8bit does it: round half to even of 255 p
@@ -158,22 +209,27 @@ def segment(image, models, resolution=None, device=None, dtype="float32", tta=Fa
     return out
 
 
-# ---- a folder of photographs ------------------------------------------------------------------------------
+# ---- a folder of photographs ---------------------------------------------------------------------
 def photos_in(folder):
-    """The image files of a folder, sorted; hidden files skipped (macOS copies leave "._IMG_1.jpg" beside each)."""
+    """The image files of a folder, sorted; hidden files skipped (macOS copies leave "._IMG_1.jpg"
+    beside each)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None, dtype="float32", tta=False,
-                   tile=None, overlap=0.5, style=None, lesions=None):
-    """Maps for every photograph of a folder (segment()), on each one's own geometry -> list of written names.
-    lesions: the lesions written and drawn (None = those the models were trained on, train.py --lesions)."""
+def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None, dtype="float32",
+                   tta=False, tile=None, overlap=0.5, style=None, lesions=None):
+    """Maps for every photograph of a folder (segment()), on each one's own geometry -> list of
+    written names. lesions: the lesions written and drawn (None = those the models were trained on,
+    train.py --lesions)."""
     photos = photos_in(image_dir)
     out_dir = utils.writable_folder(out_dir, "--out", "write maps there")  # before the model loads
-    models, _ = load_ensemble([str(p) for p in ckpt_paths], torch.device(device or utils.default_device()))
+    models, _ = load_ensemble([str(p) for p in ckpt_paths],
+                              torch.device(device or utils.default_device()))
+    # the flags checked against the models once, before the first photograph
     resolution = ensemble_resolution(models, resolution)
     lesions = ensemble_lesions(models, lesions)
     style = check_style(models, style)
@@ -182,13 +238,17 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
         try:
             original = read_photo(path)  # (H0, W0, 3) uint8; 16-bit files scaled by their range
         except (OSError, ValueError) as e:
-            # one bad photograph (unreadable, or over PIL's decompression-bomb limit) never stops the folder
+            # one bad photograph (unreadable, or over PIL's decompression-bomb limit) never stops
+            # the folder
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue
-        probs = segment(original, models, resolution, device, dtype, tta, tile, overlap, style, uint8=True)
-        name = path.stem if path.stem not in written else f"{path.stem}_{path.suffix[1:]}"  # a.jpg and a.png
+        probs = segment(original, models, resolution, device, dtype, tta, tile, overlap, style,
+                        uint8=True)  # (4, H0, W0) uint8: what the PNGs hold, a quarter the memory
+        # a.jpg and a.png: the second one's maps are a_png_*
+        name = path.stem if path.stem not in written else f"{path.stem}_{path.suffix[1:]}"
         save_maps(out_dir, name, original, probs, lesions=lesions)
-        del original, probs  # NOTE: freed before the next photograph is read: one photograph's arrays at a time
+        # NOTE: freed before the next photograph is read: one photograph's arrays at a time
+        del original, probs
         written.append(name)
         print(f"{path.name}: maps in {Path(out_dir) / name}_*")
     if not written:
@@ -196,31 +256,15 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     return written
 
 
-def build_parser():
-    p = utils.Parser(description=__doc__)
-    p.add_argument("--ckpt", nargs="+", action="extend", required=True,
-                   help="checkpoint(s), average.py ensemble manifest(s), or the authors' models (hub:IDR+DDR); "
-                        "several: an ensemble (required)")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of fundus photographs (required)")
-    p.add_argument("--out", default=None, metavar="DIR", help="where the maps go (default: IMAGES_maps)")
-    p.add_argument("--resolution", type=int, default=None, help="square size (default: the models' own)")
-    p.add_argument("--lesions", default=None, metavar="LIST", help="lesions drawn (default: those trained)")
-    p.add_argument("--tta", action="store_true", help="average over the 4 flips (default: off)")
-    p.add_argument("--tile", type=int, default=None, help="predict in tiles of this size (default: whole image)")
-    p.add_argument("--tile-overlap", type=float, default=0.5, help="tile overlap fraction (default: 0.5)")
-    p.add_argument("--style", default=None, help="style of a style-conditioned model (default: fine)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=utils.DTYPES, help="autocast precision (default: float32)")
-    return p
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # a device this machine lacks ("cuda" without a GPU) is one line now, not a traceback later
     device = utils.check_device(args.device or utils.default_device())
-    out = args.out or f"{Path(args.images).resolve()}_maps"
-    predict_images(args.ckpt, args.images, out, args.resolution, device, args.dtype, args.tta, args.tile,
-                   args.tile_overlap, args.style, args.lesions)
+    out = args.out or f"{Path(args.images).resolve()}_maps"  # photos/ -> photos_maps/ beside it
+    predict_images(args.ckpt, args.images, out, args.resolution, device, args.dtype, args.tta,
+                   args.tile, args.tile_overlap, args.style, args.lesions)
 
 
 if __name__ == "__main__":
-    utils.run(main, interrupted="interrupted: the maps written so far are kept; rerun the same command")
+    utils.run(main, interrupted="interrupted: the maps written so far are kept; rerun the same "
+                                "command")

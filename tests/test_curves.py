@@ -3,12 +3,16 @@ curves.png at every validation, and the sweep figure."""
 import json
 import math
 import runpy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import curves
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE = (1100, 500)  # curves.SIZE x DPI, written out: a change of size is a change the reader should see
 
@@ -149,3 +153,18 @@ def test_train_run_writes_curves(tiny_runs, tmp_path, capsys):
         fig = curves.curves_figure(run)
         val = lines_by_label(fig.axes[0])["validation loss (pooled)"]
         assert list(val.get_xdata()) == [2, 4]  # --iters 4 --val-every 2: refreshed at each validation
+
+
+def test_help_answers_before_matplotlib_loads():
+    """`python curves.py --help` prints its flags without importing matplotlib (seconds on a busy
+    machine): the parser is built before the heavy imports (issue 24)."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['curves.py', '--help']\n"
+            "try:\n"
+            "    runpy.run_path('curves.py', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print('@@', e.code, 'matplotlib' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    out = r.stdout.strip()
+    assert "run_dirs" in out and out.endswith("@@ 0 False"), out[-500:] + r.stderr[-2000:]

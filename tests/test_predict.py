@@ -294,3 +294,18 @@ def test_style_for_an_unconditioned_model_is_one_line_before_any_work(style_net,
                       "--style", "coarse", "--device", "cpu"])
     assert one_line(err).startswith("--style coarse") and "not style-conditioned" in str(err.value)
     assert not list((tmp_path / "m").glob("*"))  # no map written
+
+
+def test_help_answers_before_torch_loads():
+    """`python predict.py --help` prints its flags without importing torch (seconds on a busy
+    machine): the parser is built before the heavy imports (issue 24)."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['predict.py', '--help']\n"
+            "try:\n"
+            "    runpy.run_path('predict.py', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print('@@', e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    out = r.stdout.strip()
+    assert "--images" in out and out.endswith("@@ 0 False"), out[-500:] + r.stderr[-2000:]

@@ -39,7 +39,7 @@ def _read_json(path):
     garbled."""
     try:
         out = json.loads(path.read_text())
-    except FileNotFoundError:
+    except FileNotFoundError:  # the caller decides: no cache yet, or a missing file
         raise
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise _corrupt(path, f"not valid JSON ({' '.join(str(e).split())[:80]})") from None
@@ -55,6 +55,7 @@ def read_meta(folder):
         meta = _read_json(Path(folder) / "meta.json")
     except FileNotFoundError:
         return None
+    # meta.json is written last: these keys missing mean a damaged file, not an unfinished one
     if not all(k in meta for k in ("ids", "geometry", "fingerprint")):
         raise _corrupt(Path(folder) / "meta.json", "incomplete (no ids, geometry or fingerprint)")
     return meta
@@ -78,12 +79,13 @@ def damaged_arrays(folder, meta):
     99'), or None. Caches prepared before meta.json recorded the sizes are checked from the arrays'
     headers."""
     folder, R, N = Path(folder), int(meta.get("resolution", 0)), len(meta["ids"])
-    shapes = {"images.npy": (N, R, R, 3), "masks.npy": (N, R, R)}
+    shapes = {"images.npy": (N, R, R, 3), "masks.npy": (N, R, R)}  # what meta.json describes
     for name in ARRAYS:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         size, recorded = path.stat().st_size, meta.get("bytes", {}).get(name)
+        # the size check is instant; reading a header is not needed when the size is recorded
         if recorded is not None and size != recorded:
             return f"{name} is {size} bytes, meta.json records {recorded}"
         if recorded is None:  # an older cache: open the array to read its header
@@ -111,7 +113,7 @@ class PreparedDataset:
         self.dataset_id, self.resolution, self.split = dataset_id, int(resolution), split
         self.dir = Path(cache_dir) / dataset_id / str(int(resolution))
         meta = read_meta(self.dir)
-        if meta is None:
+        if meta is None:  # no meta.json: never prepared, or a preparation that did not finish
             raise FileNotFoundError(
                 f"no prepared {dataset_id} cache at {self.dir} (run: python -m data.prepare "
                 f"--dataset {dataset_id} --out {cache_dir} --resolution {resolution})")
@@ -119,7 +121,7 @@ class PreparedDataset:
         self.fingerprint = self.meta.get("fingerprint")
         splits = read_splits(self.dir)
         self._check_fingerprint()  # meta.json and splits.json come from the same preparation
-        if split != "all" and split not in SPLITS:
+        if split != "all" and split not in SPLITS:  # "all": every cached row, in row order
             raise ValueError(f"unknown split {split!r} (choose from train, val, test, all)")
         self.ids = list(self.meta["ids"]) if split == "all" else list(splits[split])
         row = {x: k for k, x in enumerate(self.meta["ids"])}  # id -> row of the arrays
@@ -187,14 +189,14 @@ class PreparedDataset:
         """Item i's preprocessing geometry (data.preprocess: crop box, scale, padding)."""
         return self.meta["geometry"][self.rows[i]]
 
-    def __len__(self):
+    def __len__(self):  # the split's images
         return len(self.ids)
 
     def __getitem__(self, i):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         image, bits = self.read(i)
-        bits = np.asarray(bits)
+        bits = np.asarray(bits)  # (R, R) uint8, read from the memory map
         # bit k of the mask byte is lesion k: unpack to (4, R, R)
         masks = (bits[None] >> np.arange(len(LESIONS), dtype=np.uint8)[:, None, None]) & 1
         return {"id": self.ids[i], "image": np.array(image), "masks": masks.astype(bool),

@@ -1,5 +1,5 @@
-r"""Prepare a dataset once into a memory-mapped cache (crop to FOV, resize, pad); data/cache.py reads
-it back.
+r"""Prepare a dataset once into a memory-mapped cache (crop to FOV, resize, pad); data/cache.py
+reads it back.
 
     python -m data.prepare --dataset IDR --data-root data_raw --cache cache --resolution 1536
     python -m data.prepare --dataset all --data-root demo/data --cache demo/cache --resolution 512

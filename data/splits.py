@@ -57,7 +57,7 @@ def hold_out(ids, fraction, seed, group=None):
     drawn in the order of a seeded permutation of the sorted keys until round(fraction * n) ids are
     held (at least one group when there are two or more, never all of them).
     """
-    ids = sorted(ids)
+    ids = sorted(ids)  # the draw depends on the ids, never on the order they were listed in
     keys = [group(x) if group else x for x in ids]
     groups = sorted(set(keys))
     size = {g: keys.count(g) for g in groups} if group else dict.fromkeys(groups, 1)  # ids a group
@@ -65,6 +65,7 @@ def hold_out(ids, fraction, seed, group=None):
     if len(ids) >= 2:  # at least one, never all
         n = min(max(n, 1), len(ids) - 1)
     held, count = set(), 0
+    # whole groups in a seeded order until n ids are held: RET's held-out sizes may exceed n by one
     for k in np.random.default_rng(seed).permutation(len(groups)).tolist():
         if count >= n or len(held) == len(groups) - 1:
             break
@@ -79,7 +80,8 @@ def authors_draw(ids, first_fraction=None, first=None):
     (first part, second part), both in the permuted order. first_fraction: the first part is
     int(first_fraction * N); first: its size as a number."""
     N = len(ids)
-    n_first = int(first_fraction * N) if first is None else int(first)
+    n_first = int(first_fraction * N) if first is None else int(first)  # int(): rounds down
+    # NOTE: torch's generator, as nntools.random_split: numpy's would give another permutation
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(AUTHORS_SEED)).tolist()
     return [ids[k] for k in perm[:n_first]], [ids[k] for k in perm[n_first:]]
 
@@ -89,6 +91,7 @@ def _draw_test(ids, dataset_id, protocol, seed):
     order."""
     if protocol == "authors":
         return authors_draw(sorted(ids), AUTHORS_TRAIN_FRACTION)
+    # [seed, 0]: the test draw's own stream; the validation draw uses [seed, 1]
     return hold_out(ids, TEST_FRACTION, [seed, 0], group=lambda x: patient_id(dataset_id, x))
 
 
@@ -111,7 +114,7 @@ def read_split_file(path, dataset_id, ids):
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"split file {path} is not valid JSON "
                          f"({' '.join(str(e).split())})") from None
-    if isinstance(raw, dict):
+    if isinstance(raw, dict):  # DDR's folder is "valid": both spellings accepted
         raw = {("val" if k in ("valid", "validation") else k): v for k, v in raw.items()
                if not (k == "protocol" and isinstance(v, str))}
     if (not isinstance(raw, dict) or set(raw) - set(SPLITS)
@@ -119,7 +122,7 @@ def read_split_file(path, dataset_id, ids):
         raise ValueError(f"split file {path} must be a JSON object "
                          f"{{\"train\": [ids], \"val\": [ids], \"test\": [ids]}}")
     known, seen = set(ids), set()
-    for name, members in raw.items():
+    for name, members in raw.items():  # an id twice would be trained on and scored on
         for x in members:
             if x not in known:
                 raise ValueError(f"split file {path}: unknown {dataset_id} image id {x!r} in "
@@ -144,7 +147,7 @@ def make_splits(samples, dataset_id, seed=0, split_file=None, protocol="paper"):
                          f"got {protocol!r}")
     ids = sorted(s.id for s in samples)
     mode = split_file or ("official" if dataset_id in OFFICIAL[protocol] else "seeded")
-    if mode == "official":
+    if mode == "official":  # the distributed folders (Sample.split)
         folder = {s.id: s.split for s in samples}
         if any(v is None for v in folder.values()):
             raise ValueError(f"--splits {dataset_id}=official: {dataset_id} has no official split "

@@ -1,11 +1,14 @@
-"""The five lesion datasets read exactly as distributed: one adapter per dataset ID (data/splits.py splits them).
+r"""The five lesion datasets read exactly as distributed: one adapter per dataset ID.
 
-    python -c "from data.datasets import list_samples, dataset_root; print(len(list_samples('IDR', dataset_root('IDR', 'data_raw'))))"
-    python -c "from data.datasets import *; r = dataset_root('RET', 'data_raw'); print(len(list_samples('RET', r)))"
+    python -c "from data.datasets import list_samples, dataset_root; \
+        print(len(list_samples('IDR', dataset_root('IDR', 'data_raw'))))"
+    python -c "from data.datasets import *; r = dataset_root('RET', 'data_raw'); \
+        print(len(list_samples('RET', r)))"
 
-An adapter turns a dataset root into a sorted list of `Sample`s (id, image file, mask files per lesion,
-distributed split folder). `load_image` / `load_masks` decode them; every quirk of the distributed layouts
-(docs/PROTOCOL.md, "Datasets") lives in this file and nowhere else.
+An adapter turns a dataset root into a sorted list of `Sample`s (id, image file, mask files per
+lesion, distributed split folder); data/splits.py splits them. `load_image` / `load_masks` decode
+them; every quirk of the distributed layouts (docs/PROTOCOL.md, "Datasets") lives in this file and
+nowhere else.
 """
 import difflib
 import os
@@ -20,62 +23,68 @@ from PIL import Image, ImageChops
 from data.ids import DATASET_IDS, FOLDERS, LESIONS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-# A subfolder every copy of the dataset has at its root: tells the dataset's folder from a wrapper around it.
-LANDMARKS = {"IDR": ("A. Segmentation",), "DDR": ("lesion_segmentation",), "FGA": ("Original_Images",),
-             "RET": ("images_896x896",), "MES": ("train", "test")}
+# A subfolder every copy of the dataset has at its root: tells the dataset's folder from a wrapper
+# around it.
+LANDMARKS = {"IDR": ("A. Segmentation",), "DDR": ("lesion_segmentation",),
+             "FGA": ("Original_Images",), "RET": ("images_896x896",), "MES": ("train", "test")}
 
 
 @dataclass
 class Sample:
+    """One image of a dataset and its mask files, as an adapter lists it."""
     id: str
     image: Path
-    masks: dict = field(default_factory=dict)  # lesion -> tuple of files OR-ed together; () = all-zero
-    split: str | None = None  # the distributed split folder ("train"/"val"/"test"), None when there is none
+    masks: dict = field(default_factory=dict)  # lesion -> files OR-ed together; () = all-zero
+    split: str | None = None  # the distributed split folder ("train"/"val"/"test"), or None
     dataset: str | None = None  # its dataset ID, set by list_samples (for --mask-threshold ID=T)
 
 
 # ----------------------------------------------------------------------------- roots
 
 def _is_dataset(folder, dataset_id):
+    """Does `folder` hold the dataset itself (one of its LANDMARKS subfolders)?"""
     return any((folder / name).is_dir() for name in LANDMARKS[dataset_id])
 
 
 def _one_level_down(base, dataset_id, data_root):
-    """Copies of the dataset one level below where it was expected: BASE/<name> (DATA/IDRiD/IDRiD) and, for
-    --data-root, DATA/*/<name> (DATA/idrid/IDRiD): (found, where it looked, as text)."""
+    """Copies of the dataset one level below where it was expected: BASE/<name> (DATA/IDRiD/IDRiD)
+    and, for --data-root, DATA/*/<name> (DATA/idrid/IDRiD): (found, where it looked, as text)."""
     name = FOLDERS[dataset_id]
     places, looked = [base / name], [str(base / name)]
     if data_root is not None:
         looked.append(str(Path(data_root) / "*" / name))
         if Path(data_root).is_dir():
-            places += sorted(d / name for d in Path(data_root).iterdir() if d.is_dir() and d != base)
+            places += sorted(d / name for d in Path(data_root).iterdir()
+                             if d.is_dir() and d != base)
     return [p for p in places if p.is_dir() and _is_dataset(p, dataset_id)], " and ".join(looked)
 
 
 def dataset_root(dataset_id, data_root, roots=None):
-    """Folder of one dataset: --root ID=DIR, else env <ID>_ROOT, else DATA_ROOT/<distributed folder name>.
+    """Folder of one dataset: --root ID=DIR, else env <ID>_ROOT, else DATA_ROOT/<distributed name>.
 
-    NOTE: users often unpack an archive into a folder of its own (DATA/IDRiD/IDRiD/A. Segmentation, or
-    DATA/idrid/IDRiD/...): when the expected folder is missing or lacks the dataset's top-level subfolder,
-    the distributed folder name is looked for one level down.
+    NOTE: users often unpack an archive into a folder of its own (DATA/IDRiD/IDRiD/A. Segmentation,
+    or DATA/idrid/IDRiD/...): when the expected folder is missing or lacks the dataset's top-level
+    subfolder, the distributed folder name is looked for one level down.
     """
     if dataset_id not in DATASET_IDS:
-        raise ValueError(f"unknown dataset ID {dataset_id!r} (choose from {', '.join(DATASET_IDS)})")
+        raise ValueError(f"unknown dataset ID {dataset_id!r} "
+                         f"(choose from {', '.join(DATASET_IDS)})")
     given = (roots or {}).get(dataset_id) or os.environ.get(f"{dataset_id}_ROOT")
     root = Path(given) if given else Path(data_root) / FOLDERS[dataset_id]
     if root.is_dir() and _is_dataset(root, dataset_id):
         return root
     found, looked = _one_level_down(root, dataset_id, None if given else data_root)
     if len(found) > 1:
-        raise ValueError(f"{dataset_id}: several copies found ({', '.join(map(str, found))}): choose one with "
-                         f"--root {dataset_id}=DIR")
+        raise ValueError(f"{dataset_id}: several copies found ({', '.join(map(str, found))}): "
+                         f"choose one with --root {dataset_id}=DIR")
     if found:
         return found[0]
     if root.is_dir():  # not the expected layout: the adapter names what is missing
         return root
     raise FileNotFoundError(
         f"{dataset_id} dataset not found: expected folder {root} (set --data-root DIR holding "
-        f"{FOLDERS[dataset_id]}/, or --root {dataset_id}=DIR, or {dataset_id}_ROOT=DIR; also looked in {looked})")
+        f"{FOLDERS[dataset_id]}/, or --root {dataset_id}=DIR, or {dataset_id}_ROOT=DIR; also "
+        f"looked in {looked})")
 
 
 def _index(folder, suffixes=IMAGE_SUFFIXES):
@@ -95,34 +104,40 @@ def _index(folder, suffixes=IMAGE_SUFFIXES):
 
 
 def _found(files, name):
-    return (files[name],) if name in files else ()  # NOTE: IDR, RET: absent mask file = lesion absent
+    """The mask file of one image where the dataset ships only the lesions present (IDR, RET)."""
+    return (files[name],) if name in files else ()  # NOTE: an absent mask file = lesion absent
 
 
 def _required(files, name, expected, dataset_id):
-    """The mask file of one image where the dataset ships one per image and lesion (DDR, FGA, MES)."""
+    """The mask file of one image where the dataset ships one per image and lesion (DDR, FGA,
+    MES)."""
     if name not in files:
-        raise FileNotFoundError(f"{dataset_id}: missing mask file {expected} ({dataset_id} ships every lesion mask "
-                                f"of every image, all-zero when the lesion is absent)")
+        raise FileNotFoundError(f"{dataset_id}: missing mask file {expected} ({dataset_id} ships "
+                                f"every lesion mask of every image, all-zero when the lesion is "
+                                f"absent)")
     return (files[name],)
 
 
 def _mask_folder(folder, dataset_id):
-    """A lesion mask folder that the distributed layout always has: FileNotFoundError naming it if absent
-    (a renamed or deleted folder would otherwise read as lesion-free images)."""
+    """A lesion mask folder that the distributed layout always has: FileNotFoundError naming it if
+    absent (a renamed or deleted folder would otherwise read as lesion-free images)."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{dataset_id}: mask folder {folder} not found (renamed or deleted? the "
-                                f"distributed layout has it)")
+        raise FileNotFoundError(f"{dataset_id}: mask folder {folder} not found (renamed or "
+                                f"deleted? the distributed layout has it)")
     return folder
 
 
 def _no_images(dataset_id, folder, layout):
-    return ValueError(f"{dataset_id}: no images found under {folder} (expected the distributed layout {layout})")
+    """The error of an adapter that found no image: where it looked, the layout it expected."""
+    return ValueError(f"{dataset_id}: no images found under {folder} (expected the distributed "
+                      f"layout {layout})")
 
 
 # ----------------------------------------------------------------------------- adapters
 
+# lesion -> (ground-truth folder, file suffix); NOTE: IDRiD calls CWS "SE" (soft exudates)
 IDR_MASKS = {"EX": ("3. Hard Exudates", "EX"), "HE": ("2. Haemorrhages", "HE"),
-             "MA": ("1. Microaneurysms", "MA"), "CWS": ("4. Soft Exudates", "SE")}  # IDRiD calls CWS "SE"
+             "MA": ("1. Microaneurysms", "MA"), "CWS": ("4. Soft Exudates", "SE")}
 IDR_UNUSED = {"5. Optic Disc": "OD"}  # distributed beside the lesions, not read
 
 
@@ -168,6 +183,7 @@ def _idr_lesion_folders(gt):
 
 
 def _idr(root, ret_he):
+    """IDRiD, segmentation part: official train / test folders, one TIFF per lesion present."""
     seg = root / "A. Segmentation"
     samples = []
     for folder, split in (("a. Training Set", "train"), ("b. Testing Set", "test")):
@@ -177,16 +193,19 @@ def _idr(root, ret_he):
         gt = _mask_folder(seg / "2. All Segmentation Groundtruths" / folder, "IDR")
         dirs = _idr_lesion_folders(gt)
         masks = {les: _index(d) for les, d in dirs.items()}
-        for les, (_, code) in IDR_MASKS.items():  # renamed files would read as "no lesion" too
+        # renamed files would read as "no lesion" too
+        for les, (_, code) in IDR_MASKS.items():
             if masks[les] and not any(stem.endswith(f"_{code}") for stem in masks[les]):
                 raise ValueError(f"IDR: no file in {dirs[les]} is named as IDRiD names them "
                                  f"(<image>_{code}.tif, e.g. {next(iter(images))}_{code}.tif): "
                                  f"rename them")
-        for stem, path in images.items():
-            files = {les: _found(masks[les], f"{stem}_{suffix}") for les, (_, suffix) in IDR_MASKS.items()}
+        for stem, path in images.items():  # IDRiD_01.jpg -> IDRiD_01_EX.tif, ...
+            files = {les: _found(masks[les], f"{stem}_{suffix}")
+                     for les, (_, suffix) in IDR_MASKS.items()}
             samples.append(Sample(stem, path, files, split))
     if not samples:
-        raise _no_images("IDR", seg / "1. Original Images", "'A. Segmentation/1. Original Images/a. Training Set/'")
+        raise _no_images("IDR", seg / "1. Original Images",
+                         "'A. Segmentation/1. Original Images/a. Training Set/'")
     return samples
 
 
@@ -194,30 +213,37 @@ DDR_MASKS = {"EX": "EX", "HE": "HE", "MA": "MA", "CWS": "SE"}
 
 
 def _ddr(root, ret_he):
+    """OIA-DDR lesion segmentation: official train / valid / test, a TIFF per image and lesion."""
     base = root / "lesion_segmentation"
     samples = []
     for folder, split in (("train", "train"), ("valid", "val"), ("test", "test")):
-        # NOTE: DDR's valid split names it "segmentation label" (either name is accepted in every split)
-        names = ("segmentation label", "label") if folder == "valid" else ("label", "segmentation label")
-        labels = next((base / folder / n for n in names if (base / folder / n).is_dir()), base / folder / names[0])
+        # NOTE: DDR's valid split names it "segmentation label" (either name is accepted in every
+        # split)
+        names = (("segmentation label", "label") if folder == "valid"
+                 else ("label", "segmentation label"))
+        labels = next((base / folder / n for n in names if (base / folder / n).is_dir()),
+                      base / folder / names[0])
         images = _index(base / folder / "image")
         if not images:
             continue
         dirs = {les: _mask_folder(labels / sub, "DDR") for les, sub in DDR_MASKS.items()}
         masks = {les: _index(d) for les, d in dirs.items()}
         for stem, path in images.items():
-            files = {les: _required(masks[les], stem, dirs[les] / f"{stem}.tif", "DDR") for les in LESIONS}
+            files = {les: _required(masks[les], stem, dirs[les] / f"{stem}.tif", "DDR")
+                     for les in LESIONS}
             samples.append(Sample(stem, path, files, split))
     if not samples:
         raise _no_images("DDR", base, "'lesion_segmentation/{train,valid,test}/image/'")
     return samples
 
 
-FGA_MASKS = {"EX": "HardExudate_Masks", "HE": "Hemohedge_Masks",  # NOTE: "Hemohedge" (sic) as distributed
+# NOTE: "Hemohedge" (sic) as distributed
+FGA_MASKS = {"EX": "HardExudate_Masks", "HE": "Hemohedge_Masks",
              "MA": "Microaneurysms_Masks", "CWS": "SoftExudate_Masks"}
 
 
 def _fga(root, ret_he):
+    """FGADR Seg-set: no distributed split, one PNG per image and lesion."""
     images = _index(root / "Original_Images")
     if not images:
         raise _no_images("FGA", root / "Original_Images", "'Seg-set/Original_Images/'")
@@ -234,18 +260,21 @@ RET_HE_ALL = ("retinal_hemorrhage", "preretinal_hemorrhage", "vitreous_hemorrhag
 
 
 def _ret(root, ret_he):
+    """Retinal-Lesions: no distributed split, one folder per image with the lesions present."""
     names = dict(RET_MASKS, HE=RET_HE_ALL) if ret_he == "all" else RET_MASKS
     images = _index(root / "images_896x896")
     if images:
         _mask_folder(root / "lesion_segs_896x896", "RET")
     samples = []
     for stem, path in images.items():
-        # NOTE: one folder per image holding only the lesions present; 17 images have no folder at all.
+        # NOTE: one folder per image holding only the lesions present; 17 images have no folder at
+        # all.
         pngs = _index(root / "lesion_segs_896x896" / stem, (".png",))
         files = {les: tuple(pngs[n] for n in names[les] if n in pngs) for les in LESIONS}
         samples.append(Sample(stem, path, files))
     if not samples:
-        raise _no_images("RET", root / "images_896x896", "'retinal-lesions-v20191227/images_896x896/'")
+        raise _no_images("RET", root / "images_896x896",
+                         "'retinal-lesions-v20191227/images_896x896/'")
     return samples
 
 
@@ -254,6 +283,7 @@ MES_MASKS = {"EX": "exudates", "HE": "hemorrhages", "MA": "microaneurysms",
 
 
 def _mes(root, ret_he):
+    """MAPLES-DR (MESSIDOR photographs) as maples-dr exports it: official train / test."""
     samples = []
     for split in ("train", "test"):
         images = _index(root / split / "fundus")
@@ -263,7 +293,8 @@ def _mes(root, ret_he):
         dirs = {les: _mask_folder(root / split / sub, "MES") for les, sub in MES_MASKS.items()}
         masks = {les: _index(d) for les, d in dirs.items()}
         for stem, path in images.items():
-            files = {les: _required(masks[les], stem, dirs[les] / f"{stem}.png", "MES") for les in LESIONS}
+            files = {les: _required(masks[les], stem, dirs[les] / f"{stem}.png", "MES")
+                     for les in LESIONS}
             samples.append(Sample(stem, path, files, split))
     if not samples:
         raise _no_images("MES", root, "'MAPLES-DR/{train,test}/fundus/'")
@@ -274,15 +305,18 @@ ADAPTERS = {"IDR": _idr, "DDR": _ddr, "FGA": _fga, "RET": _ret, "MES": _mes}
 
 
 def list_samples(dataset_id, root, ret_he="retinal"):
-    """All samples of one dataset, sorted by id. ret_he="all" merges RET's preretinal + vitreous into HE."""
+    """All samples of one dataset, sorted by id. ret_he="all" merges RET's preretinal + vitreous
+    into HE."""
     if dataset_id not in ADAPTERS:
-        raise ValueError(f"unknown dataset ID {dataset_id!r} (choose from {', '.join(DATASET_IDS)})")
+        raise ValueError(f"unknown dataset ID {dataset_id!r} "
+                         f"(choose from {', '.join(DATASET_IDS)})")
     if ret_he not in ("retinal", "all"):
         raise ValueError(f"--ret-he must be 'retinal' or 'all', got {ret_he!r}")
     samples = sorted(ADAPTERS[dataset_id](Path(root), ret_he), key=lambda s: s.id)
     for a, b in zip(samples, samples[1:]):
         if a.id == b.id:
-            raise ValueError(f"{dataset_id}: duplicate image id {a.id!r} ({a.image} and {b.image})")
+            raise ValueError(f"{dataset_id}: duplicate image id {a.id!r} "
+                             f"({a.image} and {b.image})")
     for s in samples:
         s.dataset = dataset_id
     return samples
@@ -291,6 +325,7 @@ def list_samples(dataset_id, root, ret_he="retinal"):
 # ----------------------------------------------------------------------------- decoding
 
 def _unreadable(path, err):
+    """The one-line error for an image or mask PIL cannot decode."""
     msg = " ".join(str(err).split())  # one line, whatever PIL says
     return ValueError(f"cannot read {path}: corrupt or truncated file ({msg})")
 
@@ -333,12 +368,13 @@ def load_image(path):
 def _wide_to_rgb(im):
     """A 16-bit (or 32-bit / float) grey image -> 8-bit RGB, scaled by its own range.
 
-    NOTE: PIL's convert("RGB") clips such values at 255, which turns a 16-bit photograph white. The real
-    range is unknown (12-bit sensors store 0..4095 in 16 bits), so the image's own maximum maps to 255.
+    NOTE: PIL's convert("RGB") clips such values at 255, which turns a 16-bit photograph white. The
+    real range is unknown (12-bit sensors store 0..4095 in 16 bits), so the image's own maximum maps
+    to 255.
     """
     a = np.asarray(im, dtype=np.float64)
     top = a.max() if a.size and np.isfinite(a.max()) and a.max() > 0 else 1.0
-    grey = np.clip(np.nan_to_num(a) / top * 255 + 0.5, 0, 255).astype(np.uint8)
+    grey = np.clip(np.nan_to_num(a) / top * 255 + 0.5, 0, 255).astype(np.uint8)  # rounded
     return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
 
 
@@ -347,7 +383,8 @@ def _decode_mask(im, threshold):
     if im.mode in ("L", "I", "I;16", "F"):
         a = np.asarray(im)
     else:
-        # NOTE: 1-bit (MES), palette (IDR: index 1 = red), RGB with equal channels (FGA): max over RGB.
+        # NOTE: 1-bit (MES), palette (IDR: index 1 = red), RGB with equal channels (FGA): max over
+        # RGB.
         a = np.asarray(im.convert("RGB")).max(axis=-1)
     return a > threshold
 
@@ -384,8 +421,8 @@ def _compression_noise(hist, threshold, jpeg):
     bicubic) looks like JPEG noise: hence a warning only, for PNG and TIFF masks.
     """
     top = int(np.flatnonzero(hist)[-1]) if hist.any() else 0
-    faint = int(hist[threshold + 1:top // 8 + 1].sum())
-    mid = int(hist[top // 4 + 1:3 * top // 4 + 1].sum())
+    faint = int(hist[threshold + 1:top // 8 + 1].sum())  # threshold < value <= top / 8
+    mid = int(hist[top // 4 + 1:3 * top // 4 + 1].sum())  # top / 4 < value <= 3 top / 4
     if faint and (jpeg or (faint >= FAINT_MIN and faint > 8 * mid)):
         return faint, top // 8
     return 0, 0
@@ -406,7 +443,7 @@ def _check_noise(im, path, sample, threshold):
         raise ValueError(f"mask {path} is a JPEG: {faint} pixels of values {threshold + 1}..{top} "
                          f"(compression noise) would count as lesion; re-export the masks as PNG "
                          f"or TIFF, or pass --mask-threshold {ds}=127")
-    with _NOISY_LOCK:
+    with _NOISY_LOCK:  # one warning per dataset, whichever thread sees it first
         if sample.dataset in _NOISY:
             return
         _NOISY.add(sample.dataset)
@@ -426,7 +463,7 @@ def _upright_mask(im, path, sample, image_size):
     own, turn = _orientation(im), 1
     if own != 1:
         im = im.transpose(TURNS[own])
-    elif im.size != tuple(image_size):
+    elif im.size != tuple(image_size):  # drawn on the stored pixels of a turned photograph?
         with Image.open(sample.image) as photo:
             turn = _orientation(photo)
         if turn >= 5 and im.size == tuple(image_size)[::-1]:
@@ -445,13 +482,13 @@ def load_masks(sample, image_size, threshold=0, box=None, size=None):
     image_size: (W, H) of the sample's image as load_image gives it (each mask must fit it:
     _upright_mask). box (x0, y0, x1, y1) and size (w, h) resample with nearest neighbour while
     decoding (prepare uses this); default: native resolution. A JPEG mask whose compression noise
-    would count as lesion at this threshold is a ValueError naming it (the noise took MA from 0.33 %
-    to 15.7 % of a fundus); a PNG / TIFF that looks like one gets a warning (_check_noise).
+    would count as lesion at this threshold is a ValueError naming it (the noise took MA from
+    0.33 % to 15.7 % of a fundus); a PNG / TIFF that looks like one gets a warning (_check_noise).
     """
     out_w, out_h = size or image_size
     masks = np.zeros((len(LESIONS), out_h, out_w), dtype=bool)  # (4, h, w)
     for c, lesion in enumerate(LESIONS):
-        for path in sample.masks.get(lesion, ()):
+        for path in sample.masks.get(lesion, ()):  # several files (RET --ret-he all): OR-ed
             try:
                 with Image.open(path) as im:
                     _check_noise(im, path, sample, threshold)
@@ -461,7 +498,7 @@ def load_masks(sample, image_size, threshold=0, box=None, size=None):
                     else:
                         im.load()
                     masks[c] |= _decode_mask(im, threshold)
-            except ValueError:
+            except ValueError:  # ours, already one line naming the file
                 raise
             except (OSError, SyntaxError, Image.DecompressionBombError) as e:
                 raise _unreadable(path, e) from None

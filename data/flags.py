@@ -1,11 +1,12 @@
-"""The data flags shared by data.prepare, train.py, evaluate.py, average.py, tune.py and characterize.py.
+"""The data flags of data.prepare, train.py, evaluate.py, average.py, tune.py, characterize.py.
 
     python -m data.prepare --help            # the "data" group is these flags
     python train.py --train IDR --split-protocol authors --splits MES=official
 
-add_data_args adds them to a parser, data_options turns the parsed values into prepare_cache's keyword
-arguments, data_settings merges them with the values a training run recorded in its checkpoint.
-add_dataset_list is the one syntax of every dataset-list flag (--train, --test, --datasets, --dataset).
+add_data_args adds them to a parser, data_options turns the parsed values into prepare_cache's
+keyword arguments, data_settings merges them with the values a training run recorded in its
+checkpoint. add_dataset_list is the one syntax of every dataset-list flag (--train, --test,
+--datasets, --dataset). Each flag in full: docs/DATA.md, "The data flags".
 """
 import argparse
 import os
@@ -19,48 +20,51 @@ SPLIT_PROTOCOLS = ("paper", "authors")  # docs/PROTOCOL.md, "splits"
 def add_data_args(parser):
     """The data flags shared by data.prepare, train.py, evaluate.py and characterize.py."""
     g = parser.add_argument_group("data")
+    # The help texts are short; docs/DATA.md, "The data flags", has each flag in full
     g.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data_raw"),
-                   help="folder holding the datasets under their distributed names (IDRiD/, DDR-dataset/, "
-                        "Seg-set/, retinal-lesions-v20191227/, MAPLES-DR/), also found one level down, e.g. "
-                        "DATA/idrid/IDRiD/ (default: env DATA_ROOT or %(default)s)")
-    g.add_argument("--cache", default="cache", help="prepared-data cache folder (default: %(default)s)")
+                   help="folder holding the datasets under their distributed names, also one level "
+                        "down (docs/DATA.md) (default: env DATA_ROOT or %(default)s)")
+    g.add_argument("--cache", default="cache",
+                   help="prepared-data cache folder (default: %(default)s)")
     g.add_argument("--root", action="append", default=[], metavar="ID=DIR",
-                   help="folder of one dataset, overrides --data-root and env <ID>_ROOT; repeatable (default: none)")
+                   help="folder of one dataset, overrides --data-root and env <ID>_ROOT; "
+                        "repeatable (default: none)")
     g.add_argument("--mask-threshold", action="append", default=[], metavar="ID=T",
-                   help="lesion where mask value > T for that dataset, e.g. FGA=127 drops anti-aliased edges, "
-                        "RET=127 keeps only the 255 (guideline) labels; repeatable (default: 0 for all)")
+                   help="lesion where mask value > T for that dataset (FGA=127, RET=127: "
+                        "docs/DATA.md); repeatable (default: 0 for all)")
     g.add_argument("--splits", action="append", default=[], metavar="ID=FILE",
-                   help="split of one dataset: a JSON file {train,val,test: [ids]}, 'official' or 'seeded'; "
-                        "repeatable (default: the --split-protocol's)")
+                   help="split of one dataset: a JSON file {train,val,test: [ids]}, 'official' or "
+                        "'seeded'; repeatable (default: the --split-protocol's)")
     g.add_argument("--split-protocol", choices=SPLIT_PROTOCOLS, default="paper",
-                   help="paper: section 2.4, IDR and DDR official, FGA, RET, MES seeded 30%% test then 85/15 "
-                        "train/val (RET: both eyes of a patient on the same side); authors: the authors' public "
-                        "code, FGA and RET torch.randperm seed 42 80/20, validation int(15%%) of train the same "
-                        "way, IDR, DDR, MES official (default: %(default)s)")
+                   help="paper: section 2.4; authors: the authors' public code (docs/PROTOCOL.md, "
+                        "\"Splits\") (default: %(default)s)")
     g.add_argument("--ret-he", choices=("retinal", "all"), default="retinal",
-                   help="Retinal-Lesions HE: retinal_hemorrhage only, or also preretinal + vitreous "
-                        "(default: %(default)s)")
+                   help="Retinal-Lesions HE: retinal_hemorrhage only, or also preretinal + "
+                        "vitreous (default: %(default)s)")
     g.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the paper protocol's seeded splits; the authors protocol always uses 42 "
-                        "(default: %(default)s)")
+                   help="seed of the paper protocol's seeded splits; the authors protocol always "
+                        "uses 42 (default: %(default)s)")
     return parser
 
 
 class DatasetList(argparse.Action):
-    """Dataset IDs as one list, however they are typed: `--test IDR,DDR MES`, `--test IDR+DDR+mes` and
-    `--test all` parse to the canonical list (data.ids.parse_dataset_ids: canonical order, no duplicates).
-    Given twice, the last one wins, as for any flag: `make ... EVAL_FLAGS="--test MES"` overrides the default.
+    """Dataset IDs as one list, however they are typed: `--test IDR,DDR MES`, `--test IDR+DDR+mes`
+    and `--test all` parse to the canonical list (data.ids.parse_dataset_ids: canonical order, no
+    duplicates). Given twice, the last one wins, as for any flag: `make ... EVAL_FLAGS="--test MES"`
+    overrides the default.
 
-    NOTE: an unknown ID raises ValueError naming the flag (not argparse's usage + exit 2), so every script's
-    `except ValueError` prints it as one line, like its other user errors.
+    NOTE: an unknown ID raises ValueError naming the flag (not argparse's usage + exit 2), so every
+    script's `except ValueError` prints it as one line, like its other user errors.
     """
 
     def __call__(self, parser, namespace, values, option_string=None):
-        words = [values] if isinstance(values, str) else list(values)
+        words = [values] if isinstance(values, str) else list(values)  # nargs="+": a list
         for word in words:
-            if "/" in word or os.sep in word:  # `fig4.py --test IDR runs/X`: the list took the positional
-                raise ValueError(f"{option_string}: {word!r} is not a dataset ID; a folder or file goes before "
-                                 f"{option_string}, whose list takes every word after it")
+            # `fig4.py --test IDR runs/X`: the list took the positional argument
+            if "/" in word or os.sep in word:
+                raise ValueError(f"{option_string}: {word!r} is not a dataset ID; a folder or "
+                                 f"file goes before {option_string}, whose list takes every word "
+                                 f"after it")
         text = ",".join(words)
         try:
             ids = list(DATASET_IDS) if text.strip().lower() == "all" else parse_dataset_ids(text)
@@ -70,11 +74,14 @@ class DatasetList(argparse.Action):
 
 
 def add_dataset_list(parser, flag, what, default=None, required=False):
-    """Add a dataset-list flag (see DatasetList) whose help names its syntax; the parsed value is a list of IDs."""
+    """Add a dataset-list flag (see DatasetList) whose help names its syntax; the parsed value is a
+    list of IDs."""
     shown = "required" if required else f"default: {','.join(default) if default else 'none'}"
-    parser.add_argument(flag, nargs="+", action=DatasetList, default=default, required=required, metavar="IDS",
-                        help=f"{what}: IDs of {', '.join(DATASET_IDS)} in any order or case, separated by commas, "
-                             f"+ or spaces (IDR,DDR MES = IDR+DDR+MES), or 'all' ({shown})")
+    parser.add_argument(flag, nargs="+", action=DatasetList, default=default, required=required,
+                        metavar="IDS",
+                        help=f"{what}: IDs of {', '.join(DATASET_IDS)} in any order or case, "
+                             f"separated by commas, + or spaces (IDR,DDR MES = IDR+DDR+MES), or "
+                             f"'all' ({shown})")
 
 
 def parse_pairs(values, flag):
@@ -96,34 +103,38 @@ def data_options(args):
     """Keyword arguments of prepare_cache from the add_data_args flags."""
     thresholds = {}
     for k, v in parse_pairs(args.mask_threshold, "--mask-threshold").items():
-        if not v.isdigit() or int(v) > 254:
-            raise ValueError(f"--mask-threshold {k}={v}: the threshold must be an integer in 0..254")
+        if not v.isdigit() or int(v) > 254:  # > 255 would drop every lesion
+            raise ValueError(f"--mask-threshold {k}={v}: the threshold must be an integer "
+                             "in 0..254")
         thresholds[k] = int(v)
-    # NOTE: namespaces rebuilt from runs recorded before --split-protocol existed have no such attribute
+    # NOTE: namespaces rebuilt from runs recorded before --split-protocol existed lack the attribute
     protocol = getattr(args, "split_protocol", None) or "paper"
     if protocol not in SPLIT_PROTOCOLS:
         raise ValueError(f"--split-protocol {protocol}: choose from {', '.join(SPLIT_PROTOCOLS)}")
     return {"roots": parse_pairs(args.root, "--root"), "thresholds": thresholds,
-            "split_files": parse_pairs(args.splits, "--splits"), "ret_he": args.ret_he, "split_seed": args.split_seed,
-            "split_protocol": protocol}
+            "split_files": parse_pairs(args.splits, "--splits"), "ret_he": args.ret_he,
+            "split_seed": args.split_seed, "split_protocol": protocol}
 
 
 # The flags above that decide which images are read and how they are split.
-DATA_FLAGS = ("data_root", "cache", "root", "mask_threshold", "splits", "split_protocol", "ret_he", "split_seed")
+DATA_FLAGS = ("data_root", "cache", "root", "mask_threshold", "splits", "split_protocol", "ret_he",
+              "split_seed")
 
 
 def data_settings(args, parser, recorded):
-    """(data_root, cache, prepare_cache options): a data flag given on this command line wins, else the
-    training run's recorded value (its checkpoint's "args"), else the default.
+    """(data_root, cache, prepare_cache options): a data flag given on this command line wins, else
+    the training run's recorded value (its checkpoint's "args"), else the default.
 
-    NOTE: split flags decide which images are validation and test; reading a run's data with other split
-    options would re-split the cache and could score on images the run trained on.
+    NOTE: split flags decide which images are validation and test; reading a run's data with other
+    split options would re-split the cache and could score on images the run trained on.
     """
     merged = argparse.Namespace(**vars(args))
     for key in DATA_FLAGS:
+        # a flag left at its default counts as not given (argparse cannot tell them apart)
         if getattr(args, key) == parser.get_default(key) and recorded.get(key) is not None:
-            # NOTE: a checkpoint received from elsewhere must not choose where this program writes: its
-            # recorded --cache is used only where a prepared cache already is (this machine's own run)
+            # NOTE: a checkpoint received from elsewhere must not choose where this program writes:
+            # its recorded --cache is used only where a prepared cache already is (this machine's
+            # own run)
             if key == "cache" and not is_prepared_cache(recorded[key]):
                 continue
             setattr(merged, key, recorded[key])

@@ -1,10 +1,12 @@
-"""Dataset IDs, lesion names and colours, the datasets' folder names and labelling styles: what every file names.
+r"""What every file names: dataset IDs, lesion names and colours, folder names, labelling styles.
 
-    python -c "from data.ids import parse_dataset_ids, combo_name; print(combo_name(parse_dataset_ids('mes,idr')))"
-    python3 data/ids.py combos              # the 31 training combinations, canonical names (the Makefile's list)
+    python -c "from data.ids import parse_dataset_ids, combo_name; \
+        print(combo_name(parse_dataset_ids('mes,idr')))"
+    python3 data/ids.py combos              # the 31 training combinations (the Makefile's list)
     python3 data/ids.py canonical MES+idr   # -> IDR+MES
 
-Standard library only, and runnable as a plain script, so the Makefile can ask it before .venv exists.
+Standard library only, and runnable as a plain script, so the Makefile can ask it before .venv
+exists.
 """
 import itertools
 import json
@@ -12,24 +14,29 @@ import sys
 from pathlib import Path
 
 LESIONS = ("EX", "HE", "MA", "CWS")  # channel order everywhere: files, tensors, tables
-LESION_NAMES = {"EX": "hard exudates", "HE": "haemorrhages", "MA": "microaneurysms", "CWS": "cotton-wool spots"}
-# One fixed colour per lesion in every picture (overlays, curves, figures): EX yellow, HE red, MA green, CWS cyan
-LESION_COLOURS = {"EX": (255, 230, 0), "HE": (230, 20, 20), "MA": (40, 230, 40), "CWS": (0, 200, 255)}
+LESION_NAMES = {"EX": "hard exudates", "HE": "haemorrhages", "MA": "microaneurysms",
+                "CWS": "cotton-wool spots"}
+# One fixed colour per lesion in every picture (overlays, curves, figures):
+# EX yellow, HE red, MA green, CWS cyan
+LESION_COLOURS = {"EX": (255, 230, 0), "HE": (230, 20, 20), "MA": (40, 230, 40),
+                  "CWS": (0, 200, 255)}
 DATASET_IDS = ("IDR", "DDR", "FGA", "RET", "MES")  # canonical order: run names follow it
 # Folder name of each dataset under --data-root, as distributed (docs/PROTOCOL.md, "datasets").
-FOLDERS = {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set", "RET": "retinal-lesions-v20191227",
-           "MES": "MAPLES-DR"}
+FOLDERS = {"IDR": "IDRiD", "DDR": "DDR-dataset", "FGA": "Seg-set",
+           "RET": "retinal-lesions-v20191227", "MES": "MAPLES-DR"}
 
 
-# The datasets' labelling styles as the paper found them (section 2.1, Figure 2): IDRiD, DDR and MAPLES-DR
-# outline lesions finely, Retinal-Lesions coarsely (merged, dilated blobs), FGADR mixes both. A
-# characterize.json (characterize.py) replaces this table with measured styles.
+# The datasets' labelling styles as the paper found them (section 2.1, Figure 2): IDRiD, DDR and
+# MAPLES-DR outline lesions finely, Retinal-Lesions coarsely (merged, dilated blobs), FGADR mixes
+# both. A characterize.json (characterize.py) replaces this table with measured styles.
 STYLES = ("fine", "mixed", "coarse")  # token order of train.py --style-condition style
 STYLE_TABLE = {"IDR": "fine", "DDR": "fine", "FGA": "mixed", "RET": "coarse", "MES": "fine"}
 
 
 def _parse_names(text, known, what, item):
-    """'b,a' -> the names of `known` it lists, in `known`'s order, no duplicates; ValueError naming what / item."""
+    """'b,a' -> the names of `known` it lists, in `known`'s order, no duplicates.
+    ValueError naming `what` (an empty list) or `item` (an unknown name)."""
+    # "+" is accepted as a separator so that run names (IDR+MES) parse back
     names = [t.strip().upper() for t in str(text).replace("+", ",").split(",") if t.strip()]
     if not names:
         raise ValueError(f"empty {what} list {text!r} (choose from {', '.join(known)})")
@@ -45,7 +52,8 @@ def parse_dataset_ids(text):
 
 
 def parse_lesions(text):
-    """'he,ex' -> ('EX', 'HE') (LESIONS order, no duplicates): the lesions a run is trained and scored on."""
+    """'he,ex' -> ('EX', 'HE') (LESIONS order, no duplicates): the lesions a run is trained and
+    scored on."""
     return tuple(_parse_names(text, LESIONS, "lesion", "lesion"))
 
 
@@ -55,19 +63,23 @@ def combo_name(ids):
 
 
 def all_combos():
-    """The 31 non-empty training combinations, by size then canonical order: IDR, DDR, ..., IDR+DDR, ..."""
-    return ["+".join(c) for r in range(1, len(DATASET_IDS) + 1) for c in itertools.combinations(DATASET_IDS, r)]
+    """The 31 non-empty training combinations, by size then canonical order:
+    IDR, DDR, ..., IDR+DDR, ..."""
+    return ["+".join(c) for r in range(1, len(DATASET_IDS) + 1)
+            for c in itertools.combinations(DATASET_IDS, r)]
 
 
 def read_styles(path):
-    """characterize.json (characterize.py) -> {dataset ID: 'fine' | 'mixed' | 'coarse' | 'undetermined'}."""
+    """characterize.json (characterize.py) ->
+    {dataset ID: 'fine' | 'mixed' | 'coarse' | 'undetermined'}."""
     path = Path(path)
     try:
         report = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"--characterize file not found: {path}") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"--characterize {path} is not readable JSON ({type(e).__name__})") from None
+        raise ValueError(f"--characterize {path} is not readable JSON "
+                         f"({type(e).__name__})") from None
     datasets = report.get("datasets") if isinstance(report, dict) else None
     if not isinstance(datasets, dict):
         raise ValueError(f"--characterize {path} is not a characterize.json (no 'datasets' object)")
@@ -75,22 +87,25 @@ def read_styles(path):
 
 
 def dataset_styles(train_ids, characterize=None):
-    """{dataset ID: style} of the training sets, from characterize.json or STYLE_TABLE; one error line when
-    a training set has no usable style there."""
+    """{dataset ID: style} of the training sets, from characterize.json or STYLE_TABLE; one error
+    line when a training set has no usable style there."""
     styles = read_styles(characterize) if characterize else STYLE_TABLE
     where = f"--characterize {characterize}" if characterize else "data.ids.STYLE_TABLE"
     for ds in train_ids:
         if styles.get(ds) not in STYLES:
-            raise ValueError(f"{where} gives training set {ds} the style {styles.get(ds)!r}, not one of "
-                             f"{', '.join(STYLES)} (characterize.py needs two or more datasets, one of them fine)")
+            raise ValueError(f"{where} gives training set {ds} the style {styles.get(ds)!r}, "
+                             f"not one of {', '.join(STYLES)} (characterize.py needs two or more "
+                             f"datasets, one of them fine)")
     return {ds: styles[ds] for ds in train_ids}
 
 
 def style_tokens(mode, train_ids, characterize=None):
-    """A run's style conditioning (train.py --style-condition) -> (tokens, token_styles, {dataset: token}).
+    """A run's style conditioning (train.py --style-condition) ->
+    (tokens, token_styles, {dataset: token}).
 
-    style: one token per labelling style present in training (STYLES order); dataset: one per training set.
-    token_styles[i] is token i's labelling style (the token itself under `style`). off: empty.
+    style: one token per labelling style present in training (STYLES order); dataset: one per
+    training set. token_styles[i] is token i's labelling style (the token itself under `style`).
+    off: empty.
     """
     if mode not in ("off", "style", "dataset"):
         raise ValueError(f"--style-condition must be off, style or dataset, got {mode!r}")
@@ -105,6 +120,7 @@ def style_tokens(mode, train_ids, characterize=None):
 
 
 if __name__ == "__main__":
+    # The Makefile's two questions, answered without .venv (see the docstring)
     try:
         if sys.argv[1:2] == ["combos"] and len(sys.argv) == 2:
             print(" ".join(all_combos()))

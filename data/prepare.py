@@ -1,19 +1,23 @@
-"""Prepare a dataset once into a memory-mapped cache (crop to FOV, resize, pad); data/cache.py reads it back.
+r"""Prepare a dataset once into a memory-mapped cache (crop to FOV, resize, pad); data/cache.py
+reads it back.
 
     python -m data.prepare --dataset IDR --data-root data_raw --cache cache --resolution 1536
     python -m data.prepare --dataset all --data-root demo/data --cache demo/cache --resolution 512
-    python -m data.prepare --dataset FGA,MES --mask-threshold FGA=127 --splits MES=official --cache cache
+    python -m data.prepare --dataset FGA,MES --mask-threshold FGA=127 --splits MES=official \
+        --cache cache
     python -m data.prepare --dataset FGA RET --split-protocol authors --cache cache
 
-CACHE/<ID>/<resolution>/ holds images.npy uint8 (N, R, R, 3), masks.npy uint8 (N, R, R) with bits 0-3 =
-EX, HE, MA, CWS and bit 4 = FOV, splits.json (the split protocol, split -> sorted ids) and meta.json (ids in
-row order, per-image geometry and lesion statistics, options, the arrays' sizes, and a fingerprint of the
-sources + options that makes a re-run a no-op). It is written into a temporary folder and renamed into place,
-so an interrupted or failed preparation never leaves a cache that looks complete, and the temporary folder is
-removed on any failure. Free space is checked first and reserved before the memory-mapped writes (a full disk
-under a memory map is a SIGBUS, not an error). A cache whose files no longer match meta.json (truncated, garbled)
-is prepared again. Concurrent preparations of the same cache (make -j, several jobs on first use) take turns on
-a lock file CACHE/<ID>/.<resolution>.lock: the first prepares, the others find it up to date.
+CACHE/<ID>/<resolution>/ holds images.npy uint8 (N, R, R, 3), masks.npy uint8 (N, R, R) with bits
+0-3 = EX, HE, MA, CWS and bit 4 = FOV, splits.json (the split protocol, split -> sorted ids) and
+meta.json (ids in row order, per-image geometry and lesion statistics, options, the arrays' sizes,
+and a fingerprint of the sources + options that makes a re-run a no-op). It is written into a
+temporary folder and renamed into place, so an interrupted or failed preparation never leaves a
+cache that looks complete, and the temporary folder is removed on any failure. Free space is
+checked first and reserved before the memory-mapped writes (a full disk under a memory map is a
+SIGBUS, not an error). A cache whose files no longer match meta.json (truncated, garbled) is
+prepared again. Concurrent preparations of the same cache (make -j, several jobs on first use) take
+turns on a lock file CACHE/<ID>/.<resolution>.lock: the first prepares, the others find it up to
+date. More in docs/DATA.md, "The prepared cache".
 """
 import argparse
 import contextlib
@@ -32,39 +36,64 @@ if __package__ in (None, ""):  # `python data/prepare.py` as well as `python -m 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils
+from data.flags import add_data_args, add_dataset_list, data_options
+from data.ids import LESIONS, parse_dataset_ids
 
-utils.start(__name__)  # a Ctrl-C while numpy loads: one line
+
+def build_parser():
+    """The command line: the datasets, the resolution, the decoding threads and the data flags."""
+    # NOTE: prog: run as `python -m data.prepare`, argparse would call itself prepare.py (a file one
+    # can't run as is)
+    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_list(parser, "--dataset", "datasets to prepare", required=True)
+    parser.add_argument("--resolution", type=int, default=1536,
+                        help="side of the square prepared images "
+                             "(default: %(default)s, the paper's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads (default: min(8, CPU count))")
+    # NOTE: --out was this script's name for --cache (the one the other scripts use); kept, hidden,
+    # for old commands
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    add_data_args(parser)  # --cache among them
+    return parser
+
+
+utils.start(__name__, build_parser)  # --help before numpy loads; a Ctrl-C while it loads: one line
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta  # noqa: E402
-from data.datasets import dataset_root, list_samples, load_image, load_masks
-from data.flags import add_data_args, add_dataset_list, data_options
-from data.ids import LESIONS, parse_dataset_ids
-from data.preprocess import fit_geometry, fov_box, fov_mask, pad_square, resize_image
-from data.splits import make_splits
+from data.datasets import dataset_root, list_samples, load_image, load_masks  # noqa: E402
+from data.preprocess import fit_geometry, fov_box, fov_mask, pad_square, resize_image  # noqa: E402
+from data.splits import make_splits  # noqa: E402
 
-SPACE_MARGIN = 1.02, 64 << 20  # free space needed: arrays x 1.02 + 64 MiB (JSON files, file system slack)
+# free space needed: arrays x 1.02 + 64 MiB (JSON files, file system slack)
+SPACE_MARGIN = 1.02, 64 << 20
 
 
 # ----------------------------------------------------------------------------- preparation
 
 def preprocess_sample(sample, resolution, threshold=0):
-    """Decode + preprocess one sample: (image uint8 (R, R, 3), bitmask uint8 (R, R), geometry, stats)."""
+    """Decode + preprocess one sample (paper section 2.2):
+    (image uint8 (R, R, 3), bitmask uint8 (R, R), geometry, stats)."""
     image = load_image(sample.image)
     box, t = fov_box(image)
     geometry = fit_geometry(image.width, image.height, box, resolution, t)
     out = resize_image(image, geometry)  # (R, R, 3)
     fov = fov_mask(out, geometry)  # (R, R)
-    if not fov.any():  # NOTE: a black or blank photograph: training never samples it, evaluation scores nothing
-        print(f"warning: {sample.image}: no field of view found (black or blank image?); it has no pixel to "
-              f"train on or to score", file=sys.stderr, flush=True)
-    masks = load_masks(sample, image.size, threshold, box=tuple(box), size=tuple(geometry["size"]))  # (4, h, w)
+    # NOTE: a black or blank photograph: training never samples it, evaluation scores nothing
+    if not fov.any():
+        print(f"warning: {sample.image}: no field of view found (black or blank image?); it has no "
+              f"pixel to train on or to score", file=sys.stderr, flush=True)
+    # the masks are cropped and resized while decoding, to the content size (w, h) before padding
+    masks = load_masks(sample, image.size, threshold, box=tuple(box),
+                       size=tuple(geometry["size"]))  # (4, h, w)
     bits = np.zeros(masks.shape[1:], np.uint8)
-    for c in range(len(LESIONS)):
+    for c in range(len(LESIONS)):  # lesion c -> bit c of one byte per pixel
         bits |= masks[c].astype(np.uint8) << c
-    bits = pad_square(bits, geometry)
+    bits = pad_square(bits, geometry)  # (R, R)
     inside = bits[fov]  # (FOV pixels,): the lesion bits where the lesions are counted
     bits |= fov.astype(np.uint8) << FOV_BIT
     stats = {"lesion_pixels": [int(m.sum()) for m in masks], "fov_pixels": int(fov.sum()),
@@ -73,16 +102,19 @@ def preprocess_sample(sample, resolution, threshold=0):
 
 
 def _split_key(split_file):
-    """None / "official" / "seeded" as is; a split file by the hash of its content (its name when unreadable)."""
+    """None / "official" / "seeded" as is; a split file by the hash of its content (its name when
+    unreadable)."""
     if split_file not in (None, "official", "seeded") and Path(split_file).is_file():
         return hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
     return split_file
 
 
 def _options(threshold, ret_he, split_file, split_seed, split_protocol):
-    """The options recorded in meta.json: everything besides the source files that changes the cache."""
+    """The options recorded in meta.json: everything besides the source files that changes the
+    cache."""
     return {"mask_threshold": threshold, "ret_he": ret_he, "splits": split_file or "default",
-            "split_key": _split_key(split_file), "split_seed": split_seed, "split_protocol": split_protocol}
+            "split_key": _split_key(split_file), "split_seed": split_seed,
+            "split_protocol": split_protocol}
 
 
 def _fingerprint(dataset_id, root, samples, resolution, options):
@@ -90,13 +122,14 @@ def _fingerprint(dataset_id, root, samples, resolution, options):
     files = []
     for s in samples:
         for p in (s.image, *[f for les in LESIONS for f in s.masks.get(les, ())]):
-            st = p.stat()
+            st = p.stat()  # size and mtime stand for the content: hashing it would cost a read
             files.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
     key = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution,
-           "threshold": options["mask_threshold"], "ret_he": options["ret_he"] if dataset_id == "RET" else None,
+           "threshold": options["mask_threshold"],
+           "ret_he": options["ret_he"] if dataset_id == "RET" else None,
            "split": options["split_key"], "split_seed": options["split_seed"], "files": files}
-    # NOTE: the default protocol adds no key, so caches prepared before --split-protocol existed stay valid;
-    # except RET's, whose paper split now keeps both eyes of a patient on the same side.
+    # NOTE: the default protocol adds no key, so caches prepared before --split-protocol existed
+    # stay valid; except RET's, whose paper split now keeps both eyes of a patient on the same side.
     if options["split_protocol"] != "paper":
         key["split_protocol"] = options["split_protocol"]
     elif dataset_id == "RET":
@@ -105,13 +138,17 @@ def _fingerprint(dataset_id, root, samples, resolution, options):
 
 
 def _option_changes(dataset_id, recorded, requested):
-    """['--mask-threshold FGA=127 (cache: 0)', ...]: the requested options that differ from a cache's."""
-    flags = {"mask_threshold": f"--mask-threshold {dataset_id}=", "splits": f"--splits {dataset_id}=",
-             "split_seed": "--split-seed ", "split_protocol": "--split-protocol ", "ret_he": "--ret-he "}
+    """['--mask-threshold FGA=127 (cache: 0)', ...]: the requested options that differ from a
+    cache's."""
+    flags = {"mask_threshold": f"--mask-threshold {dataset_id}=",
+             "splits": f"--splits {dataset_id}=", "split_seed": "--split-seed ",
+             "split_protocol": "--split-protocol ", "ret_he": "--ret-he "}
     # NOTE: caches prepared before --split-protocol existed used the paper protocol
     recorded = {"split_protocol": "paper", **recorded}
+    # --ret-he matters to RET only
     changes = [f"{flag}{requested[k]} (cache: {recorded[k]})" for k, flag in flags.items()
-               if k in recorded and recorded[k] != requested[k] and (k != "ret_he" or dataset_id == "RET")]
+               if k in recorded and recorded[k] != requested[k]
+               and (k != "ret_he" or dataset_id == "RET")]
     # NOTE: caches of older versions record no "split_key"
     if not changes and recorded.get("split_key", requested["split_key"]) != requested["split_key"]:
         changes.append(f"--splits {dataset_id}={requested['splits']} (the file's content changed)")
@@ -119,6 +156,7 @@ def _option_changes(dataset_id, recorded, requested):
 
 
 def _pid_alive(pid):
+    """Is process `pid` running (signal 0 checks without sending anything)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -129,19 +167,22 @@ def _pid_alive(pid):
 
 
 def _remove_leftovers(parent, resolution):
-    """Folders of earlier interrupted preparations of this resolution (each as big as the cache): the
-    .tmp-<R>-<pid>-* of processes no longer running and every .old-<R>-*. Call with the lock held."""
+    """Folders of earlier interrupted preparations of this resolution (each as big as the cache):
+    the .tmp-<R>-<pid>-* of processes no longer running and every .old-<R>-*. Call with the lock
+    held."""
     for p in parent.glob(f".tmp-{resolution}-*"):
-        pid = p.name.split("-")[2]
+        pid = p.name.split("-")[2]  # .tmp-<R>-<pid>-<uuid>
         if not (pid.isdigit() and _pid_alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
     for p in parent.glob(f".old-{resolution}-*"):
         shutil.rmtree(p, ignore_errors=True)
 
 
-def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thresholds=None, split_files=None,
-                  ret_he="retinal", split_seed=0, split_protocol="paper", workers=None, verbose=True):
-    """Prepare CACHE/<ID>/<resolution> on first use; a no-op when sources and options are unchanged."""
+def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thresholds=None,
+                  split_files=None, ret_he="retinal", split_seed=0, split_protocol="paper",
+                  workers=None, verbose=True):
+    """Prepare CACHE/<ID>/<resolution> on first use; a no-op when sources and options are
+    unchanged."""
     ids = parse_dataset_ids(dataset_id)
     if len(ids) != 1:
         raise ValueError(f"prepare_cache takes one dataset ID, got {dataset_id!r}")
@@ -151,11 +192,13 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
         raise ValueError(f"--resolution must be at least 16, got {resolution}")
     out = Path(cache_dir) / dataset_id / str(resolution)
     split_file = (split_files or {}).get(dataset_id)
-    options = _options(int((thresholds or {}).get(dataset_id, 0)), ret_he, split_file, split_seed, split_protocol)
+    options = _options(int((thresholds or {}).get(dataset_id, 0)), ret_he, split_file, split_seed,
+                       split_protocol)
     try:
         root = dataset_root(dataset_id, data_root, roots)
     except FileNotFoundError:
-        if (out / "meta.json").is_file():  # sources gone but a complete cache remains: use it if it fits
+        # sources gone but a complete cache remains: use it if it fits
+        if (out / "meta.json").is_file():
             return _use_without_sources(out, dataset_id, options, verbose)
         raise
     samples = list_samples(dataset_id, root, ret_he)
@@ -166,13 +209,15 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
             print(summary(out, read_meta(out), splits, note="up to date"))
         return out
 
-    # Only the images of some split are cached (a user split file may name a subset), in sorted id order.
+    # Only the images of some split are cached (a user split file may name a subset), in sorted id
+    # order.
     keep = set(sum(splits.values(), []))
     samples = [s for s in samples if s.id in keep]
-    meta = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution, "root": str(root),
-            "lesions": list(LESIONS), "bits": {**{les: c for c, les in enumerate(LESIONS)}, "FOV": FOV_BIT},
+    meta = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution,
+            "root": str(root), "lesions": list(LESIONS),
+            "bits": {**{les: c for c, les in enumerate(LESIONS)}, "FOV": FOV_BIT},
             "ids": [s.id for s in samples], "options": options, "fingerprint": fingerprint}
-    created = [p for p in (Path(cache_dir), out.parent) if not p.exists()]
+    created = [p for p in (Path(cache_dir), out.parent) if not p.exists()]  # removed on failure
     try:
         waiting = f"note: {out} is being prepared by another process, waiting" if verbose else None
         with utils.locked(out.parent / f".{resolution}.lock", waiting):
@@ -182,19 +227,23 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
                                   note="up to date: prepared by another process meanwhile"))
                 return out
             _remove_leftovers(out.parent, resolution)
-            meta = _build(out, meta, samples, {"protocol": split_protocol, **splits}, workers, verbose)
+            meta = _build(out, meta, samples, {"protocol": split_protocol, **splits}, workers,
+                          verbose)
     except BaseException:
         for p in reversed(created):  # folders this call created, when left empty
-            with contextlib.suppress(OSError):  # not empty (another process uses it) or already gone
+            # not empty (another process uses it) or already gone
+            with contextlib.suppress(OSError):
                 p.rmdir()
         raise
     if verbose:
-        print(summary(out, meta, splits, note=f"prepared {len(samples)} images in {meta['seconds']} s"))
+        print(summary(out, meta, splits,
+                      note=f"prepared {len(samples)} images in {meta['seconds']} s"))
     return out
 
 
 def _use_without_sources(out, dataset_id, options, verbose):
-    """The sources are gone but a complete cache remains: use it when it was prepared with these options."""
+    """The sources are gone but a complete cache remains: use it when it was prepared with these
+    options."""
     try:
         meta = read_meta(out)
     except ValueError as e:
@@ -202,23 +251,24 @@ def _use_without_sources(out, dataset_id, options, verbose):
     changes = _option_changes(dataset_id, meta.get("options", {}), options)
     if changes:
         raise FileNotFoundError(
-            f"{dataset_id} sources not found and the existing cache {out} was prepared with other options "
-            f"({'; '.join(changes)}): restore the sources or pass the cache's options")
+            f"{dataset_id} sources not found and the existing cache {out} was prepared with other "
+            f"options ({'; '.join(changes)}): restore the sources or pass the cache's options")
     if verbose:
         print(f"note: {dataset_id} sources not found, using the existing cache {out}")
     return out
 
 
 def _up_to_date(out, fingerprint, verbose):
-    """Whether out holds a complete, intact cache with this fingerprint. A garbled meta.json or splits.json,
-    or arrays that do not match meta.json (truncated, replaced), mean: prepare again (with a note)."""
+    """Whether out holds a complete, intact cache with this fingerprint. A garbled meta.json or
+    splits.json, or arrays that do not match meta.json (truncated, replaced), mean: prepare again
+    (with a note)."""
     try:
         meta = read_meta(out)
         if meta is None or meta.get("fingerprint") != fingerprint:
             return False
         damage = damaged_arrays(out, meta)
         if damage is None:
-            json.loads((out / "splits.json").read_text())["test"]
+            json.loads((out / "splits.json").read_text())["test"]  # readable, with a test list
             return True
     except (OSError, ValueError, KeyError, TypeError) as e:
         damage = " ".join(str(e).split())
@@ -229,29 +279,33 @@ def _up_to_date(out, fingerprint, verbose):
 
 def _check_free_space(folder, N, R):
     """ValueError naming the folder and the space needed when the disk cannot hold the arrays."""
-    need = int(N * R * R * 4 * SPACE_MARGIN[0]) + SPACE_MARGIN[1]  # images (R, R, 3) + bitmask (R, R)
+    # 4 bytes a pixel: images (R, R, 3) + bitmask (R, R)
+    need = int(N * R * R * 4 * SPACE_MARGIN[0]) + SPACE_MARGIN[1]
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise ValueError(f"not enough free space in {folder}: the {N} images at {R} px need {need / 1e9:.2f} GB, "
-                         f"{free / 1e9:.2f} GB are free (free some space or choose another --cache)")
+        raise ValueError(f"not enough free space in {folder}: the {N} images at {R} px need "
+                         f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free (free some space or "
+                         f"choose another --cache)")
 
 
 def _reserve(path):
-    """Allocate the whole file now: a full disk is then an error here instead of a SIGBUS in a mapped write."""
+    """Allocate the whole file now: a full disk is then an error here instead of a SIGBUS in a
+    mapped write."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise
-        # EOPNOTSUPP / EINVAL: a file system without fallocate; the free-space check above has to do
+        # EOPNOTSUPP / EINVAL: a file system without fallocate; the free-space check above has to
+        # do
     finally:
         os.close(fd)
 
 
 def _build(out, meta, samples, splits, workers, verbose=True):
-    """Write the cache into a temporary folder, then rename it into place -> meta. Call with the lock held.
-    verbose: a bar of images with an ETA on stderr (only where stderr is a terminal)."""
+    """Write the cache into a temporary folder, then rename it into place -> meta. Call with the
+    lock held. verbose: a bar of images with an ETA on stderr (only where stderr is a terminal)."""
     R, N = meta["resolution"], len(samples)
     _check_free_space(out.parent, N, R)
     tmp = out.parent / f".tmp-{R}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -263,16 +317,18 @@ def _build(out, meta, samples, splits, workers, verbose=True):
         for name in ARRAYS:
             _reserve(tmp / name)
 
-        def one(k):
+        def one(k):  # row k of both arrays
             threshold = meta["options"]["mask_threshold"]
             images[k], bitmasks[k], geometry, stats = preprocess_sample(samples[k], R, threshold)
             return geometry, stats
 
-        # Threads: PIL decoding/resizing and numpy release the GIL; each row is written by one thread.
+        # Threads: PIL decoding/resizing and numpy release the GIL; each row is written by one
+        # thread.
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
             futures = [pool.submit(one, k) for k in range(N)]
             try:
-                # NOTE: disable=None hides the bar where stderr is no terminal (logs, make -j, tests)
+                # NOTE: disable=None hides the bar where stderr is no terminal (logs, make -j,
+                # tests)
                 with tqdm(futures, desc=f"{meta['dataset']} @ {R} px", unit="image",
                           disable=None if verbose else True) as bar:
                     results = [f.result() for f in bar]
@@ -281,13 +337,16 @@ def _build(out, meta, samples, splits, workers, verbose=True):
                     f.cancel()
                 raise
         images.flush(), bitmasks.flush()
-        del images, bitmasks
-        meta = {**meta, "geometry": [g for g, _ in results], **{key: [st[key] for _, st in results] for key in
-                ("lesion_pixels", "fov_pixels", "lesion_fov_pixels")},
+        del images, bitmasks  # closes the memory maps before the rename
+        meta = {**meta, "geometry": [g for g, _ in results],
+                **{key: [st[key] for _, st in results]
+                   for key in ("lesion_pixels", "fov_pixels", "lesion_fov_pixels")},
                 "bytes": {name: (tmp / name).stat().st_size for name in ARRAYS},
                 "seconds": round(time.time() - start, 1)}
         (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
-        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")  # written last: marks the folder complete
+        # written last: marks the folder complete
+        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        # swap: the old cache moves aside first, so `out` is never a half-written folder
         old = out.parent / f".old-{R}-{uuid.uuid4().hex[:8]}"
         if out.exists():
             os.rename(out, old)
@@ -296,8 +355,9 @@ def _build(out, meta, samples, splits, workers, verbose=True):
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ValueError(f"no space left in {out.parent} while preparing {out} (the {N} images at {R} px need "
-                             f"{(N * R * R * 4) / 1e9:.2f} GB; free some space or choose another --cache)") from None
+            raise ValueError(f"no space left in {out.parent} while preparing {out} (the {N} images "
+                             f"at {R} px need {(N * R * R * 4) / 1e9:.2f} GB; free some space or "
+                             f"choose another --cache)") from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -306,43 +366,39 @@ def _build(out, meta, samples, splits, workers, verbose=True):
 
 
 def summary(out, meta, splits, note=""):
-    """Images per split and lesion prevalence: images with the lesion and its share of FOV pixels."""
+    """Images per split and lesion prevalence: images with the lesion and its share of FOV
+    pixels."""
     row = {x: k for k, x in enumerate(meta["ids"])}
-    # NOTE: lesion pixels inside the FOV over FOV pixels, so a share is at most 100 % even when an image has no
-    # FOV (a black photograph); caches prepared before "lesion_fov_pixels" existed count all lesion pixels.
+    # NOTE: lesion pixels inside the FOV over FOV pixels, so a share is at most 100 % even when an
+    # image has no FOV (a black photograph); caches prepared before "lesion_fov_pixels" existed
+    # count all lesion pixels.
     lesion = meta.get("lesion_fov_pixels", meta["lesion_pixels"])
     lines = [f"{meta['dataset']} @ {meta['resolution']} px -> {out} ({note})",
              f"  {'split':<6}{'images':>7}" + "".join(f"{les:>15}" for les in LESIONS)]
     for name in ("train", "val", "test"):
         rows = [row[x] for x in splits[name]]
-        present = np.array([meta["lesion_pixels"][r] for r in rows], dtype=np.int64).reshape(-1, len(LESIONS)) > 0
+        present = np.array([meta["lesion_pixels"][r] for r in rows],
+                           dtype=np.int64).reshape(-1, len(LESIONS)) > 0  # (n, 4)
         pix = np.array([lesion[r] for r in rows], dtype=np.int64).reshape(-1, len(LESIONS))
         fov = sum(meta["fov_pixels"][r] for r in rows)
-        shares = [f"{100 * pix[:, c].sum() / fov:6.2f}%" if fov else f"{'-':>7}" for c in range(len(LESIONS))]
+        shares = [f"{100 * pix[:, c].sum() / fov:6.2f}%" if fov else f"{'-':>7}"
+                  for c in range(len(LESIONS))]
         cells = [f"{int(present[:, c].sum()):>7} {shares[c]}" for c in range(len(LESIONS))]
         lines.append(f"  {name:<6}{len(rows):>7}" + "".join(cells))
-    lines.append("  (per lesion: images containing it, lesion pixels in the FOV as % of FOV pixels)")
+    lines.append("  (per lesion: images containing it, lesion pixels in the FOV as % of FOV "
+                 "pixels)")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    # NOTE: prog: run as `python -m data.prepare`, argparse would call itself prepare.py (a file one can't run as is)
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_list(parser, "--dataset", "datasets to prepare", required=True)
-    parser.add_argument("--resolution", type=int, default=1536,
-                        help="side of the square prepared images (default: %(default)s, the paper's)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads (default: min(8, CPU count))")
-    # NOTE: --out was this script's name for --cache (the one the other scripts use); kept, hidden, for old commands
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    add_data_args(parser)  # --cache among them
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out is not None:
+    if args.out is not None:  # the old name of --cache
         if args.cache != parser.get_default("cache") and args.cache != args.out:
-            raise ValueError(f"--out {args.out} and --cache {args.cache} name two cache folders: pass only --cache")
+            raise ValueError(f"--out {args.out} and --cache {args.cache} name two cache folders: "
+                             f"pass only --cache")
         print(f"note: --out is deprecated, use --cache {args.out}", file=sys.stderr)
         args.cache = args.out
     for dataset_id in args.dataset:
@@ -351,5 +407,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run(main, interrupted="interrupted: the dataset in progress was not written (its temporary folder is removed); "
-                              "rerun the same command")
+    utils.run(main, interrupted="interrupted: the dataset in progress was not written (its "
+                                "temporary folder is removed); rerun the same command")

@@ -1,5 +1,6 @@
-"""Fused evaluation metrics: binned confusion counts (Triton on CUDA, a fast CPU path elsewhere, both checked
-against a plain reference) and AUPR / its floor / AP / Dice (docs/PROTOCOL.md, "Evaluation protocol").
+"""Fused evaluation metrics: binned confusion counts (Triton on CUDA, a fast CPU path elsewhere,
+both checked against a plain reference) and AUPR / its floor / AP / Dice (docs/PROTOCOL.md,
+"Evaluation protocol").
 
     from kernels import AP_BINS, binned_counts, pr_metrics
     counts = binned_counts(probs, target, roi, ap_bins=AP_BINS)   # tp, fp, pos, tp_fine, fp_fine
@@ -10,5 +11,5 @@ from .binned_counts import (AP_BINS, binned_counts, binned_counts_torch, binned_
                             fine_threshold_values, reference_binned_counts, threshold_values)
 from .pr_metrics import pr_metrics
 
-__all__ = ["AP_BINS", "binned_counts", "binned_counts_torch", "binned_counts_triton", "fine_threshold_values",
-           "pr_metrics", "reference_binned_counts", "threshold_values"]
+__all__ = ["AP_BINS", "binned_counts", "binned_counts_torch", "binned_counts_triton",
+           "fine_threshold_values", "pr_metrics", "reference_binned_counts", "threshold_values"]

@@ -18,7 +18,7 @@ import utils
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("combo", help="training combination in our IDs, e.g. IDR+DDR, or ALL (branch "
                                  "main); prints the cached folder, downloading it first if needed")

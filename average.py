@@ -164,18 +164,18 @@ def check_same_architecture(first_path, first, path, ckpt):
     # NOTE: architecture() fills a field an older checkpoint lacks with its default (e.g.
     # style_tokens = ()), so a style-conditioned model is averaged only with models of the same
     # tokens
-    for field, a, b in zip(ARCH_FIELDS, architecture(first["model_cfg"]),
+    for key, a, b in zip(ARCH_FIELDS, architecture(first["model_cfg"]),
                            architecture(ckpt["model_cfg"])):
         if a != b:
-            raise ValueError(f"{where}: model_cfg key {field!r} is {b!r}, not {a!r}")
+            raise ValueError(f"{where}: model_cfg key {key!r} is {b!r}, not {a!r}")
     # NOTE: a soup averages runs of one training combination (issue / paper eq. 3); its validation
     # splits and BatchNorm patches come from the first ingredient's combination. The authors
     # released one model per combination: a soup of theirs mixes combinations.
     authors = first.get("method") == ckpt.get("method") == "authors"
-    for field in ("resolution",) if authors else ("train", "resolution"):
-        a, b = ((c.get("args") or {}).get(field) for c in (first, ckpt))
+    for key in ("resolution",) if authors else ("train", "resolution"):
+        a, b = ((c.get("args") or {}).get(key) for c in (first, ckpt))
         if a is not None and b is not None and a != b:  # None: not recorded, nothing to compare
-            raise ValueError(f"{where}: trained with {field} {b!r}, not {a!r} (average runs of one "
+            raise ValueError(f"{where}: trained with {key} {b!r}, not {a!r} (average runs of one "
                              f"combination)")
     # the same keys both ways, the same shapes, float where the first is float
     ref, sd = first["model"], ckpt["model"]

@@ -27,7 +27,7 @@ from data.ids import DATASET_IDS
 
 def build_parser():
     """The command line: datasets, output, resolution, the style rule's ratio, MCF-Net, data."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_list(p, "--datasets", "datasets to characterize", default=list(DATASET_IDS))
     p.add_argument("--out", default="report/characterize",

@@ -22,7 +22,7 @@ import utils
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run folders holding log.jsonl (train.py --out)")
     return p

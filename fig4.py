@@ -29,7 +29,7 @@ SCORES = ("mean_dice", "mean_aupr", "mean_ap", "mean_aupr_floor")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("combo_dir", help="RUNS/COMBO holding the seeds' runs s0/, s1/, ...")
     # the paper's Figure 4 scores every method on every test set: all five by default

@@ -23,7 +23,7 @@ import utils
 
 # ---- the command line first: --help answers before torch loads -----------------------------------
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     # each subcommand's --help: its summary, then its own examples (the description)

@@ -9,7 +9,6 @@ run's log.jsonl). What each part holds: docs/STUDY.md, "The report".
     python report.py runs -o report/ --reference none    # leave out the authors' published AUPR
     python report.py runs -o report/ --authors authors   # + their released models' results
 """
-import argparse
 import csv
 import json
 import math
@@ -29,7 +28,7 @@ DEFAULT_CHARACTERIZE = "OUT/characterize/characterize.json"
 def build_parser():
     """The command line: the sweep folder, the output folder and the optional inputs."""
     # the description: the docstring's first line, the summary
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = utils.Parser(description=__doc__.split("\n")[0])
     p.add_argument("runs_dir",
                    help="sweep folder holding <COMBO>/s<SEED>/results.json and <COMBO>/fig4.json")
     p.add_argument("-o", "--out", default="report", help="output folder (default: %(default)s)")

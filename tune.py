@@ -74,7 +74,7 @@ def _on_off(text):
 
 def build_parser():
     """tune.py's own flags (train.py's come after `--`): the study, then the search space."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [options] [-- train.py options]")
     g = p.add_argument_group("study")

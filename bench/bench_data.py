@@ -28,7 +28,7 @@ import utils  # noqa: E402
 
 def build_parser():
     """The patch size, how many patches each path times, and where the images come from."""
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = utils.Parser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patch", type=int, default=512,
                         help="patch size in pixels (default: %(default)s)")

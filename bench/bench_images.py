@@ -38,7 +38,7 @@ import utils  # noqa: E402
 
 def build_parser():
     """The model's resolution, the number of photographs and passes."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolution", type=int, default=1536,
                    help="the model's resolution (default: %(default)s)")

@@ -13,7 +13,6 @@ metric per lesion fed image by image (contiguous (H, W) slices: its most favoura
 an evaluation streams a test set. Synthetic maps: smooth blobs as lesions, a circular FOV, 1% of
 the pixels planted exactly on the float32 thresholds so the `>=` convention is exercised.
 """
-import argparse
 import contextlib
 import os
 import statistics
@@ -30,7 +29,7 @@ def build_parser():
     """The maps (how many, their size and dtype), the device, the repeats, the threads."""
     # NOTE: every help text says its default (ArgumentDefaultsHelpFormatter would add
     # "(default: None)" to those resolved after parsing)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = utils.Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=None,
                         help="probability maps (default: 4 on the CPU, 32 on CUDA; %(default)s = "
                              "by device)")

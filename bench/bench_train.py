@@ -13,7 +13,6 @@ must match. On CUDA each step also records its peak memory; --json writes every 
 after each config so that a run killed during --compile still leaves the eager figures. The last
 command is what the GPU check runs (bench/gpu_check.sh).
 """
-import argparse
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ import utils  # noqa: E402
 
 def build_parser():
     """The models (encoder, decoder), the input, the configs timed, the device."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = utils.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--encoder", default="resnet18", help="timm encoder name (default: %(default)s)")
     p.add_argument("--peer-encoder", default=None,
                    help="smp encoder name, e.g. se_resnet101 for legacy_seresnet101 "

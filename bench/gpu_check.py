@@ -13,7 +13,6 @@ the torch twin on the CPU. `share` times what one evaluate.py image costs (proto
 same forward pass) against counting its maps, at batch 1 like evaluate.py's default. `merge`
 gathers every step's figures, exit status and, for a failed step, the last line of its log.
 """
-import argparse
 import inspect
 import json
 import platform
@@ -33,7 +32,7 @@ import utils  # noqa: E402
 
 def build_parser():
     """One subcommand per step of the check: env, counts, share, train-log, merge."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = utils.Parser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("env", help="versions and GPU name")
     e.add_argument("--json", required=True, help="output file (required)")

@@ -25,7 +25,7 @@ import utils  # noqa: E402
 
 def build_parser():
     """The work folder, the resolution, the threads; train.py's flags after `--`."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = utils.Parser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True,
                    help="work folder: cache, run, real_he.json, heldout.png")

@@ -116,7 +116,7 @@ class PreparedDataset:
         if meta is None:  # no meta.json: never prepared, or a preparation that did not finish
             raise FileNotFoundError(
                 f"no prepared {dataset_id} cache at {self.dir} (run: python -m data.prepare "
-                f"--dataset {dataset_id} --out {cache_dir} --resolution {resolution})")
+                f"--dataset {dataset_id} --cache {cache_dir} --resolution {resolution})")
         self.meta = meta
         self.fingerprint = self.meta.get("fingerprint")
         splits = read_splits(self.dir)

@@ -44,7 +44,7 @@ def build_parser():
     """The command line: the datasets, the resolution, the decoding threads and the data flags."""
     # NOTE: prog: run as `python -m data.prepare`, argparse would call itself prepare.py (a file one
     # can't run as is)
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+    parser = utils.Parser(prog="python -m data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_list(parser, "--dataset", "datasets to prepare", required=True)
     parser.add_argument("--resolution", type=int, default=1536,

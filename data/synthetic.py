@@ -28,7 +28,7 @@ from data.ids import DATASET_IDS, FOLDERS, LESIONS, parse_dataset_ids
 
 def build_parser():
     """The command line: where, how many images, their size, the seed, the datasets."""
-    p = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__,
+    p = utils.Parser(prog="python -m data.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True,
                    help="folder that receives IDRiD/, DDR-dataset/, Seg-set/, "

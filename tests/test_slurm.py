@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,9 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-import train
 # train.py flags of the tune workers: tiny, CPU
 TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "cpu", "--dtype", "float32",
               "--workers", "0", "--log-every", "2"]

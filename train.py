@@ -153,7 +153,9 @@ def add_system_args(g):
     g.add_argument("--dtype", choices=utils.DTYPES, default=None,
                    help="autocast dtype; float16 adds a GradScaler (default: bfloat16 on a GPU "
                         "that has it, else float32)")
-    g.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
+    # the cores this process may use (a Slurm allocation, taskset), not the whole node's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    g.add_argument("--workers", type=COUNT, default=min(8, cores or 1),
                    help="DataLoader processes; 0 loads in the main process (default: %(default)s)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (default: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
@@ -688,10 +690,14 @@ def save_last(state, master):
 
 
 def save_last_unless_validated(state, master):
-    """last.pt of this step, unless this step's validation wrote it (--stop-at, a stop signal)."""
+    """last.pt of this step, unless this step's validation wrote it (--stop-at, a stop signal).
+    Under DDP every rank waits for rank 0's write: a rank that exits first would have torchrun stop
+    the others mid-write."""
     if state.validated_now() is None:
         check_finite(state)
         save_last(state, master)
+    if state.world > 1:
+        dist.barrier()
 
 
 def check_finite(state):
@@ -794,11 +800,19 @@ def ignore_stop_signals(worker_id):
 
 def stop_requested(state, device):
     """Did this process (under DDP: any rank; all must stop at the same step) get a stop signal?"""
-    if state.world == 1:
+    return any_rank_received(state.world, device)
+
+
+def any_rank_received(world, device):
+    if world == 1:
         return bool(_received)
     flag = torch.tensor(float(bool(_received)), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
+
+
+def received_name():
+    return signal.Signals(_received[0]).name if _received else "another rank's signal"
 
 
 def train_step(state, model, batch, device):
@@ -872,9 +886,9 @@ def train_loop(state, model, loader, val_sets, device, master, on_validate):
                 return False
             if state.step < args.iters and stop_requested(state, device):
                 save_last_unless_validated(state, master)
-                name = signal.Signals(_received[0]).name if _received else "another rank's signal"
-                raise Stopped(f"stopped by {name} at step {state.step}: {state.out / 'last.pt'} "
-                              f"written; rerun the same command to resume (exit {EXIT_STOPPED})")
+                raise Stopped(f"stopped by {received_name()} at step {state.step}: "
+                              f"{state.out / 'last.pt'} written; rerun the same command to resume "
+                              f"(exit {EXIT_STOPPED})")
         if state.validated_now() is None:  # e.g. --iters raised on a finished run: validate now
             validate_and_save(state, val_sets, master, on_validate)
         return True
@@ -973,7 +987,15 @@ def run(args, on_validate=None):
             remove_partial_writes(out)
         ckpt = load_resume(out, args, world)
         done = finished_result(ckpt, args, rank == 0)
-        return done if done is not None else train(args, device, rank, world, ckpt, on_validate)
+        result = done if done is not None else train(args, device, rank, world, ckpt, on_validate)
+        # NOTE: a stop signal during the last step or the final validation (or while a finished
+        # run says so) must not be lost: the job script would start evaluate.py with too little
+        # time left; stopped, it requeues and the next attempt goes on from there.
+        if any_rank_received(world, device):
+            raise Stopped(f"stopped by {received_name()} after the run finished at step "
+                          f"{result.get('step', args.iters)}: rerun the same command to go on "
+                          f"(exit {EXIT_STOPPED})")
+        return result
     finally:
         restore_signals(previous)
         if lock is not None:

@@ -876,3 +876,27 @@ def test_sigterm_stops_in_process_and_restores_the_handlers(straight_run, synth_
     monkeypatch.setattr(train, "train_step", real)
     train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))
     assert_same_run(ref_dir, out, read_log)
+
+
+def test_a_stop_signal_during_the_last_step_is_not_lost(straight_run, synth_root, cache_dir, tmp_path,
+                                                        monkeypatch, read_log):
+    """Slurm's warning can land in the last step or the final validation: the run finishes (nothing
+    to save) and still stops with exit 75, so the job script requeues before evaluate.py starts with
+    too little time left; the rerun finds the run finished and ends normally."""
+    ref_dir, out = straight_run[0], tmp_path / "run"
+    real = train.train_step
+
+    def sigusr1_at_the_last_step(state, *rest):
+        result = real(state, *rest)
+        if state.step == 6:  # --iters 6: the loop ends here, then validates
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(train, "train_step", sigusr1_at_the_last_step)
+    with pytest.raises(train.Stopped) as err:
+        train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))
+    assert "SIGUSR1" in str(err.value) and "after the run finished at step 6" in str(err.value)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(train, "train_step", real)
+    assert train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))["finished"]  # no Stopped
+    assert_same_run(ref_dir, out, read_log)

@@ -145,7 +145,7 @@ def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=
             if not roi:
                 probs = probs.masked_fill(~fov[:, None], 0.0)
             fine = {"ap_bins": ap_bins} if ap_bins else {}
-            counts = binned_counts(probs, masks, fov if roi else None, thresholds, **fine)
+            counts = annotated_counts(probs, masks, fov if roi else None, items, thresholds, fine)
             counts = [c.to(device=device, dtype=torch.int64) for c in counts]
             total = counts if total is None else [a + c for a, c in zip(total, counts)]
             if on_batch is not None:
@@ -154,6 +154,24 @@ def count_dataset(models, dataset, device, dtype=torch.float32, tta=False, tile=
         for m, w in zip(models, was_training):
             m.train(w)
     return tuple(c.cpu() for c in total)  # the one host transfer
+
+
+def annotated_counts(probs, masks, roi, items, thresholds, fine):
+    """kernels.binned_counts of a batch, where an image counts only for the lesions annotated in it
+    (item["annotated"], all four when absent): a lesion not annotated is no negative either.
+    NOTE: one call for a fully annotated batch (the common case, the counts as they always were);
+    else one per image, its other lesions' counts zeroed."""
+    ann = [it.get("annotated") for it in items]
+    if all(a is None or np.all(a) for a in ann):
+        return binned_counts(probs, masks, roi, thresholds, **fine)
+    total = None
+    for k, a in enumerate(ann):
+        one = None if roi is None else roi[k:k + 1]
+        counts = binned_counts(probs[k:k + 1], masks[k:k + 1], one, thresholds, **fine)
+        keep = torch.from_numpy(np.asarray(a if a is not None else [True] * len(LESIONS)))
+        counts = [c * keep.to(c.device, c.dtype).view(-1, *[1] * (c.dim() - 1)) for c in counts]
+        total = counts if total is None else [t + c for t, c in zip(total, counts)]
+    return total
 
 
 def pooled_counts(models, datasets, device, dtype=torch.float32, on_batch=None, ap_bins=0):

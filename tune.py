@@ -78,8 +78,9 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [options] [-- train.py options]")
     g = p.add_argument_group("study")
+    # folders=False: one's own dataset's --root goes to train.py, after `--`
     add_dataset_list(g, "--train", "datasets the trials train and validate on, e.g. IDR,DDR; "
-                     "required unless --show")
+                     "required unless --show", folders=False)
     g.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data_raw"),
                    help="passed to train.py (default: %(default)s)")
     g.add_argument("--cache", default="cache",
@@ -196,6 +197,9 @@ def parse_args(argv=None):
                              f"--val-every, --warmup, the search space)")
     if args.train is None and not args.show:
         raise ValueError("--train is required (e.g. --train IDR,DDR)")
+    if args.train is not None:  # train.py's own checks of the flags after `--`, before any trial
+        # (one's own dataset of --train needs its --root ID=DIR there)
+        train.build_parser().parse_args(["--train", ",".join(args.train)] + args.train_extra)
     if args.study is None:
         if args.train is None:
             raise ValueError("--show needs --study (or --train, whose combination name is the "

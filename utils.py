@@ -95,6 +95,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ValueError(message)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # a flag whose check needs the other flags (data.flags.DatasetList: --root) checks here
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if hasattr(action, "after_parse"):
+                action.after_parse(namespace)
+        return namespace, extras
+
 
 def check_range(kind, low=None, high=None, low_open=False, what=None):
     """An argparse type= that converts with `kind` and checks low <= value (< if low_open) <= high:

@@ -189,6 +189,16 @@ class PreparedDataset:
         """Item i's preprocessing geometry (data.preprocess: crop box, scale, padding)."""
         return self.meta["geometry"][self.rows[i]]
 
+    def annotated(self, i):
+        """bool (4,): the lesions annotated in item i's image (the others are not its negatives:
+        left out of the loss and the scores). Caches without the record annotate all four."""
+        names = (self.meta.get("annotated") or [LESIONS] * len(self.meta["ids"]))[self.rows[i]]
+        return np.array([les in names for les in LESIONS])
+
+    def annotates(self, lesion):
+        """Is `lesion` annotated in every image of this split (a test set's scores count it)?"""
+        return all(self.annotated(i)[LESIONS.index(lesion)] for i in range(len(self)))
+
     def __len__(self):  # the split's images
         return len(self.ids)
 
@@ -200,4 +210,4 @@ class PreparedDataset:
         # bit k of the mask byte is lesion k: unpack to (4, R, R)
         masks = (bits[None] >> np.arange(len(LESIONS), dtype=np.uint8)[:, None, None]) & 1
         return {"id": self.ids[i], "image": np.array(image), "masks": masks.astype(bool),
-                "fov": (bits >> FOV_BIT & 1).astype(bool)}
+                "fov": (bits >> FOV_BIT & 1).astype(bool), "annotated": self.annotated(i)}

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops
 
-from data.ids import DATASET_IDS, FOLDERS, LESIONS
+from data import generic
+from data.ids import DATASET_IDS, FOLDERS, LESIONS, is_own
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # A subfolder every copy of the dataset has at its root: tells the dataset's folder from a wrapper
@@ -66,10 +67,9 @@ def dataset_root(dataset_id, data_root, roots=None):
     or DATA/idrid/IDRiD/...): when the expected folder is missing or lacks the dataset's top-level
     subfolder, the distributed folder name is looked for one level down.
     """
-    if dataset_id not in DATASET_IDS:
-        raise ValueError(f"unknown dataset ID {dataset_id!r} "
-                         f"(choose from {', '.join(DATASET_IDS)})")
     given = (roots or {}).get(dataset_id) or os.environ.get(f"{dataset_id}_ROOT")
+    if is_own(dataset_id):
+        return _own_root(dataset_id, given)
     root = Path(given) if given else Path(data_root) / FOLDERS[dataset_id]
     if root.is_dir() and _is_dataset(root, dataset_id):
         return root
@@ -85,6 +85,39 @@ def dataset_root(dataset_id, data_root, roots=None):
         f"{dataset_id} dataset not found: expected folder {root} (set --data-root DIR holding "
         f"{FOLDERS[dataset_id]}/, or --root {dataset_id}=DIR, or {dataset_id}_ROOT=DIR; also "
         f"looked in {looked})")
+
+
+def _own_root(dataset_id, given):
+    """The folder of a dataset of one's own: --root ID=DIR or ID_ROOT, holding dataset.json."""
+    generic.check_id(dataset_id, "dataset ID")
+    if not given:
+        raise ValueError(f"unknown dataset ID {dataset_id!r} (choose from "
+                         f"{', '.join(DATASET_IDS)}, or give the folder of your own dataset with "
+                         f"--root {dataset_id}=DIR or {dataset_id}_ROOT=DIR: docs/DATA.md)")
+    root = Path(given)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{dataset_id} dataset not found: folder {root} (--root "
+                                f"{dataset_id}=DIR or {dataset_id}_ROOT)")
+    generic.read_dataset_json(root)  # one line naming it when missing or wrong
+    return root
+
+
+def own_styles(ids, roots=None):
+    """{dataset ID: its dataset.json "style"} of the datasets of one's own among `ids` that say one:
+    style conditioning's token where no characterize.json is given (data.ids.dataset_styles)."""
+    styles = {}
+    for d in ids:
+        if is_own(d):
+            info = generic.read_dataset_json(dataset_root(d, None, roots))
+            if "style" in info:
+                styles[d] = info["style"]
+    return styles
+
+
+def annotated(sample):
+    """The lesions annotated in a sample's image (LESIONS order): a lesion absent from sample.masks
+    is not annotated there, left out of the loss and the scores (not a negative)."""
+    return tuple(les for les in LESIONS if les in sample.masks)
 
 
 def _index(folder, suffixes=IMAGE_SUFFIXES):
@@ -157,10 +190,11 @@ def _idr_meant(folder):
 def _idr_lesion_folders(gt):
     """Lesion -> folder of one IDRiD ground-truth set (".../a. Training Set").
 
-    A lesion folder may be absent (the real sample tests/fixtures/idrid-he14 has only
-    "2. Haemorrhages"): one warning, the lesion reads as absent. A folder of another name standing
-    for an absent one ("3. Hard Exudate"), or an unknown one holding images beside an absent one, is
-    a ValueError: read as it is, it would be "no such lesion in any image".
+    A lesion folder may be absent (a subset of IDRiD annotated for some lesions only): one warning,
+    the lesion is not annotated in those images (left out of the loss and the scores, no key in
+    their masks). A folder of another name standing for an absent one ("3. Hard Exudate"), or an
+    unknown one holding images beside an absent one, is a ValueError: read as it is, it would be
+    "no such lesion in any image".
     """
     subs = {les: sub for les, (sub, _) in IDR_MASKS.items()}
     absent = sorted(sub for sub in subs.values() if not (gt / sub).is_dir())
@@ -177,9 +211,9 @@ def _idr_lesion_folders(gt):
                 raise ValueError(f"IDR: unknown mask folder {d} while {missing} missing: rename it "
                                  f"to the lesion's distributed name, or move it out of {gt}")
         lesions = [les for sub in absent for les in subs if subs[les] == sub]
-        print(f"warning: IDR: no {', '.join(map(repr, absent))} in {gt}: {', '.join(lesions)} read "
-              f"as absent from every image there", file=sys.stderr, flush=True)
-    return {les: gt / sub for les, sub in subs.items()}
+        print(f"warning: IDR: no {', '.join(map(repr, absent))} in {gt}: {', '.join(lesions)} not "
+              f"annotated there (left out of the loss and the scores)", file=sys.stderr, flush=True)
+    return {les: gt / sub for les, sub in subs.items() if sub not in absent}
 
 
 def _idr(root, ret_he):
@@ -195,13 +229,13 @@ def _idr(root, ret_he):
         masks = {les: _index(d) for les, d in dirs.items()}
         # renamed files would read as "no lesion" too
         for les, (_, code) in IDR_MASKS.items():
-            if masks[les] and not any(stem.endswith(f"_{code}") for stem in masks[les]):
+            if masks.get(les) and not any(stem.endswith(f"_{code}") for stem in masks[les]):
                 raise ValueError(f"IDR: no file in {dirs[les]} is named as IDRiD names them "
                                  f"(<image>_{code}.tif, e.g. {next(iter(images))}_{code}.tif): "
                                  f"rename them")
         for stem, path in images.items():  # IDRiD_01.jpg -> IDRiD_01_EX.tif, ...
             files = {les: _found(masks[les], f"{stem}_{suffix}")
-                     for les, (_, suffix) in IDR_MASKS.items()}
+                     for les, (_, suffix) in IDR_MASKS.items() if les in masks}
             samples.append(Sample(stem, path, files, split))
     if not samples:
         raise _no_images("IDR", seg / "1. Original Images",
@@ -307,12 +341,11 @@ ADAPTERS = {"IDR": _idr, "DDR": _ddr, "FGA": _fga, "RET": _ret, "MES": _mes}
 def list_samples(dataset_id, root, ret_he="retinal"):
     """All samples of one dataset, sorted by id. ret_he="all" merges RET's preretinal + vitreous
     into HE."""
-    if dataset_id not in ADAPTERS:
-        raise ValueError(f"unknown dataset ID {dataset_id!r} "
-                         f"(choose from {', '.join(DATASET_IDS)})")
     if ret_he not in ("retinal", "all"):
         raise ValueError(f"--ret-he must be 'retinal' or 'all', got {ret_he!r}")
-    samples = sorted(ADAPTERS[dataset_id](Path(root), ret_he), key=lambda s: s.id)
+    adapter = ADAPTERS.get(dataset_id) or (lambda root, _: generic.generic_samples(root,
+                                                                                   dataset_id))
+    samples = sorted(adapter(Path(root), ret_he), key=lambda s: s.id)
     for a, b in zip(samples, samples[1:]):
         if a.id == b.id:
             raise ValueError(f"{dataset_id}: duplicate image id {a.id!r} "

@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from data.ids import DATASET_IDS, parse_dataset_ids
+from data.ids import DATASET_IDS, is_own, parse_dataset_ids
 
 SPLIT_PROTOCOLS = ("paper", "authors")  # docs/PROTOCOL.md, "splits"
 
@@ -57,6 +57,21 @@ class DatasetList(argparse.Action):
     script's `except ValueError` prints it as one line, like its other user errors.
     """
 
+    def __init__(self, *args, folders=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.folders = folders  # the IDs are read from disk: one's own needs its folder
+
+    def after_parse(self, namespace):
+        """An ID of one's own (data/generic.py) read from disk needs its folder: --root ID=DIR or
+        env ID_ROOT. Without one it is most likely a typo: the usual unknown-ID line, here."""
+        ids = getattr(namespace, self.dest, None) or []
+        roots = parse_pairs(getattr(namespace, "root", None) or [], "--root")
+        for d in ids:
+            if self.folders and is_own(d) and d not in roots and not os.environ.get(f"{d}_ROOT"):
+                raise ValueError(f"{self.option_strings[0]}: unknown dataset ID {d!r} (choose from "
+                                 f"{', '.join(DATASET_IDS)}, or give the folder of your own "
+                                 f"dataset with --root {d}=DIR or {d}_ROOT=DIR: docs/DATA.md)")
+
     def __call__(self, parser, namespace, values, option_string=None):
         words = [values] if isinstance(values, str) else list(values)  # nargs="+": a list
         for word in words:
@@ -67,21 +82,21 @@ class DatasetList(argparse.Action):
                                  f"after it")
         text = ",".join(words)
         try:
-            ids = list(DATASET_IDS) if text.strip().lower() == "all" else parse_dataset_ids(text)
+            ids = parse_dataset_ids(text)
         except ValueError as e:
             raise ValueError(f"{option_string}: {e}") from None
         setattr(namespace, self.dest, ids)
 
 
-def add_dataset_list(parser, flag, what, default=None, required=False):
+def add_dataset_list(parser, flag, what, default=None, required=False, folders=True):
     """Add a dataset-list flag (see DatasetList) whose help names its syntax; the parsed value is a
-    list of IDs."""
+    list of IDs. folders=False: the IDs name results, not data to read (no --root needed)."""
     shown = "required" if required else f"default: {','.join(default) if default else 'none'}"
     parser.add_argument(flag, nargs="+", action=DatasetList, default=default, required=required,
-                        metavar="IDS",
-                        help=f"{what}: IDs of {', '.join(DATASET_IDS)} in any order or case, "
-                             f"separated by commas, + or spaces (IDR,DDR MES = IDR+DDR+MES), or "
-                             f"'all' ({shown})")
+                        metavar="IDS", folders=folders,
+                        help=f"{what}: IDs of {', '.join(DATASET_IDS)} or of your own datasets "
+                             f"(--root ID=DIR) in any order or case, separated by commas, + or "
+                             f"spaces (IDR,DDR MES = IDR+DDR+MES), or 'all' ({shown})")
 
 
 def parse_pairs(values, flag):

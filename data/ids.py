@@ -3,6 +3,7 @@ r"""What every file names: dataset IDs, lesion names and colours, folder names, 
     python -c "from data.ids import parse_dataset_ids, combo_name; \
         print(combo_name(parse_dataset_ids('mes,idr')))"
     python3 data/ids.py combos              # the 31 training combinations (the Makefile's list)
+    python3 data/ids.py combos IDR,ABC      # IDR, ABC, IDR+ABC: with a dataset of one's own
     python3 data/ids.py canonical MES+idr   # -> IDR+MES
 
 Standard library only, and runnable as a plain script, so the Makefile can ask it before .venv
@@ -10,6 +11,7 @@ exists.
 """
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,9 +48,38 @@ def _parse_names(text, known, what, item):
     return [n for n in known if n in names]
 
 
-def parse_dataset_ids(text):
-    """'MES,idr' -> ['IDR', 'MES'] (canonical order, no duplicates)."""
-    return _parse_names(text, DATASET_IDS, "dataset", "dataset ID")
+# The ID of a dataset of one's own (data/generic.py): 2-8 capital letters or digits, given a folder
+# with --root ID=DIR or the env var ID_ROOT.
+OWN_ID = re.compile(r"[A-Z0-9]{2,8}")
+
+
+def is_own(dataset_id):
+    """Is dataset_id one of the user's own datasets (the generic layout), not one of the five?"""
+    return dataset_id not in DATASET_IDS
+
+
+def dataset_order(dataset_id):
+    """Sort key of dataset IDs: the five in their canonical order, then one's own, by name."""
+    if dataset_id in DATASET_IDS:
+        return (0, DATASET_IDS.index(dataset_id), "")
+    return (1, 0, dataset_id)
+
+
+def parse_dataset_ids(text, own=True):
+    """'MES,idr' -> ['IDR', 'MES'] (canonical order, no duplicates); 'all' -> the five. own: IDs of
+    one's own datasets (ABC, CLINIC2: data/generic.py) are taken too, after the five."""
+    if str(text).strip().lower() == "all":
+        return list(DATASET_IDS)
+    names = [t.strip().upper() for t in str(text).replace("+", ",").split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"empty dataset list {text!r} (choose from {', '.join(DATASET_IDS)})")
+    for n in names:
+        if n not in DATASET_IDS and not (own and OWN_ID.fullmatch(n)):
+            yours = ", or an ID of your own dataset (2-8 capital letters or digits, its folder " \
+                "given with --root ID=DIR)" if own else ""
+            raise ValueError(f"unknown dataset ID {n!r} (choose from "
+                             f"{', '.join(DATASET_IDS)}{yours})")
+    return sorted(set(names), key=dataset_order)
 
 
 def parse_lesions(text):
@@ -62,11 +93,11 @@ def combo_name(ids):
     return "+".join(parse_dataset_ids(",".join(ids)))
 
 
-def all_combos():
-    """The 31 non-empty training combinations, by size then canonical order:
-    IDR, DDR, ..., IDR+DDR, ..."""
-    return ["+".join(c) for r in range(1, len(DATASET_IDS) + 1)
-            for c in itertools.combinations(DATASET_IDS, r)]
+def all_combos(ids=DATASET_IDS):
+    """The 2^D - 1 non-empty training combinations of the datasets `ids` (the five: 31), by size
+    then canonical order: IDR, DDR, ..., IDR+DDR, ..."""
+    ids = parse_dataset_ids(",".join(ids) if not isinstance(ids, str) else ids)
+    return ["+".join(c) for r in range(1, len(ids) + 1) for c in itertools.combinations(ids, r)]
 
 
 def read_styles(path):
@@ -122,11 +153,11 @@ def style_tokens(mode, train_ids, characterize=None):
 if __name__ == "__main__":
     # The Makefile's two questions, answered without .venv (see the docstring)
     try:
-        if sys.argv[1:2] == ["combos"] and len(sys.argv) == 2:
-            print(" ".join(all_combos()))
+        if sys.argv[1:2] == ["combos"] and len(sys.argv) in (2, 3):  # combos [IDR,DDR,ABC]
+            print(" ".join(all_combos(sys.argv[2] if len(sys.argv) == 3 else DATASET_IDS)))
         elif sys.argv[1:2] == ["canonical"] and len(sys.argv) == 3:
             print(combo_name([sys.argv[2]]))
         else:
-            sys.exit("usage: python3 data/ids.py combos | canonical IDS")
+            sys.exit("usage: python3 data/ids.py combos [IDS] | canonical IDS")
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # `python data/prepare.py` as well as `python -m 
 
 import utils
 from data.flags import add_data_args, add_dataset_list, data_options
-from data.ids import LESIONS, parse_dataset_ids
+from data import generic
+from data.ids import LESIONS, is_own, parse_dataset_ids
 
 
 def build_parser():
@@ -65,7 +66,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta  # noqa: E402
-from data.datasets import dataset_root, list_samples, load_image, load_masks  # noqa: E402
+from data.datasets import annotated, dataset_root, list_samples, load_image, load_masks  # noqa: E402
 from data.preprocess import fit_geometry, fov_box, fov_mask, pad_square, resize_image  # noqa: E402
 from data.splits import make_splits  # noqa: E402
 
@@ -128,6 +129,10 @@ def _fingerprint(dataset_id, root, samples, resolution, options):
            "threshold": options["mask_threshold"],
            "ret_he": options["ret_he"] if dataset_id == "RET" else None,
            "split": options["split_key"], "split_seed": options["split_seed"], "files": files}
+    # NOTE: only where some lesion is not annotated (meta.json's "annotated" is new): the caches of
+    # fully annotated datasets, prepared before, stay valid
+    if any(annotated(s) != LESIONS for s in samples):
+        key["annotated"] = [annotated(s) for s in samples]
     # NOTE: the default protocol adds no key, so caches prepared before --split-protocol existed
     # stay valid; except RET's, whose paper split now keeps both eyes of a patient on the same side.
     if options["split_protocol"] != "paper":
@@ -192,15 +197,21 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
         raise ValueError(f"--resolution must be at least 16, got {resolution}")
     out = Path(cache_dir) / dataset_id / str(resolution)
     split_file = (split_files or {}).get(dataset_id)
-    options = _options(int((thresholds or {}).get(dataset_id, 0)), ret_he, split_file, split_seed,
-                       split_protocol)
+    threshold = (thresholds or {}).get(dataset_id)
     try:
         root = dataset_root(dataset_id, data_root, roots)
     except FileNotFoundError:
         # sources gone but a complete cache remains: use it if it fits
         if (out / "meta.json").is_file():
+            options = _options(int(threshold or 0), ret_he, split_file, split_seed, split_protocol)
             return _use_without_sources(out, dataset_id, options, verbose)
         raise
+    if is_own(dataset_id):  # its dataset.json's threshold and splits.json, unless flags say others
+        info = generic.read_dataset_json(root)
+        threshold = info.get("mask_threshold", 0) if threshold is None else threshold
+        split_file = split_file or generic.read_splits_json(root)
+    options = _options(int(threshold or 0), ret_he, split_file and str(split_file), split_seed,
+                       split_protocol)
     samples = list_samples(dataset_id, root, ret_he)
     splits = make_splits(samples, dataset_id, split_seed, split_file, split_protocol)
     fingerprint = _fingerprint(dataset_id, root, samples, resolution, options)
@@ -216,7 +227,8 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     meta = {"version": CACHE_VERSION, "dataset": dataset_id, "resolution": resolution,
             "root": str(root), "lesions": list(LESIONS),
             "bits": {**{les: c for c, les in enumerate(LESIONS)}, "FOV": FOV_BIT},
-            "ids": [s.id for s in samples], "options": options, "fingerprint": fingerprint}
+            "ids": [s.id for s in samples], "annotated": [annotated(s) for s in samples],
+            "options": options, "fingerprint": fingerprint}
     created = [p for p in (Path(cache_dir), out.parent) if not p.exists()]  # removed on failure
     try:
         waiting = f"note: {out} is being prepared by another process, waiting" if verbose else None

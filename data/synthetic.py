@@ -42,7 +42,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0,
                    help="random seed: same seed, same bytes (default: %(default)s)")
     p.add_argument("--datasets", default=",".join(DATASET_IDS),
-                   help="comma-separated dataset IDs to write (default: %(default)s)")
+                   help="comma-separated dataset IDs to write, or all (default: %(default)s)")
     return p
 
 
@@ -668,7 +668,7 @@ def generate(out_dir, images=40, size=512, seed=0, datasets=DATASET_IDS):
     Each dataset is written to a hidden temporary folder, then renamed into place, replacing a
     previous synthetic copy; a folder of the same name that this module did not write is never
     touched."""
-    ids = parse_dataset_ids(datasets if isinstance(datasets, str) else ",".join(datasets))
+    ids = parse_dataset_ids(datasets if isinstance(datasets, str) else ",".join(datasets), own=False)
     if int(images) < 1:
         raise ValueError(f"--images must be at least 1, got {images}")
     if int(size) < 64:

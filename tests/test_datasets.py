@@ -19,7 +19,7 @@ from scipy import ndimage
 
 import data.datasets
 from data.cache import PreparedDataset
-from data.datasets import dataset_root, list_samples, load_masks, load_sample
+from data.datasets import annotated, dataset_root, list_samples, load_masks, load_sample
 from data.ids import DATASET_IDS, LESIONS
 from data.prepare import prepare_cache
 
@@ -202,15 +202,17 @@ def test_missing_mask_folder_or_file_is_an_error(synth_root, tmp_path, dataset_f
     no_cache_left(tmp_path / "cache")
 
 
-def test_idr_missing_lesion_folder_and_ret_missing_image_folder_are_lesion_free(synth_root,
-                                                                                  tmp_path):
-    """IDRiD ships no file for an absent lesion (the real sample has only "2. Haemorrhages") and
-    Retinal-Lesions no folder for a lesion-free image: both read as all-zero, no error."""
+def test_idr_missing_lesion_folder_is_not_annotated_and_ret_missing_image_folder_lesion_free(
+        synth_root, tmp_path):
+    """An IDRiD copy without a lesion's folder does not annotate that lesion (no key: left out of
+    the loss and the scores, not a negative); Retinal-Lesions has no folder for a lesion-free image:
+    all-zero, no error."""
     root = tmp_path / "IDRiD"
     shutil.copytree(synth_root / "IDRiD", root)
     shutil.rmtree(root / GT_TRAIN / "4. Soft Exudates")
     train = [s for s in list_samples("IDR", root) if s.split == "train"]
-    assert train and all(s.masks["CWS"] == () for s in train) and any(s.masks["HE"] for s in train)
+    assert train and all("CWS" not in s.masks for s in train) and any(s.masks["HE"] for s in train)
+    assert all(annotated(s) == ("EX", "HE", "MA") for s in train)
     ret = tmp_path / "retinal-lesions-v20191227"
     shutil.copytree(synth_root / "retinal-lesions-v20191227", ret)
     victim = min((ret / "lesion_segs_896x896").iterdir())

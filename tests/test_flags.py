@@ -21,7 +21,7 @@ def test_data_flags(monkeypatch):
                                   "split_files": {"MES": "official"}, "ret_he": "all",
                                   "split_seed": 3, "split_protocol": "paper"}
     for argv, names in ((["--root", "IDRiD"], ("--root", "'IDRiD'", "ID=VALUE")),
-                        (["--root", "XYZ=/x"], ("--root", "'XYZ'")),
+                        (["--root", "X=/x"], ("--root", "'X'", "your own")),
                         (["--mask-threshold", "FGA=high"], ("--mask-threshold FGA=high",))):
         with pytest.raises(ValueError) as err:
             data_options(parser.parse_args(argv))
@@ -60,7 +60,7 @@ def test_dataset_list_default_and_errors():
     assert parse_list("--test", [], default=list(DATASET_IDS)) == list(DATASET_IDS)
     # each error names the flag and what is wrong: the unknown ID (and the choices), an empty list,
     # a folder typed after the list (it belongs before the flag)
-    for argv, names in ((["--test", "IDR,XYZ"], ("'XYZ'", "IDR, DDR, FGA, RET, MES")),
+    for argv, names in ((["--test", "IDR,X"], ("'X'", "IDR, DDR, FGA, RET, MES")),
                         (["--test", ","], ("empty",)),
                         (["--test", "IDR", "runs/X"], ("'runs/X'", "before"))):
         with pytest.raises(ValueError) as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data.ids import combo_name, parse_dataset_ids, style_tokens
+from data.ids import DATASET_IDS, combo_name, parse_dataset_ids, style_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,15 @@ def one_line(err):
 def test_dataset_ids_and_combo_names():
     assert parse_dataset_ids("MES,idr") == ["IDR", "MES"]
     assert combo_name(["MES", "IDR", "MES"]) == "IDR+MES"
-    with pytest.raises(ValueError) as err:
-        parse_dataset_ids("IDR,XYZ")
-    msg = one_line(err)
-    assert "'XYZ'" in msg and "IDR, DDR, FGA, RET, MES" in msg, msg  # the ID and the choices
+    # an ID of one's own (2-8 capital letters or digits) comes after the five; 'all' is the five
+    assert parse_dataset_ids("abc,MES,idr,AB2") == ["IDR", "MES", "AB2", "ABC"]
+    assert parse_dataset_ids(" All ") == list(DATASET_IDS)
+    for text, own in (("IDR,X", True), ("IDR,ABC", False), ("IDR,TOOLONG99", True)):
+        with pytest.raises(ValueError) as err:
+            parse_dataset_ids(text, own=own)
+        msg = one_line(err)
+        bad = text.split(",")[1]
+        assert f"'{bad}'" in msg and "IDR, DDR, FGA, RET, MES" in msg, msg  # the ID and the choices
 
 
 def test_style_tokens_from_the_table_and_from_characterize_json(tmp_path):

@@ -85,7 +85,7 @@ from tqdm import tqdm  # noqa: E402
 import authors  # noqa: E402
 import data  # noqa: E402
 from data.flags import parse_pairs  # noqa: E402
-from data.ids import LESIONS  # noqa: E402
+from data.ids import LESIONS, dataset_order  # noqa: E402
 from data.splits import OFFICIAL  # noqa: E402
 from kernels import AP_BINS  # noqa: E402
 from maps import save_test_maps  # noqa: E402
@@ -173,8 +173,8 @@ def check_results_file(out, header):
 
 
 def _test_order(test_id):
-    """Sort key of the results' test sets: DATASET_IDS' order, unknown IDs last."""
-    return DATASET_IDS.index(test_id) if test_id in DATASET_IDS else len(DATASET_IDS)
+    """Sort key of the results' test sets: the five in their order, then one's own by name."""
+    return dataset_order(test_id)
 
 
 def merge_results(out, header, test_id, block):
@@ -275,8 +275,15 @@ def score_test_set(models, test_id, where, protocol, device, batch=1, maps_dir=N
         counts = count_dataset(models, ds, device, protocol["dtype"], protocol["tta"],
                                protocol["tile"], roi, batch, protocol["overlap"] or 0.5,
                                on_batch=each_batch, ap_bins=AP_BINS, style=protocol.get("style"))
-    # per lesion: AUPR, its floor, AP, Dice and the raw counts; the means over `lesions`
-    block = summarize(*counts, n_images=len(ds), lesions=lesions)
+    # a lesion annotated in no image of the set is not scored (NaN, out of the means); one
+    # annotated in some images only is scored on those (protocol.annotated_counts)
+    unannotated = {les: sum(not ds.annotated(i)[LESIONS.index(les)] for i in range(len(ds)))
+                   for les in LESIONS}
+    scored = [les for les in lesions if unannotated[les] < len(ds)]
+    # per lesion: AUPR, its floor, AP, Dice and the raw counts; the means over `scored`
+    block = summarize(*counts, n_images=len(ds), lesions=scored)
+    if any(unannotated.values()):  # images that do not annotate a lesion, per lesion
+        block["not_annotated"] = {les: n for les, n in unannotated.items() if n}
     if protocol.get("dice_argmax"):
         authors.add_dice_argmax(block, *argmax.cpu().tolist())
     return block
@@ -353,10 +360,13 @@ def print_table(test_id, block):
     print(f"\n{test_id} test ({block['n_images']} images)")
     print(f"{'':8s}" + "".join(f"{title:>7s}" for title, _ in columns))
     # a NaN row is explained below the table: a lesion absent from the test set, or not scored
-    absent, untrained = [], []
+    absent, untrained, unannotated = [], [], []
+    missing = block.get("not_annotated", {})  # images per lesion that do not annotate it
     for name, v in block["lesions"].items():
         print(f"{name:8s}" + "".join(f"{fmt(v.get(key)):>7s}" for _, key in columns))
-        if v["pos"] == 0:
+        if missing.get(name, 0) >= block["n_images"]:
+            unannotated.append(name)
+        elif v["pos"] == 0:
             absent.append(name)
         elif v.get("dice") is None or math.isnan(v["dice"]):
             untrained.append(name)
@@ -369,6 +379,9 @@ def print_table(test_id, block):
     if untrained:
         print(f"  nan: lesion not scored (not in --lesions: {', '.join(untrained)}); the mean is "
               f"over the others")
+    if unannotated:
+        print(f"  nan: lesion not annotated in this test set ({', '.join(unannotated)}); the mean "
+              f"is over the others")
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -42,6 +42,24 @@ def _channels(text):
     return widths
 
 
+def _lesion_weights(text):
+    """'MA=4' or 'EX=1,HE=1,MA=4,CWS=1' -> (1.0, 1.0, 4.0, 1.0): LESIONS order, 1 unless given."""
+    weights = dict.fromkeys(LESIONS, 1.0)
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            (name,) = parse_lesions(name) if sep else (None,)
+            weights[name] = float(value)
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(
+                f"expected LESION=WEIGHT pairs such as MA=4 or EX=1,MA=4, got {text!r}") from None
+        if not weights[name] >= 0 or weights[name] == float("inf"):
+            raise argparse.ArgumentTypeError(f"a weight is a number >= 0, got {part!r}")
+    if not any(weights.values()):
+        raise argparse.ArgumentTypeError(f"at least one weight must be > 0, got {text!r}")
+    return tuple(weights.values())
+
+
 # argparse types: a whole number >= 1, a count >= 0, a fraction in [0, 1]
 WHOLE, COUNT, FRACTION = (utils.check_range(int, 1), utils.check_range(int, 0),
                           utils.check_range(float, 0, 1))
@@ -105,6 +123,9 @@ def add_optimisation_args(g):
     g.add_argument("--lesion-patches", type=FRACTION, default=0.0, metavar="Q",
                    help="fraction of patches centred on a lesion pixel; 0 = random FOV pixels, "
                         "the paper (default: %(default)s)")
+    g.add_argument("--lesion-weights", type=_lesion_weights, default=None, metavar="L=W,...",
+                   help="how often each lesion is drawn for --lesion-patches' centres, e.g. MA=4: "
+                        "four times as often as the others (default: uniform)")
     g.add_argument("--augment-p", type=FRACTION, default=1.0, metavar="P",
                    help="fraction of patches augmented, the others plain crops; the authors' code: "
                         "0.5 (default: %(default)s)")
@@ -187,6 +208,8 @@ from tqdm import tqdm  # noqa: E402
 import weights  # noqa: E402
 from curves import refresh as refresh_curves  # noqa: E402
 from data import PatchDataset, PreparedDataset, data_options, prepare_cache  # noqa: E402
+from data.datasets import own_styles  # noqa: E402
+from data.flags import parse_pairs  # noqa: E402
 from kernels import AP_BINS, pr_metrics  # noqa: E402
 from model import (ModelConfig, architecture, build_model, ctrl_c_deferred,  # noqa: E402
                    load_checkpoint, save_checkpoint)
@@ -209,7 +232,7 @@ def parse_args(argv=None):
         raise ValueError("--characterize gives the styles of --style-condition style or dataset; "
                          "pass one of them")
     # a --characterize file without a style for a training set: one line
-    style_tokens(args.style_condition, args.train, args.characterize)
+    run_styles(args)
     cuda = torch.cuda.is_available()
     args.device = args.device or ("cuda" if cuda else "cpu")
     args.dtype = args.dtype or ("bfloat16" if cuda and torch.cuda.is_bf16_supported()
@@ -224,27 +247,36 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------- the pure pieces
-def compute_loss(scores, masks, fov, kind, probs=False):
+def compute_loss(scores, masks, fov, kind, probs=False, annotated=None):
     """Multi-label loss over the lesion channels, counting only pixels inside the FOV.
 
     scores (B, C, H, W) float32 logits (or probabilities with probs=True), masks (B, C, H, W) float
     0/1, fov (B, H, W) bool. NOTE: as the evaluation protocol's ROI, padding and the black border
     outside the FOV are ignored: the model is neither rewarded nor punished there.
+    annotated (B, C) bool: the lesions annotated in each patch's image; a lesion its dataset does
+    not annotate is no negative: its pixels leave the loss, and a channel no patch of the batch
+    annotates leaves the Dice mean. None (or all True): every channel of every patch counts.
     """
     roi = fov[:, None].to(scores.dtype)  # (B, 1, H, W)
+    scored = None
+    if annotated is not None and not bool(annotated.all()):
+        roi = roi * annotated[:, :, None, None].to(scores.dtype)  # (B, C, H, W)
+        scored = annotated.any(0)  # (C,) the channels some patch annotates
+    # NOTE: a fully annotated batch keeps its arithmetic (FOV pixels x channels)
+    pixels = roi.sum() if scored is not None else roi.sum() * scores.shape[1]
     p = scores if probs else torch.sigmoid(scores)
     loss = scores.new_zeros(())
     if "bce" in kind:
         bce = (F.binary_cross_entropy(p, masks, reduction="none") if probs
                else F.binary_cross_entropy_with_logits(scores, masks, reduction="none"))
-        loss = loss + (bce * roi).sum() / (roi.sum() * scores.shape[1]).clamp(min=1)
+        loss = loss + (bce * roi).sum() / pixels.clamp(min=1)
     if "dice" in kind:
         # Soft Dice per lesion pooled over the batch ("batch Dice": a patch without the lesion does
         # not give 0/0); +1 smoothing keeps an all-empty channel finite and pushes it towards 0.
         p, y = p * roi, masks * roi
         inter = (p * y).sum((0, 2, 3))  # (C,)
         dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + y.sum((0, 2, 3)) + 1)
-        loss = loss + (1 - dice).mean()
+        loss = loss + (1 - (dice if scored is None else dice[scored])).mean()
     return loss
 
 
@@ -301,8 +333,8 @@ def validation_loss(sums, kind):
     """
     bce, pixels, inter, p_sum, y_sum = sums
     loss = 0.0
-    if "bce" in kind:  # pixels: the FOV count, per lesion
-        loss += float(bce.sum() / (pixels[0] * len(bce)).clamp(min=1))
+    if "bce" in kind:  # pixels: the FOV pixels where each lesion is annotated, per lesion
+        loss += float(bce.sum() / pixels.sum().clamp(min=1))
     if "dice" in kind:
         present = y_sum > 0
         dice = (2 * inter + 1) / (p_sum + y_sum + 1)  # (C,), the training loss's smoothing
@@ -326,8 +358,12 @@ def validate(model, val_sets, device, dtype, loss_kind, lesions=LESIONS):
         masks = torch.from_numpy(np.stack([it["masks"] for it in items])).to(probs.device).float()
         roi = torch.from_numpy(np.stack([it["fov"] for it in items])).to(probs.device)
         roi = roi[:, None].float()  # (B, 1, R, R)
+        if not all(it.get("annotated", np.ones(1, bool)).all() for it in items):
+            # a lesion not annotated in an image is no negative there (train.compute_loss)
+            annotated = np.stack([it.get("annotated", np.ones(len(LESIONS), bool)) for it in items])
+            roi = roi * torch.from_numpy(annotated).to(probs.device)[:, :, None, None].float()
         bce = F.binary_cross_entropy(probs, masks, reduction="none") * roi  # (B, 4, R, R)
-        for k, v in enumerate((bce.sum((0, 2, 3)), roi.sum().expand(len(LESIONS)),
+        for k, v in enumerate((bce.sum((0, 2, 3)), roi.sum((0, 2, 3)).expand(len(LESIONS)),
                                (probs * masks * roi).sum((0, 2, 3)), (probs * roi).sum((0, 2, 3)),
                                (masks * roi).sum((0, 2, 3)))):
             sums[k] += v.double()  # stays on the device
@@ -559,10 +595,19 @@ def load_data(args, master, world):
     return train_sets, val_sets
 
 
+def run_styles(args):
+    """data.ids.style_tokens of this run: its datasets' styles from --characterize, else from the
+    style table and, for one's own datasets, their dataset.json "style"."""
+    own = {}
+    if args.style_condition != "off" and not args.characterize:
+        own = own_styles(args.train, parse_pairs(args.root, "--root"))
+    return style_tokens(args.style_condition, args.train, args.characterize, own)
+
+
 def make_model(args, ckpt, device):
     """The run's ModelConfig and model: last.pt's weights on resume (no download), else a new model
     whose encoder starts from ImageNet (or --encoder-weights), its decoder init --init-seed's."""
-    tokens, token_styles, _ = style_tokens(args.style_condition, args.train, args.characterize)
+    tokens, token_styles, _ = run_styles(args)
     cfg = ModelConfig(encoder=args.encoder, pretrained=args.pretrained,
                       decoder_channels=tuple(args.decoder_channels),
                       attention=args.decoder_attention, dropout=args.dropout,
@@ -604,10 +649,11 @@ def patch_loader(args, train_sets, start, rank, world):
     """Batches of augmented patches for steps [start, --iters): each rank reads its own slice of one
     global, seeded patch stream (StepSampler)."""
     # {dataset: token} of a style-conditioned run, {} when off
-    token_of = style_tokens(args.style_condition, args.train, args.characterize)[2]
+    token_of = run_styles(args)[2]
     patches = PatchDataset(train_sets, patch=args.patch, length=args.iters * args.batch * world,
                            seed=args.seed, lesion_patches=args.lesion_patches,
                            lesions=args.lesions, augment_p=args.augment_p, rotate=args.rotate,
+                           lesion_weights=getattr(args, "lesion_weights", None),
                            styles=[token_of[d] for d in args.train] if token_of else None)
     sampler = StepSampler(start, args.iters, args.batch, rank, world)
     return DataLoader(patches, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
@@ -828,7 +874,9 @@ def train_step(state, model, batch, device):
         style = batch["style"].to(device, non_blocking=True) if "style" in batch else None
         logits = model(images) if style is None else model(images, style=style)  # (B, 4, P, P)
     trained = lesion_channels(args.lesions)
-    loss = compute_loss(logits.float()[:, trained], masks[:, trained], fov, args.loss)
+    annotated = batch["annotated"][:, trained].to(device) if "annotated" in batch else None
+    loss = compute_loss(logits.float()[:, trained], masks[:, trained], fov, args.loss,
+                        annotated=annotated)
     # The mean loss over ranks: logged, and checked on every rank before the update, so that all
     # stop together and a NaN never reaches the weights.
     loss_value = loss.detach().clone()

@@ -43,7 +43,7 @@ def build_parser():
                         help="dataset ID with --data-root (default: %(default)s)")
     parser.add_argument("--data-root", default=None,
                         help="datasets folder (default: the real IDRiD sample in "
-                             "tests/fixtures/idrid-he14, else synthetic)")
+                             "tests/fixtures/idrid-4l14, else synthetic)")
     parser.add_argument("--seed", type=int, default=0, help="patch seed (default: %(default)s)")
     return parser
 
@@ -59,8 +59,8 @@ from data.prepare import preprocess_sample  # noqa: E402
 
 # 14 real IDRiD photographs downscaled 4x (1072x712): decoding them costs about 1/16 of a full-size
 # 4288x2848 JPEG, so the cache's advantage measured on them is a lower bound
-# (tests/fixtures/idrid-he14/README.md)
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "idrid-he14"
+# (tests/fixtures/idrid-4l14/README.md)
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "idrid-4l14"
 
 
 def cpu_info():

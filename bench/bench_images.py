@@ -4,7 +4,7 @@ stage.
     python bench/bench_images.py                # 2 photographs, a 1536 px model, 3 passes
     python bench/bench_images.py --resolution 512 --photos 4 --repeats 5
 
-The photographs are real IDRiD ones (tests/fixtures/idrid-he14, 1072x712) enlarged 4x back to the
+The photographs are real IDRiD ones (tests/fixtures/idrid-4l14, 1072x712) enlarged 4x back to the
 originals' 4288x2848, written as JPEG (quality 95) to a temporary folder. Each path runs in a fresh
 process on one thread, through predict.predict_images itself; each stage is timed (CPU seconds: the
 machine may be shared) by wrapping the function that does it: read = load_image, preprocess =
@@ -56,7 +56,7 @@ utils.start(__name__, build_parser)
 
 import numpy as np  # noqa: E402
 
-FIXTURE = (ROOT / "tests" / "fixtures" / "idrid-he14" / "A. Segmentation" / "1. Original Images"
+FIXTURE = (ROOT / "tests" / "fixtures" / "idrid-4l14" / "A. Segmentation" / "1. Original Images"
            / "a. Training Set")
 # load: the checkpoint, once a pass
 STAGES = ("load", "read", "preprocess", "network", "restore", "write")

@@ -117,12 +117,17 @@ def read_styles(path):
     return {ds: v.get("style") for ds, v in datasets.items() if isinstance(v, dict)}
 
 
-def dataset_styles(train_ids, characterize=None):
-    """{dataset ID: style} of the training sets, from characterize.json or STYLE_TABLE; one error
-    line when a training set has no usable style there."""
-    styles = read_styles(characterize) if characterize else STYLE_TABLE
+def dataset_styles(train_ids, characterize=None, own=None):
+    """{dataset ID: style} of the training sets, from characterize.json, else STYLE_TABLE and `own`
+    ({ID: the "style" of one's own dataset.json}, data.datasets.own_styles); one error line when a
+    training set has no usable style there."""
+    styles = read_styles(characterize) if characterize else {**STYLE_TABLE, **(own or {})}
     where = f"--characterize {characterize}" if characterize else "data.ids.STYLE_TABLE"
     for ds in train_ids:
+        if not characterize and is_own(ds) and ds not in styles:
+            raise ValueError(f"training set {ds} has no labelling style: give its dataset.json a "
+                             f"\"style\" (fine, mixed or coarse) or pass --characterize FILE "
+                             f"(characterize.py)")
         if styles.get(ds) not in STYLES:
             raise ValueError(f"{where} gives training set {ds} the style {styles.get(ds)!r}, "
                              f"not one of {', '.join(STYLES)} (characterize.py needs two or more "
@@ -130,7 +135,7 @@ def dataset_styles(train_ids, characterize=None):
     return {ds: styles[ds] for ds in train_ids}
 
 
-def style_tokens(mode, train_ids, characterize=None):
+def style_tokens(mode, train_ids, characterize=None, own=None):
     """A run's style conditioning (train.py --style-condition) ->
     (tokens, token_styles, {dataset: token}).
 
@@ -142,7 +147,7 @@ def style_tokens(mode, train_ids, characterize=None):
         raise ValueError(f"--style-condition must be off, style or dataset, got {mode!r}")
     if mode == "off":
         return (), (), {}
-    styles = dataset_styles(train_ids, characterize)
+    styles = dataset_styles(train_ids, characterize, own)
     if mode == "style":
         tokens = tuple(s for s in STYLES if s in styles.values())
         return tokens, tokens, {ds: tokens.index(styles[ds]) for ds in train_ids}

@@ -100,8 +100,8 @@ def _warp(win, bwin, A, t, P):
 
 
 def lesion_pixels(bits, lesion_bits=0b1111, cap=1024):
-    """Per lesion present in the image (of those in lesion_bits): int64 flat indices of up to `cap`
-    of its pixels.
+    """Per lesion present in the image (of those in lesion_bits): (lesion index, int64 flat indices
+    of up to `cap` of its pixels).
 
     The subsample is evenly strided over the sorted pixels (deterministic, so item i stays a
     function of (seed, i)); it only needs to spread the patch centres over every lesion of the
@@ -113,7 +113,8 @@ def lesion_pixels(bits, lesion_bits=0b1111, cap=1024):
         if lesion_bits >> c & 1:
             idx = np.flatnonzero(flat & (1 << c))
             if idx.size:
-                pools.append(idx[np.linspace(0, idx.size - 1, min(cap, idx.size)).astype(np.int64)])
+                step = np.linspace(0, idx.size - 1, min(cap, idx.size)).astype(np.int64)
+                pools.append((c, idx[step]))
     return pools
 
 
@@ -182,7 +183,8 @@ class PatchDataset(torch.utils.data.Dataset):
     FOV pixel (a lesion of the image drawn uniformly among those it has, then one of its pixels:
     the smallest lesions, microaneurysms, get as many centres as the largest); lesions: the lesion
     names that count (the annotated ones). q = 0 draws exactly the stream of plain random patches
-    (paper section 2.2).
+    (paper section 2.2). lesion_weights: one weight per lesion (LESIONS order) for that draw, e.g.
+    (1, 1, 4, 1) centres four times as many patches on microaneurysms; None: uniform.
     styles: one style-token index per dataset (train.py --style-condition): each item then has
     "style", an int64 scalar tensor (a (B,) batch once collated); None leaves the items as they
     are.
@@ -192,7 +194,7 @@ class PatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, datasets, patch=512, length=1000, seed=0, augment=True, lesion_patches=0.0,
-                 lesions=LESIONS, styles=None, augment_p=1.0, rotate=None):
+                 lesions=LESIONS, styles=None, augment_p=1.0, rotate=None, lesion_weights=None):
         self.datasets, self.patch = list(datasets), int(patch)
         self.length, self.seed = int(length), int(seed)
         if styles is not None and len(styles) != len(self.datasets):
@@ -208,6 +210,13 @@ class PatchDataset(torch.utils.data.Dataset):
         if not 0.0 <= lesion_patches <= 1.0:
             raise ValueError(f"--lesion-patches must be in [0, 1], got {lesion_patches}")
         self.lesion_patches = float(lesion_patches)
+        weights = None if lesion_weights is None else [float(w) for w in lesion_weights]
+        if weights is not None and (len(weights) != len(LESIONS) or min(weights) < 0
+                                    or not max(weights) > 0 or any(w != w for w in weights)):
+            raise ValueError(f"--lesion-weights: {len(LESIONS)} weights >= 0, not all 0, "
+                             f"got {lesion_weights}")
+        # NOTE: equal weights are the uniform draw itself: None keeps its stream bit-identical
+        self.lesion_weights = None if weights is None or len(set(weights)) == 1 else weights
         self.lesion_bits = sum(1 << LESIONS.index(name) for name in lesions)  # as in the bitmask
         self._pools = {}  # (dataset, image) -> lesion_pixels(); filled on first use, per process
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])  # (D + 1,)
@@ -237,8 +246,14 @@ class PatchDataset(torch.utils.data.Dataset):
             if (d, j) not in self._pools:
                 self._pools[d, j] = lesion_pixels(bits, self.lesion_bits)
             pools = self._pools[d, j]
+            w = ([self.lesion_weights[c] for c, _ in pools] if self.lesion_weights and pools
+                 else None)
+            if w is not None and sum(w) == 0:
+                pools = []  # only lesions weighted 0 here: a random FOV centre
             if pools:  # an image without lesions: a random FOV centre, as usual
-                pool = pools[int(rng.integers(len(pools)))]
+                k = (int(rng.integers(len(pools))) if w is None
+                     else int(rng.choice(len(pools), p=np.asarray(w) / sum(w))))
+                pool = pools[k][1]
                 centre = divmod(int(pool[int(rng.integers(pool.size))]), bits.shape[1])  # (y, x)
         augment = self.augment
         # NOTE: no extra draw at 1: the default stream stays bit-identical
@@ -248,6 +263,11 @@ class PatchDataset(torch.utils.data.Dataset):
                           self.aug if augment else None, centre)
         if self.styles is not None:
             item["style"] = torch.tensor(self.styles[d])  # int64 (): the patch dataset's token
+        # bool (4,): the lesions annotated in the patch's image (train.compute_loss leaves the
+        # others out); a dataset without the record (a test's stand-in) annotates all four
+        annotated = getattr(self.datasets[d], "annotated", None)
+        item["annotated"] = torch.from_numpy(np.asarray(
+            annotated(j) if annotated else [True] * len(LESIONS), dtype=bool))
         return item
 
     def __getitem__(self, i):

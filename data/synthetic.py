@@ -296,9 +296,9 @@ def _box(mask, pad):
             slice(max(cols[0] - pad, 0), cols[-1] + pad + 1))
 
 
-def _dilate(mask, radius):
+def dilate(mask, radius):
     """Pixels within `radius` of the mask, holes filled: how a coarse annotator circles a lesion
-    group."""
+    group (data/coarsen.py coarsens real masks with it too)."""
     box = _box(mask, int(np.ceil(radius)) + 2)
     if box is None:
         return mask
@@ -314,17 +314,28 @@ def _labels(rng, sc, drawn, ma_r, style, fov):
     if style == "fine":
         return {name: (m > 0) & fov for name, m in drawn.items()}
     u = sc.u
-    # an MA is kept with probability 0.12 (the smallest) to 0.62 (the largest)
-    p_keep = 0.12 + 0.5 * np.clip((ma_r / max(u, 0.3) - 0.8) / 1.4, 0, 1)
-    kept = 1 + np.flatnonzero(rng.random(len(ma_r)) < p_keep)  # 1-based, as in the instance map
-    radius = {"MA": max(2.0, 4 * u), "HE": max(1.5, 4 * u), "EX": max(2.0, 7 * u),
-              "CWS": max(1.5, 5 * u)}  # how far the coarse annotator inflates each lesion
+    kept = 1 + np.flatnonzero(rng.random(len(ma_r)) < ma_keep_probability(ma_r, u))  # 1-based,
+    # as in the instance map
+    radius = coarse_radius(u)
     out = {}
     for name, m in drawn.items():
         if name == "MA":
             m = np.isin(m, kept)
-        out[name] = _dilate(m > 0, radius.get(name, max(1.5, 4 * u))) & fov
+        out[name] = dilate(m > 0, radius.get(name, max(1.5, 4 * u))) & fov
     return out
+
+
+def coarse_radius(u):
+    """How far the coarse annotator inflates each lesion, in pixels, for the length unit u (1 px
+    for a FOV of radius 256 px; Scene.u)."""
+    return {"MA": max(2.0, 4 * u), "HE": max(1.5, 4 * u), "EX": max(2.0, 7 * u),
+            "CWS": max(1.5, 5 * u)}
+
+
+def ma_keep_probability(ma_r, u):
+    """The chance a coarse annotator labels an MA of radius ma_r px: 0.12 (the smallest) to 0.62
+    (the largest)."""
+    return 0.12 + 0.5 * np.clip((ma_r / max(u, 0.3) - 0.8) / 1.4, 0, 1)
 
 
 # ----------------------------------------------------------------------------- photograph
@@ -668,7 +679,8 @@ def generate(out_dir, images=40, size=512, seed=0, datasets=DATASET_IDS):
     Each dataset is written to a hidden temporary folder, then renamed into place, replacing a
     previous synthetic copy; a folder of the same name that this module did not write is never
     touched."""
-    ids = parse_dataset_ids(datasets if isinstance(datasets, str) else ",".join(datasets), own=False)
+    text = datasets if isinstance(datasets, str) else ",".join(datasets)
+    ids = parse_dataset_ids(text, own=False)  # the five only: synthetic copies of their layouts
     if int(images) < 1:
         raise ValueError(f"--images must be at least 1, got {images}")
     if int(size) < 64:

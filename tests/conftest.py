@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU in tests
-# Fourteen real IDRiD photographs, downscaled 4x, with their HE masks (tests/fixtures/idrid-he14/README.md)
-FIXTURE_IDRID = ROOT / "tests" / "fixtures" / "idrid-he14"
+# Fourteen real IDRiD photographs, downscaled 4x, with their four lesion masks (tests/fixtures/idrid-4l14/README.md)
+FIXTURE_IDRID = ROOT / "tests" / "fixtures" / "idrid-4l14"
 
 
 def pytest_addoption(parser):
@@ -425,3 +425,41 @@ def postgres_url():
             subprocess.run(as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
                                            "stop"], user), capture_output=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def generic_dataset():
+    """(folder, lesions=("EX", "HE"), n=6, size=96, seed=0, splits=None) -> a dataset of one's own
+    in the generic layout (data/generic.py): n fundus-like PNGs, masks of the annotated `lesions`
+    only (random blobs, a PNG of 0/255; an image may lack a lesion's file), splits.json when given
+    ({"train": [...], ...} of stems)."""
+    def make(folder, lesions=("EX", "HE"), n=6, size=96, seed=0, splits=None):
+        import numpy as np
+        from PIL import Image, ImageDraw
+
+        rng = np.random.default_rng(seed)
+        folder = Path(folder)
+        (folder / "images").mkdir(parents=True)
+        for les in lesions:
+            (folder / "masks" / les).mkdir(parents=True)
+        for k in range(n):
+            stem = f"img{k:02d}"
+            im = Image.new("RGB", (size, size))
+            ImageDraw.Draw(im).ellipse([3, 3, size - 4, size - 4], fill=(150, 70, 30))
+            pixels = np.array(im)
+            for c, les in enumerate(lesions):
+                if k % 3 == 2 and c == 0:
+                    continue  # no file: the lesion is absent from this image
+                mask = np.zeros((size, size), np.uint8)
+                for _ in range(3):
+                    y, x = rng.integers(size // 4, 3 * size // 4, 2)
+                    mask[y:y + 4 + c, x:x + 5] = 255
+                pixels[mask > 0] = (230, 220, 90) if c % 2 == 0 else (60, 10, 10)
+                Image.fromarray(mask).save(folder / "masks" / les / f"{stem}.png")
+            Image.fromarray(pixels).save(folder / "images" / f"{stem}.png")
+        info = {"name": "test clinic", "lesions": {les: f"masks/{les}" for les in lesions}}
+        (folder / "dataset.json").write_text(json.dumps(info))
+        if splits is not None:
+            (folder / "splits.json").write_text(json.dumps(splits))
+        return folder
+    return make

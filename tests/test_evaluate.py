@@ -668,3 +668,34 @@ def test_evaluate_counts_at_the_requested_style(style_net, randomize_films, styl
     plain = evaluate.evaluate(style_checkpoint(tmp_path / "plain.pt", style_net()), "IDR", where, device="cpu",
                               verbose=False)
     assert "style" not in plain["protocol"]  # unconditioned: the protocol block of older results files
+
+
+def test_lesions_a_test_set_does_not_annotate_are_not_scored(ckpts, model_from, generic_dataset,
+                                                              tmp_path, capsys):
+    """A dataset of one's own annotating EX and HE only (issue 25): MA and CWS are not scored (NaN,
+    out of the means, said so under the table), not scored as lesions absent from every image; EX
+    and HE are counted as by brute force."""
+    stems = [f"img{k:02d}" for k in range(6)]
+    root = generic_dataset(tmp_path / "clinic", ("EX", "HE"),
+                           splits={"train": stems[:2], "test": stems[2:]})
+    cache = tmp_path / "cache"
+    res = evaluate.evaluate([str(ckpts["a"])], ["ABC"], (tmp_path, cache, {"roots": {"ABC": root}}),
+                            device="cpu", verbose=True)
+    block = res["results"]["ABC"]
+    assert block["n_images"] == 4 and block["not_annotated"] == {"MA": 4, "CWS": 4}
+    ds = PreparedDataset(cache, "ABC", R, "test")
+    probs = dataset_probs([model_from(ckpts["a"])], ds)
+    masks, roi = dataset_truth(ds)
+    tp, fp, pos = brute_counts(probs, masks, roi)
+    for c, lesion in enumerate(LESIONS):
+        got = block["lesions"][lesion]
+        if lesion in ("EX", "HE"):
+            aupr, dice = ref_metrics(tp[c], fp[c], pos[c])
+            assert pos[c] > 0 and got["tp"] == tp[c].tolist() and got["pos"] == int(pos[c])
+            assert got["aupr"] == pytest.approx(aupr, rel=1e-12) and got["dice"] == pytest.approx(dice)
+        else:
+            assert got["pos"] == 0 and math.isnan(got["aupr"]) and math.isnan(got["dice"])
+    assert block["mean_aupr"] == pytest.approx((block["lesions"]["EX"]["aupr"]
+                                                + block["lesions"]["HE"]["aupr"]) / 2)
+    out = capsys.readouterr().out
+    assert "not annotated in this test set (MA, CWS)" in out and "absent from" not in out

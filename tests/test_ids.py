@@ -35,6 +35,16 @@ def test_dataset_ids_and_combo_names():
         assert f"'{bad}'" in msg and "IDR, DDR, FGA, RET, MES" in msg, msg  # the ID and the choices
 
 
+def test_style_tokens_of_ones_own_dataset_from_its_dataset_json():
+    # data.datasets.own_styles reads dataset.json "style"; without one: one line saying what to do
+    assert style_tokens("style", ["IDR", "ABC"], own={"ABC": "coarse"}) == (
+        ("fine", "coarse"), ("fine", "coarse"), {"IDR": 0, "ABC": 1})
+    with pytest.raises(ValueError) as err:
+        style_tokens("dataset", ["IDR", "ABC"])
+    msg = one_line(err)
+    assert "ABC" in msg and '"style"' in msg and "--characterize" in msg, msg
+
+
 def test_style_tokens_from_the_table_and_from_characterize_json(tmp_path):
     assert style_tokens("off", ["IDR", "RET"]) == ((), (), {})
     assert style_tokens("style", ["IDR", "DDR", "RET", "MES"]) == (

@@ -12,7 +12,7 @@ import maps
 from data import LESIONS, PreparedDataset
 from data.datasets import list_samples
 
-PHOTO = "IDRiD_01"  # a real IDRiD photograph, 1072x712 (tests/fixtures/idrid-he14)
+PHOTO = "IDRiD_01"  # a real IDRiD photograph, 1072x712 (tests/fixtures/idrid-4l14)
 
 
 def fundus(H, W):

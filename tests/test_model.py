@@ -318,7 +318,7 @@ def test_checkpoint_on_a_full_disk_is_one_oserror_and_the_old_file_stays(tmp_pat
     assert torch.load(path, weights_only=True)["step"] == 2
 
 
-# ---- model.local_contrast (bench/real_he.py's recipe) ----
+# ---- model.local_contrast (bench/real.py's recipe) ----
 def test_local_contrast_removes_smooth_illumination():
     torch.manual_seed(0)
     H = W = 96

@@ -148,6 +148,33 @@ def test_lesion_centred_patches(cache_dir):
         PatchDataset([ds], lesion_patches=1.5)
 
 
+def test_lesion_weights_draw_the_lesion_of_the_centre(cache_dir):
+    """lesion_weights: the lesion a lesion-centred patch is centred on is drawn with these weights
+    among the lesions of the image (a weight 0 never drawn); equal weights: the uniform stream."""
+    ds = PreparedDataset(cache_dir, "IDR", 128, "train")
+    P, n = 16, 400
+    kw = dict(patch=P, length=n, seed=5, augment=False, lesion_patches=1.0)
+    plain, equal = PatchDataset([ds], **kw), PatchDataset([ds], lesion_weights=(2, 2, 2, 2), **kw)
+    assert all(torch.equal(plain[i]["image"], equal[i]["image"]) for i in range(20))
+    weights = (1.0, 0.0, 4.0, 1.0)
+    patches = PatchDataset([ds], lesion_weights=weights, **kw)
+    expected, got = 0.0, 0
+    for i in range(n):
+        _, j = patches.pick(np.random.default_rng([5, i]))
+        bits = np.asarray(ds.read(j)[1])
+        present = [c for c in range(len(LESIONS)) if (bits >> c & 1).any() and weights[c] > 0]
+        centre = patches[i]["masks"][:, P // 2, P // 2]  # plain crop: the drawn pixel
+        assert any(centre[c] for c in present) or not present, i  # never HE's draw alone
+        if 2 in present:  # the chance MA is drawn here: its weight over the present ones'
+            expected += weights[2] / sum(weights[c] for c in present)
+            got += bool(centre[2])
+    # a binomial sum: within 4 standard deviations (the draws are seeded: no flakiness)
+    assert expected > 50 and abs(got - expected) < 4 * np.sqrt(expected), (got, expected)
+    for bad in ((1, 1, 1), (0, 0, 0, 0), (1, -1, 1, 1), (1, float("nan"), 1, 1)):
+        with pytest.raises(ValueError, match="--lesion-weights"):
+            PatchDataset([ds], lesion_weights=bad)
+
+
 def test_augment_p_and_rotate_as_the_authors_code(cache_dir, monkeypatch):
     """--augment-p P: a fraction P of the patches is augmented, the rest plain crops (the authors':
     0.5); P = 1 is the default stream, bit for bit; --rotate DEG: the rotation range an augmented

@@ -22,7 +22,7 @@ from model import load_models
 from protocol import predict as protocol_predict
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTO = "IDRiD_01"  # a real IDRiD photograph, 1072x712 (tests/fixtures/idrid-he14)
+PHOTO = "IDRiD_01"  # a real IDRiD photograph, 1072x712 (tests/fixtures/idrid-4l14)
 
 
 def one_line(err):

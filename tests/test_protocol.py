@@ -108,3 +108,28 @@ def test_summarize_scores_the_given_lesions_and_the_means_skip_absent_ones():
         assert block[f"mean_{key}"] == pytest.approx(want, rel=1e-12)
     assert math.isnan(protocol.nanmean([float("nan")] * 4))  # no lesion present: NaN
     assert protocol.nanmean([1.0, float("nan"), 3.0]) == 2.0
+
+
+def test_counts_skip_the_lesions_an_image_does_not_annotate():
+    """Each image counts only for its annotated lesions (a union of datasets annotating different
+    lesions: issue 25): pooled counts == brute force over the images that annotate each lesion."""
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.random((3, 4, 9, 7), dtype=np.float32))
+    masks = torch.from_numpy(rng.random((3, 4, 9, 7)) > 0.6)
+    roi = torch.from_numpy(rng.random((3, 9, 7)) > 0.2)
+    ann = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]], bool)
+    items = [{"annotated": a} for a in ann]
+    thresholds = protocol.THRESHOLDS  # the protocol's 11
+    tp, fp, pos = protocol.annotated_counts(probs, masks, roi, items, thresholds, {})
+    t32 = np.linspace(0, 1, 11, dtype=np.float32)
+    for c in range(4):
+        keep = roi.numpy() & ann[:, c, None, None]  # (3, 9, 7): pixels of annotating images
+        p, y = probs[:, c].numpy()[keep], masks[:, c].numpy()[keep]
+        assert int(pos[c]) == y.sum()
+        assert [int(v) for v in tp[c]] == [int(((p >= t) & y).sum()) for t in t32]
+        assert [int(v) for v in fp[c]] == [int(((p >= t) & ~y).sum()) for t in t32]
+    # every image annotating everything: the plain counts
+    full = [{"annotated": np.ones(4, bool)}] * 3
+    for a, b in zip(protocol.annotated_counts(probs, masks, roi, full, thresholds, {}),
+                    protocol.binned_counts(probs, masks, roi, thresholds)):
+        assert torch.equal(a, b)

@@ -262,21 +262,26 @@ def test_sweep_curves_figure(fixture_dirs):
     assert "No run's log.jsonl holds a validation yet." in (out / "report.md").read_text()
 
 
-def test_real_he_section(fixture_dirs, tmp_path):
-    rec = {"flags": ["--lesions", "HE"], "resolution": 512,
-           "train": {"n_images": 8, "ap": 0.75, "prevalence": 0.032, "baseline_ap": 0.23},
-           "test": {"n_images": 4, "ap": 0.058, "prevalence": 0.0052, "baseline_ap": 0.017}}
-    (tmp_path / "he").mkdir()
-    (tmp_path / "he" / "real_he.json").write_text(json.dumps(rec))
-    (tmp_path / "he" / "heldout.png").write_bytes(PNG_MAGIC + b"x")
-    out = build(fixture_dirs, "--real-he", str(tmp_path / "he" / "real_he.json"))
+def test_real_section(fixture_dirs, tmp_path):
+    rec = {"flags": ["--lesion-weights", "MA=4"], "resolution": 1024, "lesions": ["EX", "HE", "MA", "CWS"],
+           "train": {"n_images": 8, "ap": [0.79, 0.36, 0.028, 0.32], "prevalence": [0.015, 0.032, 0.0011, 0.0014],
+                     "baseline_ap": [0.061, 0.25, 0.0015, 0.0035]},
+           "test": {"n_images": 4, "ap": [0.81, 0.099, 0.0275, 0.118], "prevalence": [0.0158, 0.0053, 0.0016, 0.00035],
+                    "baseline_ap": [0.077, 0.018, 0.002, 0.001]},
+           "targets_met": {"EX": True, "HE": True, "MA": True, "CWS": False}}
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "real.json").write_text(json.dumps(rec))
+    (tmp_path / "r" / "heldout.png").write_bytes(PNG_MAGIC + b"x")
+    out = build(fixture_dirs, "--real", str(tmp_path / "r" / "real.json"))
     md = (out / "report.md").read_text()
-    assert "| held out | 4 | 0.058 | 0.0052 | 11.2 | 0.017 |" in md and "`--lesions HE`" in md
-    assert (out / "real_he_heldout.png").read_bytes() == PNG_MAGIC + b"x" and "](real_he_heldout.png)" in md
+    # AP / prevalence = 0.0275 / 0.0016 = 17.2
+    assert "| MA | 0.028 | 0.028 | 0.0016 | 17.2 | 0.002 | met |" in md, md
+    assert "| CWS | 0.320 | 0.118 | 0.00035 | 337.1 | 0.001 | missed |" in md and "`--lesion-weights MA=4`" in md
+    assert (out / "real_heldout.png").read_bytes() == PNG_MAGIC + b"x" and "](real_heldout.png)" in md
     build(fixture_dirs)  # a rerun without it drops the section and the stale figure
-    assert not (out / "real_he_heldout.png").exists() and "real-data" not in (out / "report.md").read_text()
-    with pytest.raises(FileNotFoundError, match="--real-he"):
-        build(fixture_dirs, "--real-he", str(tmp_path / "nope.json"))
+    assert not (out / "real_heldout.png").exists() and "real-data" not in (out / "report.md").read_text()
+    with pytest.raises(FileNotFoundError, match="--real"):
+        build(fixture_dirs, "--real", str(tmp_path / "nope.json"))
 
 
 # The paper's Table 2 as /work/shared/REFERENCE.md transcribes it (EX, HE, MA, CWS, mean): every
@@ -489,3 +494,18 @@ def test_report_shows_the_authors_models_beside_ours(tmp_path):
     assert "softmax vs sigmoid" in md and "ROI" in md
     table = json.loads((tmp_path / "report" / "authors.json").read_text())
     assert table[-1]["model_dice_argmax"] == 0.43
+
+
+def test_real_styles_section(fixture_dirs, tmp_path):
+    scores = lambda d: {les: {"dice": d, "ap": d / 2} for les in ("EX", "HE", "MA", "CWS")}  # noqa: E731
+    rec = {"flags": ["--iters", "100"], "resolution": 512, "n_test": 4, "styles": {"FIN": "fine", "CRS": "coarse"},
+           "runs": {"FIN": {"scores": scores(0.5), "train_seconds": 1},
+                    "FIN+CRS": {"scores": scores(0.25), "train_seconds": 1},
+                    "CRS": {"scores": scores(0.125), "train_seconds": 1}}}
+    (tmp_path / "table3.json").write_text(json.dumps(rec))
+    out = build(fixture_dirs, "--real-styles", str(tmp_path / "table3.json"))
+    md = (out / "report.md").read_text()
+    assert "| fine + coarse (FIN+CRS) | 0.250 (0.125) | 0.250 (0.125) | 0.250 (0.125) | 0.250 (0.125) |" in md
+    assert "FIN fine, CRS coarse" in md and "## Table 3 on real photographs" in md
+    with pytest.raises(FileNotFoundError, match="--real-styles"):
+        build(fixture_dirs, "--real-styles", str(tmp_path / "nope.json"))

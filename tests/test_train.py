@@ -87,6 +87,57 @@ def test_loss_counts_only_fov_pixels():
                                    train.compute_loss(logits, masks, fov, kind), rtol=1e-4, atol=1e-5)
 
 
+def test_loss_leaves_lesions_not_annotated_out():
+    """A lesion an image's dataset does not annotate is no negative: its pixels leave the BCE, its
+    gradient is 0, and a channel no patch annotates leaves the Dice mean (issue 25)."""
+    torch.manual_seed(1)
+    logits = (torch.randn(3, 4, 8, 10, dtype=torch.float64) * 3).requires_grad_()
+    masks = (torch.rand(3, 4, 8, 10) > 0.7).double()
+    fov = torch.rand(3, 8, 10) > 0.2
+    ann = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)  # CWS: none
+    sel = fov[:, None] & ann[:, :, None, None]  # (3, 4, 8, 10): the pixels that count
+    ref_bce = F.binary_cross_entropy_with_logits(logits[sel], masks[sel])
+    p = torch.sigmoid(logits)
+    ref_dice = []
+    for c in range(3):  # the channels some patch annotates
+        b = ann[:, c]
+        pc, yc = p[b, c] * fov[b], masks[b, c] * fov[b]
+        ref_dice.append(1 - (2 * (pc * yc).sum() + 1) / (pc.sum() + yc.sum() + 1))
+    ref_dice = sum(ref_dice) / 3
+    for kind, ref in (("bce", ref_bce), ("dice", ref_dice), ("bce+dice", ref_bce + ref_dice)):
+        got = train.compute_loss(logits, masks, fov, kind, annotated=ann)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        grad, = torch.autograd.grad(got, logits)
+        assert not grad[~ann].any() and grad[sel].abs().sum() > 0  # no gradient where unannotated
+        # all annotated: exactly the loss without the mask
+        assert torch.equal(train.compute_loss(logits, masks, fov, kind, annotated=torch.ones_like(ann)),
+                           train.compute_loss(logits, masks, fov, kind))
+
+
+def test_union_trains_each_lesion_on_the_datasets_that_annotate_it(synth_root, generic_dataset,
+                                                                    tmp_path, monkeypatch):
+    """IDR (all four lesions) + a dataset of one's own annotating EX and HE: the loss gets each
+    patch's annotated lesions (ABC's patches: MA and CWS out), validation scores MA on IDR's
+    images."""
+    root = generic_dataset(tmp_path / "clinic", ("EX", "HE"), n=8)
+    real, seen = train.compute_loss, []
+
+    def spy(scores, masks, fov, kind, probs=False, annotated=None):
+        if not probs:
+            seen.append(annotated.clone())
+        return real(scores, masks, fov, kind, probs, annotated=annotated)
+
+    monkeypatch.setattr(train, "compute_loss", spy)
+    out = tmp_path / "run"
+    train.run(tiny_args(synth_root, tmp_path / "cache", out, "--iters", "6", "--val-every", "6",
+                        "--batch", "4", "--root", f"ABC={root}", train_ids="IDR,ABC"))
+    rows = {tuple(r.tolist()) for a in seen for r in a}
+    assert rows == {(True,) * 4, (True, True, False, False)}, rows  # both datasets' patches seen
+    val = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+           if r["split"] == "val"][-1]
+    assert val["ap"]["MA"] is not None and math.isfinite(val["loss"])
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = [train.lr_factor(s, warmup=4, iters=20) for s in range(20)]
     assert f[:4] == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5])  # linear, never 0 at the first step
@@ -251,8 +302,8 @@ def test_on_validate_exception_propagates(synth_root, cache_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth_root, cache_dir, tmp_path, monkeypatch):
     real, calls = train.compute_loss, []
 
-    def nan_from_step_5(scores, masks, fov, kind, probs=False):
-        loss = real(scores, masks, fov, kind, probs)
+    def nan_from_step_5(scores, masks, fov, kind, probs=False, **kw):
+        loss = real(scores, masks, fov, kind, probs, **kw)
         if not probs:  # training calls only
             calls.append(1)
             if len(calls) >= 5:
@@ -513,12 +564,12 @@ def test_ctrl_c_keeps_last_pt_and_the_rerun_is_bit_identical(straight_run, synth
     ref_dir = straight_run[0]
     real, calls = train.compute_loss, []
 
-    def ctrl_c_at_step_5(scores, masks, fov, kind, probs=False):
+    def ctrl_c_at_step_5(scores, masks, fov, kind, probs=False, **kw):
         if not probs:
             calls.append(1)
             if len(calls) == 5:
                 raise KeyboardInterrupt
-        return real(scores, masks, fov, kind, probs)
+        return real(scores, masks, fov, kind, probs, **kw)
 
     out = tmp_path / "run"
     monkeypatch.setattr(train, "compute_loss", ctrl_c_at_step_5)
@@ -616,6 +667,17 @@ def test_ddp_two_cpu_processes_only_rank0_writes(synth_root, cache_dir, tmp_path
     assert last["step"] == 3 and len(last["rng"]["torch"]) == 2  # one RNG state per rank
     assert not [k for k in last["model"] if k.startswith(("module.", "_orig_mod."))]
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_lesion_weights_flag(synth_root, cache_dir, tmp_path):
+    assert tiny_args(synth_root, cache_dir, tmp_path, "--lesion-weights", "ma=4").lesion_weights == \
+        (1.0, 1.0, 4.0, 1.0)
+    assert tiny_args(synth_root, cache_dir, tmp_path, "--lesion-weights",
+                     "CWS=0.5,EX=2").lesion_weights == (2.0, 1.0, 1.0, 0.5)
+    for bad in ("XX=2", "MA", "MA=-1", "MA=x", "EX=0,HE=0,MA=0,CWS=0"):
+        with pytest.raises(ValueError) as err:
+            tiny_args(synth_root, cache_dir, tmp_path, "--lesion-weights", bad)
+        assert "--lesion-weights" in one_line(err), bad
 
 
 def test_bad_train_flag_is_a_one_line_error(tmp_path):

@@ -148,7 +148,12 @@ STARTING = {
     "predict": ["predict.py", "--ckpt", "missing.pt", "--images", "missing"],
     "prepare": ["-m", "data.prepare", "--dataset", "IDR", "--data-root", "missing"],
     "synthetic": ["-m", "data.synthetic", "--out", "synth"],
-    "real_he": ["bench/real_he.py", "--out", "real_he"],
+    "real": ["bench/real.py", "--out", "real"],
+    "bench_images": ["bench/bench_images.py", "--skip-network", "--photos", "1"],
+    "bench_metrics": ["bench/bench_metrics.py", "--images", "1", "--size", "64"],
+    "bench_data": ["bench/bench_data.py", "--n", "1"],
+    "bench_train": ["bench/bench_train.py", "--steps", "1"],
+    "gpu_check": ["bench/gpu_check.py", "env", "--json", "env.json"],
 }
 
 

@@ -865,7 +865,8 @@ def real_styles_lines(path):
     md = ["", "## Table 3 on real photographs: fine versus coarse labels", "",
           f"`bench/real_styles.py`: the 8 training photographs of tests/fixtures/idrid-4l14 "
           f"halved, one half with its labels (FIN), the other coarsened as the synthetic "
-          f"Retinal-Lesions style (CRS, data/coarsen.py); each run scored on the same {rec['n_test']} held-out "
+          f"Retinal-Lesions style (CRS, data/coarsen.py); each run scored on the same "
+          f"{rec['n_test']} held-out "
           f"photographs with their fine labels, at {rec['resolution']} px; train.py flags "
           f"`{' '.join(rec['flags'])}`. characterize.py measured: {styles}. Cells: Dice at "
           "p >= 0.5 (floor-free AP). Four held-out photographs and one seed: a direction, not a "

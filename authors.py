@@ -82,14 +82,14 @@ def parse_spec(spec):
         raise ValueError(f"{spec!r} is not a hub spec (hub: or hub:IDR+DDR)")
     body = str(spec)[len(PREFIX):].strip()
     try:
-        return parse_dataset_ids(body) if body else list(DATASET_IDS)
+        return parse_dataset_ids(body, own=False) if body else list(DATASET_IDS)
     except ValueError as e:
         raise ValueError(f"--ckpt {spec}: {e}") from None
 
 
 def branch(ids):
     """A combination's hub branch: 'main' for all five, else e.g. ['IDR', 'DDR'] -> 'DDR_IDRID'."""
-    ids = parse_dataset_ids(",".join(ids))
+    ids = parse_dataset_ids(",".join(ids), own=False)  # the authors trained on the five only
     return "main" if len(ids) == len(DATASET_IDS) else "_".join(sorted(HUB_NAMES[i] for i in ids))
 
 

@@ -87,7 +87,8 @@ $(RUNS)/%/results.json: | $(VENV)
 # through slurm_task.sh. SLURM_WARN s before its time limit a task gets SIGUSR1: train.py writes
 # last.pt and the task requeues itself; a failed task is requeued SLURM_RETRIES times. Logs:
 # RUNS/slurm/sweep_JOB_TASK.log. SLURM_REPORT: a job that runs `make report` once the array has
-# ended. `make -n slurm-sweep` prints the sbatch command.
+# ended (--time=SLURM_REPORT_TIME). `make -n slurm-sweep` prints the sbatch command. A second
+# submission while an array of the same RUNS is queued is refused (the array's --comment is RUNS).
 SLURM_GRES     ?= gpu:1
 SLURM_TIME     ?= 24:00:00
 SLURM_CPUS     ?= 8
@@ -96,15 +97,18 @@ SLURM_RETRIES  ?= 1
 SLURM_PARALLEL ?=
 SLURM_FLAGS    ?=
 SLURM_REPORT   ?= yes
+SLURM_REPORT_TIME ?= 2:00:00
 TODO = $(filter-out $(wildcard $(RESULTS)),$(RESULTS))
 shquote = '$(subst ','\'',$(1))'
-pass_vars = $(foreach v,$(1),$(call shquote,$(v)=$($(v))))
+# VAR=value for the tasks' make, quoted for the shell. NOTE: $ doubled: that make expands a
+# command-line value once more, and must see the value this make expanded to.
+pass_vars = $(foreach v,$(1),$(call shquote,$(v)=$(subst $$,$$$$,$($(v)))))
 SWEEP_VARS := DATA_ROOT CACHE RUNS RESOLUTION PATCH ITERS BATCH LR ENCODER VAL_EVERY TESTS \
 	TRAIN_FLAGS EVAL_FLAGS MEMBERS AUTHORS REPORT
 # --array=0-K for a list of K+1 items; SLURM_PARALLEL=N: at most N tasks at once (%N)
 slurm_array = --array=0-$(words $(wordlist 2,$(words $(1)),$(1)))$(if \
 	$(SLURM_PARALLEL),%$(SLURM_PARALLEL))
-SBATCH = sbatch --parsable --chdir=$(CURDIR) --requeue --open-mode=append \
+SBATCH = sbatch --parsable --chdir=$(call shquote,$(CURDIR)) --requeue --open-mode=append \
 	--signal=B:USR1@$(SLURM_WARN) --time=$(SLURM_TIME) --cpus-per-task=$(SLURM_CPUS) \
 	$(if $(SLURM_GRES),--gres=$(SLURM_GRES)) $(SLURM_FLAGS)
 # The jobs' make never rebuilds the venv (-o): that is the submitter's, made once, not by every
@@ -112,15 +116,21 @@ SBATCH = sbatch --parsable --chdir=$(CURDIR) --requeue --open-mode=append \
 # NOTE: `make`, not $(MAKE), in the jobs' command lines: make -n runs every line naming $(MAKE).
 JOB_MAKE = env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make --no-print-directory -o $(VENV)
 define sweep_submit
-mkdir -p $(RUNS)/slurm && id=$$($(strip $(SBATCH)) --job-name=sweep $(call slurm_array,$(TODO)) \
-  --output=$(RUNS)/slurm/sweep_%A_%a.log slurm_task.sh $(SLURM_RETRIES) \
+runs=$$(realpath -m -- $(call shquote,$(RUNS))) && \
+if squeue -h --me -n sweep -o %k | grep -qxF -- "$$runs"; then echo "error: an array of" \
+  "RUNS=$$runs is in the queue (squeue --me -n sweep); submitting again would run its" \
+  "unfinished runs twice: wait for it to end, or scancel it first" >&2; exit 1; fi && \
+mkdir -p $(RUNS)/slurm && id=$$($(strip $(SBATCH)) --job-name=sweep --comment="$$runs" \
+  $(call slurm_array,$(TODO)) --output=$(RUNS)/slurm/sweep_%A_%a.log \
+  slurm_task.sh $(SLURM_RETRIES) \
   $(JOB_MAKE) $(call pass_vars,$(SWEEP_VARS)) GPUS= -- $(TODO)) && id=$${id%%;*} && \
 echo "slurm-sweep: job array $$id, $(words $(TODO)) task(s);" \
   "logs $(RUNS)/slurm/sweep_$${id}_TASK.log" $(if $(SLURM_REPORT),&& $(report_submit))
 endef
 define report_submit
-rid=$$(sbatch --parsable --chdir=$(CURDIR) --dependency=afterany:$$id --job-name=report \
-  --time=2:00:00 $(SLURM_FLAGS) --output=$(RUNS)/slurm/report_%j.log slurm_task.sh 0 \
+rid=$$(sbatch --parsable --chdir=$(call shquote,$(CURDIR)) --dependency=afterany:$$id \
+  --job-name=report --time=$(SLURM_REPORT_TIME) $(SLURM_FLAGS) \
+  --output=$(RUNS)/slurm/report_%j.log slurm_task.sh 0 \
   $(JOB_MAKE) $(call pass_vars,$(SWEEP_VARS)) report) && \
 echo "slurm-sweep: job $${rid%%;*} runs make report once the array has ended"
 endef
@@ -195,7 +205,8 @@ report table2 table3 fig3: $(VENV)
 comma := ,
 TUNE_SEED ?=
 tune_args = --train $(subst +,$(comma),$(COMBO)) --data-root $(DATA_ROOT) --cache $(CACHE) \
-	$(if $(TUNE_STORAGE),--storage $(TUNE_STORAGE)) $(if $(TUNE_SEED),--seed $(TUNE_SEED))
+	$(if $(TUNE_STORAGE),--storage $(call shquote,$(TUNE_STORAGE))) \
+	$(if $(TUNE_SEED),--seed $(TUNE_SEED))
 tune: $(VENV)
 	$(PY) tune.py $(tune_args) $(TUNE_FLAGS)
 

@@ -7,12 +7,15 @@
 gpus=$1; shift
 [ -z "$gpus" ] && exec "$@"
 lockdir=${GPU_LOCK_DIR:-/tmp}
+# NOTE: flock exits BUSY when the GPU's lock is held: a code no program here exits with (the
+# scripts: 1 on an error, 130 on Ctrl-C; train.py 75 when a signal stopped it), so a command's own
+# exit is never taken for "busy" and the command rerun on the next GPU.
+BUSY=111
 while :; do
   for g in $(echo "$gpus" | tr ',' ' '); do
-    # -E 75: "this GPU is busy", distinct from the command's own exit codes
-    flock -n -E 75 "$lockdir/retlesions-gpu$g.lock" env CUDA_VISIBLE_DEVICES="$g" "$@"
+    flock -n -E "$BUSY" "$lockdir/retlesions-gpu$g.lock" env CUDA_VISIBLE_DEVICES="$g" "$@"
     rc=$?
-    [ "$rc" -ne 75 ] && exit "$rc"
+    [ "$rc" -ne "$BUSY" ] && exit "$rc"
   done
   sleep 5
 done

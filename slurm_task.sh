@@ -9,10 +9,10 @@
 # SIGUSR1 (sbatch --signal=B:USR1@SECONDS: to this script only) is passed to all of COMMAND (make,
 # train.py): train.py writes last.pt at the end of its step and exits 75, and the task requeues
 # itself (scontrol requeue: the job needs --requeue; --open-mode=append keeps every attempt in one
-# log); the next attempt resumes from last.pt. At most MAX_REQUEUES such requeues per task.
-# SIGTERM (scancel, a preemption: Slurm requeues a preempted --requeue job itself) is passed on
-# too, and the task ends there. Exit status: COMMAND's.
-MAX_REQUEUES=20
+# log); the next attempt resumes from last.pt. At most MAX_REQUEUES such requeues per task (20, or
+# MAX_REQUEUES in the environment). SIGTERM (scancel, a preemption: Slurm requeues a preempted
+# --requeue job itself) is passed on too, and the task ends there. Exit status: COMMAND's.
+MAX_REQUEUES=${MAX_REQUEUES:-20}
 retries=$1
 shift
 cmd=()
@@ -33,10 +33,14 @@ echo "slurm_task: $(date '+%F %T') job ${task:-$job} on $(hostname)," \
   "attempt $((${SLURM_RESTART_COUNT:-0} + 1)): $what"
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a log line every 30 s, not 10 a s
 
-# NOTE: set -m runs COMMAND in a process group of its own, so a signal reaches all of it (make, its
-# shells, train.py and its DataLoader workers, which ignore it) but not this script, whose trap
-# would see it again (set +m then: no job-status lines in the log). bash runs a trap only once the
-# command it waits on returns: hence COMMAND in the background and `wait`.
+# NOTE: set -m runs COMMAND in a process group of its own, so a signal reaches all of it but not
+# this script, whose trap would see it again (set +m then: no job-status lines in the log). There
+# train.py ends its step, writes last.pt and exits 75 (its DataLoader workers ignore the signal);
+# evaluate.py ends at once (the next attempt evaluates again). GNU make itself does not end (it
+# catches SIGUSR1 to toggle its debug output; on SIGTERM it waits for its commands), but the shell
+# it runs train.py in (/bin/sh -c) does, at once: make then reports "User defined signal 1" and
+# exits while train.py is still saving. bash runs a trap only once the command it waits on
+# returns: hence COMMAND in the background and `wait`.
 got=
 child=
 forward() {
@@ -58,8 +62,8 @@ while kill -0 "$child" 2>/dev/null; do  # wait returned for a trapped signal: wa
   wait "$child"
   rc=$?
 done
-# NOTE: the signal ends make's shells at once, while train.py finishes its step and writes
-# last.pt: the task ends (and Slurm kills what is left) only once the whole group has ended.
+# NOTE: COMMAND (make) may have ended before train.py (above): the task ends (and Slurm kills
+# what is left) only once the whole group has ended, last.pt written.
 while [ -n "$got" ] && group_alive; do sleep 1; done
 [ "$rc" -eq 0 ] && exit 0
 
@@ -68,11 +72,22 @@ requeue() {  # back to pending: Slurm ends this attempt
   echo "slurm_task: error: scontrol requeue $job failed; submit the task again" >&2
   exit "$rc"
 }
-restarts=${SLURM_RESTART_COUNT:-0}
+# Earlier attempts of this task that ended with a line starting with $1, counted in its log (its
+# stdout, appended across attempts). NOTE: where stdout is no file (--output=/dev/null), every
+# requeue of the task counts (SLURM_RESTART_COUNT: Slurm's own too), so that no count stays at 0
+# and requeues a task forever.
+earlier() {
+  if [ -f "/proc/$$/fd/1" ]; then
+    grep -c "^$1" "/proc/$$/fd/1"
+  else
+    echo "${SLURM_RESTART_COUNT:-0}"
+  fi
+}
 case $got in
 USR1)
-  if [ "$restarts" -ge "$MAX_REQUEUES" ]; then
-    echo "slurm_task: error: $what reached its time limit $((restarts + 1)) times; not" \
+  requeues=$(earlier 'slurm_task: time limit near')
+  if [ "$requeues" -ge "$MAX_REQUEUES" ]; then
+    echo "slurm_task: error: $what reached its time limit $((requeues + 1)) times; not" \
       "requeued again (MAX_REQUEUES in slurm_task.sh); a longer --time needs fewer" >&2
     exit "$rc"
   fi
@@ -82,10 +97,8 @@ TERM)
   echo "slurm_task: stopped by SIGTERM (scancel, or a preemption that Slurm requeues): exit $rc"
   exit "$rc" ;;
 esac
-# A failure of its own: requeued RETRIES times, counted in this task's log (its stdout, appended
-# across attempts; not counted where stdout is no file).
-failures=0
-[ -f "/proc/$$/fd/1" ] && failures=$(grep -c '^slurm_task: failed' "/proc/$$/fd/1")
+# A failure of its own: requeued RETRIES times
+failures=$(earlier 'slurm_task: failed')
 if [ -n "$job" ] && [ "$failures" -lt "$retries" ]; then
   echo "slurm_task: failed (exit $rc): requeued, retry $((failures + 1)) of $retries"
   requeue

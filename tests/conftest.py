@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU in tests
-# Fourteen real IDRiD photographs, downscaled 4x, with their four lesion masks (tests/fixtures/idrid-4l14/README.md)
+# Fourteen real IDRiD photographs, downscaled 4x, with their four lesion masks
+# (tests/fixtures/idrid-4l14/README.md)
 FIXTURE_IDRID = ROOT / "tests" / "fixtures" / "idrid-4l14"
 
 
@@ -37,8 +38,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """One intra-op thread for the whole suite: CPU results stay deterministic, and on 2 shared cores
-    torch's OpenMP threads spin against other processes (tiny steps measured 5-30x slower with two)."""
+    """One intra-op thread for the whole suite: CPU results stay deterministic, and on 2 shared
+    cores torch's OpenMP threads spin against other processes (tiny steps measured 5-30x slower
+    with two)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -50,9 +52,10 @@ def one_thread():
 @pytest.fixture(scope="session")
 def fixture_idrid():
     """Root of the real IDRiD sample in the repository (14 images 1072x712 with HE masks)."""
-    # NOTE: part of the repository, never skipped: a missing fixture is a broken checkout, so it fails
+    # NOTE: part of the repository, never skipped: a missing fixture is a broken checkout (fail)
     if not (FIXTURE_IDRID / "A. Segmentation").is_dir():
-        raise FileNotFoundError(f"real IDRiD fixture missing: {FIXTURE_IDRID} (restore tests/fixtures/ from git)")
+        raise FileNotFoundError(f"real IDRiD fixture missing: {FIXTURE_IDRID} "
+                                f"(restore tests/fixtures/ from git)")
     return FIXTURE_IDRID
 
 
@@ -362,14 +365,15 @@ def style_checkpoint():
 # ---- shared by test_train.py and test_slurm.py ---------------------------------------------------
 @pytest.fixture
 def read_log():
-    """read_log(run_dir, split) -> the records of a run's log.jsonl of one split ("train" or "val")."""
+    """read_log(run_dir, split) -> the records of a run's log.jsonl of one split ("train" or
+    "val")."""
     def read(run_dir, split):
         lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
         return [r for r in map(json.loads, lines) if r["split"] == split]
     return read
 
 
-# ---- a PostgreSQL server of the test's own (test_tune.py, test_slurm.py) --------------------------
+# ---- a PostgreSQL server of the test's own (test_tune.py, test_slurm.py) ------------------------
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
@@ -392,9 +396,11 @@ def free_port():
 
 @pytest.fixture
 def postgres_url():
-    """postgresql://...@127.0.0.1:PORT/optuna on a fresh server, stopped (and its folder removed) afterwards."""
+    """postgresql://...@127.0.0.1:PORT/optuna on a fresh server, stopped (and its folder removed)
+    afterwards."""
     if not all((PG_BIN / tool).is_file() for tool in ("initdb", "pg_ctl", "createdb")):
-        pytest.skip(f"PostgreSQL binaries (initdb, pg_ctl, createdb) not found in {PG_BIN} (set PG_BIN)")
+        pytest.skip(f"PostgreSQL binaries (initdb, pg_ctl, createdb) not found in {PG_BIN} "
+                    f"(set PG_BIN)")
     user = None
     if os.geteuid() == 0:
         user = "postgres"
@@ -402,13 +408,16 @@ def postgres_url():
             pwd.getpwnam(user)
         except KeyError:
             pytest.fail("running as root, and there is no 'postgres' user to run initdb as")
-    # NOTE: not pytest's tmp_path: its parents are private to root, and the server runs as another user.
+    # NOTE: not pytest's tmp_path: its parents are private to root; the server runs as another user
     folder = Path(tempfile.mkdtemp(prefix="tune-pg-"))
     if user:
         shutil.chown(folder, user)
     data, port, log = folder / "data", _free_port(), folder / "server.log"
-    run = lambda *argv: subprocess.run(as_server_user([str(a) for a in argv], user), check=True,  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)
+
+    def run(*argv):
+        return subprocess.run(as_server_user([str(a) for a in argv], user), check=True,
+                              capture_output=True, text=True, timeout=120)
+
     run(PG_BIN / "initdb", "-D", data, "-U", "tune", "-A", "trust", "--no-sync", "-E", "UTF8")
     started = False
     try:
@@ -422,8 +431,8 @@ def postgres_url():
         pytest.fail(f"{e.cmd[-1]} failed: {e.stderr}\n{server_log}")
     finally:
         if started:
-            subprocess.run(as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
-                                           "stop"], user), capture_output=True, timeout=120)
+            stop = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
+            subprocess.run(as_server_user(stop, user), capture_output=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
 
 

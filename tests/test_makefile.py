@@ -128,3 +128,20 @@ def test_make_fig4_sweep_plans_every_combination_with_two_seeds(tmp_path):
     assert proc.returncode != 0 and err[1:] == [line for line in err[1:] if line.startswith("make")]
     assert err[0].startswith("error: ") and str(runs) in err[0] and "2 seeds" in err[0], err
     assert "make all-combos" in err[0], err  # what to run first
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="flock (util-linux) not installed")
+@pytest.mark.parametrize("gpus", ["0", "0,1"])
+def test_gpu_slot_never_reruns_a_command_that_exits_75(gpus, tmp_path):
+    """train.py exits 75 when a stop signal ended it (last.pt written): gpu_slot.sh returns that
+    once, it does not take it for "this GPU is busy" and run the command again."""
+    runs = tmp_path / "runs.txt"
+    command = f'echo "$CUDA_VISIBLE_DEVICES" >> {runs}; exit 75'
+    job = ["sh", str(ROOT / "gpu_slot.sh"), gpus, "sh", "-c", command]
+    env = {"GPU_LOCK_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    try:
+        done = subprocess.run(job, env=env, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gpu_slot.sh still running after 20 s: it ran the command on GPUs "
+                    f"{runs.read_text().split()}")
+    assert done.returncode == 75 and runs.read_text() == "0\n"

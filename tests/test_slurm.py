@@ -1,20 +1,23 @@
-"""The sweep on a real Slurm (issue 27), and train.py's stop signals on their own.
+"""The sweep on a real Slurm (issue 27): make slurm-sweep, make slurm-tune, slurm_task.sh.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_slurm.py
 
-train.py on SIGUSR1 / SIGTERM: last.pt at the step it stopped, exit 75, and a rerun that ends with
-the weights of a run never stopped. The sbatch lines of `make -n slurm-sweep` / `slurm-tune`. Then
-a cluster of this module's own: Debian's slurm-wlm and munge (installed with apt-get where missing:
-the machine is root with apt; a failed install fails the tests in one line), munged, slurmctld and
-slurmd on free ports in a temporary folder. `make slurm-sweep` submits 3 combinations x 2 seeds as
-one job array and one task is sent its time-limit warning mid-training; a failing task and a
-cancelled one; `make slurm-tune` runs two tune.py workers against one PostgreSQL study. Afterwards
-the daemons are stopped by their pids and the folder is removed. About 2 minutes on 2 busy cores.
+The sbatch lines of `make -n slurm-sweep` / `slurm-tune`, and what sbatch and the tasks' make
+receive through the shell (stand-ins for sbatch and squeue: no Slurm needed). Then a cluster of
+this module's own, as root only (CI; anyone else is skipped in one line): Debian's slurm-wlm and
+munge (installed with apt-get where missing), munged, slurmctld and slurmd on free ports in a
+temporary folder. `make slurm-sweep` submits 3 combinations x 2 seeds as one job array (a second
+submission is refused) and one task is sent its time-limit warning mid-training; a warned task's
+slow save, bounded requeues (failures, time limits), a cancelled task; `make slurm-tune` runs two
+tune.py workers against one PostgreSQL study. Afterwards the daemons are stopped by their pids and
+the folder is removed. About 3 minutes on 2 busy cores. train.py's own stop signals (SIGUSR1 /
+SIGTERM, exit 75) are tested in test_train.py.
 """
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,10 +29,12 @@ from types import SimpleNamespace
 import pytest
 
 # train.py flags of the tune workers: tiny, CPU
-TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "cpu", "--dtype", "float32",
-              "--workers", "0", "--log-every", "2"]
+TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "cpu", "--dtype",
+              "float32", "--workers", "0", "--log-every", "2"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 # ------------------------------------------------------------------------ the sbatch lines
 def make(*args, env=None, check=True):
     done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
@@ -53,7 +58,10 @@ def test_slurm_sweep_plan_is_one_array_of_the_runs_not_done(tmp_path):
     sweep = re.search(r"id=\$\((sbatch .*?)\) && id=", line)[1]  # the array's sbatch command
     assert re.search(r"sbatch --parsable .*--requeue --open-mode=append --signal=B:USR1@600 "
                      r"--time=24:00:00 --cpus-per-task=8 --gres=gpu:1 --partition=gpu --qos=x "
-                     r"--job-name=sweep --array=0-60%4 ", sweep), sweep
+                     r"--job-name=sweep --comment=\"\$runs\" --array=0-60%4 ", sweep), sweep
+    # the array is tagged with RUNS (absolute), and not submitted while one of that RUNS is queued
+    assert line.startswith(f"runs=$(realpath -m -- '{tmp_path}') && if squeue -h --me -n sweep "
+                           f"-o %k | grep -qxF -- \"$runs\"; then echo \"error: "), line
     targets = sweep.split(" -- ")[1].split()  # 31 combinations x 2 seeds, one done
     assert len(targets) == len(set(targets)) == 61 and f"{done}/results.json" not in targets
     assert targets[0] == f"{tmp_path}/IDR/s0/results.json"
@@ -62,7 +70,8 @@ def test_slurm_sweep_plan_is_one_array_of_the_runs_not_done(tmp_path):
     assert """'TRAIN_FLAGS=--no-pretrained --lr '\\''a b'\\''' """ in sweep
     assert f"'RUNS={tmp_path}' " in sweep and "'ENCODER=legacy_seresnet101.in1k'" in sweep
     assert " GPUS= -- " in sweep
-    assert "--dependency=afterany:$id" in line and " report) && " in line
+    assert "--dependency=afterany:$id --job-name=report --time=2:00:00 " in line
+    assert " report) && " in line
     line = make_n("slurm-sweep", "SEEDS=1", f"RUNS={tmp_path}", "SLURM_GRES=", "SLURM_REPORT=")
     assert "--gres" not in line and "--array=0-30 " in line and "dependency" not in line
     line = make_n("slurm-sweep", "COMBOS=IDR+MES", f"RUNS={tmp_path}", "SEEDS=2")
@@ -81,11 +90,103 @@ def test_slurm_tune_needs_one_database_and_gives_each_worker_its_seed(tmp_path):
     assert " tune -- TUNE_SEED=0 TUNE_SEED=1 TUNE_SEED=2)" in line
     assert "'TUNE_STORAGE=postgresql://me@db/optuna'" in line
     plan = make("-n", "tune", "TUNE_SEED=2", "TUNE_STORAGE=pg://me@db/o", "TUNE_FLAGS=--trials 9")
-    assert "--storage pg://me@db/o --seed 2 --trials 9" in plan.stdout
+    assert "--storage 'pg://me@db/o' --seed 2 --trials 9" in plan.stdout
     done = make("slurm-tune", f"RUNS={tmp_path}", check=False)
     assert done.returncode != 0
     assert done.stderr.startswith("error: make slurm-tune needs TUNE_STORAGE=postgresql://")
     assert not (tmp_path / "slurm").exists()
+
+
+# Stand-ins for sbatch, squeue and the python of the tasks: each appends its name and argv as one
+# JSON line to $STUB_CALLS; sbatch answers job 4242, squeue prints $STUB_QUEUE.
+STUB = """import json, os, sys
+name = os.path.basename(sys.argv[0])
+with open(os.environ["STUB_CALLS"], "a") as f:
+    f.write(json.dumps([name, *sys.argv[1:]]) + "\\n")
+print({"sbatch": "4242", "squeue": os.environ.get("STUB_QUEUE", "")}.get(name, ""))
+"""
+
+
+def stubs(folder, queue=""):
+    """-> (the environment to run make with, calls(): the stand-ins' [name, *argv] so far)."""
+    bin_dir, calls = folder / "bin", folder / "calls.jsonl"
+    bin_dir.mkdir()
+    for name in ("sbatch", "squeue", "python"):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{STUB}")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STUB_CALLS=str(calls),
+               STUB_QUEUE=queue)
+
+    def read():
+        return [json.loads(line) for line in calls.read_text().splitlines()]
+    return env, read
+
+
+def task_command(sbatch_argv):
+    """The tasks' command in an sbatch argv (after `slurm_task.sh RETRIES`) -> (command, items)."""
+    rest = sbatch_argv[sbatch_argv.index("slurm_task.sh") + 2:]
+    if "--" not in rest:
+        return rest, []
+    return rest[:rest.index("--")], rest[rest.index("--") + 1:]
+
+
+def test_slurm_sweep_arguments_reach_sbatch_and_the_tasks_make_whole(tmp_path):
+    """A checkout whose path has a space and a &, settings with quotes, a $ and a &: sbatch gets
+    every argument whole, and the tasks' make expands each setting to what this make does."""
+    checkout = tmp_path / "my checkout & co"
+    (checkout / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "Makefile", checkout)
+    shutil.copy(ROOT / "data" / "ids.py", checkout / "data")  # the Makefile's list of combinations
+    runs = os.path.realpath(checkout / "runs")
+    # other arrays in the queue: another RUNS, and one whose RUNS starts like this one
+    env, calls = stubs(tmp_path, queue=f"{runs}-old\n/elsewhere/runs\n")
+    settings = ["COMBOS=IDR", "SEEDS=1", "TRAIN_FLAGS=--lr 'a b' --tag x$$y&z", "TESTS=IDR,MES"]
+    cmd = ["make", "--no-print-directory", "-C", str(checkout), "-o", ".venv/.stamp"]
+    done = subprocess.run([*cmd, "slurm-sweep", *settings, "SLURM_REPORT_TIME=0:30:00"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "slurm-sweep: job array 4242, 1 task(s)" in done.stdout
+    (queue, array, report) = calls()
+    assert queue == ["squeue", "-h", "--me", "-n", "sweep", "-o", "%k"]
+    assert array[0] == report[0] == "sbatch"
+    assert f"--chdir={checkout}" in array and f"--comment={runs}" in array
+    assert f"--chdir={checkout}" in report and "--time=0:30:00" in report
+    command, items = task_command(array)
+    assert items == ["runs/IDR/s0/results.json"]
+    # a task's make plans the same train.py and evaluate.py lines as this make
+    task = subprocess.run([*command, "-n", *items], capture_output=True, text=True,
+                          cwd=checkout, env=env, timeout=120)
+    here = subprocess.run([*cmd, "-n", *items, *settings], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert task.returncode == here.returncode == 0, task.stderr + here.stderr
+    assert "--tag x$y&z" in here.stdout and task.stdout == here.stdout
+
+
+def test_tune_storage_reaches_tune_py_whole(tmp_path):
+    """A --storage URL with a &, a space and a $ reaches tune.py as one argument, from `make tune`
+    and from a `make slurm-tune` task."""
+    url = "postgresql://me@db:5432/optuna?sslmode=require&application_name=a$b c"
+    env, calls = stubs(tmp_path)
+    py = f"PY={tmp_path / 'bin' / 'python'}"
+    cmd = ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.stamp"]
+    storage = f"TUNE_STORAGE={url.replace('$', '$$')}"  # a $ on make's command line: $$
+    done = subprocess.run([*cmd, "tune", storage, "TUNE_SEED=2", "COMBO=IDR", py],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([*cmd, "slurm-tune", storage, "TUNE_WORKERS=1", "COMBO=IDR",
+                           f"RUNS={tmp_path}"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    command, items = task_command(calls()[-1])
+    assert items == ["TUNE_SEED=0"]
+    done = subprocess.run([*command, *items, py], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    direct, _, task = calls()
+    for argv, seed in ((direct, "2"), (task, "0")):
+        assert argv[:2] == ["python", "tune.py"], argv
+        assert argv[argv.index("--storage") + 1:argv.index("--storage") + 4] == \
+            [url, "--seed", seed], argv
 
 
 # --------------------------------------------------------------------- a Slurm cluster of our own
@@ -94,15 +195,18 @@ SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 
 def slurm_tools():
-    """{tool: path}, after `apt-get install -y slurm-wlm munge` where one is missing; one line if
-    that fails."""
+    """{tool: path}, after `apt-get install -y slurm-wlm munge` where one is missing and the tests
+    run as root with apt-get (CI); a skip in one line for anyone else, a failure if apt-get
+    fails."""
     paths = {t: shutil.which(t, path=SBIN_PATH) for t in SLURM_TOOLS}
+    if all(paths.values()) and os.geteuid() != 0:
+        pytest.skip("not root: the test's own Slurm runs its daemons as root (SlurmUser=root)")
     if all(paths.values()):
         return paths
     missing = ", ".join(t for t, p in paths.items() if p is None)
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.fail(f"Slurm is not installed ({missing} missing) and this is not root with "
-                    f"apt-get: run `apt-get install -y slurm-wlm munge` as root", pytrace=False)
+        pytest.skip(f"no Slurm here ({missing} missing), and only root with apt-get installs it "
+                    f"for these tests (apt-get install -y slurm-wlm munge)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "slurm-wlm", "munge"]
     for cmds in ([install], [["apt-get", "update"], install]):  # again with fresh package lists
@@ -158,7 +262,7 @@ def log_tails(folder, pattern="*.log"):
                      for p in sorted(Path(folder).glob(pattern)))
 
 
-def wait_for(ready, timeout, what, daemons=(), folder=None):
+def wait_for(ready, timeout, what, daemons=(), folder=None, poll=0.5):
     """Poll ready() until it is true; a daemon that ended or the timeout fails, with the logs."""
     deadline = time.monotonic() + timeout
     while not ready():
@@ -167,7 +271,24 @@ def wait_for(ready, timeout, what, daemons=(), folder=None):
             why = f"{', '.join(dead)} ended" if dead else f"not within {timeout} s"
             logs = log_tails(folder) if folder else ""
             raise AssertionError(f"waiting for {what}: {why}\n{logs}")
-        time.sleep(0.5)
+        time.sleep(poll)
+
+
+def test_a_user_not_root_is_told_why_the_cluster_tests_are_skipped(monkeypatch):
+    """Only root starts the test's cluster, and installs Slurm (CI): anyone else, with Slurm or
+    without, is skipped in one line, not failed."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        slurm_tools()
+    assert str(skipped.value) == "no Slurm here (munged, slurmctld, slurmd, sbatch, squeue, " \
+        "scancel, scontrol, sinfo missing), and only root with apt-get installs it for these " \
+        "tests (apt-get install -y slurm-wlm munge)"
+    monkeypatch.setattr(shutil, "which", lambda tool, **k: f"/usr/bin/{tool}")
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        slurm_tools()
+    assert str(skipped.value) == "not root: the test's own Slurm runs its daemons as root " \
+        "(SlurmUser=root)"
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +356,34 @@ def slurm(free_port):
 
 
 # ------------------------------------------------------------------------ the sweep on Slurm
+def proc_status(pid):
+    """/proc/PID/status as {field: value}; {} once the process has gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def has_signal(pid, field, sig):
+    """Is `sig` in the signal mask `field` of process pid (SigCgt: caught; ShdPnd, SigPnd:
+    pending)?"""
+    mask = proc_status(pid).get(field) if pid else None
+    return mask is not None and bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def train_pid(out):
+    """The pid of the train.py process of run folder `out` on this machine, or None."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:  # gone
+            continue
+        if argv[1:2] == [b"train.py"] and str(out).encode() in argv:
+            return int(proc.name)
+    return None
+
+
 ITERS, VAL_EVERY = 80, 40
 COMBOS, SEEDS = ("IDR", "MES", "IDR+MES"), 2
 TOY = ["RESOLUTION=64", "PATCH=64", f"ITERS={ITERS}", "BATCH=2", "LR=1e-2", "ENCODER=test_resnet",
@@ -244,35 +393,66 @@ TOY = ["RESOLUTION=64", "PATCH=64", f"ITERS={ITERS}", "BATCH=2", "LR=1e-2", "ENC
 NO_GPU = ["SLURM_GRES=", "SLURM_CPUS=1", "SLURM_TIME=10", "SLURM_WARN=60"]
 
 
-def test_slurm_sweep_requeues_a_task_warned_of_its_time_limit(slurm, synth_root, tmp_path, read_log):
+def test_slurm_sweep_requeues_a_task_warned_of_its_time_limit(slurm, synth_root, tmp_path,
+                                                              read_log):
     from data import prepare_cache
 
     cache, runs, report = tmp_path / "cache", tmp_path / "runs", tmp_path / "report"
     for ds in ("IDR", "MES"):
         prepare_cache(ds, synth_root, cache, 64, verbose=False)  # once, before the tasks
-    out = make("slurm-sweep", f"COMBOS={' '.join(COMBOS)}", f"SEEDS={SEEDS}", f"RUNS={runs}",
-               f"DATA_ROOT={synth_root}", f"CACHE={cache}", f"REPORT={report}", *TOY, *NO_GPU,
-               env=slurm.env).stdout
+    sweep = [f"COMBOS={' '.join(COMBOS)}", f"SEEDS={SEEDS}", f"RUNS={runs}",
+             f"DATA_ROOT={synth_root}", f"CACHE={cache}", f"REPORT={report}", *TOY, *NO_GPU]
+    out = make("slurm-sweep", *sweep, env=slurm.env).stdout
     array = re.search(r"job array (\d+), 6 task\(s\)", out)
     assert array and re.search(r"job \d+ runs make report once the array has ended", out), out
     array, log0 = array[1], runs / "slurm" / f"sweep_{array[1]}_0.log"
     # Task 0 (IDR/s0) gets its time-limit warning mid-training, as sbatch --signal=B:USR1@60
-    # sends it (to the batch shell only), once its log shows a few steps.
+    # sends it (to the batch shell only). NOTE: so that it lands before the run's last step, the
+    # task's command (make, its shell, train.py: one process group) is stopped (SIGSTOP) once
+    # train.py catches SIGUSR1; train.py goes on (SIGCONT) once the batch shell has passed the
+    # signal on to it, the others once train.py has taken it (had make ended first, the kernel
+    # would have sent the stopped train.py SIGHUP: an orphaned process group).
     warned = runs / "IDR" / "s0"
-    trained = lambda: (warned / "log.jsonl").read_text().count('"split": "train"')  # noqa: E731
-    wait_for(lambda: (warned / "log.jsonl").exists() and trained() >= 3, 120, f"{warned} to train")
-    (task0,) = [line.split()[1] for line in slurm.run("squeue", "-h", "-o", "%i %A").splitlines()
-                if line.startswith(f"{array}_0 ")]
-    # NOTE: Slurm 22.05 answers a signal to an array task "Job can not be altered now" once it has
-    # delivered it, and scancel retries for minutes: it is stopped as soon as the task has seen the
-    # signal (before the requeued task may start again, which a retry would signal too).
-    scancel = subprocess.Popen(["scancel", "--signal=USR1", "--batch", task0], env=slurm.env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: has_signal(train_pid(warned), "SigCgt", signal.SIGUSR1), 120,
+             f"train.py of {warned} to catch SIGUSR1", poll=0.05)
+    pid = train_pid(warned)
+    group = os.getpgid(pid)
+    os.killpg(group, signal.SIGSTOP)
+    scancel = None
     try:
-        wait_for(lambda: "slurm_task: time limit near" in log0.read_text(), 60, "the signal")
-    finally:
+        wait_for(lambda: proc_status(pid)["State"].startswith("T"), 30, "train.py to stop")
+        log = warned / "log.jsonl"
+        steps = log.read_text().count('"split": "train"') if log.exists() else 0
+        assert steps < ITERS, f"train.py of {warned} was stopped after its last step"
+        # The same RUNS again while its array is queued (task 0 cannot end now): refused
+        jobs = set(slurm.run("squeue", "-h", "-o", "%F").split())  # arrays, jobs
+        again = make("slurm-sweep", *sweep, env=slurm.env, check=False)
+        assert again.returncode != 0, again.stdout
+        assert again.stderr.splitlines()[0] == f"error: an array of RUNS={runs.resolve()} is in " \
+            f"the queue (squeue --me -n sweep); submitting again would run its unfinished runs " \
+            f"twice: wait for it to end, or scancel it first", again.stderr
+        assert set(slurm.run("squeue", "-h", "-o", "%F").split()) <= jobs  # nothing new
+        (task0,) = [line.split()[1] for line in
+                    slurm.run("squeue", "-h", "-o", "%i %A").splitlines()
+                    if line.startswith(f"{array}_0 ")]
+        # NOTE: Slurm 22.05 answers a signal to an array task "Job can not be altered now" once
+        # it has delivered it, and scancel retries for minutes: it is stopped as soon as the
+        # signal has reached train.py (before the requeued task may start again, which a retry
+        # would signal too).
+        scancel = subprocess.Popen(["scancel", "--signal=USR1", "--batch", task0], env=slurm.env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pending = lambda: any(has_signal(pid, f, signal.SIGUSR1)  # noqa: E731
+                              for f in ("ShdPnd", "SigPnd"))
+        wait_for(pending, 60, "the signal to reach train.py")
         scancel.terminate()
-        scancel.wait()
+        os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: not pending(), 30, "train.py to take the signal")
+    finally:
+        if scancel is not None:
+            scancel.terminate()
+            scancel.wait()
+        os.killpg(group, signal.SIGCONT)
+    wait_for(lambda: "slurm_task: time limit near" in log0.read_text(), 120, "the requeue")
     logs = slurm.wait_for_jobs(400, runs / "slurm")
 
     for k, (combo, seed) in enumerate((c, s) for c in COMBOS for s in range(SEEDS)):
@@ -338,6 +518,9 @@ def test_a_failing_task_is_requeued_retries_times_and_a_cancelled_one_never(slur
               "--time=5"]
     failing = slurm.run(*sbatch, f"--output={tmp_path}/failing.log", "slurm_task.sh", "1",
                         "sh", "-c", "echo boom; exit 3").strip()
+    # no log to count its failures in (stdout not a file): Slurm's count of its requeues stands in
+    unlogged = slurm.run(*sbatch, "--output=/dev/null", f"--error={tmp_path}/unlogged.err",
+                         "slurm_task.sh", "1", "sh", "-c", "exit 4").strip()
     # a command that, like train.py, notes SIGTERM, ends its step and exits 75
     stoppable = "import signal, sys, time\ngot = []\n" \
                 "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n" \
@@ -354,10 +537,51 @@ def test_a_failing_task_is_requeued_retries_times_and_a_cancelled_one_never(slur
     assert text.strip().splitlines()[-1] == "slurm_task: error: sh -c echo boom; exit 3 failed " \
         "(exit 3) 2 time(s); not requeued again; the lines above say why"
     assert "ExitCode=3:0" in slurm.run("scontrol", "show", "job", failing)
+    text = (tmp_path / "unlogged.err").read_text()
+    assert text.strip().splitlines()[-1] == "slurm_task: error: sh -c exit 4 failed (exit 4) 2 " \
+        "time(s); not requeued again; the lines above say why", text
+    assert re.search(r" Restarts=1 .*ExitCode=4:0", slurm.run("scontrol", "show", "job", unlogged),
+                     re.S)
     text = log.read_text()
     assert "slurm_task: stopped by SIGTERM (scancel, or a preemption that Slurm requeues): " \
            "exit 75" in text, text
     assert "attempt 2" not in text and "requeued," not in text
+
+
+# Attempt 1 fails; attempts 2 and 3 are warned of their time limit (exit 75 as train.py).
+FAIL_THEN_WARNED = """import os, signal, sys, time
+attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1
+if attempt == 1:
+    sys.exit(3)
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+print("running", attempt, flush=True)
+while not got:
+    time.sleep(0.1)
+sys.exit(75)
+"""
+
+
+def test_time_limit_requeues_are_counted_apart_from_failures(slurm, tmp_path):
+    """MAX_REQUEUES=1: one time-limit requeue, whatever the failures' retries before it."""
+    (tmp_path / "task.py").write_text(FAIL_THEN_WARNED)
+    log = tmp_path / "task.log"
+    job = slurm.run("sbatch", "--parsable", f"--chdir={ROOT}", "--requeue", "--open-mode=append",
+                    "--time=5", "--export=ALL,MAX_REQUEUES=1", f"--output={log}",
+                    "slurm_task.sh", "1", sys.executable, str(tmp_path / "task.py")).strip()
+    for attempt in (2, 3):
+        wait_for(lambda: log.exists() and f"running {attempt}\n" in log.read_text(), 120,
+                 f"attempt {attempt} to run", folder=tmp_path)
+        slurm.run("scancel", "--signal=USR1", "--batch", job)
+    slurm.wait_for_jobs(120, tmp_path)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("slurm_task: ")]
+    assert lines[1:] == [
+        "slurm_task: failed (exit 3): requeued, retry 1 of 1", lines[2],
+        "slurm_task: time limit near (SIGUSR1): requeued; the next attempt resumes from last.pt",
+        lines[4], f"slurm_task: error: {sys.executable} {tmp_path / 'task.py'} reached its time "
+        f"limit 2 times; not requeued again (MAX_REQUEUES in slurm_task.sh); a longer --time "
+        f"needs fewer"], lines
+    assert "attempt 2:" in lines[2] and "attempt 3:" in lines[4], lines
 
 
 # --------------------------------------------------------------------- the Optuna search on Slurm
@@ -382,8 +606,8 @@ def test_slurm_tune_runs_workers_with_their_own_seeds_on_one_postgres_study(
     logs = slurm.wait_for_jobs(300, runs / "slurm")
     for k in (0, 1):
         log = (runs / "slurm" / f"tune_{array[1]}_{k}.log").read_text()
-        assert re.search(rf"tune\.py --train IDR .*--storage {re.escape(postgres_url)} --seed {k} ",
-                         log), log
+        storage = re.escape(f"--storage '{postgres_url}' --seed {k} ")  # as make echoes it
+        assert re.search(rf"tune\.py --train IDR .*{storage}", log), log
         assert "this worker ran 2 trial(s)" in log, logs
     study = optuna.load_study(study_name="pg", storage=tune.driver_url(postgres_url))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

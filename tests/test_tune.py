@@ -1,8 +1,8 @@
 """tune.py: the search space as train.py reads it, a study that completes / continues / survives failures,
 interrupted and killed trials resumed (a SIGKILLed worker's at once, a live worker's never, one
 that keeps dying given up), pruning, a blank model not chosen, two workers on one SQLite file, the
---show PNGs, one-line errors (bad --storage, --study), optuna's public API only. PostgreSQL:
-tests/test_tune_postgres.py.
+--show PNGs, one-line errors (bad --storage, --study), optuna's public API only; two workers on
+a PostgreSQL server of the test's own (the postgres_url fixture, tests/conftest.py), one killed.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_tune.py
 """

@@ -839,7 +839,9 @@ def restore_signals(previous):
 
 def ignore_stop_signals(worker_id):
     """DataLoader worker_init_fn. NOTE: a scheduler signals every process of the job; a worker
-    killed by SIGTERM would end the run ("DataLoader worker exited unexpectedly") unsaved."""
+    killed by SIGTERM would end the run ("DataLoader worker exited unexpectedly") unsaved. A worker
+    started by spawn/forkserver keeps the default action until this runs; one that ignores SIGTERM
+    ends with the main process, or by the scheduler's SIGKILL after its KillWait."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 

@@ -180,6 +180,51 @@ def nntools_split():
     return split
 
 
+@pytest.fixture(scope="session")
+def generic_source(tmp_path_factory):
+    """The synthetic IDRiD, 6 photographs of 96x64 px with their masks: generic_dataset's source."""
+    from data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("generic_source")
+    generate(out, images=6, size=64, seed=0, datasets="IDR")
+    return out / "IDRiD" / "A. Segmentation"
+
+
+@pytest.fixture
+def generic_dataset(generic_source, tmp_path):
+    """make(lesions=("EX", "HE"), folder="ABC") -> tmp_path/folder: generic_source's 6 photographs
+    in the generic layout (docs/DATA.md, "Your own dataset"), written here by hand, not by data/:
+    images/<stem>.jpg, masks/<LESION>/<stem>.png (0/255, a file per image, all-zero where the lesion
+    is absent), dataset.json annotating `lesions`, no splits.json."""
+    import numpy as np
+    from PIL import Image
+
+    tifs = {"EX": "3. Hard Exudates", "HE": "2. Haemorrhages", "MA": "1. Microaneurysms",
+            "CWS": "4. Soft Exudates"}
+    codes = {"EX": "EX", "HE": "HE", "MA": "MA", "CWS": "SE"}  # IDRiD's file suffixes
+
+    def make(lesions=("EX", "HE"), folder="ABC"):
+        root = tmp_path / folder
+        (root / "images").mkdir(parents=True)
+        for lesion in lesions:
+            (root / "masks" / lesion).mkdir(parents=True)
+        for split in ("a. Training Set", "b. Testing Set"):
+            for jpg in sorted((generic_source / "1. Original Images" / split).glob("*.jpg")):
+                shutil.copy(jpg, root / "images" / jpg.name)
+                W, H = Image.open(jpg).size
+                for lesion in lesions:
+                    tif = (generic_source / "2. All Segmentation Groundtruths" / split /
+                           tifs[lesion] / f"{jpg.stem}_{codes[lesion]}.tif")
+                    mask = (np.asarray(Image.open(tif).convert("RGB")).max(-1) > 0
+                            if tif.is_file() else np.zeros((H, W), bool))
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(
+                        root / "masks" / lesion / f"{jpg.stem}.png")
+        info = {"name": "My clinic", "lesions": {les: f"masks/{les}" for les in lesions}}
+        (root / "dataset.json").write_text(json.dumps(info))
+        return root
+    return make
+
+
 @pytest.fixture()
 def small_cache(synth_root, tmp_path):
     """(cache, cache/DDR/32): the synthetic DDR prepared at 32 px in a private cache (free to

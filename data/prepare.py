@@ -405,6 +405,7 @@ def summary(out, meta, splits, note=""):
     # image has no FOV (a black photograph); caches prepared before "lesion_fov_pixels" existed
     # count all lesion pixels.
     lesion = meta.get("lesion_fov_pixels", meta["lesion_pixels"])
+    annotations = meta.get("annotated") or [LESIONS] * len(meta["ids"])  # older caches: all four
     lines = [f"{meta['dataset']} @ {meta['resolution']} px -> {out} ({note})",
              f"  {'split':<6}{'images':>7}" + "".join(f"{les:>15}" for les in LESIONS)]
     for name in ("train", "val", "test"):
@@ -415,7 +416,10 @@ def summary(out, meta, splits, note=""):
         fov = sum(meta["fov_pixels"][r] for r in rows)
         shares = [f"{100 * pix[:, c].sum() / fov:6.2f}%" if fov else f"{'-':>7}"
                   for c in range(len(LESIONS))]
-        cells = [f"{int(present[:, c].sum()):>7} {shares[c]}" for c in range(len(LESIONS))]
+        # NOTE: a lesion no image of the split annotates has no count: it is not a zero
+        noted = [any(les in annotations[r] for r in rows) or not rows for les in LESIONS]
+        cells = [f"{int(present[:, c].sum()):>7} {shares[c]}" if noted[c]
+                 else f"{'not annotated':>15}" for c in range(len(LESIONS))]
         lines.append(f"  {name:<6}{len(rows):>7}" + "".join(cells))
     lines.append("  (per lesion: images containing it, lesion pixels in the FOV as % of FOV "
                  "pixels)")

@@ -26,11 +26,14 @@ def prepare(root, cache, dataset_id="ABC"):
     return cache / dataset_id.upper() / "64"
 
 
-def test_own_dataset_prepared_end_to_end(generic_dataset, tmp_path, nearest_reference):
+def test_own_dataset_prepared_end_to_end(generic_dataset, tmp_path, nearest_reference, capsys):
     """6 photographs annotating EX and HE, no splits.json: cached with EX, HE annotated in every
     image, MA and CWS in none (left out, not negatives), masks as the PNGs say, the paper's split."""
     root = generic_dataset(("EX", "HE"))
     out = prepare(root, tmp_path / "cache")
+    table = capsys.readouterr().out.splitlines()[2:5]  # train, val, test: no count where none
+    assert [line.split()[:2] for line in table] == [["train", "3"], ["val", "1"], ["test", "2"]]
+    assert all(line.endswith("not annotated  not annotated") for line in table), table
     meta = json.loads((out / "meta.json").read_text())
     stems = sorted(p.stem for p in (root / "images").iterdir())
     assert meta["ids"] == stems and all(a == ["EX", "HE"] for a in meta["annotated"])

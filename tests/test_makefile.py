@@ -128,3 +128,28 @@ def test_make_fig4_sweep_plans_every_combination_with_two_seeds(tmp_path):
     assert proc.returncode != 0 and err[1:] == [line for line in err[1:] if line.startswith("make")]
     assert err[0].startswith("error: ") and str(runs) in err[0] and "2 seeds" in err[0], err
     assert "make all-combos" in err[0], err  # what to run first
+
+
+def test_all_combos_of_datasets_of_ones_own(tmp_path):
+    """DATASETS=IDR,ABC: its 2^2 - 1 combinations x SEEDS, DATA_FLAGS (the own dataset's folder) in
+    every training and evaluation, the test sets DATASETS by default; three datasets: 7
+    combinations; an unknown ID stops make in one line naming it."""
+    flags = "--root ABC=/data/clinic"
+    plan = make("-n", "all-combos", "SEEDS=2", f"RUNS={tmp_path}", "DATASETS=idr,ABC",
+                f"DATA_FLAGS={flags}", "GPUS=").splitlines()
+    trains = [line for line in plan if "python train.py --train " in line]
+    evals = [line for line in plan if "python evaluate.py --ckpt " in line]
+    runs = {(re.search(r"--train (\S+)", t)[1], re.search(r"--seed (\d+)", t)[1]) for t in trains}
+    assert len(trains) == 6 and runs == {(c, s) for c in ("IDR", "ABC", "IDR+ABC") for s in "01"}
+    assert all(flags in line for line in trains + evals) and len(evals) == 6
+    assert all(" --test idr,ABC " in line for line in evals), evals  # as given: parsed there
+    ids = ("IDR", "ABC", "XY9")  # the five first, then one's own by name
+    plan = make("-n", "all-combos", "SEEDS=1", f"RUNS={tmp_path}", "DATASETS=XY9,ABC,IDR")
+    trains = {re.search(r"--train (\S+)", t)[1] for t in plan.splitlines() if "train.py" in t}
+    assert trains == {"+".join(c) for r in (1, 2, 3) for c in itertools.combinations(ids, r)}
+    assert make("print-combos", "DATASETS=IDR ABC").split() == ["IDR", "ABC", "IDR+ABC"]
+    bad = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "-n", "all-combos",
+                          "DATASETS=IDR,X"], capture_output=True, text=True, timeout=120)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1 and "DATASETS=IDR,X" in lines[0], bad.stderr
+    assert "unknown dataset ID 'X'" in lines[0] and "python" not in bad.stdout

@@ -62,6 +62,11 @@ def test_slurm_sweep_plan_is_one_array_of_the_runs_not_done(tmp_path):
     assert """'TRAIN_FLAGS=--no-pretrained --lr '\\''a b'\\''' """ in sweep
     assert f"'RUNS={tmp_path}' " in sweep and "'ENCODER=legacy_seresnet101.in1k'" in sweep
     assert " GPUS= -- " in sweep
+    # the datasets too, one's own among them, with the flags naming their folders
+    line = make_n("slurm-sweep", "SEEDS=1", f"RUNS={tmp_path}", "DATASETS=IDR,ABC",
+                  "DATA_FLAGS=--root ABC=/data/clinic")
+    assert "--array=0-2 " in line and "'DATASETS=IDR,ABC' " in line and "'TESTS=IDR,ABC' " in line
+    assert "'DATA_FLAGS=--root ABC=/data/clinic' " in line and f"{tmp_path}/IDR+ABC/s0/" in line
     assert "--dependency=afterany:$id" in line and " report) && " in line
     line = make_n("slurm-sweep", "SEEDS=1", f"RUNS={tmp_path}", "SLURM_GRES=", "SLURM_REPORT=")
     assert "--gres" not in line and "--array=0-30 " in line and "dependency" not in line

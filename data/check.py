@@ -33,7 +33,7 @@ def build_parser():
     """The command line: the datasets, the decoding threads and the data flags."""
     parser = utils.Parser(prog="python -m data.check", description=__doc__)
     add_dataset_list(parser, "--dataset", "datasets to check (default: the IDs --root names)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=utils.check_range(int, 1), default=None,
                         help="decoding threads (default: min(8, CPU count))")
     add_data_args(parser)
     for action in parser._actions:  # NOTE: nothing is prepared here: --cache has no use

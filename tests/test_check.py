@@ -151,6 +151,8 @@ def test_nothing_to_check_and_a_folder_not_found_are_one_line(tmp_path):
     assert lines == [] and "--root ID=DIR" in error
     lines, error = check("--root", f"ABC={tmp_path / 'nowhere'}")
     assert lines[0] == "ABC: not found: 0 images" and str(tmp_path / "nowhere") in lines[-2]
+    lines, error = check("--root", f"ABC={tmp_path}", "--workers", "0")
+    assert lines == [] and "--workers" in error
 
 
 def test_command_line_help_is_fast_and_errors_exit_1(generic_dataset):

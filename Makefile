@@ -2,6 +2,7 @@
 #   make demo                 # the whole study at toy scale on the synthetic datasets, CPU, < 10 min
 #   make test                 # the test suite (sets up .venv first)
 #   make -j4 all-combos GPUS=0,1,2,3 DATA_ROOT=/data/fundus    # 31 combinations x SEEDS, paper settings
+#   make all-combos DATASETS=IDR,ABC DATA_FLAGS="--root ABC=/data/clinic"  # with a dataset of your own
 # Every setting of the sweep is a make variable: `make all-combos ITERS=500 RESOLUTION=256 ENCODER=resnet18`.
 
 PY      := .venv/bin/python
@@ -19,7 +20,11 @@ BATCH      ?= 8
 LR         ?= 3e-4
 ENCODER    ?= legacy_seresnet101.in1k
 VAL_EVERY  ?= 1000
-TESTS      ?= IDR,DDR,FGA,RET,MES
+# the sweep's datasets: the five, or any of them with datasets of your own (docs/DATA.md, "Your own
+# dataset"), whose folders DATA_FLAGS gives (--root ABC=DIR); it reaches every command reading data
+DATASETS   ?= IDR,DDR,FGA,RET,MES
+TESTS      ?= $(DATASETS)
+DATA_FLAGS ?=
 GPUS       ?=
 TRAIN_FLAGS ?=
 EVAL_FLAGS  ?=
@@ -27,8 +32,16 @@ FIG4_FLAGS  ?=
 TUNE_FLAGS  ?=
 COMBO      ?= IDR+DDR+MES
 
-# All 31 non-empty combinations, in canonical order (IDR DDR FGA RET MES), as run names like IDR+DDR.
-COMBOS := $(shell python3 data/ids.py combos)
+# The 2^D - 1 non-empty combinations of DATASETS (the five: 31), in canonical order (IDR DDR FGA RET
+# MES, then one's own), as run names like IDR+DDR. An unknown ID stops the targets that use them.
+comma := ,
+space := $(subst ,, )
+COMBOS := $(shell python3 data/ids.py combos $(subst $(space),$(comma),$(strip $(DATASETS))) 2>&1)
+ifeq ($(firstword $(COMBOS)),error:)
+$(if $(filter all-combos print-combos fig4-sweep slurm-sweep,$(MAKECMDGOALS)),\
+  $(error DATASETS=$(DATASETS): $(wordlist 2,999,$(COMBOS))))
+COMBOS :=
+endif
 SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
 
@@ -61,7 +74,7 @@ REAL_FLAGS ?=
 real: $(VENV)
 	OMP_NUM_THREADS=1 $(PY) bench/real.py --out $(REAL_OUT) -- $(REAL_FLAGS)
 
-print-combos:   # the 31 run names, one line (for cluster array jobs)
+print-combos:   # the run names of DATASETS' combinations (the five: 31), one line
 	@echo $(COMBOS)
 
 # ---- the sweep: each run's results.json is a target, so an interrupted sweep resumes where it stopped ----
@@ -79,8 +92,8 @@ HASH := \#
 member_flags = $(if $(MEMBERS),member=$$(awk -v s=s$(call run_seed,$(1)): '$$1 == s {sub(/$(HASH).*/, ""); $$1 = ""; print; f = 1} \
 	END {exit !f}' "$(MEMBERS)") || { echo "error: MEMBERS=$(MEMBERS) has no line s$(call run_seed,$(1)):" >&2; exit 1; };)
 $(RUNS)/%/results.json: | $(VENV)
-	$(call member_flags,$*)sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(call run_flags,$*) $(TRAIN_FLAGS)$(if $(MEMBERS), $$member)
-	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(EVAL_FLAGS)
+	$(call member_flags,$*)sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(DATA_FLAGS) $(call run_flags,$*) $(TRAIN_FLAGS)$(if $(MEMBERS), $$member)
+	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(strip $(DATA_FLAGS) $(EVAL_FLAGS))
 
 # ---- the sweep on Slurm (docs/STUDY.md, "On Slurm"): ONE job array, a task per run of the plan
 # whose results.json is missing, each making that run's target above with the sweep's variables,
@@ -103,8 +116,8 @@ shquote = '$(subst ','\'',$(1))'
 # VAR=value for the tasks' make, quoted for the shell. NOTE: $ doubled: that make expands a
 # command-line value once more, and must see the value this make expanded to.
 pass_vars = $(foreach v,$(1),$(call shquote,$(v)=$(subst $$,$$$$,$($(v)))))
-SWEEP_VARS := DATA_ROOT CACHE RUNS RESOLUTION PATCH ITERS BATCH LR ENCODER VAL_EVERY TESTS \
-	TRAIN_FLAGS EVAL_FLAGS MEMBERS AUTHORS REPORT
+SWEEP_VARS := DATA_ROOT CACHE RUNS RESOLUTION PATCH ITERS BATCH LR ENCODER VAL_EVERY DATASETS \
+	TESTS DATA_FLAGS TRAIN_FLAGS EVAL_FLAGS MEMBERS AUTHORS REPORT
 # --array=0-K for a list of K+1 items; SLURM_PARALLEL=N: at most N tasks at once (%N)
 slurm_array = --array=0-$(words $(wordlist 2,$(words $(1)),$(1)))$(if \
 	$(SLURM_PARALLEL),%$(SLURM_PARALLEL))
@@ -163,7 +176,7 @@ slurm-tune: | $(VENV)
 canonical = $(shell python3 data/ids.py canonical $(1))
 fig4: $(RUNS)/$(call canonical,$(COMBO))/fig4.json
 $(RUNS)/%/fig4.json: | $(VENV)
-	$(PY) fig4.py $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(FIG4_FLAGS)
+	$(PY) fig4.py $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(strip $(DATA_FLAGS) $(FIG4_FLAGS))
 
 # ---- Figure 4 over the sweep, as the paper draws it (mean Dice per training set, one series per
 # method): fig4 for every combination under RUNS with best.pt of at least 2 seeds (the others: a
@@ -185,15 +198,16 @@ fig4-sweep: | $(VENV)
 
 # ---- the report: tables and figures regenerated from the results files ----
 characterize: $(VENV)
-	$(PY) characterize.py --datasets $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out report/characterize
+	$(PY) characterize.py --datasets $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out report/characterize $(DATA_FLAGS)
 
 # ---- the authors' 31 released models (hub:COMBO, downloaded once into the Hugging Face cache), each scored on the
-# test sets under our protocol, on their own splits (their test images), at their 1024 px; report.py shows them ----
+# test sets under our protocol, on their own splits (their test images), at their 1024 px; report.py shows them.
+# They were trained on the five: their 31 combinations, whatever DATASETS says ----
 AUTHORS       ?= authors
 AUTHORS_FLAGS ?= --split-protocol authors --dice-argmax
-authors-models: $(foreach c,$(COMBOS),$(AUTHORS)/$(c)/results.json)
+authors-models: $(foreach c,$(shell python3 data/ids.py combos),$(AUTHORS)/$(c)/results.json)
 $(AUTHORS)/%/results.json: | $(VENV)
-	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt hub:$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(AUTHORS_FLAGS) $(EVAL_FLAGS)
+	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt hub:$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(strip $(AUTHORS_FLAGS) $(DATA_FLAGS) $(EVAL_FLAGS))
 
 REPORT ?= report
 report table2 table3 fig3: $(VENV)
@@ -202,7 +216,6 @@ report table2 table3 fig3: $(VENV)
 # ---- the paper's Optuna search (tune.py --help). Many workers: `make slurm-tune`, or each its own
 # TUNE_SEED=N with one TUNE_STORAGE=postgresql://...; TUNE_FLAGS come after, so they win, and may
 # end with `-- train.py flags`.
-comma := ,
 TUNE_SEED ?=
 tune_args = --train $(subst +,$(comma),$(COMBO)) --data-root $(DATA_ROOT) --cache $(CACHE) \
 	$(if $(TUNE_STORAGE),--storage $(call shquote,$(TUNE_STORAGE))) \

@@ -75,6 +75,7 @@ MIN_IMAGES = 3  # fewer scored images than this: no median is trusted, the style
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # diagonal neighbours belong to the same lesion
 COLOURS = {"IDR": "tab:blue", "DDR": "tab:green", "FGA": "tab:purple", "RET": "tab:red",
            "MES": "tab:orange"}
+OWN_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # one's own datasets
 QUALITY_MEASURES = {  # name -> what it is (shown in the markdown and on the figure)
     "sharpness": "variance of the Laplacian of the luminance (after a 1 px Gaussian) over the "
                  "luminance variance, inside the FOV",
@@ -252,8 +253,10 @@ def scan_dataset(cache_dir, dataset_id, resolution, quality_model=None, device="
             for i in range(len(part)):
                 item = part[i]  # image, masks and FOV read once
                 row = {"dataset": dataset_id, "split": split, "id": item["id"]}
-                for lesion, mask in zip(LESIONS, item["masks"]):
-                    row[f"{lesion}_count"], row[f"{lesion}_area"] = component_stats(mask)
+                for lesion, mask, known in zip(LESIONS, item["masks"], item["annotated"]):
+                    # NOTE: a lesion not annotated in this image has no count (NaN), not 0
+                    row[f"{lesion}_count"], row[f"{lesion}_area"] = (
+                        component_stats(mask) if known else (math.nan, math.nan))
                 row.update(quality_measures(item["image"], item["fov"]))
                 rows.append(row)
                 if quality_model is not None:
@@ -288,11 +291,12 @@ def summarise(rows, splits_count, sizes):
     for lesion in LESIONS:
         count = np.array([r[f"{lesion}_count"] for r in rows], float)
         area = np.array([r[f"{lesion}_area"] for r in rows], float)
-        present = count > 0
+        present, known = count > 0, ~np.isnan(count)  # NaN: not annotated in that image
         # NOTE: prevalence at the prepared resolution: a lone tiny MA can vanish when masks are
-        # downsized.
-        out["prevalence"][lesion] = float(present.mean()) if n else math.nan
+        # downsized. Over the images annotating the lesion: NaN where none does.
+        out["prevalence"][lesion] = float(present.sum() / known.sum()) if known.any() else math.nan
         out["lesions"][lesion] = {"images_with": int(present.sum()),
+                                  "images_annotated": int(known.sum()),
                                   "median_count": _median(count[present]),
                                   "median_mean_area": _median(area[present])}
     out["quality"] = {m: _median([r[m] for r in rows]) for m in QUALITY_MEASURES}
@@ -305,6 +309,19 @@ def summarise(rows, splits_count, sizes):
 def _fmt(x, digits=2):
     """A number for the tables: `digits` decimals, "-" for None or NaN."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _percent(share):
+    """A prevalence for Table 1: '12%', or 'not annotated' (None or NaN: no image annotates it)."""
+    if share is None or math.isnan(share):
+        return "not annotated"
+    return f"{100 * share:.0f}%"
+
+
+def dataset_colours(ids):
+    """{dataset ID: colour} in every figure: the five's own, then one's own datasets' in turn."""
+    own = [d for d in ids if d not in COLOURS]
+    return {d: COLOURS.get(d) or OWN_COLOURS[own.index(d) % len(OWN_COLOURS)] for d in ids}
 
 
 def markdown_report(report):
@@ -323,8 +340,7 @@ def markdown_report(report):
             sizes += f", ... ({len(s['native_sizes'])} sizes)"
         lines.append(f"| {d} | {s['n_images']} | "
                      + " | ".join(str(s["splits"].get(k, 0)) for k in SPLITS)
-                     + " | " + " | ".join(f"{100 * s['prevalence'][lesion]:.0f}%"
-                                          for lesion in LESIONS)
+                     + " | " + " | ".join(_percent(s["prevalence"][lesion]) for lesion in LESIONS)
                      + f" | {sizes} |")
     lines += ["", "## Labelling style (Figure 2)", "", report["rule"], "",
               "| Dataset | Style | Coarse share | Scored | "
@@ -375,12 +391,13 @@ def plot_labelling_style(rows_by_dataset, styles, reference, rule, coarse_ratio,
     """Figure 2: per lesion, per image (mean component area, component count), log-log, KDE
     contour."""
     fig, axes = plt.subplots(1, len(LESIONS), figsize=(4.2 * len(LESIONS), 5.2))
+    colours = dataset_colours(list(rows_by_dataset))
     for ax, lesion in zip(axes, LESIONS):
         for ds, rows in rows_by_dataset.items():
             count = np.array([r[f"{lesion}_count"] for r in rows], float)
             area = np.array([r[f"{lesion}_area"] for r in rows], float)
-            keep = count > 0  # log axes: images without the lesion are not drawn
-            colour = COLOURS.get(ds, "gray")
+            keep = count > 0  # log axes: images without the lesion (or not annotating it) left out
+            colour = colours[ds]
             ax.scatter(area[keep], count[keep], s=9, alpha=0.45, color=colour, edgecolors="none",
                        label=f"{ds}: {styles[ds]['style']} ({_fmt(styles[ds]['coarse_share'])})")
             _density_contour(ax, area[keep], count[keep], colour)
@@ -388,7 +405,8 @@ def plot_labelling_style(rows_by_dataset, styles, reference, rule, coarse_ratio,
             ref = 10 ** reference[lesion]["median_log10_area"]
             ax.axvline(ref, color="k", lw=0.8, ls=":")
             ax.axvline(ref * coarse_ratio, color="k", lw=1.0, ls="--")
-        top = max([r[f"{lesion}_count"] for rows in rows_by_dataset.values() for r in rows] + [1])
+        top = np.nanmax([r[f"{lesion}_count"] for rows in rows_by_dataset.values()
+                         for r in rows] + [1])  # NaN: not annotated
         # ylim: >= 1.5 decades, so the axis shows plain powers of ten
         ax.set(xscale="log", yscale="log", title=lesion,
                xlabel=f"mean lesion area (px at {resolution} px)", ylim=(0.7, max(20, 1.6 * top)))
@@ -422,7 +440,7 @@ def plot_quality_measures(rows_by_dataset, path):
                       for v in values])  # (datasets, 3): quartiles
         # the bar is the median, the error bar the 25-75% range
         ax.bar(names, q[:, 1], yerr=[q[:, 1] - q[:, 0], q[:, 2] - q[:, 1]], capsize=3,
-               color=[COLOURS.get(d, "gray") for d in names])
+               color=[dataset_colours(names)[d] for d in names])
         ax.set_title(measure, fontsize=10)
     fig.suptitle("Image quality measures per dataset (median, 25-75%)", fontsize=10)
     fig.tight_layout()

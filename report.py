@@ -61,6 +61,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from curves import plot_sweep  # noqa: E402
 from data import DATASET_IDS, FOLDERS, LESIONS, combo_name  # noqa: E402
+from data.ids import OWN_ID, dataset_order  # noqa: E402
 from data.synthetic import MARKER  # noqa: E402
 from utils import null_nan, write_json  # noqa: E402
 
@@ -120,9 +121,33 @@ def _combo(train, fallback):
     return combo_name(ids)
 
 
+def is_test_id(key):
+    """Does a results file's key name a test set: one of the five, or a dataset of one's own?"""
+    return key in DATASET_IDS or bool(OWN_ID.fullmatch(str(key)))
+
+
+def dataset_names(runs):
+    """{dataset ID: the name shown}: the five's (TEST_NAMES); a dataset of one's own by its
+    dataset.json "name" and its ID ("My clinic (ABC)"), read in the folder a run recorded for it
+    (--root ID=DIR), else by its ID."""
+    names = dict(TEST_NAMES)
+    for run in runs:
+        settings = {**(run.get("args") or {}), **(run.get("record") or {})}
+        for item in settings.get("root") or []:  # ["ABC=DIR", ...]
+            ds, _, folder = str(item).partition("=")
+            ds = ds.strip().upper()
+            path = _found(Path(folder) / "dataset.json") if folder and ds not in names else None
+            info = _read_json(path) if path is not None else None
+            name = info.get("name") if isinstance(info, dict) else None
+            if isinstance(name, str) and name.strip():
+                names[ds] = f"{name.strip()} ({ds})"
+    return names
+
+
 def _combo_key(combo):
-    """Sort key of a combination: its datasets' positions in the canonical order."""
-    return [DATASET_IDS.index(d) for d in combo.split("+")]
+    """Sort key of a combination: its datasets' positions in the canonical order (the five, then
+    one's own by name)."""
+    return [dataset_order(d) for d in combo.split("+")]
 
 
 # What a run may change when it resumes (train.py's RESUMABLE): where it is stored and read from,
@@ -274,7 +299,7 @@ def dataset_source(dataset, settings, resolution):
     # else: the root the flags name, --root ID=DIR, else DATA_ROOT/<distributed folder>
     roots = dict(str(v).partition("=")[::2] for v in settings.get("root") or [])  # ["IDR=DIR"]
     named = {k.strip().upper(): v for k, v in roots.items()}.get(dataset)
-    if not named and settings.get("data_root"):
+    if not named and settings.get("data_root") and dataset in FOLDERS:  # one's own: --root only
         named = Path(settings["data_root"]) / FOLDERS[dataset]
     named = _found(named) if named else None
     return "synthetic" if named is not None and (named / MARKER).is_file() else "unknown"
@@ -298,7 +323,7 @@ def run_source(run):
     res = (rec.get("protocol") or {}).get("resolution") or args.get("resolution")
     # the training sets as trained, the test sets as evaluated
     found = [dataset_source(d, args, args.get("resolution")) for d in run["combo"].split("+")]
-    found += [dataset_source(d, tested, res) for d in run["results"] if d in FOLDERS]
+    found += [dataset_source(d, tested, res) for d in run["results"] if is_test_id(d)]
     return combine_sources(found)
 
 
@@ -306,7 +331,7 @@ def tested_source(rec):
     """The source of a results file's test sets, from the data settings it records, else
     unknown."""
     res = (rec.get("protocol") or {}).get("resolution")
-    tests = [d for d in rec.get("results") or {} if d in FOLDERS]
+    tests = [d for d in rec.get("results") or {} if is_test_id(d)]
     return combine_sources([dataset_source(d, rec, res) for d in tests])
 
 
@@ -457,18 +482,21 @@ def cell(runs, test, metric, lesion=None):
     return summarize([v for v in values if v is not None])
 
 
-def table2(by_combo):
-    """Same-dataset AUPR: trained on X alone, tested on X."""
+def table2(by_combo, names=TEST_NAMES):
+    """Same-dataset AUPR: trained on X alone, tested on X: the paper's datasets, then each of one's
+    own trained alone and tested on itself (no published row)."""
     out = {}
-    for ds, published in PAPER["table2"].items():
+    own = sorted((c for c, runs in by_combo.items() if "+" not in c and c not in DATASET_IDS
+                  and any(c in r["results"] for r in runs)), key=dataset_order)
+    for ds, published in [*PAPER["table2"].items(), *((c, {}) for c in own)]:
         runs = by_combo.get(ds, [])
         # the protocol AUPR beside its blank-map floor and the floor-free AP (docs/PROTOCOL.md,
         # "The floor")
         ours, floor, ap = ({c: cell(runs, ds, metric, c) for c in LESIONS}
                            | {"mean": cell(runs, ds, metric)}
                            for metric in ("aupr", "aupr_floor", "ap"))
-        out[ds] = {"seeds": [r["seed"] for r in runs], "ours": ours, "ours_floor": floor,
-                   "ours_ap": ap,
+        out[ds] = {"name": names.get(ds, ds), "seeds": [r["seed"] for r in runs], "ours": ours,
+                   "ours_floor": floor, "ours_ap": ap,
                    "published": {name: dict(zip(LESIONS + ("mean",), row))
                                  for name, row in published.items()}}
     return out
@@ -481,15 +509,15 @@ def table3(by_combo):
             for test, combos in PAPER["table3"].items()}
 
 
-def figure3_data(by_combo, styles):
+def figure3_data(by_combo, styles, names=TEST_NAMES):
     """Leave-one-out panels: for each test set, every combination that excludes it, ordered by
     training size."""
     # NOTE: images are counted only when every run states n_train_images; mixing counts with set
     # counts would make the order meaningless, so otherwise the number of training sets orders the
     # combinations.
     by_images = all(any(r.get("n_train_images") for r in runs) for runs in by_combo.values())
-    tests = [t for t in DATASET_IDS
-             if any(t in r["results"] for runs in by_combo.values() for r in runs)]
+    tests = sorted({t for runs in by_combo.values() for r in runs for t in r["results"]
+                    if is_test_id(t)}, key=dataset_order)  # the five, then one's own
     panels = {}
     for test in tests:
         rows = []
@@ -508,7 +536,8 @@ def figure3_data(by_combo, styles):
         for row in rows:
             row["best"] = row["combo"] == best
         panels[test] = rows
-    return {"order_by": "n_train_images" if by_images else "n_datasets", "panels": panels}
+    return {"order_by": "n_train_images" if by_images else "n_datasets", "panels": panels,
+            "names": {t: names.get(t, t) for t in tests}}
 
 
 def _fig4_methods(rec):
@@ -570,7 +599,7 @@ def figure4_sweep(f4, fig4):
         runs[rec["combo"]] = {"members": [folder(m) for m in rec.get("members") or []],
                               "baseline": folder(baseline),
                               "snapshots": len(rec.get("snapshots") or []),
-                              "tests": rec.get("tests") or [t for t in DATASET_IDS if t in held]}
+                              "tests": rec.get("tests") or sorted(held, key=dataset_order)}
     return {"combos": combos, "runs": runs,
             "series": {m: [d["per_combo"].get(c) for c in combos] for m, d in f4.items()},
             "missing": {m: d["missing"] for m, d in f4.items() if d["missing"]}}
@@ -644,7 +673,8 @@ def plot_figure3(data, path):
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 4.6),
                              squeeze=False, sharey=True)
     for ax, (test, rows) in zip(axes[0], panels.items()):
-        ax.set_title(f"held-out test: {TEST_NAMES[test]}", fontsize=10)
+        ax.set_title(f"held-out test: {data.get('names', TEST_NAMES).get(test, test)}",
+                     fontsize=10)
         if not rows:  # every run with this test set was trained on it
             ax.text(0.5, 0.5, "no combination excludes it", ha="center", transform=ax.transAxes,
                     fontsize=8)
@@ -667,10 +697,13 @@ def plot_figure3(data, path):
     axes[0][0].set_ylabel("Dice (mean over lesions)")
     handles = ([Patch(color=c, label=s) for s, c in STYLE_COLORS.items()]
                + [Patch(color="C0", alpha=0.3, label="min-max over seeds")])
-    fig.legend(handles=handles, fontsize=8, loc="upper right", ncol=4, frameon=False)
+    # NOTE: the legend on a line of its own under the title: beside it, it overlaps the title
+    # when there are few panels (a dataset of one's own beside IDRiD: two)
+    fig.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(0.01, 0.95),
+               ncol=4, frameon=False)
     fig.suptitle(f"Leave-one-out scenarios, training sets ordered by "
                  f"{ORDER_NAMES[data['order_by']]}", x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     _save(fig, path)
 
 
@@ -1051,7 +1084,7 @@ def table2_lines(t2, runs):
             "ours_ap": "ours: AP (floor-free)"}
     for ds, row in t2.items():
         for key, name in ours.items():  # the dataset's name on its first row only
-            head = f"| {TEST_NAMES[ds]} |" if key == "ours" else "| |"
+            head = f"| {row.get('name', ds)} |" if key == "ours" else "| |"
             md.append(f"{head} {name} | " + _cells(row[key], fmt) + " |")
         for name, pub in row["published"].items():
             md.append(f"| | {name} (published) | " + _cells(pub, fmt_paper) + " |")
@@ -1221,8 +1254,9 @@ def main(argv=None):
     by_combo = {}  # combination -> its runs, by seed
     for r in sorted(runs, key=lambda r: (_combo_key(r["combo"]), r["seed"])):
         by_combo.setdefault(r["combo"], []).append(r)
-    t2, t3 = table2(by_combo), table3(by_combo)
-    f3, f4 = figure3_data(by_combo, styles), figure4_data(fig4)
+    names = dataset_names(runs)  # one's own datasets by their dataset.json "name"
+    t2, t3 = table2(by_combo, names), table3(by_combo)
+    f3, f4 = figure3_data(by_combo, styles, names), figure4_data(fig4)
     pairs = reference_pairs(by_combo, reference)
     if not Path(args.authors).is_dir() and args.authors != DEFAULT_AUTHORS:
         raise FileNotFoundError(f"--authors {args.authors} not found")

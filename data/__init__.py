@@ -5,6 +5,8 @@
 
 ids.py         dataset IDs, lesion names and colours, folder names, labelling styles (stdlib only)
 datasets.py    one adapter per dataset: the distributed files -> samples; decoding
+generic.py     your own annotated photographs: the generic layout (dataset.json, images/, masks/)
+check.py       every problem of a dataset at once, a report per lesion (python -m data.check)
 splits.py      train / val / test under the paper's protocol or the authors' code
 preprocess.py  FOV crop, resize, pad (paper section 2.2)
 prepare.py     the prepared cache, written once (python -m data.prepare)

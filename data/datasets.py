@@ -73,6 +73,11 @@ def dataset_root(dataset_id, data_root, roots=None):
     root = Path(given) if given else Path(data_root) / FOLDERS[dataset_id]
     if root.is_dir() and _is_dataset(root, dataset_id):
         return root
+    if (root / "dataset.json").is_file():  # NOTE: the five IDs name their distributed layouts
+        raise ValueError(f"{dataset_id}: {root} holds a dataset.json (the generic layout of "
+                         f"docs/DATA.md, 'Your own dataset'), but {dataset_id} names "
+                         f"{FOLDERS[dataset_id]} as distributed: give the folder an ID of your "
+                         f"own, e.g. --root ABC={root}")
     found, looked = _one_level_down(root, dataset_id, None if given else data_root)
     if len(found) > 1:
         raise ValueError(f"{dataset_id}: several copies found ({', '.join(map(str, found))}): "
@@ -98,6 +103,11 @@ def _own_root(dataset_id, given):
     if not root.is_dir():
         raise FileNotFoundError(f"{dataset_id} dataset not found: folder {root} (--root "
                                 f"{dataset_id}=DIR or {dataset_id}_ROOT)")
+    if not (root / "dataset.json").is_file():  # one of the five, as distributed, under a new ID?
+        five = next((d for d in DATASET_IDS if _is_dataset(root, d)), None)
+        if five:
+            raise ValueError(f"{dataset_id}: {root} holds {FOLDERS[five]} as distributed, not the "
+                             f"generic layout (no dataset.json): read it as --root {five}={root}")
     generic.read_dataset_json(root)  # one line naming it when missing or wrong
     return root
 
@@ -120,18 +130,23 @@ def annotated(sample):
     return tuple(les for les in LESIONS if les in sample.masks)
 
 
-def _index(folder, suffixes=IMAGE_SUFFIXES):
+def _index(folder, suffixes=IMAGE_SUFFIXES, clashes=None):
     """{stem: path} of the image files in a folder ({} when the folder does not exist). Two files of
     one stem (IDRiD_01.jpg and IDRiD_01.png) are a ValueError naming both: either could be the one
-    its masks belong to."""
+    its masks belong to. clashes: a list instead, each such ValueError appended to it (the first
+    file of the stem kept), so that data.check reports them all."""
     if not folder.is_dir():
         return {}
     files = {}
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file():
             if p.stem in files:
-                raise ValueError(f"two files named {p.stem} in {folder}: {files[p.stem].name} and "
-                                 f"{p.name} (which one to read is ambiguous: keep one)")
+                e = ValueError(f"two files named {p.stem} in {folder}: {files[p.stem].name} and "
+                               f"{p.name} (which one to read is ambiguous: keep one)")
+                if clashes is None:
+                    raise e
+                clashes.append(e)
+                continue
             files[p.stem] = p
     return files
 
@@ -338,14 +353,20 @@ def _mes(root, ret_he):
 ADAPTERS = {"IDR": _idr, "DDR": _ddr, "FGA": _fga, "RET": _ret, "MES": _mes}
 
 
-def list_samples(dataset_id, root, ret_he="retinal"):
+def list_samples(dataset_id, root, ret_he="retinal", errors=None):
     """All samples of one dataset, sorted by id. ret_he="all" merges RET's preretinal + vitreous
-    into HE."""
+    into HE. errors: a list: the problems of a dataset of one's own are appended to it (each an
+    exception, one line) instead of the first being raised, so that data.check reports them all."""
     if ret_he not in ("retinal", "all"):
         raise ValueError(f"--ret-he must be 'retinal' or 'all', got {ret_he!r}")
-    adapter = ADAPTERS.get(dataset_id) or (lambda root, _: generic.generic_samples(root,
-                                                                                   dataset_id))
-    samples = sorted(adapter(Path(root), ret_he), key=lambda s: s.id)
+    if dataset_id in ADAPTERS:
+        samples = ADAPTERS[dataset_id](Path(root), ret_he)
+    elif errors is None:
+        samples = generic.generic_samples(root, dataset_id)
+    else:
+        samples, found = generic.scan(root, dataset_id)
+        errors += found
+    samples = sorted(samples, key=lambda s: s.id)
     for a, b in zip(samples, samples[1:]):
         if a.id == b.id:
             raise ValueError(f"{dataset_id}: duplicate image id {a.id!r} "
@@ -461,29 +482,44 @@ def _compression_noise(hist, threshold, jpeg):
     return 0, 0
 
 
+def noise_finding(im, path, dataset_id, threshold, hist=None):
+    """("error" | "warning", message) where a mask's compression noise would count as lesion at
+    this threshold, else None: a JPEG's (whatever the file's name says) is an error, a PNG / TIFF
+    whose grey levels look like JPEG noise a warning (_compression_noise). hist: the mask's
+    _value_histogram when already computed."""
+    jpeg = im.format == "JPEG"  # the file's content, whatever its name says
+    hist = _value_histogram(im) if hist is None else hist
+    faint, top = (0, 0) if hist is None else _compression_noise(hist, threshold, jpeg)
+    if not faint:
+        return None
+    ds = dataset_id or "ID"
+    if jpeg:
+        return "error", (f"mask {path} is a JPEG: {faint} pixels of values {threshold + 1}..{top} "
+                         f"(compression noise) would count as lesion; re-export the masks as PNG "
+                         f"or TIFF, or pass --mask-threshold {ds}=127")
+    return "warning", (f"mask {path}: {faint} pixels of faint values {threshold + 1}..{top}, few "
+                       f"mid ones (JPEG noise, or a resampling halo?) count as lesion; if so, "
+                       f"re-export the masks from the originals or pass --mask-threshold "
+                       f"{ds}=127")
+
+
 def _check_noise(im, path, sample, threshold):
     """A JPEG mask whose noise would count as lesion: ValueError naming it. A PNG / TIFF whose grey
     levels look like JPEG noise: one warning naming it (the first such mask of each dataset)."""
-    jpeg = im.format == "JPEG"  # the file's content, whatever its name says
-    if not jpeg and sample.dataset in _NOISY:
+    if im.format != "JPEG" and sample.dataset in _NOISY:
         return
-    hist = _value_histogram(im)
-    faint, top = (0, 0) if hist is None else _compression_noise(hist, threshold, jpeg)
-    if not faint:
+    found = noise_finding(im, path, sample.dataset, threshold)
+    if found is None:
         return
-    ds = sample.dataset or "ID"
-    if jpeg:
-        raise ValueError(f"mask {path} is a JPEG: {faint} pixels of values {threshold + 1}..{top} "
-                         f"(compression noise) would count as lesion; re-export the masks as PNG "
-                         f"or TIFF, or pass --mask-threshold {ds}=127")
+    level, msg = found
+    if level == "error":
+        raise ValueError(msg)
     with _NOISY_LOCK:  # one warning per dataset, whichever thread sees it first
         if sample.dataset in _NOISY:
             return
         _NOISY.add(sample.dataset)
-    print(f"warning: mask {path}: {faint} pixels of faint values {threshold + 1}..{top}, few mid "
-          f"ones (JPEG noise, or a resampling halo?) count as lesion; if so, re-export the masks "
-          f"from the originals or pass --mask-threshold {ds}=127 (no further warning for {ds})",
-          file=sys.stderr, flush=True)
+    print(f"warning: {msg} (no further warning for {sample.dataset or 'ID'})", file=sys.stderr,
+          flush=True)
 
 
 def _upright_mask(im, path, sample, image_size):

@@ -83,30 +83,73 @@ def read_splits_json(root):
     return path if path.is_file() else None
 
 
-def generic_samples(root, dataset_id):
-    """The samples of a dataset in the generic layout: one per image of DIR/images, masks of its
-    annotated lesions (a missing mask file: the lesion is absent there; a lesion not annotated:
-    no key at all). One-line errors: a mask folder missing, a mask without an image."""
+def own_options(root, threshold=None, split_file=None):
+    """(mask threshold, split file) of a dataset of one's own: the flags' (--mask-threshold ID=T,
+    --splits ID=FILE) where given, else its dataset.json's "mask_threshold" (0 when absent) and its
+    splits.json (None when absent: the protocol's split)."""
+    if threshold is None:
+        threshold = read_dataset_json(root).get("mask_threshold", 0)
+    return threshold, split_file or read_splits_json(root)
+
+
+def scan(root, dataset_id):
+    """(samples, errors) of a dataset in the generic layout: one sample per image of DIR/images with
+    the masks of its annotated lesions (a missing mask file: the lesion is absent there; a lesion
+    not annotated: no key at all), and every problem of the layout found on the way, each an
+    exception with a one-line message: two files of one stem, a mask folder missing, a mask
+    without an image, a JPEG mask. A wrong dataset.json is raised at once (nothing else can be
+    read). data.check reports every error; generic_samples raises the first."""
     from data.datasets import Sample, _index  # NOTE: here: data.datasets imports this module
 
     root = Path(root)
     info = read_dataset_json(root)
-    images = _index(root / "images")
+    errors = []
+    images = _index(root / "images", clashes=errors)
     if not images:
-        raise ValueError(f"{dataset_id}: no images in {root / 'images'} (jpg jpeg png tif tiff "
-                         f"bmp; docs/DATA.md, 'Your own dataset')")
+        errors.append(ValueError(f"{dataset_id}: no images in {root / 'images'} (jpg jpeg png tif "
+                                 f"tiff bmp; docs/DATA.md, 'Your own dataset')"))
     masks = {}
     for lesion in LESIONS:
         if lesion not in info["lesions"]:
             continue  # not annotated in this dataset: left out of the loss and the scores
         folder = root / info["lesions"][lesion]
         if not folder.is_dir():
-            raise FileNotFoundError(f"{root / 'dataset.json'}: the mask folder of {lesion}, "
-                                    f"{folder}, is missing")
-        masks[lesion] = _index(folder, MASK_SUFFIXES)
-        orphans = sorted(set(masks[lesion]) - set(images))
-        if orphans:
-            raise ValueError(f"{dataset_id}: mask {masks[lesion][orphans[0]]} has no image "
-                             f"{root / 'images' / orphans[0]}.* ({len(orphans)} such masks)")
-    return [Sample(stem, path, {les: ((m[stem],) if stem in m else ()) for les, m in masks.items()})
-            for stem, path in images.items()]
+            errors.append(FileNotFoundError(f"{root / 'dataset.json'}: the mask folder of "
+                                            f"{lesion}, {folder}, is missing"))
+            continue
+        masks[lesion] = _index(folder, MASK_SUFFIXES, clashes=errors)
+        errors += _jpeg_masks(folder)
+        errors += [_orphan(masks[lesion][stem], stem, root, images)
+                   for stem in sorted(set(masks[lesion]) - set(images))]
+    samples = [Sample(stem, path, {les: ((m[stem],) if stem in m else ())
+                                   for les, m in masks.items()})
+               for stem, path in images.items()]
+    return samples, errors
+
+
+def _jpeg_masks(folder):
+    """[ValueError] when a mask folder holds JPEG files: they would not be read (a mask is png tif
+    tiff or bmp), and JPEG compression noise turns masks into grey fringes anyway."""
+    jpegs = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")
+                   and not p.name.startswith("."))
+    if not jpegs:
+        return []
+    return [ValueError(f"{folder}: {len(jpegs)} JPEG mask(s), e.g. {jpegs[0]}: not read (a mask "
+                       f"is png tif tiff or bmp, and JPEG noise counts as lesion); re-export them "
+                       f"as PNG from the originals")]
+
+
+def _orphan(path, stem, root, images):
+    """The error of a mask whose stem is no image's: named as its image, or a suffix too many?"""
+    base = stem.rsplit("_", 1)[0]  # IDRiD_01_EX.tif: IDRiD's naming
+    hint = (f" (a mask is named as its image: {path.with_name(base + path.suffix)} for "
+            f"{images[base]})" if base in images else "")
+    return ValueError(f"mask {path} has no image {root / 'images' / stem}.*{hint}")
+
+
+def generic_samples(root, dataset_id):
+    """The samples of a dataset in the generic layout (scan); its first problem, if any, raised."""
+    samples, errors = scan(root, dataset_id)
+    if errors:
+        raise errors[0]
+    return samples

@@ -66,9 +66,9 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta  # noqa: E402
-from data.datasets import annotated, dataset_root, list_samples, load_image, load_masks  # noqa: E402
+from data.check import check_command, empty_lesion, first_error, structure  # noqa: E402
+from data.datasets import annotated, dataset_root, load_image, load_masks  # noqa: E402
 from data.preprocess import fit_geometry, fov_box, fov_mask, pad_square, resize_image  # noqa: E402
-from data.splits import make_splits  # noqa: E402
 
 # free space needed: arrays x 1.02 + 64 MiB (JSON files, file system slack)
 SPACE_MARGIN = 1.02, 64 << 20
@@ -207,13 +207,15 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
             return _use_without_sources(out, dataset_id, options, verbose)
         raise
     if is_own(dataset_id):  # its dataset.json's threshold and splits.json, unless flags say others
-        info = generic.read_dataset_json(root)
-        threshold = info.get("mask_threshold", 0) if threshold is None else threshold
-        split_file = split_file or generic.read_splits_json(root)
+        threshold, split_file = generic.own_options(root, threshold, split_file)
     options = _options(int(threshold or 0), ret_he, split_file and str(split_file), split_seed,
                        split_protocol)
-    samples = list_samples(dataset_id, root, ret_he)
-    splits = make_splits(samples, dataset_id, split_seed, split_file, split_protocol)
+    # the listing and the split checked as data.check does: the first problem stops here, with how
+    # many more there are and the data.check command that lists them
+    samples, splits, errors = structure(dataset_id, root, ret_he, split_file, split_seed,
+                                        split_protocol)
+    if errors:
+        raise first_error(errors, dataset_id, root)
     fingerprint = _fingerprint(dataset_id, root, samples, resolution, options)
     if _up_to_date(out, fingerprint, verbose):  # the common case, without touching the lock
         if verbose:
@@ -250,6 +252,19 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     if verbose:
         print(summary(out, meta, splits,
                       note=f"prepared {len(samples)} images in {meta['seconds']} s"))
+    for warning in _empty_lesions(meta):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return out
+
+
+def _empty_lesions(meta):
+    """data.check's warning for each lesion annotated in some image that no mask marks in any."""
+    out = []
+    for c, lesion in enumerate(LESIONS):
+        images = sum(lesion in a for a in meta["annotated"])
+        if images and not any(pixels[c] for pixels in meta["lesion_pixels"]):
+            out.append(empty_lesion(meta["dataset"], lesion, images,
+                                    meta["options"]["mask_threshold"]))
     return out
 
 
@@ -331,7 +346,12 @@ def _build(out, meta, samples, splits, workers, verbose=True):
 
         def one(k):  # row k of both arrays
             threshold = meta["options"]["mask_threshold"]
-            images[k], bitmasks[k], geometry, stats = preprocess_sample(samples[k], R, threshold)
+            try:
+                images[k], bitmasks[k], geometry, stats = preprocess_sample(samples[k], R,
+                                                                            threshold)
+            except ValueError as e:  # a file's problem (size, corrupt, JPEG): maybe not the only
+                raise ValueError(f"{e} ({check_command(meta['dataset'], meta['root'])} lists every "
+                                 f"problem)") from None
             return geometry, stats
 
         # Threads: PIL decoding/resizing and numpy release the GIL; each row is written by one
@@ -385,6 +405,7 @@ def summary(out, meta, splits, note=""):
     # image has no FOV (a black photograph); caches prepared before "lesion_fov_pixels" existed
     # count all lesion pixels.
     lesion = meta.get("lesion_fov_pixels", meta["lesion_pixels"])
+    annotations = meta.get("annotated") or [LESIONS] * len(meta["ids"])  # older caches: all four
     lines = [f"{meta['dataset']} @ {meta['resolution']} px -> {out} ({note})",
              f"  {'split':<6}{'images':>7}" + "".join(f"{les:>15}" for les in LESIONS)]
     for name in ("train", "val", "test"):
@@ -395,7 +416,10 @@ def summary(out, meta, splits, note=""):
         fov = sum(meta["fov_pixels"][r] for r in rows)
         shares = [f"{100 * pix[:, c].sum() / fov:6.2f}%" if fov else f"{'-':>7}"
                   for c in range(len(LESIONS))]
-        cells = [f"{int(present[:, c].sum()):>7} {shares[c]}" for c in range(len(LESIONS))]
+        # NOTE: a lesion no image of the split annotates has no count: it is not a zero
+        noted = [any(les in annotations[r] for r in rows) or not rows for les in LESIONS]
+        cells = [f"{int(present[:, c].sum()):>7} {shares[c]}" if noted[c]
+                 else f"{'not annotated':>15}" for c in range(len(LESIONS))]
         lines.append(f"  {name:<6}{len(rows):>7}" + "".join(cells))
     lines.append("  (per lesion: images containing it, lesion pixels in the FOV as % of FOV "
                  "pixels)")

@@ -118,15 +118,20 @@ def read_split_file(path, dataset_id, ids):
         raw = {("val" if k in ("valid", "validation") else k): v for k, v in raw.items()
                if not (k == "protocol" and isinstance(v, str))}
     if (not isinstance(raw, dict) or set(raw) - set(SPLITS)
-            or not all(isinstance(v, list) for v in raw.values())):
+            or not all(isinstance(v, list) for v in raw.values())
+            or not all(isinstance(x, str) for v in raw.values() for x in v)):  # ids: strings
         raise ValueError(f"split file {path} must be a JSON object "
                          f"{{\"train\": [ids], \"val\": [ids], \"test\": [ids]}}")
     known, seen = set(ids), set()
+    unknown = [(x, name) for name, members in raw.items() for x in members if x not in known]
+    if unknown:  # all of them in the one line: a renamed or removed image is rarely alone
+        (x, name), rest = unknown[0], unknown[1:]
+        more = ", ".join(f"{y!r} in {n!r}" for y, n in rest[:5]) + (", ..." if rest[5:] else "")
+        more = f"; {len(rest)} more: {more}" if rest else ""
+        raise ValueError(f"split file {path}: unknown {dataset_id} image id {x!r} in {name!r} "
+                         f"(no image of that name{more})")
     for name, members in raw.items():  # an id twice would be trained on and scored on
         for x in members:
-            if x not in known:
-                raise ValueError(f"split file {path}: unknown {dataset_id} image id {x!r} in "
-                                 f"{name!r}")
             if x in seen:
                 raise ValueError(f"split file {path}: image id {x!r} is in more than one "
                                  "split")

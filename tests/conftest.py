@@ -183,6 +183,51 @@ def nntools_split():
     return split
 
 
+@pytest.fixture(scope="session")
+def generic_source(tmp_path_factory):
+    """The synthetic IDRiD, 6 photographs of 96x64 px with their masks: generic_dataset's source."""
+    from data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("generic_source")
+    generate(out, images=6, size=64, seed=0, datasets="IDR")
+    return out / "IDRiD" / "A. Segmentation"
+
+
+@pytest.fixture
+def generic_dataset(generic_source, tmp_path):
+    """make(lesions=("EX", "HE"), folder="ABC") -> tmp_path/folder: generic_source's 6 photographs
+    in the generic layout (docs/DATA.md, "Your own dataset"), written here by hand, not by data/:
+    images/<stem>.jpg, masks/<LESION>/<stem>.png (0/255, a file per image, all-zero where the lesion
+    is absent), dataset.json annotating `lesions`, no splits.json."""
+    import numpy as np
+    from PIL import Image
+
+    tifs = {"EX": "3. Hard Exudates", "HE": "2. Haemorrhages", "MA": "1. Microaneurysms",
+            "CWS": "4. Soft Exudates"}
+    codes = {"EX": "EX", "HE": "HE", "MA": "MA", "CWS": "SE"}  # IDRiD's file suffixes
+
+    def make(lesions=("EX", "HE"), folder="ABC"):
+        root = tmp_path / folder
+        (root / "images").mkdir(parents=True)
+        for lesion in lesions:
+            (root / "masks" / lesion).mkdir(parents=True)
+        for split in ("a. Training Set", "b. Testing Set"):
+            for jpg in sorted((generic_source / "1. Original Images" / split).glob("*.jpg")):
+                shutil.copy(jpg, root / "images" / jpg.name)
+                W, H = Image.open(jpg).size
+                for lesion in lesions:
+                    tif = (generic_source / "2. All Segmentation Groundtruths" / split /
+                           tifs[lesion] / f"{jpg.stem}_{codes[lesion]}.tif")
+                    mask = (np.asarray(Image.open(tif).convert("RGB")).max(-1) > 0
+                            if tif.is_file() else np.zeros((H, W), bool))
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(
+                        root / "masks" / lesion / f"{jpg.stem}.png")
+        info = {"name": "My clinic", "lesions": {les: f"masks/{les}" for les in lesions}}
+        (root / "dataset.json").write_text(json.dumps(info))
+        return root
+    return make
+
+
 @pytest.fixture()
 def small_cache(synth_root, tmp_path):
     """(cache, cache/DDR/32): the synthetic DDR prepared at 32 px in a private cache (free to
@@ -435,40 +480,3 @@ def postgres_url():
             subprocess.run(as_server_user(stop, user), capture_output=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
 
-
-@pytest.fixture(scope="session")
-def generic_dataset():
-    """(folder, lesions=("EX", "HE"), n=6, size=96, seed=0, splits=None) -> a dataset of one's own
-    in the generic layout (data/generic.py): n fundus-like PNGs, masks of the annotated `lesions`
-    only (random blobs, a PNG of 0/255; an image may lack a lesion's file), splits.json when given
-    ({"train": [...], ...} of stems)."""
-    def make(folder, lesions=("EX", "HE"), n=6, size=96, seed=0, splits=None):
-        import numpy as np
-        from PIL import Image, ImageDraw
-
-        rng = np.random.default_rng(seed)
-        folder = Path(folder)
-        (folder / "images").mkdir(parents=True)
-        for les in lesions:
-            (folder / "masks" / les).mkdir(parents=True)
-        for k in range(n):
-            stem = f"img{k:02d}"
-            im = Image.new("RGB", (size, size))
-            ImageDraw.Draw(im).ellipse([3, 3, size - 4, size - 4], fill=(150, 70, 30))
-            pixels = np.array(im)
-            for c, les in enumerate(lesions):
-                if k % 3 == 2 and c == 0:
-                    continue  # no file: the lesion is absent from this image
-                mask = np.zeros((size, size), np.uint8)
-                for _ in range(3):
-                    y, x = rng.integers(size // 4, 3 * size // 4, 2)
-                    mask[y:y + 4 + c, x:x + 5] = 255
-                pixels[mask > 0] = (230, 220, 90) if c % 2 == 0 else (60, 10, 10)
-                Image.fromarray(mask).save(folder / "masks" / les / f"{stem}.png")
-            Image.fromarray(pixels).save(folder / "images" / f"{stem}.png")
-        info = {"name": "test clinic", "lesions": {les: f"masks/{les}" for les in lesions}}
-        (folder / "dataset.json").write_text(json.dumps(info))
-        if splits is not None:
-            (folder / "splits.json").write_text(json.dumps(splits))
-        return folder
-    return make

@@ -390,3 +390,30 @@ def test_datasets_same_list_syntax():
     assert ch.parse_args(["--datasets", "RET,idr", "MES"]).datasets == ["IDR", "RET", "MES"]
     assert ch.parse_args(["--datasets", "IDR+DDR"]).datasets == ["IDR", "DDR"]
     assert ch.parse_args([]).datasets == ["IDR", "DDR", "FGA", "RET", "MES"]
+
+
+def test_a_dataset_of_ones_own_beside_idrid(synth_root, generic_dataset, tmp_path):
+    """--datasets IDR,ABC: ABC annotates EX and HE only. Its EX prevalence is the share of its PNGs
+    with a lesion pixel (counted here); MA and CWS have none (null, "not annotated", empty cells),
+    not 0 %; it is drawn in a colour of its own."""
+    root = generic_dataset(("EX", "HE"))
+    report, _ = _characterize(tmp_path / "out", "--datasets", "IDR,ABC", "--data-root",
+                              str(synth_root), "--root", f"ABC={root}", "--cache",
+                              str(tmp_path / "cache"))
+    abc = report["datasets"]["ABC"]
+    pngs = [np.asarray(Image.open(p)) > 0 for p in sorted((root / "masks" / "EX").iterdir())]
+    assert abc["n_images"] == len(pngs) == 6
+    assert abc["prevalence"]["EX"] == pytest.approx(np.mean([m.any() for m in pngs]))
+    assert abc["prevalence"]["MA"] is None and abc["prevalence"]["CWS"] is None
+    assert abc["lesions"]["MA"]["images_annotated"] == 0
+    assert abc["lesions"]["EX"]["images_annotated"] == 6
+    assert report["datasets"]["IDR"]["prevalence"]["MA"] is not None
+    row = next(line for line in (tmp_path / "out" / "characterize.md").read_text().splitlines()
+               if line.startswith("| ABC | 6 |"))
+    assert row.count("not annotated") == 2, row
+    rows = (tmp_path / "out" / "per_image.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for line in (r.split(",") for r in rows[1:] if r.startswith("ABC,")):
+        assert line[header.index("MA_count")] == "" and line[header.index("EX_count")] != ""
+    colours = ch.dataset_colours(["IDR", "ABC", "XYZ"])
+    assert len(set(colours.values())) == 3 and colours["IDR"] == ch.COLOURS["IDR"]

@@ -145,3 +145,28 @@ def test_gpu_slot_never_reruns_a_command_that_exits_75(gpus, tmp_path):
         pytest.fail(f"gpu_slot.sh still running after 20 s: it ran the command on GPUs "
                     f"{runs.read_text().split()}")
     assert done.returncode == 75 and runs.read_text() == "0\n"
+
+
+def test_all_combos_of_datasets_of_ones_own(tmp_path):
+    """DATASETS=IDR,ABC: its 2^2 - 1 combinations x SEEDS, DATA_FLAGS (the own dataset's folder) in
+    every training and evaluation, the test sets DATASETS by default; three datasets: 7
+    combinations; an unknown ID stops make in one line naming it."""
+    flags = "--root ABC=/data/clinic"
+    plan = make("-n", "all-combos", "SEEDS=2", f"RUNS={tmp_path}", "DATASETS=idr,ABC",
+                f"DATA_FLAGS={flags}", "GPUS=").splitlines()
+    trains = [line for line in plan if "python train.py --train " in line]
+    evals = [line for line in plan if "python evaluate.py --ckpt " in line]
+    runs = {(re.search(r"--train (\S+)", t)[1], re.search(r"--seed (\d+)", t)[1]) for t in trains}
+    assert len(trains) == 6 and runs == {(c, s) for c in ("IDR", "ABC", "IDR+ABC") for s in "01"}
+    assert all(flags in line for line in trains + evals) and len(evals) == 6
+    assert all(" --test idr,ABC " in line for line in evals), evals  # as given: parsed there
+    ids = ("IDR", "ABC", "XY9")  # the five first, then one's own by name
+    plan = make("-n", "all-combos", "SEEDS=1", f"RUNS={tmp_path}", "DATASETS=XY9,ABC,IDR")
+    trains = {re.search(r"--train (\S+)", t)[1] for t in plan.splitlines() if "train.py" in t}
+    assert trains == {"+".join(c) for r in (1, 2, 3) for c in itertools.combinations(ids, r)}
+    assert make("print-combos", "DATASETS=IDR ABC").split() == ["IDR", "ABC", "IDR+ABC"]
+    bad = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "-n", "all-combos",
+                          "DATASETS=IDR,X"], capture_output=True, text=True, timeout=120)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1 and "DATASETS=IDR,X" in lines[0], bad.stderr
+    assert "unknown dataset ID 'X'" in lines[0] and "python" not in bad.stdout

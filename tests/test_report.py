@@ -509,3 +509,40 @@ def test_real_styles_section(fixture_dirs, tmp_path):
     assert "FIN fine, CRS coarse" in md and "## Table 3 on real photographs" in md
     with pytest.raises(FileNotFoundError, match="--real-styles"):
         build(fixture_dirs, "--real-styles", str(tmp_path / "nope.json"))
+
+
+def test_a_dataset_of_ones_own_in_the_report(tmp_path):
+    """Runs trained on and tested on ABC (--root ABC=DIR): no error; ABC after the five in every
+    order, named by its dataset.json ("My clinic (ABC)"); a Figure 3 panel of its own; a Table 2
+    row of ours (trained alone, tested on itself) with the numbers written here; in Figure 4's
+    test sets."""
+    clinic = tmp_path / "clinic"
+    clinic.mkdir()
+    (clinic / "dataset.json").write_text(json.dumps({"name": "My clinic",
+                                                     "lesions": {"EX": "masks/EX"}}))
+    runs = tmp_path / "runs"
+    abc = ((.4, .3, None, None), (.2, .1, None, None))  # EX, HE annotated; MA, CWS not
+    write_run(runs, "IDR", 0, {"IDR": (flat(.5), flat(.5)), "ABC": abc}, 54)
+    write_run(runs, "ABC", 0, {"IDR": (flat(.5), flat(.3)), "ABC": abc}, 6)
+    write_run(runs, "ABC", 1, {"IDR": (flat(.5), flat(.3)), "ABC": ((.6, .5, None, None), abc[1])},
+              6)
+    write_run(runs, "IDR+ABC", 0, {"IDR": (flat(.5), flat(.4)), "ABC": abc}, 60)
+    _give_args(runs, root=[f"ABC={clinic}"])
+    m = lambda d: {t: {"mean_dice": v, "mean_aupr": 0.5} for t, v in d.items()}  # noqa: E731
+    (runs / "IDR+ABC" / "fig4.json").write_text(json.dumps({"train": ["ABC", "IDR"], "methods": {
+        "baseline": m({"IDR": .6, "ABC": .4}), "ensemble": m({"IDR": .7, "ABC": .5})}}))
+    out = tmp_path / "report"
+    report.main([str(runs), "-o", str(out), "--reference", "none"])
+    f3 = load(out, "figure3.json")
+    assert list(f3["panels"]) == ["IDR", "ABC"]
+    assert f3["names"] == {"IDR": "IDRiD", "ABC": "My clinic (ABC)"}
+    assert [r["combo"] for r in f3["panels"]["ABC"]] == ["IDR"]  # the only one without ABC
+    assert [r["combo"] for r in f3["panels"]["IDR"]] == ["ABC"]
+    t2 = load(out, "table2.json")
+    assert list(t2) == ["IDR", "DDR", "RET", "ABC"] and t2["ABC"]["seeds"] == [0, 1]
+    assert t2["ABC"]["ours"]["EX"]["mean"] == pytest.approx(.5)  # (0.4 + 0.6) / 2
+    assert t2["ABC"]["ours"]["MA"]["n"] == 0
+    md = (out / "report.md").read_text()
+    assert "| My clinic (ABC) | ours | 0.500 ± 0.141 (n=2) | 0.400 ± 0.141 (n=2) |" in md, md
+    sweep = load(out, "figure4_sweep.json")
+    assert sweep["combos"] == ["IDR+ABC"] and sweep["runs"]["IDR+ABC"]["tests"] == ["IDR", "ABC"]

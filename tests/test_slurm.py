@@ -72,6 +72,12 @@ def test_slurm_sweep_plan_is_one_array_of_the_runs_not_done(tmp_path):
     assert " GPUS= -- " in sweep
     assert "--dependency=afterany:$id --job-name=report --time=2:00:00 " in line
     assert " report) && " in line
+    # the datasets too, one's own among them, with the flags naming their folders
+    line = make_n("slurm-sweep", "SEEDS=1", f"RUNS={tmp_path}", "DATASETS=IDR,ABC",
+                  "DATA_FLAGS=--root ABC=/data/clinic")
+    assert "--array=0-2 " in line and "'DATASETS=IDR,ABC' " in line and "'TESTS=IDR,ABC' " in line
+    assert "'DATA_FLAGS=--root ABC=/data/clinic' " in line and f"{tmp_path}/IDR+ABC/s0/" in line
+    assert "--dependency=afterany:$id" in line and " report) && " in line
     line = make_n("slurm-sweep", "SEEDS=1", f"RUNS={tmp_path}", "SLURM_GRES=", "SLURM_REPORT=")
     assert "--gres" not in line and "--array=0-30 " in line and "dependency" not in line
     line = make_n("slurm-sweep", "COMBOS=IDR+MES", f"RUNS={tmp_path}", "SEEDS=2")

@@ -119,7 +119,7 @@ def test_union_trains_each_lesion_on_the_datasets_that_annotate_it(synth_root, g
     """IDR (all four lesions) + a dataset of one's own annotating EX and HE: the loss gets each
     patch's annotated lesions (ABC's patches: MA and CWS out), validation scores MA on IDR's
     images."""
-    root = generic_dataset(tmp_path / "clinic", ("EX", "HE"), n=8)
+    root = generic_dataset(("EX", "HE"))
     real, seen = train.compute_loss, []
 
     def spy(scores, masks, fov, kind, probs=False, annotated=None):

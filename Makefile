@@ -220,8 +220,10 @@ TUNE_SEED ?=
 tune_args = --train $(subst +,$(comma),$(COMBO)) --data-root $(DATA_ROOT) --cache $(CACHE) \
 	$(if $(TUNE_STORAGE),--storage $(call shquote,$(TUNE_STORAGE))) \
 	$(if $(TUNE_SEED),--seed $(TUNE_SEED))
+# DATA_FLAGS are train.py's (tune.py passes what follows `--` on): after TUNE_FLAGS' own `--` if any
+tune_data = $(if $(DATA_FLAGS),$(if $(findstring -- ,$(TUNE_FLAGS) ),,--) $(DATA_FLAGS))
 tune: $(VENV)
-	$(PY) tune.py $(tune_args) $(TUNE_FLAGS)
+	$(PY) tune.py $(tune_args) $(TUNE_FLAGS) $(tune_data)
 
 # ---- the main job on the embedded default: the whole study at toy scale, CPU, under 10 minutes ----
 # synthetic datasets -> prepared caches -> characterize -> a reduced sweep (every single dataset, every

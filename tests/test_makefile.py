@@ -170,3 +170,16 @@ def test_all_combos_of_datasets_of_ones_own(tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode != 0 and len(lines) == 1 and "DATASETS=IDR,X" in lines[0], bad.stderr
     assert "unknown dataset ID 'X'" in lines[0] and "python" not in bad.stdout
+
+
+def test_tune_passes_data_flags_to_train_py():
+    """`make tune DATA_FLAGS=--root ABC=DIR`: train.py's flags, after tune.py's `--` (TUNE_FLAGS' own
+    `--` when it has one: tune.py takes one)."""
+    def words(*args):  # tune.py's arguments in the planned line
+        return make("-n", "tune", "VENV=", *args).split("tune.py", 1)[1].split()
+
+    assert words("COMBO=IDR+ABC", "DATA_FLAGS=--root ABC=/data/clinic") == [
+        "--train", "IDR,ABC", "--data-root", "data_raw", "--cache", "cache", "--", "--root", "ABC=/data/clinic"]
+    plan = words("COMBO=IDR+ABC", "TUNE_FLAGS=--trials 3 -- --lesions HE", "DATA_FLAGS=--root ABC=/x")
+    assert plan[6:] == ["--trials", "3", "--", "--lesions", "HE", "--root", "ABC=/x"], plan
+    assert words()[-1] == "cache"  # no DATA_FLAGS: nothing added

@@ -110,6 +110,8 @@ def parse_pairs(values, flag):
             (key,) = parse_dataset_ids(key)
         except ValueError as e:
             raise ValueError(f"{flag} {v}: {e}") from None
+        if out.get(key, val) != val:  # which one was meant?
+            raise ValueError(f"{flag} {key}: given twice, {out[key]} and {val}: keep one")
         out[key] = val
     return out
 

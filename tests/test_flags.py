@@ -22,7 +22,8 @@ def test_data_flags(monkeypatch):
                                   "split_seed": 3, "split_protocol": "paper"}
     for argv, names in ((["--root", "IDRiD"], ("--root", "'IDRiD'", "ID=VALUE")),
                         (["--root", "X=/x"], ("--root", "'X'", "your own")),
-                        (["--mask-threshold", "FGA=high"], ("--mask-threshold FGA=high",))):
+                        (["--mask-threshold", "FGA=high"], ("--mask-threshold FGA=high",)),
+                        (["--root", "ABC=/a", "--root", "abc=/b"], ("--root ABC", "twice", "/a", "/b"))):
         with pytest.raises(ValueError) as err:
             data_options(parser.parse_args(argv))
         msg = str(err.value)

@@ -4,9 +4,9 @@
     python predict.py --ckpt runs/IDR/s0/best.pt runs/IDR/s1/best.pt --images photos/ --tta
     python predict.py --ckpt hub:IDR+DDR --images photos/          # the authors' released model
 
-    import predict, numpy as np
-    models = predict.load_ensemble(["runs/IDR+MES/s0/best.pt"])          # once
-    probs = predict.segment(predict.read_photo("eye.jpg"), models)       # (4, H, W): EX HE MA CWS
+    import sys; sys.path.append("/path/to/retlesions"); import retlesions  # from any folder
+    models = retlesions.load_ensemble(["runs/IDR+MES/s0/best.pt"])        # once
+    probs = retlesions.segment(retlesions.read_photo("eye.jpg"), models)  # (4, H, W): EX HE MA CWS
 
 Each photograph gets the training data's preprocessing (FOV crop, resize, pad: paper section 2.2)
 at the model's resolution; the maps come back on its own geometry, 0 outside the fundus. Per

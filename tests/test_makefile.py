@@ -128,3 +128,20 @@ def test_make_fig4_sweep_plans_every_combination_with_two_seeds(tmp_path):
     assert proc.returncode != 0 and err[1:] == [line for line in err[1:] if line.startswith("make")]
     assert err[0].startswith("error: ") and str(runs) in err[0] and "2 seeds" in err[0], err
     assert "make all-combos" in err[0], err  # what to run first
+
+
+def test_make_help_lists_every_target_with_a_description():
+    """`make help`: one line per user-facing target (every .PHONY one but the demo's internal
+    demo-jobs), each with a description; it names no target the Makefile lacks."""
+    text = (ROOT / "Makefile").read_text()
+    phony = {t for line in re.findall(r"^\.PHONY:(.*)$", text, re.M) for t in line.split()}
+    listed = {}
+    for line in make("help").splitlines():
+        names, _, what = line.strip().partition("  ")
+        for name in names.split():
+            listed[name] = what.strip()
+    assert set(listed) == phony - {"demo-jobs"}, set(listed) ^ (phony - {"demo-jobs"})
+    assert all(len(what.split()) >= 2 for what in listed.values()), listed
+    rules = re.findall(r"^([a-z][a-z0-9 -]*):(?!=)", text, re.M)  # "report table2 ...:" too
+    targets = {t for line in rules for t in line.split()}
+    assert set(listed) <= targets

@@ -10,8 +10,9 @@ Several checkpoints form an ensemble that averages sigmoid probabilities (so doe
 manifest). Counts are pooled over all FOV pixels of a test set on the device where the predictions
 are (protocol.py; the protocol is written down in docs/PROTOCOL.md). Results go to results.json next
 to the checkpoint: one test set after the other, merged under a lock with the test sets already
-there when they are of the same weights and protocol (docs/EVALUATION.md). Your own photographs:
-predict.py.
+there when they are of the same weights and protocol (docs/EVALUATION.md); beside the pooled
+numbers, each test image's Dice and AP per lesion ("images"), the worst of them listed in the
+summary. Your own photographs: predict.py.
 """
 import argparse
 import os

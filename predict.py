@@ -40,8 +40,9 @@ def build_parser():
     p.add_argument("--masks", action="store_true",
                    help="also write <name>_<LESION>_mask.png, 0 or 255 (default: off)")
     p.add_argument("--threshold", type=utils.check_range(float, 0, 1, low_open=True), default=0.5,
-                   help="a lesion's region: p >= THRESHOLD, for --masks and lesions.csv; the "
-                        "overlay keeps 0.5 (default: %(default)s)")
+                   help="a lesion's region for --masks and lesions.csv: the 8-bit map >= "
+                        "round(255 THRESHOLD), exactly p >= 0.5 at 0.5; the overlay keeps 0.5 "
+                        "(default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="average over the 4 flips (default: off)")
     p.add_argument("--tile", type=int, default=None,
                    help="predict in tiles of this size (default: whole image)")

@@ -1,6 +1,7 @@
 # Cross-dataset retinal lesion segmentation (Playout & Cheriet): one Makefile for setup, tests, the sweep.
 #   make demo                 # the whole study at toy scale on the synthetic datasets, CPU, < 10 min
 #   make test                 # the test suite (sets up .venv first)
+#   make help                 # every target, one line each
 #   make -j4 all-combos GPUS=0,1,2,3 DATA_ROOT=/data/fundus    # 31 combinations x SEEDS, paper settings
 #   make all-combos DATASETS=IDR,ABC DATA_FLAGS="--root ABC=/data/clinic"  # with a dataset of your own
 # Every setting of the sweep is a make variable: `make all-combos ITERS=500 RESOLUTION=256 ENCODER=resnet18`.
@@ -45,23 +46,28 @@ endif
 SEED_LIST := $(shell seq 0 $$(( $(SEEDS) - 1 )))
 RESULTS := $(foreach c,$(COMBOS),$(foreach s,$(SEED_LIST),$(RUNS)/$(c)/s$(s)/results.json))
 
-.PHONY: print-combos setup test test-all bench real demo demo-jobs all-combos authors-models report table2 table3 fig3 fig4 characterize tune clean-demo
+.PHONY: help print-combos setup test test-all bench real demo demo-jobs all-combos authors-models report table2 table3 fig3 fig4 characterize tune clean-demo
 .PHONY: fig4-sweep slurm-sweep slurm-tune
 .DELETE_ON_ERROR:
 
-setup: $(VENV)
+setup: $(VENV)  ## build .venv from requirements.txt and requirements-dev.txt
 $(VENV): requirements.txt requirements-dev.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-test: $(VENV)
+# `make help`: every target with its "##" description (setup stays the first target: `make`
+# alone builds .venv, as before)
+help:  ## list the targets, each with what it does
+	@awk -F ':.*## ' '/^[a-zA-Z0-9_ -]+:.*## / {printf "  %-28s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+test: $(VENV)  ## the test suite on CPU (Triton kernels under TRITON_INTERPRET=1)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-test-all: $(VENV)   # including the tests marked slow
+test-all: $(VENV)  ## the test suite including the tests marked slow
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --runslow tests
 
-bench: $(VENV)
+bench: $(VENV)  ## speed against the peers (BENCHMARKS.md)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_metrics.py --threads 1
 	$(PY) bench/bench_train.py --threads 1 --steps 20
@@ -71,14 +77,14 @@ bench: $(VENV)
 # from scratch on CPU, about 15 min (BENCHMARKS.md, "Real lesions"); REAL_FLAGS go to train.py after the recipe's.
 REAL_OUT ?= bench/out/real
 REAL_FLAGS ?=
-real: $(VENV)
+real: $(VENV)  ## does the recipe learn the four lesions of real IDRiD photographs? (CPU, ~15 min)
 	OMP_NUM_THREADS=1 $(PY) bench/real.py --out $(REAL_OUT) -- $(REAL_FLAGS)
 
-print-combos:   # the run names of DATASETS' combinations (the five: 31), one line
+print-combos:  ## the run names of DATASETS' combinations (the five: 31), one line
 	@echo $(COMBOS)
 
 # ---- the sweep: each run's results.json is a target, so an interrupted sweep resumes where it stopped ----
-all-combos: $(RESULTS)
+all-combos: $(RESULTS)  ## train and evaluate the combinations of DATASETS (the five: 31) x SEEDS
 
 # $* is COMBO/sSEED, or COMBO/cond-sSEED for a style-conditioned run (train.py --style-condition style, evaluated
 # at the fine style); train.py itself resumes from last.pt and skips a finished run.
@@ -147,7 +153,7 @@ rid=$$(sbatch --parsable --chdir=$(call shquote,$(CURDIR)) --dependency=afterany
   $(JOB_MAKE) $(call pass_vars,$(SWEEP_VARS)) report) && \
 echo "slurm-sweep: job $${rid%%;*} runs make report once the array has ended"
 endef
-slurm-sweep: | $(VENV)
+slurm-sweep: | $(VENV)  ## the sweep as one Slurm job array (docs/STUDY.md)
 	$(if $(TODO),$(sweep_submit),@echo "slurm-sweep: every run of the plan has its results.json \
 	in $(RUNS); nothing to submit")
 
@@ -165,7 +171,7 @@ mkdir -p $(RUNS)/slurm && id=$$($(strip $(SBATCH)) --job-name=tune \
 id=$${id%%;*} && echo "slurm-tune: job array $$id, $(TUNE_WORKERS) worker(s);" \
   "logs $(RUNS)/slurm/tune_$${id}_TASK.log"
 endef
-slurm-tune: | $(VENV)
+slurm-tune: | $(VENV)  ## the Optuna search as a Slurm job array (TUNE_STORAGE=...)
 	$(if $(TUNE_STORAGE),$(tune_submit),@echo "error: make slurm-tune needs \
 	TUNE_STORAGE=postgresql://USER@HOST/DB, the one database of every worker (its password in \
 	~/.pgpass: the URL is on the job's command line)" >&2; exit 1)
@@ -174,7 +180,7 @@ slurm-tune: | $(VENV)
 # (FIG4_FLAGS="--bn both" reports each average with averaged and with recomputed BatchNorm statistics)
 # COMBO in any order or case (IDR+MES+DDR) names the canonical run folder (IDR+DDR+MES)
 canonical = $(shell python3 data/ids.py canonical $(1))
-fig4: $(RUNS)/$(call canonical,$(COMBO))/fig4.json
+fig4: $(RUNS)/$(call canonical,$(COMBO))/fig4.json  ## Figure 4 (ensemble, SWA, soups) for COMBO
 $(RUNS)/%/fig4.json: | $(VENV)
 	$(PY) fig4.py $(RUNS)/$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) -o $@ $(strip $(DATA_FLAGS) $(FIG4_FLAGS))
 
@@ -182,7 +188,7 @@ $(RUNS)/%/fig4.json: | $(VENV)
 # method): fig4 for every combination under RUNS with best.pt of at least 2 seeds (the others: a
 # note each), with fig4's variables (TESTS, FIG4_FLAGS, ...); `make report` then draws
 # figure4_sweep.png beside figure4.png.
-fig4-sweep: | $(VENV)
+fig4-sweep: | $(VENV)  ## Figure 4 for every combination with 2 seeds
 	@ready=""; empty=0; for c in $(COMBOS); do \
 	  n=$$(ls -d $(RUNS)/$$c/s*/best.pt 2>/dev/null | grep -cE '/s[0-9]+/best\.pt$$'); \
 	  if [ $$n -ge 2 ]; then ready="$$ready $(RUNS)/$$c/fig4.json"; \
@@ -197,7 +203,7 @@ fig4-sweep: | $(VENV)
 	  "combination(s) -> $(RUNS)/<COMBO>/fig4.json; make report draws them"
 
 # ---- the report: tables and figures regenerated from the results files ----
-characterize: $(VENV)
+characterize: $(VENV)  ## Table 1, labelling styles, image quality -> report/characterize
 	$(PY) characterize.py --datasets $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out report/characterize $(DATA_FLAGS)
 
 # ---- the authors' 31 released models (hub:COMBO, downloaded once into the Hugging Face cache), each scored on the
@@ -205,12 +211,12 @@ characterize: $(VENV)
 # They were trained on the five: their 31 combinations, whatever DATASETS says ----
 AUTHORS       ?= authors
 AUTHORS_FLAGS ?= --split-protocol authors --dice-argmax
-authors-models: $(foreach c,$(shell python3 data/ids.py combos),$(AUTHORS)/$(c)/results.json)
+authors-models: $(foreach c,$(shell python3 data/ids.py combos),$(AUTHORS)/$(c)/results.json)  ## the authors' 31 models on the test sets
 $(AUTHORS)/%/results.json: | $(VENV)
 	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt hub:$* --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(strip $(AUTHORS_FLAGS) $(DATA_FLAGS) $(EVAL_FLAGS))
 
 REPORT ?= report
-report table2 table3 fig3: $(VENV)
+report table2 table3 fig3: $(VENV)  ## Tables 2-3, Figures 3-4 from RUNS -> REPORT
 	$(PY) report.py $(RUNS) -o $(REPORT) --authors $(AUTHORS)
 
 # ---- the paper's Optuna search (tune.py --help). Many workers: `make slurm-tune`, or each its own
@@ -222,7 +228,7 @@ tune_args = --train $(subst +,$(comma),$(COMBO)) --data-root $(DATA_ROOT) --cach
 	$(if $(TUNE_SEED),--seed $(TUNE_SEED))
 # DATA_FLAGS are train.py's (tune.py passes what follows `--` on): after TUNE_FLAGS' own `--` if any
 tune_data = $(if $(DATA_FLAGS),$(if $(findstring -- ,$(TUNE_FLAGS) ),,--) $(DATA_FLAGS))
-tune: $(VENV)
+tune: $(VENV)  ## the paper's Optuna search for COMBO (tune.py --help)
 	$(PY) tune.py $(tune_args) $(TUNE_FLAGS) $(tune_data)
 
 # ---- the main job on the embedded default: the whole study at toy scale, CPU, under 10 minutes ----
@@ -249,7 +255,7 @@ DEMO_VARS = DATA_ROOT=$(DEMO)/data CACHE=$(DEMO)/cache RUNS=$(DEMO)/runs RESOLUT
 DEMO_RESULTS = $(foreach c,$(DEMO_COMBOS),$(DEMO)/runs/$(c)/s0/results.json) $(DEMO)/runs/$(DEMO_FIG4)/s1/results.json \
 	$(foreach r,s1 cond-s0 cond-s1,$(DEMO)/runs/$(DEMO_COND)/$(r)/results.json)
 
-demo: $(VENV)
+demo: $(VENV)  ## the whole study at toy scale on synthetic data, CPU, < 10 min
 	@test -f $(DEMO)/data/.done || { $(PY) -m data.synthetic --out $(DEMO)/data --images $(DEMO_IMAGES) \
 		--size $(DEMO_SIZE) && touch $(DEMO)/data/.done; }
 	$(PY) -m data.prepare --dataset all --data-root $(DEMO)/data --cache $(DEMO)/cache --resolution $(DEMO_RESOLUTION)
@@ -294,5 +300,5 @@ $(DEMO_STYLE_MAPS): $(DEMO)/runs/$(DEMO_COND)/cond-s0/results.json
 		--images $(DEMO)/style_photo --style $$s --out $(DEMO)/report/style_maps/$$s --device cpu || exit 1; done
 	touch $@
 
-clean-demo:
+clean-demo:  ## remove demo/
 	rm -rf $(DEMO)

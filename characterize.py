@@ -57,7 +57,9 @@ utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while
 
 import matplotlib  # noqa: E402
 
-matplotlib.use("Agg")  # files only, no display
+if __name__ == "__main__":
+    # files only, no display; imported (predict.py's quality flags), the caller's backend stays
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402

@@ -5,8 +5,9 @@
     python -c "import curves; curves.plot_sweep('runs', 'report/sweep_curves.png')"  # as report.py
 
 train.py refreshes curves.png at every validation, like nnU-Net's progress.png: the training loss
-(every --log-every steps) and the validation loss on the left, the validation Dice per lesion, their
-mean and the mean AP (floor-free, docs/PROTOCOL.md) on the right, and the step of best.pt on both.
+(every --log-every steps) and the validation loss top left, the validation Dice per lesion, their
+mean and the mean AP (floor-free, docs/PROTOCOL.md) top right, the learning rate and the seconds
+per training step below, the step of best.pt on every panel, and one legend under them all.
 report.py draws the sweep's validation curves, one panel per combination, with plot_sweep. Plain
 matplotlib Figures (no pyplot): importing this module never changes the backend of a notebook that
 imports train.py.
@@ -41,7 +42,7 @@ from data.ids import LESION_COLOURS, LESIONS, all_combos  # noqa: E402
 HEX_COLOURS = {lesion: "#{:02x}{:02x}{:02x}".format(*LESION_COLOURS[lesion]) for lesion in LESIONS}
 # NOTE: yellow and cyan vanish on white: a dark edge keeps the fixed colours readable.
 EDGE = [patheffects.withStroke(linewidth=3.2, foreground="0.2")]
-SIZE, DPI = (11, 5), 100  # curves.png is 1100 x 500 px
+SIZE, DPI = (11, 8.5), 100  # curves.png is 1100 x 850 px
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 0.6, not 6 x 10^-1, on the log axis
 
 
@@ -117,15 +118,49 @@ def _score_panel(ax, val, lesions):
     for lesion in lesions:  # the trained ones (train.py --lesions): the others score NaN
         dice = [_num((r.get("dice") or {}).get(lesion)) for r in val]
         absent = " (absent from validation)" if all(math.isnan(v) for v in dice) else ""
+        only = " (the one lesion trained)" if len(lesions) == 1 else ""
         ax.plot(steps, dice, "o-", ms=3, lw=1.5, color=HEX_COLOURS[lesion], path_effects=EDGE,
-                label=f"Dice {lesion}{absent}")
-    ax.plot(steps, [_num(r.get("mean_dice")) for r in val], "-", color="k", lw=2.2,
-            label="Dice, mean over lesions")
+                label=f"Dice {lesion}{absent}{only}")
+    if len(lesions) > 1:  # NOTE: one lesion's mean is that lesion's Dice: drawn over it, it hid it
+        ax.plot(steps, [_num(r.get("mean_dice")) for r in val], "-", color="k", lw=2.2,
+                label="Dice, mean over lesions")
     ax.plot(steps, [_num(r.get("mean_ap")) for r in val], "--", color="0.35", lw=1.5,
-            label="AP, mean over lesions (floor-free)")
+            label=f"AP {lesions[0]} (floor-free)" if len(lesions) == 1
+            else "AP, mean over lesions (floor-free)")
     ax.set_ylim(bottom=0)  # scores from 0: a flat curve near 0 is not magnified
     ax.set(xlabel="step (optimizer updates)", ylabel="validation score (pooled over images)",
            title="validation scores")
+
+
+def _lr_panel(ax, train):
+    """Bottom left: the learning rate of each logged step's update (warmup, then cosine)."""
+    ax.plot([r["step"] for r in train], [_num(r.get("lr")) for r in train], "-", color="C2",
+            lw=1.5, marker="." if len(train) < 50 else None, label="learning rate")
+    ax.set_ylim(bottom=0)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))  # 3e-4 as 3 x 1e-4
+    ax.set(xlabel="step (optimizer updates)", ylabel="learning rate", title="learning rate")
+
+
+def _time_panel(ax, train, batch):
+    """Bottom right: seconds per training step (validation excluded), as train.py logs them;
+    older logs: from patches/s and --batch (one process assumed)."""
+    seconds = [_num(r["step_s"]) if "step_s" in r else batch / _num(r.get("patches_per_s"))
+               if batch and r.get("patches_per_s") else math.nan for r in train]
+    ax.plot([r["step"] for r in train], seconds, "-", color="C4", lw=1.2,
+            marker="." if len(train) < 50 else None,
+            label="seconds per training step (mean since the last validation)")
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="step (optimizer updates)", ylabel="seconds per step", title="time per step")
+
+
+def _legend(fig, axes):
+    """One legend under all the panels: never over a curve, whatever the number of entries."""
+    entries = {}  # label -> handle; best.pt's line is on every panel, listed once
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+               ncol=min(3, len(entries)), fontsize=8, frameon=False)
 
 
 def curves_figure(run_dir):
@@ -138,24 +173,25 @@ def curves_figure(run_dir):
     if not train and not val:
         raise ValueError(f"{log} holds no training or validation record yet")
     fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
-    # one step axis: the panels read side by side
-    loss_ax, score_ax = fig.subplots(1, 2, sharex=True)
+    # one step axis: the panels read side by side and one above the other
+    (loss_ax, score_ax), (lr_ax, time_ax) = axes = fig.subplots(2, 2, sharex=True)
+    axes = list(axes.ravel())
     best, args = best_step(val), _run_args(run_dir)
-    # the loss's name and the trained lesions from args.json; without it, train.py's defaults
+    # the loss's name, the trained lesions and --batch from args.json; without it, the defaults
     _loss_panel(loss_ax, train, val, args.get("loss", "bce+dice"))
     _score_panel(score_ax, val, [c for c in LESIONS if c in (args.get("lesions") or LESIONS)])
-    if best is not None:  # a dotted line on both panels at best.pt's step
+    _lr_panel(lr_ax, train)
+    _time_panel(time_ax, train, args.get("batch"))
+    if best is not None:  # a dotted line on every panel at best.pt's step
         metric = args.get("val_metric")
-        for ax in (loss_ax, score_ax):
+        for ax in axes:
             ax.axvline(best, color="0.5", ls=":", lw=1.2,
                        label=f"best.pt: step {best}" + (f" (best val {metric})" if metric else ""))
-    for ax in (loss_ax, score_ax):
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    # below the axes: a legend inside would hide the curves it names (no scores yet: no legend for
-    # them)
-    for ax, ncol in ((loss_ax, 2), (score_ax, 3)) if val else ((loss_ax, 2),):
-        ax.legend(fontsize=8, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.16),
-                  frameon=False)
+        ax.xaxis.set_tick_params(labelbottom=True)  # sharex hides the top row's step labels
+    # below the panels: a legend inside would hide the curves it names
+    _legend(fig, axes)
     last = max([r["step"] for r in train + val])
     name = "/".join(run_dir.resolve().parts[-2:])  # COMBO/sSEED: which run, in the title
     fig.suptitle(f"Training curves of {name}: {len(val)} validation(s), last logged step {last} "

@@ -10,8 +10,9 @@ Several checkpoints form an ensemble that averages sigmoid probabilities (so doe
 manifest). Counts are pooled over all FOV pixels of a test set on the device where the predictions
 are (protocol.py; the protocol is written down in docs/PROTOCOL.md). Results go to results.json next
 to the checkpoint: one test set after the other, merged under a lock with the test sets already
-there when they are of the same weights and protocol (docs/EVALUATION.md). Your own photographs:
-predict.py.
+there when they are of the same weights and protocol (docs/EVALUATION.md); beside the pooled
+numbers, each test image's Dice and AP per lesion ("images"), the worst of them listed in the
+summary. Your own photographs: predict.py.
 """
 import argparse
 import os
@@ -64,6 +65,11 @@ def build_parser():
     p.add_argument("--save-maps", default=None, metavar="DIR",
                    help="per test image: probability PNGs, an overlay and an image | truth | "
                         "prediction panel (default: none)")
+    p.add_argument("--maps-worst", type=utils.check_range(int, 1), default=None, metavar="K",
+                   help="with --save-maps: maps of the K worst images per lesion only (lowest "
+                        "Dice), not of every image (default: every image)")
+    p.add_argument("--worst", type=utils.check_range(int, 0), default=3, metavar="K",
+                   help="the summary lists the K worst images per lesion (default: %(default)s)")
     # NOTE: --images moved to predict.py; kept hidden: the old command gets one line saying so
     p.add_argument("--images", default=None, help=argparse.SUPPRESS)
     # --data-root, --cache, the split flags: those not given come from the run's checkpoint (main)
@@ -79,7 +85,9 @@ import json  # noqa: E402
 import math  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import authors  # noqa: E402
@@ -87,7 +95,7 @@ import data  # noqa: E402
 from data.flags import parse_pairs  # noqa: E402
 from data.ids import LESIONS, dataset_order  # noqa: E402
 from data.splits import OFFICIAL  # noqa: E402
-from kernels import AP_BINS  # noqa: E402
+from kernels import AP_BINS, binned_counts, pr_metrics  # noqa: E402
 from maps import save_test_maps  # noqa: E402
 from predict import (check_style, ensemble_lesions, ensemble_resolution,  # noqa: E402
                      load_ensemble, read_checkpoint)
@@ -238,10 +246,53 @@ def results_header(ckpt_paths, models, headers, protocol):
 
 
 # ---- scoring -------------------------------------------------------------------------------------
-def score_test_set(models, test_id, where, protocol, device, batch=1, maps_dir=None, verbose=True):
-    """One test set's results block (protocol.summarize), preparing its cache on first use (where:
-    data_root, cache, prepare_cache options) and writing its maps to maps_dir/TEST_ID/ when
-    given."""
+def image_scores(probs, items, roi, lesions):
+    """Per image of a batch and lesion: its pixel count `pos`, the pixels predicted at p >= 0.5,
+    Dice at p >= 0.5 and AP, from that image's own counts (the protocol's kernels: the pooled
+    numbers' definitions on one image) -> {image id: {lesion: scores}}.
+
+    probs (B, 4, R, R) as counted (0 outside the FOV with roi=False); roi: count FOV pixels only.
+    A lesion not scored (`lesions`) or not annotated in the image is left out. Dice is 0 when the
+    image has no lesion pixel but predicts some, null when it has neither (0 / 0); AP is null
+    without a lesion pixel."""
+    device = probs.device
+    masks = torch.from_numpy(np.stack([it["masks"] for it in items])).to(device)  # (B, 4, R, R)
+    fov = torch.from_numpy(np.stack([it["fov"] for it in items])).to(device)  # (B, R, R)
+    half = THRESHOLDS // 2  # t = 0.5 among the 11 float32 thresholds: the Dice threshold
+    out = {}
+    for k, item in enumerate(items):
+        counts = binned_counts(probs[k:k + 1], masks[k:k + 1], fov[k:k + 1] if roi else None,
+                               THRESHOLDS, ap_bins=AP_BINS)
+        m = pr_metrics(*counts)  # (4,) float64 each
+        tp, fp, pos = (c.cpu() for c in counts[:3])
+        annotated = item.get("annotated")
+        scores = {}
+        for c, lesion in enumerate(LESIONS):
+            if lesion not in lesions or (annotated is not None and not annotated[c]):
+                continue
+            n, predicted = int(pos[c]), int(tp[c, half] + fp[c, half])
+            scores[lesion] = {"pos": n, "predicted": predicted,
+                              "dice": float(m["dice"][c]) if n else 0.0 if predicted else None,
+                              "ap": float(m["ap"][c]) if n else None}
+        out[item["id"]] = scores
+    return out
+
+
+def worst_images(images, lesion, k):
+    """The k images of {id: {lesion: scores}} with the lowest Dice for `lesion` (ties: lowest AP,
+    then the larger lesion first) among those where Dice is defined -> [(id, scores)]."""
+    scored = [(i, s[lesion]) for i, s in images.items()
+              if lesion in s and s[lesion]["dice"] is not None]
+    scored.sort(key=lambda x: (x[1]["dice"], -1.0 if x[1]["ap"] is None else x[1]["ap"],
+                               -x[1]["pos"], x[0]))
+    return scored[:k]
+
+
+def score_test_set(models, test_id, where, protocol, device, batch=1, maps_dir=None, verbose=True,
+                   maps_worst=None):
+    """One test set's results block (protocol.summarize, and per image: image_scores), preparing its
+    cache on first use (where: data_root, cache, prepare_cache options) and writing its maps to
+    maps_dir/TEST_ID/ when given: of every image, or of the maps_worst worst per lesion."""
     data_root, cache, options = where
     resolution, lesions = protocol["resolution"], protocol["lesions"]
     # prepared on first use; a no-op when its sources and options are unchanged (data/prepare.py)
@@ -256,25 +307,31 @@ def score_test_set(models, test_id, where, protocol, device, batch=1, maps_dir=N
     roi = protocol["roi"] == "fov"  # False (--no-roi): every pixel of the square counted
     # each image's crop box and original size (the cache's meta.json): maps go back on the photo
     geometry = {x: ds.geometry(i) for i, x in enumerate(ds.ids)} if maps_dir else {}
+    images = {}  # per image scores, in the test split's order
+    run = dict(dtype=protocol["dtype"], tta=protocol["tta"], tile=protocol["tile"], roi=roi,
+               batch=batch, overlap=protocol["overlap"] or 0.5, style=protocol.get("style"))
+
+    def save_maps(ids, probs, items):  # probs (B, 4, R, R) of these prepared test images
+        for k, item in enumerate(items):
+            save_test_maps(Path(maps_dir) / test_id, item, probs[k].float().cpu().numpy(),
+                           geometry[ids[k]], lesions)
+
     # Images of this test set, with an ETA, on stderr; disable=None: silent where stderr is no
     # terminal (logs)
     with tqdm(total=len(ds), desc=f"{test_id} test", unit="image", leave=verbose,
               disable=None) as bar:
-        def each_batch(ids, probs, items):  # probs (B, 4, R, R) of these prepared test images
-            if maps_dir is not None:
-                for k, item in enumerate(items):
-                    save_test_maps(Path(maps_dir) / test_id, item, probs[k].float().cpu().numpy(),
-                                   geometry[ids[k]], lesions)
+        def each_batch(ids, probs, items):
+            if maps_dir is not None and not maps_worst:
+                save_maps(ids, probs, items)
             if protocol.get("dice_argmax"):  # counted in the same pass as the protocol's counts
                 argmax.add_(authors.argmax_counts(probs, items, roi))
+            images.update(image_scores(probs, items, roi, lesions))
             bar.update(len(ids))
 
         # int64 tp (4, T), fp (4, T), pos (4,) over the set's pixels (T = 11 thresholds), and the
         # fine curve's tp, fp (4, AP_BINS) behind the floor-free AP; `overlap or 0.5`: the
         # protocol records None without tiles
-        counts = count_dataset(models, ds, device, protocol["dtype"], protocol["tta"],
-                               protocol["tile"], roi, batch, protocol["overlap"] or 0.5,
-                               on_batch=each_batch, ap_bins=AP_BINS, style=protocol.get("style"))
+        counts = count_dataset(models, ds, device, on_batch=each_batch, ap_bins=AP_BINS, **run)
     # a lesion annotated in no image of the set is not scored (NaN, out of the means); one
     # annotated in some images only is scored on those (protocol.annotated_counts)
     unannotated = {les: sum(not ds.annotated(i)[LESIONS.index(les)] for i in range(len(ds)))
@@ -286,18 +343,27 @@ def score_test_set(models, test_id, where, protocol, device, batch=1, maps_dir=N
         block["not_annotated"] = {les: n for les, n in unannotated.items() if n}
     if protocol.get("dice_argmax"):
         authors.add_dice_argmax(block, *argmax.cpu().tolist())
+    block["images"] = images
+    if maps_dir is not None and maps_worst:
+        # NOTE: the worst are known only once every image is scored: they are predicted again
+        # (the same protocol path), rather than every map held in memory
+        worst = {i for lesion in lesions for i, _ in worst_images(images, lesion, maps_worst)}
+        keep = [k for k, x in enumerate(ds.ids) if x in worst]
+        if keep:
+            count_dataset(models, Subset(ds, keep), device, on_batch=save_maps, **run)
     return block
 
 
 def evaluate(ckpt_paths, test_ids, where=("data_raw", "cache", None), out=None, maps_dir=None,
-             device=None, batch=1, verbose=True, **settings):
+             device=None, batch=1, verbose=True, maps_worst=None, worst=3, **settings):
     """Score one checkpoint or an ensemble on test sets -> the results dict (with `out`: the whole
     file).
 
     where: (data_root, cache, prepare_cache options: data.data_options(args)); settings:
     make_protocol's (resolution and lesions default to the models' own; style to fine for a
     style-conditioned model). Each test set is written to `out` as soon as it is scored, merged with
-    the test sets already there."""
+    the test sets already there. maps_worst=K: maps of the K worst images per lesion only; worst:
+    how many worst images per lesion the summary lists."""
     ckpt_paths = [str(p) for p in ([ckpt_paths] if isinstance(ckpt_paths, (str, Path))
                                    else ckpt_paths)]
     if not ckpt_paths:
@@ -332,7 +398,7 @@ def evaluate(ckpt_paths, test_ids, where=("data_raw", "cache", None), out=None, 
     for test_id in test_ids:
         try:
             block = score_test_set(models, test_id, where, protocol, device, batch, maps_dir,
-                                   verbose)
+                                   verbose, maps_worst)
         except KeyboardInterrupt:  # one line naming what was kept (utils.run prints it)
             kept = (f"{', '.join(done)} written to {out}" if done and out is not None
                     else "nothing written")
@@ -346,6 +412,7 @@ def evaluate(ckpt_paths, test_ids, where=("data_raw", "cache", None), out=None, 
         done.append(test_id)
         if verbose:
             print_table(test_id, block)
+            print_worst(block, protocol["lesions"], worst)
     return report
 
 
@@ -382,6 +449,22 @@ def print_table(test_id, block):
     if unannotated:
         print(f"  nan: lesion not annotated in this test set ({', '.join(unannotated)}); the mean "
               f"is over the others")
+
+
+def print_worst(block, lesions, k=3):
+    """The k worst images per lesion of one test set (lowest Dice: the failure cases to look at)."""
+    if not k:
+        return
+    lines = []
+    for lesion in lesions:
+        worst = worst_images(block["images"], lesion, k)
+        if worst:
+            lines.append(f"  {lesion:4s}" + ", ".join(
+                f"{i} {s['dice']:.3f} ({s['pos']} px)" for i, s in worst))
+    if lines:
+        print("  worst images by Dice at p >= 0.5 (lesion pixels), per lesion; every image's "
+              "scores: \"images\" in the results file")
+        print("\n".join(lines))
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -434,6 +517,9 @@ def main(argv=None):
     if args.images is not None:
         raise ValueError(f"your own photographs: python predict.py --ckpt {' '.join(args.ckpt)} "
                          f"--images {args.images} (evaluate.py scores test sets)")
+    if args.maps_worst and not args.save_maps:
+        raise ValueError(f"--maps-worst {args.maps_worst} chooses which maps --save-maps writes: "
+                         f"pass --save-maps DIR too")
     # a device this machine lacks ("cuda" without a GPU) is one line now, not a traceback later
     device = utils.check_device(args.device or utils.default_device())
     out = args.out or default_out(args.ckpt[0])
@@ -442,9 +528,9 @@ def main(argv=None):
     check_split_flags(args, p, recorded, args.test, args.ckpt[0])
     where = data.data_settings(args, p, recorded)  # (data_root, cache, prepare_cache options)
     evaluate(args.ckpt, args.test, where, out, args.save_maps, device, args.batch,
-             resolution=args.resolution, lesions=args.lesions, tta=args.tta, tile=args.tile,
-             overlap=args.tile_overlap, roi=not args.no_roi, dtype=args.dtype,
-             dice_argmax=args.dice_argmax, style=args.style)
+             maps_worst=args.maps_worst, worst=args.worst, resolution=args.resolution,
+             lesions=args.lesions, tta=args.tta, tile=args.tile, overlap=args.tile_overlap,
+             roi=not args.no_roi, dtype=args.dtype, dice_argmax=args.dice_argmax, style=args.style)
     print(f"\nwrote {out}")
 
 

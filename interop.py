@@ -6,14 +6,17 @@
 
 ONNX: input "image" float32 (B, 3, H, W), RGB in [0, 1], any B, H and W (the encoder's mean/std
 normalization is in the graph); output "probabilities" float32 (B, 4, H, W) in EX, HE, MA, CWS
-order, averaged over an ensemble's members. Every export is run with onnxruntime on the CPU and
-compared with torch on a batch of another size than the traced one.
+order, averaged over an ensemble's members. The file says so in its metadata (metadata_props:
+resolution, layout, channel order, value range, mean/std, lesions: onnx_metadata), which
+retlesions.preprocess reads to prepare a photograph (numpy, no torch). Every export is run with
+onnxruntime on the CPU and compared with torch on a batch of another size than the traced one.
 
 smp: model.py's U-Net is smp's Unet with a "tu-<timm name>" encoder, but for a 1x1 head (smp's is
 3x3: our weights at its centre) and the input normalization (smp takes (x - mean) / std; to-smp
-prints them). Every conversion runs both models on a random image and refuses (one line) when their
-outputs differ; models with what smp's Unet lacks (softmax head, pad_to, local_contrast) do not
-convert. How each part maps: docs/EVALUATION.md, "Interop".
+prints them and writes them into config.json as "_input_mean", "_input_std": smp ignores keys
+that start with "_"). Every conversion runs both models on a random image and refuses (one line)
+when their outputs differ; models with what smp's Unet lacks (softmax head, pad_to,
+local_contrast) do not convert. How each part maps: docs/EVALUATION.md, "Interop".
 """
 import argparse
 from pathlib import Path
@@ -63,6 +66,7 @@ utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while
 import copy  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import asdict  # noqa: E402
@@ -74,7 +78,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from data import LESIONS  # noqa: E402
 from model import ModelConfig, build_model, load_models, save_checkpoint  # noqa: E402
-from predict import load_ensemble, read_checkpoint  # noqa: E402
+from predict import (ensemble_lesions, ensemble_resolution, load_ensemble,  # noqa: E402
+                     read_checkpoint)
 from protocol import predict  # noqa: E402
 
 # NOTE: the tolerances are this script's promise (issue 14): a conversion outside them is refused
@@ -128,10 +133,40 @@ class Probabilities(nn.Module):
         return predict(list(self.models), x)  # (B, 3, H, W) in [0, 1] -> (B, 4, H, W)
 
 
+def _numbers(values):
+    """(0.485, 0.456, 0.406) -> "0.485,0.456,0.406": a list any language splits."""
+    return ",".join(f"{v:g}" for v in values)
+
+
+def onnx_metadata(models):
+    """The ONNX file's metadata_props (strings): what its user needs to prepare the input and read
+    the output. Numbers are comma-separated; retlesions.read_metadata parses them back."""
+    norms = [input_normalization(m) for m in models]  # per member: ((mean), (std))
+    try:
+        resolution = str(ensemble_resolution(models))
+    except ValueError:  # models made without a recorded resolution (not from a checkpoint)
+        resolution = ""
+    return {
+        "resolution": resolution,  # the square the models were trained at
+        "preprocessing": "crop to the field of view, resize keeping the aspect ratio (longer "
+                         "side = resolution), pad to a centred square with black (paper section "
+                         "2.2): retlesions.preprocess",
+        "input": "image", "layout": "NCHW", "channel_order": "RGB", "value_range": "0,1",
+        "dtype": "float32",
+        "normalization": "inside the graph: (x - mean) / std per channel",
+        # an ensemble's members normalize each with their own encoder's: ";" between members
+        "mean": ";".join(dict.fromkeys(_numbers(m) for m, _ in norms)),
+        "std": ";".join(dict.fromkeys(_numbers(s) for _, s in norms)),
+        "output": "probabilities", "activation": "sigmoid, mean over the models",
+        "lesions": ",".join(LESIONS), "trained_lesions": ",".join(ensemble_lesions(models)),
+        "models": str(len(models)),
+    }
+
+
 def export_onnx(models, path, opset=17):
     """Write the models' probabilities (Probabilities) as ONNX with dynamic batch, height and
-    width."""
-    _need("onnx", "onnx onnxruntime", "ONNX export")
+    width, and their onnx_metadata."""
+    onnx = _need("onnx", "onnx onnxruntime", "ONNX export")
     net = Probabilities(_cpu_copies(models)).eval()
     axes = {0: "batch", 2: "height", 3: "width"}  # of the input and the output alike
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +184,9 @@ def export_onnx(models, path, opset=17):
         # an op the exporter cannot write with dynamic sizes, an unknown opset
         except Exception as e:
             raise ValueError(f"torch.onnx cannot export this model ({utils.reason(e)})") from None
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, onnx_metadata(models))
+    onnx.save(graph, str(path))
     return path
 
 
@@ -331,10 +369,25 @@ def input_normalization(model):
     return tuple(tuple(round(v, 6) for v in t.flatten().tolist()) for t in (model.mean, model.std))
 
 
-def save_smp(smp_model, folder):
+def save_smp(smp_model, folder, mean=None, std=None):
     """smp's own format: config.json + model.safetensors (+ a model card), read by
-    smp.from_pretrained."""
+    smp.from_pretrained; config.json also records the input normalization (mean, std: keys
+    "_input_mean", "_input_std", which smp ignores), and the files get the permissions of any new
+    file (huggingface_hub writes model.safetensors 0600)."""
+    folder = Path(folder)
     smp_model.save_pretrained(str(folder))
+    config = folder / "config.json"
+    if mean is not None:
+        settings = json.loads(config.read_text())
+        settings.update({"_input_mean": list(mean), "_input_std": list(std),
+                         "_input": "RGB in [0, 1], then (x - mean) / std",
+                         "_lesions": list(LESIONS)})
+        utils.write_json(config, settings)
+    umask = os.umask(0)  # NOTE: the only portable way to read it: set, then put back at once
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 # ---- smp -> ours ---------------------------------------------------------------------------------
@@ -476,16 +529,18 @@ def main(argv=None):
         note = (f" (torch float32 itself is {torch_err:.1e} from float64 for this model: as "
                 f"accurate)" if diff > ONNX_TOL else "")
         print(f"wrote {out}: {len(models)} model(s), input 'image' (B, 3, H, W) RGB in [0, 1], "
-              f"output 'probabilities' (B, 4, H, W) {','.join(LESIONS)}; onnxruntime vs torch max "
-              f"abs diff {diff:.1e}{note}")
+              f"output 'probabilities' (B, 4, H, W) {','.join(LESIONS)}, described in its "
+              f"metadata (retlesions.preprocess reads it); onnxruntime vs torch max abs diff "
+              f"{diff:.1e}{note}")
     elif args.command == "to-smp":
         ckpt = read_checkpoint(args.ckpt)
         smp_model = to_smp(ckpt, where=args.ckpt)
-        save_smp(smp_model, out)
         # the normalization smp's user must apply: ours does it inside
         mean, std = input_normalization(load_models(ckpt, where=args.ckpt)[0])
+        save_smp(smp_model, out, mean, std)
         print(f"wrote {out}: smp Unet {smp_model.name[2:]}; feed it (x - mean) / std, x RGB in "
-              f"[0, 1], mean={mean}, std={std}; logits in {','.join(LESIONS)} order")
+              f"[0, 1], mean={mean}, std={std} (config.json: _input_mean, _input_std); logits in "
+              f"{','.join(LESIONS)} order")
     else:
         ckpt = from_smp(load_smp(args.smp_dir), where=args.smp_dir)
         save_checkpoint(out, ckpt)

@@ -8,9 +8,10 @@ p = np.zeros((4, 300, 400)); p[1, 100:200, 150:250] = 0.9; maps.save_maps('out',
 
 One fixed colour per lesion (COLOURS): EX yellow, HE red, MA green, CWS cyan. An overlay draws, per
 lesion, the region at p >= 0.5 (the protocol's Dice threshold, docs/PROTOCOL.md) as an outline in
-the lesion's colour over a light fill, and the ground truth, where known, as a white outline just
-outside its region; nothing is drawn outside the fundus. The probability is never used as opacity:
-a weak model's p = 0.3 everywhere leaves the photograph as it is. The photograph keeps its own
+the lesion's colour over a light fill, edged outside by a thin dark line (so that red stays visible
+on a red fundus), and the ground truth, where known, as a white outline just outside its region;
+nothing is drawn outside the fundus. The probability is never used as opacity: a weak model's
+p = 0.3 everywhere leaves the photograph as it is. The photograph keeps its own
 pixel geometry (rows 0..H-1 of the overlay are the photograph's rows); a legend band is added below
 it. The files written: docs/EVALUATION.md, "Maps, overlays, panels".
 """
@@ -30,6 +31,9 @@ NAMES = LESION_NAMES
 THRESHOLD = 0.5  # a lesion's region: p >= 0.5, as the protocol's Dice
 FILL_ALPHA = 0.3  # light fill: the photograph stays readable under the region
 TRUTH_COLOUR = (255, 255, 255)
+# a dark edge just outside every outline: HE's red outline on a red fundus has no contrast of its
+# own (both about 80-100 grey levels of luminance), the edge gives it one
+HALO_COLOUR = (16, 16, 16)
 BAND, INK = (24, 24, 24), (235, 235, 235)  # legend and title background, text
 PANEL_TILE = 1024  # longest side of a panel tile: a 4288 px photograph gives a 3072 px wide panel
 # zlib level of the probability PNGs: level 6 makes them 23 % smaller and takes 3x longer
@@ -109,15 +113,23 @@ def _blend_table(colour):
     return np.round((1 - FILL_ALPHA) * v + FILL_ALPHA * colour.astype(np.float32)).astype(np.uint8)
 
 
-def draw_regions(canvas, regions, width):
-    """In place: per lesion, a light fill and an outline in its colour. canvas uint8 (H, W, 3);
-    regions: one bool (H, W) per lesion, in LESIONS order, or None for a lesion not drawn (a
-    generator is fine: one lesion's mask at a time)."""
+def halo_width(width):
+    """The dark edge's width outside an outline `width` pixels wide: half of it, at least 1."""
+    return max(1, width // 2)
+
+
+def draw_regions(canvas, regions, width, fov=None):
+    """In place: per lesion, a dark edge just outside the region (within `fov`, bool (H, W), when
+    given), a light fill and an outline in its colour. canvas uint8 (H, W, 3); regions: one bool
+    (H, W) per lesion, in LESIONS order, or None for a lesion not drawn (a generator is fine: one
+    lesion's mask at a time)."""
     for c, region in enumerate(regions):
         box = None if region is None else _box(region, width + 1)
         if box is None:
             continue
         view, m = canvas[box], region[box]  # the region's bounding box only
+        halo = border(m, halo_width(width), outside=True)
+        view[halo if fov is None else halo & fov[box]] = HALO_COLOUR
         table = _blend_table(COLOURS[c])
         # NOTE: a 1-D lookup per channel is ~5x faster than indexing (N, 3) pixels at once
         for k in range(3):
@@ -146,7 +158,7 @@ def overlay(image, probs, truth=None, fov=None, lesions=LESIONS):
     drawn = [name in lesions for name in LESIONS]
     # the regions one lesion at a time (a generator): one full-size bool mask in memory
     draw_regions(out[:H], (inside(regions_of(p)) if d else None for p, d in zip(probs, drawn)),
-                 width)
+                 width, fov)
     # the truth last, half as thick, just outside its region: where prediction and truth agree,
     # the two outlines lie side by side
     for t, d in zip(() if truth is None else truth, drawn):
@@ -173,7 +185,7 @@ def panel(image, probs, truth, fov=None, lesions=LESIONS):
     for regions in ((), (inside(t) if d else None for t, d in zip(truth, drawn)),
                     (inside(regions_of(p)) if d else None for p, d in zip(probs, drawn))):
         # one full-size copy at a time
-        tile = draw_regions(np.array(image, np.uint8), regions, width)
+        tile = draw_regions(np.array(image, np.uint8), regions, width, fov)
         if scale < 1:  # box-filtered shrinking: outlines thin, never vanish
             tile = np.asarray(Image.fromarray(tile).resize((w, h), Image.BOX))
         tiles.append(tile)
@@ -207,26 +219,31 @@ def legend(width, truth=False, prefix=None, lesions=LESIONS):
     narrow: uint8 (h, width, 3)."""
     font = _font(width)
     s = font.size if hasattr(font, "size") else 11  # swatch side and text height
-    entries = [(None, prefix)] if prefix else []
-    entries += [(COLOURS[c], f"{lesion} {NAMES[lesion]}") for c, lesion in enumerate(LESIONS)
+    # (swatch, words): a lesion's code, then its name
+    entries = [(None, prefix.split())] if prefix else []
+    entries += [(COLOURS[c], [lesion, *NAMES[lesion].split()]) for c, lesion in enumerate(LESIONS)
                 if lesion in lesions]
     if truth:
-        entries.append(("truth", "ground truth"))
-    # a first pass places the entries (text widths measured on a 1-pixel image), flowing onto a
-    # new row where one would pass the right edge; the band's height is then known
+        entries.append(("truth", ["ground", "truth"]))
+    # NOTE: words are drawn apart, word_gap pixels: at 10-12 px the default font's space is a
+    # pixel or two wide, and "CWS cotton-wool spots" read "CWScotton-wool spots"
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    word_gap = max(3, round(0.35 * s))
+    lengths = [[measure.textlength(w, font=font) for w in words] for _, words in entries]
+    # a first pass places the entries, flowing onto a new row where one would pass the right
+    # edge; the band's height is then known
     gap, row_h = s, round(1.6 * s)
-    placed, x, y = [], gap // 2, 0  # (x, y, entry) in reading order
-    for kind, text in entries:
-        w = (0 if kind is None else round(1.4 * s)) + measure.textlength(text, font=font)
+    placed, x, y = [], gap // 2, 0  # (x, y, swatch, words, their lengths) in reading order
+    for (kind, words), widths in zip(entries, lengths):
+        w = (0 if kind is None else round(1.4 * s)) + sum(widths) + word_gap * (len(words) - 1)
         if x > gap // 2 and x + w > width:
             x, y = gap // 2, y + row_h
-        placed.append((x, y, kind, text))
+        placed.append((x, y, kind, words, widths))
         x += w + gap
     band = Image.new("RGB", (width, y + row_h), BAND)
     draw = ImageDraw.Draw(band)
     line = max(1, s // 6)  # the swatch's outline, as the regions' outline against their fill
-    for x, y, kind, text in placed:
+    for x, y, kind, words, widths in placed:
         top = y + round(0.3 * s)
         if kind is not None:
             box = [x, top, x + s, top + s]
@@ -237,7 +254,9 @@ def legend(width, truth=False, prefix=None, lesions=LESIONS):
                              for k, b in zip(kind, BAND))
                 draw.rectangle(box, fill=fill, outline=tuple(int(k) for k in kind), width=line)
             x += round(1.4 * s)
-        draw.text((x, top), text, fill=INK, font=font)
+        for word, w in zip(words, widths):
+            draw.text((x, top), word, fill=INK, font=font)
+            x += w + word_gap
     return np.asarray(band)
 
 

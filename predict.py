@@ -4,15 +4,19 @@
     python predict.py --ckpt runs/IDR/s0/best.pt runs/IDR/s1/best.pt --images photos/ --tta
     python predict.py --ckpt hub:IDR+DDR --images photos/          # the authors' released model
 
-    import predict, numpy as np
-    models = predict.load_ensemble(["runs/IDR+MES/s0/best.pt"])          # once
-    probs = predict.segment(predict.read_photo("eye.jpg"), models)       # (4, H, W): EX HE MA CWS
+    import sys; sys.path.append("/path/to/retlesions"); import retlesions  # from any folder
+    models = retlesions.load_ensemble(["runs/IDR+MES/s0/best.pt"])        # once
+    probs = retlesions.segment(retlesions.read_photo("eye.jpg"), models)  # (4, H, W): EX HE MA CWS
 
 Each photograph gets the training data's preprocessing (FOV crop, resize, pad: paper section 2.2)
 at the model's resolution; the maps come back on its own geometry, 0 outside the fundus. Per
 photograph: <name>_<LESION>.png (probability x 255, 8-bit) for each lesion the model was trained
-on, and <name>_overlay.jpg (maps.py). Several --ckpt form an ensemble; hub:COMBO is the authors'
-model (authors.py). More in docs/EVALUATION.md.
+on, <name>_overlay.jpg (maps.py) and, with --masks, <name>_<LESION>_mask.png (0 or 255: p >=
+--threshold). OUT/lesions.csv: per photograph and lesion, the lesion's area (pixels, % of the
+fundus), its number of lesions (8-connected components, as characterize.py counts them) and its
+maximum probability; per photograph whether a fundus was found and a quality flag (photo_quality).
+Several --ckpt form an ensemble; hub:COMBO is the authors' model (authors.py). More in
+docs/EVALUATION.md.
 """
 import sys
 from pathlib import Path
@@ -33,6 +37,12 @@ def build_parser():
                    help="square size (default: the models' own)")
     p.add_argument("--lesions", default=None, metavar="LIST",
                    help="lesions drawn (default: those trained)")
+    p.add_argument("--masks", action="store_true",
+                   help="also write <name>_<LESION>_mask.png, 0 or 255 (default: off)")
+    p.add_argument("--threshold", type=utils.check_range(float, 0, 1, low_open=True), default=0.5,
+                   help="a lesion's region for --masks and lesions.csv: the 8-bit map >= "
+                        "round(255 THRESHOLD), exactly p >= 0.5 at 0.5; the overlay keeps 0.5 "
+                        "(default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="average over the 4 flips (default: off)")
     p.add_argument("--tile", type=int, default=None,
                    help="predict in tiles of this size (default: whole image)")
@@ -51,15 +61,18 @@ def build_parser():
 utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while it loads: one line
 # the heavy imports (torch, numpy, the data modules: seconds) after --help was answered
 
+import time  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import authors  # noqa: E402
 import average  # noqa: E402
 import data  # noqa: E402
 from data.datasets import IMAGE_SUFFIXES, load_image  # noqa: E402
 from data.ids import LESIONS  # noqa: E402
-from maps import save_maps  # noqa: E402
+from maps import save_grey_png, save_maps  # noqa: E402
 from model import load_checkpoint, load_models  # noqa: E402
 from protocol import predict_fitting, to_input  # noqa: E402
 
@@ -180,6 +193,13 @@ def segment(image, models, resolution=None, device=None, dtype="float32", tta=Fa
     models' own. dtype, tta, tile, overlap, style: as predict.py's flags. uint8=True: the maps as
     uint8 round(255 p) (the PNGs' values; p >= 0.5 is >= 128), a quarter of the memory.
     """
+    return _segment(image, models, resolution, device, dtype, tta, tile, overlap, style, uint8)[0]
+
+
+@torch.inference_mode()
+def _segment(image, models, resolution=None, device=None, dtype="float32", tta=False, tile=None,
+             overlap=0.5, style=None, uint8=False):
+    """segment() -> (maps (4, H, W), the number of the photograph's pixels inside the fundus)."""
     _check_photo(image)
     if isinstance(models, tuple) and len(models) == 2 and isinstance(models[0], list):
         models = models[0]  # load_ensemble's (models, headers)
@@ -206,7 +226,7 @@ def segment(image, models, resolution=None, device=None, dtype="float32", tta=Fa
         if uint8:  # in place, as maps.to_8bit does it: round half to even of 255 p
             crop = crop.clamp_(0.0, 1.0).mul_(255).round_().to(torch.uint8)
         out[c, y0:y1, x0:x1] = crop.cpu().numpy()
-    return out
+    return out, int((~outside).sum())
 
 
 # ---- a folder of photographs ---------------------------------------------------------------------
@@ -220,11 +240,89 @@ def photos_in(folder):
                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
+# photo_quality: measured on a copy prepared at this size, so the limits do not depend on the
+# model's resolution (the IDRiD photographs of tests/fixtures/idrid-4l14 measure contrast 15-36
+# and noise 0.5-0.6 grey levels there; a white or grey frame contrast 0, a frame of pure noise
+# noise 8-12)
+QUALITY_RESOLUTION = 512
+MIN_CONTRAST = 3.0  # grey levels of luminance in the FOV: below, a flat frame (white, grey, blank)
+MAX_NOISE = 3.0  # Immerkaer's sigma, grey levels: above, noise rather than a photograph
+# a fundus photograph's FOV is a disc with dark corners (of its crop box: pi / 4 for a whole disc,
+# ~0.9 for IDRiD's cut disc): a "FOV" filling the whole box is a bright frame, not a fundus
+MAX_BOX_SHARE = 0.97
+
+
+def photo_quality(image):
+    """Whether a fundus was found and a quality flag for a photograph uint8 (H, W, 3) -> (found,
+    flag, measures): characterize.py's named measures (characterize.QUALITY_MEASURES) on a copy
+    prepared at QUALITY_RESOLUTION. found: a bright field of view with a dark surround (a
+    photograph cropped inside the fundus has none, and reads as not found too); flag: "ok", or the
+    problems found, "; "-separated (no fundus, flat, noisy)."""
+    # NOTE: imported here, not at the top: characterize loads scipy.stats and matplotlib, which
+    # segment() never needs
+    import characterize
+
+    square, fov, geometry = data.preprocess_image(image, QUALITY_RESOLUTION)
+    w, h = geometry["size"]
+    measures = characterize.quality_measures(square, fov)
+    box_share = float(fov.sum()) / (w * h)  # the FOV's share of its crop box
+    problems = []
+    if fov.mean() < 0.01:
+        problems.append("no fundus: no bright field of view")
+    elif box_share > MAX_BOX_SHARE:
+        problems.append(f"no fundus: the bright field fills {100 * box_share:.0f}% of its box, "
+                        f"no dark surround")
+    contrast, noise = measures["contrast"], measures["noise"]
+    if np.isfinite(contrast) and contrast < MIN_CONTRAST:
+        problems.append(f"flat: contrast {contrast:.1f} grey levels")
+    if np.isfinite(noise) and noise > MAX_NOISE:
+        problems.append(f"noisy: noise {noise:.1f} grey levels")
+    found = not any(x.startswith("no fundus") for x in problems)
+    return found, "; ".join(problems) or "ok", measures
+
+
+def lesion_rows(photo, name, probs, fov_pixels, lesions, threshold=0.5):
+    """lesions.csv's rows of one photograph: per lesion of `lesions`, its region (8-bit map >=
+    round(255 threshold): exactly p >= 0.5 at 0.5, as maps.regions_of), the region's pixels and
+    share of the fundus, its lesions (8-connected components: characterize.component_stats) and
+    the maximum probability. probs uint8 (4, H, W) = round(255 p)."""
+    import characterize  # NOTE: here, as in photo_quality
+
+    level = int(np.rint(255 * threshold))  # round half to even, as maps.to_8bit rounds p
+    rows = []
+    for c, lesion in enumerate(LESIONS):
+        if lesion not in lesions:
+            continue
+        region = probs[c] >= level  # (H, W) bool
+        area = int(np.count_nonzero(region))
+        count, _ = characterize.component_stats(region)
+        rows.append({"photograph": photo, "name": name, "lesion": lesion,
+                     "threshold": threshold, "area_px": area,
+                     "area_percent_of_fundus": round(100 * area / fov_pixels, 4)
+                     if fov_pixels else float("nan"),
+                     "components": count, "max_probability": round(int(probs[c].max()) / 255, 4),
+                     "fundus_px": fov_pixels})
+    return rows
+
+
+def save_masks(out_dir, name, probs, lesions, threshold=0.5):
+    """<name>_<LESION>_mask.png: 0 or 255, 255 where the 8-bit map >= round(255 threshold)."""
+    level = int(np.rint(255 * threshold))
+    for c, lesion in enumerate(LESIONS):
+        if lesion in lesions:
+            save_grey_png(Path(out_dir) / f"{name}_{lesion}_mask.png",
+                          np.where(probs[c] >= level, np.uint8(255), np.uint8(0)))
+
+
 def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None, dtype="float32",
-                   tta=False, tile=None, overlap=0.5, style=None, lesions=None):
-    """Maps for every photograph of a folder (segment()), on each one's own geometry -> list of
-    written names. lesions: the lesions written and drawn (None = those the models were trained on,
-    train.py --lesions)."""
+                   tta=False, tile=None, overlap=0.5, style=None, lesions=None, masks=False,
+                   threshold=0.5):
+    """Maps for every photograph of a folder (segment()), on each one's own geometry, the masks
+    (masks=True) and OUT/lesions.csv; a progress bar, then a summary of what was written -> list
+    of the photographs' map names. lesions: the lesions written and drawn (None = those the models
+    were trained on, train.py --lesions)."""
+    import characterize  # NOTE: here, as in photo_quality: its CSV writer
+
     photos = photos_in(image_dir)
     out_dir = utils.writable_folder(out_dir, "--out", "write maps there")  # before the model loads
     models, _ = load_ensemble([str(p) for p in ckpt_paths],
@@ -233,27 +331,57 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     resolution = ensemble_resolution(models, resolution)
     lesions = ensemble_lesions(models, lesions)
     style = check_style(models, style)
-    written = []
-    for path in photos:
+    written, rows, flagged, skipped, tic = [], [], [], [], time.time()
+    # one photograph after the other, with an ETA, on stderr; disable=None: silent where stderr
+    # is no terminal (logs)
+    for path in tqdm(photos, desc="photographs", unit="photo", disable=None):
         try:
             original = read_photo(path)  # (H0, W0, 3) uint8; 16-bit files scaled by their range
         except (OSError, ValueError) as e:
             # one bad photograph (unreadable, or over PIL's decompression-bomb limit) never stops
             # the folder
-            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+            tqdm.write(f"warning: skipping {path}: {e}", file=sys.stderr)
+            skipped.append(path.name)
             continue
-        probs = segment(original, models, resolution, device, dtype, tta, tile, overlap, style,
-                        uint8=True)  # (4, H0, W0) uint8: what the PNGs hold, a quarter the memory
+        probs, fov_pixels = _segment(original, models, resolution, device, dtype, tta, tile,
+                                     overlap, style, uint8=True)  # (4, H0, W0) uint8: the PNGs'
         # a.jpg and a.png: the second one's maps are a_png_*
         name = path.stem if path.stem not in written else f"{path.stem}_{path.suffix[1:]}"
         save_maps(out_dir, name, original, probs, lesions=lesions)
+        if masks:
+            save_masks(out_dir, name, probs, lesions, threshold)
+        found, flag, _ = photo_quality(original)
+        rows += [{**r, "fundus_found": found, "quality": flag}
+                 for r in lesion_rows(path.name, name, probs, fov_pixels, lesions, threshold)]
+        if flag != "ok":
+            flagged.append(f"{path.name}: {flag}")
         # NOTE: freed before the next photograph is read: one photograph's arrays at a time
         del original, probs
         written.append(name)
-        print(f"{path.name}: maps in {Path(out_dir) / name}_*")
     if not written:
         raise ValueError(f"no readable image in --images {image_dir}")
+    characterize.write_per_image_csv(rows, Path(out_dir) / "lesions.csv")
+    print_summary(out_dir, written, lesions, masks, threshold, flagged, skipped, time.time() - tic)
     return written
+
+
+def print_summary(out_dir, written, lesions, masks, threshold, flagged, skipped, seconds):
+    """The closing paragraph of predict.py --images: what was written where, what to look at."""
+    names = ", ".join(lesions)
+    lines = [f"{len(written)} photograph(s) segmented in {seconds:.0f} s into {out_dir}/:",
+             f"  <name>_<LESION>.png: probability x 255 (8-bit) of {names}",
+             "  <name>_overlay.jpg: the photograph, lesions at p >= 0.5 outlined, a legend below"]
+    if masks:
+        lines.append(f"  <name>_<LESION>_mask.png: 255 where p >= {threshold:g}, else 0")
+    lines.append(f"  lesions.csv: per photograph and lesion, area (px, % of the fundus), lesions "
+                 f"(8-connected components) and max probability at p >= {threshold:g}; fundus "
+                 f"found, quality")
+    if skipped:
+        lines.append(f"  skipped (unreadable): {', '.join(skipped)}")
+    if flagged:  # quality flags: a white, black or noise frame is "segmented" too
+        lines.append(f"  check these {len(flagged)} flagged photograph(s) (lesions.csv, quality):")
+        lines += [f"    {x}" for x in flagged]
+    print("\n".join(lines))
 
 
 def main(argv=None):
@@ -262,7 +390,8 @@ def main(argv=None):
     device = utils.check_device(args.device or utils.default_device())
     out = args.out or f"{Path(args.images).resolve()}_maps"  # photos/ -> photos_maps/ beside it
     predict_images(args.ckpt, args.images, out, args.resolution, device, args.dtype, args.tta,
-                   args.tile, args.tile_overlap, args.style, args.lesions)
+                   args.tile, args.tile_overlap, args.style, args.lesions, args.masks,
+                   args.threshold)
 
 
 if __name__ == "__main__":

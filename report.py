@@ -4,11 +4,11 @@ The JSON of every table and figure is written beside them, and the sweep's valid
 run's log.jsonl). What each part holds: docs/STUDY.md, "The report".
 
     python report.py runs -o report/
-    python report.py demo/runs -o demo/report \
-        --characterize demo/characterize/characterize.json
+    python report.py demo/runs -o demo/report --real demo/real/real.json  # make demo
     python report.py runs -o report/ --reference none    # leave out the authors' published AUPR
     python report.py runs -o report/ --authors authors   # + their released models' results
 """
+import argparse
 import csv
 import json
 import math
@@ -27,26 +27,30 @@ DEFAULT_CHARACTERIZE = "OUT/characterize/characterize.json"
 
 def build_parser():
     """The command line: the sweep folder, the output folder and the optional inputs."""
-    # the description: the docstring's first line, the summary
-    p = utils.Parser(description=__doc__.split("\n")[0])
+    # the description: the whole docstring, its examples as written
+    p = utils.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir",
-                   help="sweep folder holding <COMBO>/s<SEED>/results.json and <COMBO>/fig4.json")
-    p.add_argument("-o", "--out", default="report", help="output folder (default: %(default)s)")
+                   help="The sweep's folder, which holds <COMBO>/s<SEED>/results.json "
+                        "(evaluate.py) and <COMBO>/fig4.json (fig4.py).")
+    p.add_argument("-o", "--out", default="report",
+                   help="The folder that receives report.md, the figures and their JSON "
+                        "(default: %(default)s).")
     p.add_argument("--characterize", default=DEFAULT_CHARACTERIZE,
-                   help="characterize.json giving each dataset's labelling style "
-                        "(default: %(default)s, used when present)")
+                   help="The characterize.json that gives each dataset's labelling style, used "
+                        "when the file exists (default: %(default)s).")
     p.add_argument("--reference", default=DEFAULT_REFERENCE,
-                   help="the authors' published CSV, relative to here or to this script; 'none' to "
-                        "leave it out (default: %(default)s)")
+                   help="The authors' published CSV, relative to the current folder or to this "
+                        "script, or 'none' to leave it out (default: %(default)s).")
     p.add_argument("--authors", default=DEFAULT_AUTHORS,
-                   help="folder of the authors' released models' results, <COMBO>/results.json "
-                        "(`make authors-models`; default: %(default)s, used when present)")
+                   help="The folder of the authors' released models' results, "
+                        "<COMBO>/results.json as `make authors-models` writes them, used when it "
+                        "exists (default: %(default)s).")
     p.add_argument("--real-styles", default=None, metavar="JSON",
-                   help="table3.json of bench/real_styles.py: Table 3 on real photographs "
-                        "(default: %(default)s)")
+                   help="The table3.json of bench/real_styles.py: Table 3 on real photographs "
+                        "(default: none).")
     p.add_argument("--real", default=None, metavar="JSON",
-                   help="real.json of bench/real.py (`make real`), shown with its figure "
-                        "(default: %(default)s)")
+                   help="The real.json of bench/real.py (`make real`), shown with its figure "
+                        "(default: none).")
     return p
 
 
@@ -59,7 +63,7 @@ matplotlib.use("Agg")  # files only, never a window (works on headless machines)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from curves import plot_sweep  # noqa: E402
+from curves import HEX_COLOURS, plot_sweep  # noqa: E402
 from data import DATASET_IDS, FOLDERS, LESIONS, combo_name  # noqa: E402
 from data.ids import OWN_ID, dataset_order  # noqa: E402
 from data.synthetic import MARKER  # noqa: E402
@@ -154,7 +158,8 @@ def _combo_key(combo):
 # how long and how it runs. The rest of args.json (combination, seed, model, optimisation, ...) is
 # what the run is. NOTE: a copy, so that this file stands alone; tests/test_report.py checks it.
 NOT_IDENTITY = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device",
-                "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out")
+                "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out",
+                "test")
 
 
 def _read_run(path):
@@ -715,9 +720,30 @@ def _why(missing):
     return "; ".join(f"{why} ({', '.join(combos)})" for why, combos in by_why.items())
 
 
-def plot_figure4(data, path):
+def figure4_title(data, sweep=None):
+    """Figure 4's title: what is compared, on which combination(s) and test sets."""
+    # the combinations: those with the method plus those without it
+    n = max((d["n_combos"] + len(d["missing"]) for d in data.values()), default=0)
+    runs = (sweep or {}).get("runs") or {}
+    tests = {c: ", ".join(r.get("tests") or []) or "?" for c, r in runs.items()}
+    if not tests:
+        on = f"over {n} training combination(s)"
+    elif len(tests) == 1:
+        ((combo, sets),) = tests.items()
+        on = f"trained on {combo}, tested on {sets}"
+    elif len(set(tests.values())) == 1:
+        on = (f"over {len(tests)} combinations ({', '.join(tests)}), tested on "
+              f"{next(iter(tests.values()))}")
+    else:  # each its own test sets: too long for a title beyond a few
+        on = (f"over {len(tests)} combinations, each on its own test sets" if len(tests) > 3 else
+              "over " + "; ".join(f"{c} (tested on {t})" for c, t in tests.items()))
+    return f"Baseline vs ensemble, SWA and soups: {on}"
+
+
+def plot_figure4(data, path, sweep=None):
     """Per method: bars of the mean over combinations, dots of the combinations; a method some
-    combination lacks says so (n/a under its name, why in the footnote), never just left out."""
+    combination lacks says so (n/a under its name, why in the footnote), never just left out. The
+    title names the combination(s) and test sets (sweep: figure4_sweep's provenance)."""
     fig, ax = plt.subplots(figsize=(1.0 * max(len(data), 3) + 1.5, 4.2))
     rng = np.random.default_rng(0)  # fixed jitter: the PNG is reproducible
     names = []
@@ -738,10 +764,8 @@ def plot_figure4(data, path):
     for label, d in zip(ax.get_xticklabels(), data.values()):  # methods with n/a: in red
         label.set_color("C3" if d["missing"] else "k")
     ax.set_ylabel("Dice (mean over test sets)")
-    # the combinations: those with the method plus those without it
-    n = max((d["n_combos"] + len(d["missing"]) for d in data.values()), default=0)
-    ax.set_title(f"Baseline vs ensemble, SWA and soups over {n} training combination(s)",
-                 fontsize=10)
+    width = int(fig.get_figwidth() * 14)  # characters per line at fontsize 9
+    ax.set_title(textwrap.fill(figure4_title(data, sweep), width), fontsize=9)
     _footnote_missing(fig, data)
     _save(fig, path)
 
@@ -818,10 +842,11 @@ def plot_figure4_sweep(sweep, path):
 def plot_reference(pairs, path, runs):
     """Our AUPR against the authors' export; the title says when ours are not all on real data."""
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
-    for k, lesion in enumerate(LESIONS):
+    for lesion in LESIONS:  # each lesion in its fixed colour (curves.HEX_COLOURS, as every figure)
         sel = [p for p in pairs if p["lesion"] == lesion]
-        ax.scatter([p["ours"] for p in sel], [p["authors"] for p in sel], s=14, color=f"C{k}",
-                   label=lesion)
+        # a dark rim: yellow and cyan vanish on white without one
+        ax.scatter([p["ours"] for p in sel], [p["authors"] for p in sel], s=18,
+                   color=HEX_COLOURS[lesion], edgecolors="0.2", linewidths=0.6, label=lesion)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)  # the diagonal: equal AUPR
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="our AUPR (mean over seeds)",
            ylabel="authors' published AUPR")
@@ -832,7 +857,8 @@ def plot_reference(pairs, path, runs):
     caveat = next((ours[k] for k in ("synthetic", "unknown") if c[k]), "")
     if caveat and c[max(c, key=c.get)] != len(runs):
         caveat += f" ({c['synthetic']} synthetic, {c['unknown']} unknown of {len(runs)} runs)"
-    title = "Per (combination, test set, lesion); setups differ" + (f"\n{caveat}" if caveat else "")
+    title = ("Our AUPR vs the authors' published AUPR\nper (combination, test set, lesion); "
+             "setups differ" + (f"\n{caveat}" if caveat else ""))
     ax.set_title(title, fontsize=9, color="C3" if caveat else "k")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -1223,7 +1249,7 @@ def write_tables_and_figures(out, runs, t2, t3, f3, f4, fig4, pairs):
     sweep = figure4_sweep(f4, fig4) if f4 else None
     if f4:
         write_json(out / "figure4.json", f4)
-        plot_figure4(f4, out / "figure4.png")
+        plot_figure4(f4, out / "figure4.png", sweep)
         write_json(out / "figure4_sweep.json", sweep)
         plot_figure4_sweep(sweep, out / "figure4_sweep.png")
     if pairs:

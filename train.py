@@ -25,7 +25,8 @@ from data.ids import LESIONS, combo_name, parse_lesions, style_tokens
 
 # The flags that may differ between a run and its resume (--help lists them).
 RESUMABLE = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device",
-             "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out")
+             "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out",
+             "test")
 HIGHER_IS_BETTER = {"loss": False, "dice": True, "ap": True, "aupr": True}  # --val-metric choices
 
 
@@ -79,6 +80,8 @@ def build_parser():
     g.add_argument("--init-seed", type=int, default=0,
                    help="seed of the decoder's init, shared by the seeds of a combination: soups "
                         "need one start (default: %(default)s)")
+    add_dataset_list(g, "--test", "test sets on which best.pt is scored when training ends, as "
+                     "evaluate.py scores it, into OUT/results.json", default=None)
     add_data_args(p)
     add_model_args(p.add_argument_group("model"))
     add_optimisation_args(p.add_argument_group("optimisation"))
@@ -190,6 +193,7 @@ import datetime  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import shlex  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
@@ -917,9 +921,11 @@ def train_loop(state, model, loader, val_sets, device, master, on_validate):
             bar.set_postfix({"loss": f"{loss_value:.4f}", "val": val, "lr": f"{lr:.2e}",
                              "patches/s": f"{rate:.1f}"}, refresh=False)
             if master and (state.step % args.log_every == 0 or state.step == args.iters):
+                # step_s: seconds per optimizer step since the last validation (training only)
                 append_log(state.out / "log.jsonl", {"step": state.step, "split": "train",
                                                      "loss": sum(running) / len(running),
-                                                     "lr": lr, "patches_per_s": rate})
+                                                     "lr": lr, "patches_per_s": rate,
+                                                     "step_s": args.batch * state.world / rate})
                 running = []
             if state.step % args.val_every == 0 or state.step == args.iters:
                 validate_and_save(state, val_sets, master, on_validate)
@@ -1054,12 +1060,55 @@ def run(args, on_validate=None):
             dist.destroy_process_group()
 
 
-def main():
+def test_best(args):
+    """--test: best.pt scored on the test sets by evaluate.py's evaluate() (its protocol, its
+    results file beside best.pt, merged with the test sets already there) -> that file's path."""
+    from evaluate import default_out, evaluate  # NOTE: here: training never needs it
+
+    best = Path(args.out) / "best.pt"
+    out = default_out(best)
+    evaluate([str(best)], args.test, (args.data_root, args.cache, data_options(args)), out=out,
+             device=args.device)
+    print(f"\nwrote {out}")
+    return out
+
+
+def next_command(args, result, argv):
+    """The command to type after this run: resume it (--stop-at), score it (no --test), or
+    segment photographs with it. argv: the run's own command line."""
+    out = Path(args.out)
+    if not result.get("finished"):  # --stop-at: the same command without it
+        rest, skip = [], False
+        for a in argv:  # drop --stop-at N and --stop-at=N
+            if skip or a.startswith("--stop-at="):
+                skip = False
+                continue
+            skip = a == "--stop-at"
+            if not skip:
+                rest.append(a)
+        return f"next: python train.py {shlex.join(rest)}   # goes on to --iters {args.iters}"
+    if not args.test:
+        data = f" --data-root {shlex.quote(args.data_root)}" + \
+            (f" --cache {shlex.quote(args.cache)}" if args.cache != "cache" else "")
+        return (f"next: python evaluate.py --ckpt {shlex.quote(str(out / 'best.pt'))} --test "
+                f"all{data}   # or train.py --test IDS does it when training ends")
+    return (f"next: python predict.py --ckpt {shlex.quote(str(out / 'best.pt'))} --images "
+            f"PHOTOS/   # your photographs; scores in {out / 'results.json'}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
     try:
-        run(parse_args())
+        result = run(args)
     except Stopped as e:  # its own exit status: a job script can tell "resume me" from a failure
         print(e, file=sys.stderr)
         sys.exit(EXIT_STOPPED)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 alone scores and tells
+        return
+    if args.test and result.get("finished"):
+        test_best(args)
+    print(next_command(args, result, argv))
 
 
 if __name__ == "__main__":

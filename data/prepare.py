@@ -65,7 +65,8 @@ utils.start(__name__, build_parser)  # --help before numpy loads; a Ctrl-C while
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.cache import ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta  # noqa: E402
+from data.cache import (ARRAYS, CACHE_VERSION, FOV_BIT, damaged_arrays, read_meta,  # noqa: E402
+                        read_splits)
 from data.check import check_command, empty_lesion, first_error, structure  # noqa: E402
 from data.datasets import annotated, dataset_root, load_image, load_masks  # noqa: E402
 from data.preprocess import fit_geometry, fov_box, fov_mask, pad_square, resize_image  # noqa: E402
@@ -183,6 +184,22 @@ def _remove_leftovers(parent, resolution):
         shutil.rmtree(p, ignore_errors=True)
 
 
+# NOTE: the split table is printed when a cache is prepared, and by `python -m data.prepare`; a
+# cache found up to date otherwise says one line, once per process (the demo's log printed the same
+# table 157 times: once per script and dataset).
+_TABLE_SHOWN, _LINE_SAID = set(), set()  # the caches whose table / line this process printed
+
+
+def _say_up_to_date(out, meta, splits, note="up to date"):
+    """One line for a cache found up to date, the first time this process uses it."""
+    if out in _TABLE_SHOWN or out in _LINE_SAID:
+        return
+    _LINE_SAID.add(out)
+    counts = ", ".join(f"{len(splits[k])} {k}" for k in ("train", "val", "test"))
+    print(f"{meta['dataset']} @ {meta['resolution']} px -> {out} ({note}: {counts} images; "
+          f"its split table: python -m data.prepare --dataset {meta['dataset']})")
+
+
 def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thresholds=None,
                   split_files=None, ret_he="retinal", split_seed=0, split_protocol="paper",
                   workers=None, verbose=True):
@@ -219,7 +236,7 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     fingerprint = _fingerprint(dataset_id, root, samples, resolution, options)
     if _up_to_date(out, fingerprint, verbose):  # the common case, without touching the lock
         if verbose:
-            print(summary(out, read_meta(out), splits, note="up to date"))
+            _say_up_to_date(out, read_meta(out), splits)
         return out
 
     # Only the images of some split are cached (a user split file may name a subset), in sorted id
@@ -237,8 +254,8 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
         with utils.locked(out.parent / f".{resolution}.lock", waiting):
             if _up_to_date(out, fingerprint, False):  # another process prepared it while we waited
                 if verbose:
-                    print(summary(out, read_meta(out), splits,
-                                  note="up to date: prepared by another process meanwhile"))
+                    _say_up_to_date(out, read_meta(out), splits,
+                                    note="up to date: prepared by another process meanwhile")
                 return out
             _remove_leftovers(out.parent, resolution)
             meta = _build(out, meta, samples, {"protocol": split_protocol, **splits}, workers,
@@ -252,6 +269,7 @@ def prepare_cache(dataset_id, data_root, cache_dir, resolution, roots=None, thre
     if verbose:
         print(summary(out, meta, splits,
                       note=f"prepared {len(samples)} images in {meta['seconds']} s"))
+        _TABLE_SHOWN.add(out)
     for warning in _empty_lesions(meta):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return out
@@ -438,8 +456,13 @@ def main(argv=None):
         print(f"note: --out is deprecated, use --cache {args.out}", file=sys.stderr)
         args.cache = args.out
     for dataset_id in args.dataset:
-        prepare_cache(dataset_id, args.data_root, args.cache, args.resolution, workers=args.workers,
-                      **data_options(args))
+        # asked for: the table, not the up-to-date line
+        _LINE_SAID.add(Path(args.cache) / dataset_id / str(args.resolution))
+        out = prepare_cache(dataset_id, args.data_root, args.cache, args.resolution,
+                            workers=args.workers, **data_options(args))
+        if out is not None and out not in _TABLE_SHOWN:  # up to date: its table all the same
+            print(summary(out, read_meta(out), read_splits(out), note="up to date"))
+            _TABLE_SHOWN.add(out)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ neighbour) and on users' own photographs in `predict.py --images`, whose predict
 `restore_geometry` maps back. The steps in words: docs/PROTOCOL.md, "Preprocessing".
 """
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
+
+# NOTE: torch is imported by restore_geometry and restore_crop only: preprocess_image serves
+# retlesions.preprocess, which prepares an exported model's input without torch
 
 # red-channel range for the FOV, after a small blur (docs/PROTOCOL.md, "Preprocessing")
 FOV_THRESHOLD = (20, 40)
@@ -128,6 +129,8 @@ def restore_geometry(arr, geometry):
     Floating maps (probabilities) are resized bilinearly, others (bool/int masks) with nearest
     neighbour; outside the crop box the result is 0. Returns the input's type (numpy or torch).
     """
+    import torch
+
     is_numpy = not torch.is_tensor(arr)
     crop, (x0, y0, x1, y1) = restore_crop(arr, geometry)
     out = crop.new_zeros(crop.shape[:-2] + (geometry["height"], geometry["width"]))  # (..., H0, W0)
@@ -142,6 +145,9 @@ def restore_crop(t, geometry):
     For callers that write the box into an array of their own (predict.segment, one lesion at a
     time) without a second full-size copy; the photograph is 0 outside the box.
     """
+    import torch
+    import torch.nn.functional as F
+
     # numpy in, torch out
     t = t if torch.is_tensor(t) else torch.from_numpy(np.ascontiguousarray(t))
     (w, h), (left, top) = geometry["size"], geometry["pad"]

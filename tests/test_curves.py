@@ -14,7 +14,7 @@ import curves
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SIZE = (1100, 500)  # curves.SIZE x DPI, written out: a change of size is a change the reader should see
+SIZE = (1100, 850)  # curves.SIZE x DPI, written out: a change of size is a change the reader should see
 
 
 def write_log(run_dir, records, tail="", args=None):
@@ -26,8 +26,9 @@ def write_log(run_dir, records, tail="", args=None):
     return run_dir
 
 
-def train_rec(step, loss):
-    return {"step": step, "split": "train", "loss": loss, "lr": 1e-3, "patches_per_s": 5.0}
+def train_rec(step, loss, lr=1e-3, step_s=None):
+    rec = {"step": step, "split": "train", "loss": loss, "lr": lr, "patches_per_s": 5.0}
+    return rec if step_s is None else {**rec, "step_s": step_s}
 
 
 def val_rec(step, loss, dice, best):
@@ -56,7 +57,7 @@ def test_plot_from_hand_written_log(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["args.json", "curves.png", "log.jsonl"]  # no temporary file
 
     fig = curves.curves_figure(run)
-    loss_ax, score_ax = fig.axes
+    loss_ax, score_ax, lr_ax, time_ax = fig.axes
     lines = lines_by_label(loss_ax)
     train, val = lines["training loss (mean over the last steps)"], lines["validation loss (pooled)"]
     assert list(train.get_xdata()) == [10, 20, 30, 40, 50] and list(train.get_ydata()) == [1.5, 0.9, 0.6, 0.4, 0.3]
@@ -70,7 +71,9 @@ def test_plot_from_hand_written_log(tmp_path):
     best = [ln for ln in score_ax.get_lines() if ln.get_label().startswith("best.pt")]
     assert len(best) == 1 and list(best[0].get_xdata()) == [40, 40] and "val loss" in best[0].get_label()
     for ax in fig.axes:
-        assert ax.get_legend() is not None and ax.get_xlabel() and ax.get_ylabel()
+        assert ax.get_legend() is None and ax.get_xlabel() and ax.get_ylabel()  # one for all
+    (legend,) = fig.legends
+    assert "Dice HE" in [t.get_text() for t in legend.get_texts()]
     assert "IDR+MES/s0" in fig.get_suptitle()
 
 
@@ -79,7 +82,9 @@ def test_lesions_not_trained_are_not_drawn(tmp_path):
     recs = [train_rec(10, 1.0), {**val_rec(10, 1.0, (None, 0.3, None, None), True)}]
     fig = curves.curves_figure(write_log(tmp_path / "r", recs, args={"lesions": ["HE"], "loss": "bce"}))
     labels = lines_by_label(fig.axes[1])
-    assert "Dice HE" in labels and not any(k.startswith(("Dice EX", "Dice MA", "Dice CWS")) for k in labels)
+    assert "Dice HE (the one lesion trained)" in labels
+    assert not any(k.startswith(("Dice EX", "Dice MA", "Dice CWS")) for k in labels)
+    assert "Dice, mean over lesions" not in labels  # one lesion: its mean would hide its curve
     assert "bce" in fig.axes[0].get_ylabel()
 
 
@@ -153,6 +158,11 @@ def test_train_run_writes_curves(tiny_runs, tmp_path, capsys):
         fig = curves.curves_figure(run)
         val = lines_by_label(fig.axes[0])["validation loss (pooled)"]
         assert list(val.get_xdata()) == [2, 4]  # --iters 4 --val-every 2: refreshed at each validation
+        logged = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                  if r["split"] == "train"]
+        assert all(r["step_s"] > 0 for r in logged)  # train.py logs the seconds per step
+        (sec,) = [ln for ln in fig.axes[3].get_lines() if ln.get_label().startswith("seconds")]
+        assert list(sec.get_ydata()) == [r["step_s"] for r in logged]
 
 
 def test_help_answers_before_matplotlib_loads():
@@ -168,3 +178,48 @@ def test_help_answers_before_matplotlib_loads():
                        timeout=120)
     out = r.stdout.strip()
     assert "run_dirs" in out and out.endswith("@@ 0 False"), out[-500:] + r.stderr[-2000:]
+
+
+# ---- the learning rate, the time per step, the legend (issue 26) ----
+def overlaps(a, b):
+    """Do two display-space bounding boxes share an area (touching edges do not count)?"""
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("lesions", [["HE"], ["EX", "HE", "MA", "CWS"]])
+def test_legend_never_overlaps_a_panel(tmp_path, lesions):
+    """Every legend lies inside the figure and off every panel (its axes, ticks, labels), for a
+    one-lesion run (nothing to make it wide) and a four-lesion one (the most entries)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    dice = [0.2 if x in lesions else None for x in ("EX", "HE", "MA", "CWS")]
+    recs = [train_rec(10, 1.0), val_rec(10, 1.0, dice, True), train_rec(20, 0.8),
+            val_rec(20, 0.9, dice, True)]
+    fig = curves.curves_figure(write_log(tmp_path / "r", recs,
+                                         args={"lesions": lesions, "val_metric": "loss"}))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legends
+    page = fig.bbox
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+        for ax in fig.axes:
+            assert not overlaps(box, ax.get_tightbbox(renderer, bbox_extra_artists=[])), ax.title
+    for a, b in zip(legends, legends[1:]):
+        assert not overlaps(a.get_window_extent(renderer), b.get_window_extent(renderer))
+
+
+def test_learning_rate_and_time_per_step_panels(tmp_path):
+    """The learning rate as logged; the seconds per step as logged (step_s), or --batch over
+    patches/s for a log without it."""
+    recs = [train_rec(10, 1.0, lr=1e-4, step_s=0.5), train_rec(20, 0.8, lr=3e-4, step_s=0.25),
+            train_rec(30, 0.7, lr=2e-4)]  # an older log's record: no step_s
+    fig = curves.curves_figure(write_log(tmp_path / "r", recs, args={"batch": 4}))
+    _, _, lr_ax, time_ax = fig.axes
+    (lr,) = [ln for ln in lr_ax.get_lines() if ln.get_label() == "learning rate"]
+    assert list(lr.get_xdata()) == [10, 20, 30] and list(lr.get_ydata()) == [1e-4, 3e-4, 2e-4]
+    (sec,) = [ln for ln in time_ax.get_lines() if ln.get_label().startswith("seconds per")]
+    assert list(sec.get_ydata()) == [0.5, 0.25, 4 / 5.0]  # batch / patches per second
+    assert "learning rate" in lr_ax.get_ylabel() and "seconds" in time_ax.get_ylabel()

@@ -699,3 +699,79 @@ def test_lesions_a_test_set_does_not_annotate_are_not_scored(ckpts, model_from, 
                                                 + block["lesions"]["HE"]["aupr"]) / 2)
     out = capsys.readouterr().out
     assert "not annotated in this test set (MA, CWS)" in out and "absent from" not in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per image scores (issue 26): the failure cases
+# ---------------------------------------------------------------------------------------------------------
+def numpy_dice(hit, y):
+    """Dice at p >= 0.5 of one image's FOV pixels, None for 0 / 0."""
+    denom = 2 * (hit & y).sum() + (hit & ~y).sum() + (~hit & y).sum()
+    return None if denom == 0 else 2 * (hit & y).sum() / denom
+
+
+def test_per_image_scores_against_numpy_and_sklearn(ckpts, model_from, cache_dir, single):
+    """results' "images": per test image and lesion, the lesion's pixels, Dice at p >= 0.5 against
+    the numpy formula, and AP against sklearn's average_precision_score of the probabilities binned
+    as the protocol's AP curve is (thresholds j / 1024: a pixel's score is floor(1024 p), at most
+    1023), on the image's FOV pixels. The pooled block is the per-image counts summed."""
+    from sklearn.metrics import average_precision_score
+
+    block = single[0]["results"]["MES"]
+    ds = PreparedDataset(cache_dir, "MES", R, "test")
+    probs = dataset_probs([model_from(ckpts["a"])], ds)  # (N, 4, R, R)
+    masks, fov = dataset_truth(ds)
+    assert list(block["images"]) == ds.ids
+    checked = {"ap": 0, "dice": 0, "no ap": 0, "no dice": 0}
+    for i, image_id in enumerate(ds.ids):
+        for c, lesion in enumerate(LESIONS):
+            got = block["images"][image_id][lesion]
+            y, p = masks[i, c][fov[i]], probs[i, c][fov[i]]
+            hit = p >= 0.5
+            assert (got["pos"], got["predicted"]) == (y.sum(), hit.sum()), (image_id, lesion)
+            want = numpy_dice(hit, y)
+            if want is None:
+                assert got["dice"] is None
+                checked["no dice"] += 1
+            else:
+                assert got["dice"] == pytest.approx(want, abs=1e-12), (image_id, lesion)
+                checked["dice"] += 1
+            if not y.any():
+                assert got["ap"] is None
+                checked["no ap"] += 1
+                continue
+            score = np.minimum(np.floor(p.astype(np.float64) * 1024), 1023)
+            assert got["ap"] == pytest.approx(average_precision_score(y, score), abs=1e-9)
+            checked["ap"] += 1
+    assert min(checked.values()) >= 1, checked  # every case met
+    for lesion in LESIONS:
+        assert sum(s[lesion]["pos"] for s in block["images"].values()) == \
+            block["lesions"][lesion]["pos"]
+
+
+def test_worst_images_listed_and_maps_limited_to_them(ckpts, model_from, cache_dir, synth_root,
+                                                     tmp_path, capsys):
+    """The summary names the lowest-Dice images per lesion (numpy's Dice), and --maps-worst 1
+    writes the maps of the worst image only."""
+    res = run_eval([ckpts["a"]], cache_dir, synth_root, maps_dir=tmp_path, maps_worst=1,
+                   lesions=["HE"])
+    block = res["results"]["MES"]
+    ds = PreparedDataset(cache_dir, "MES", R, "test")
+    probs = dataset_probs([model_from(ckpts["a"])], ds)
+    masks, fov = dataset_truth(ds)
+    c = LESIONS.index("HE")
+    dice = {x: numpy_dice(probs[i, c][fov[i]] >= 0.5, masks[i, c][fov[i]])
+            for i, x in enumerate(ds.ids)}
+    worst = evaluate.worst_images(block["images"], "HE", 2)
+    assert [dice[x] for x, _ in worst] == sorted(v for v in dice.values() if v is not None)[:2]
+    assert {p.name.split("_HE")[0] for p in (tmp_path / "MES").glob("*_HE.png")} == {worst[0][0]}
+    assert all(set(s) == {"HE"} for s in block["images"].values())  # only the lesions scored
+    evaluate.print_worst(block, ["HE"], 2)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.split()[:2] == ["HE", worst[0][0]] and worst[1][0] in line
+
+
+def test_maps_worst_without_save_maps_is_one_line(ckpts):
+    r = cli("--ckpt", ckpts["a"], "--test", "MES", "--maps-worst", "2", "--device", "cpu")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --maps-worst 2 chooses which maps --save-maps writes: pass --save-maps DIR too"]

@@ -3,6 +3,8 @@
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_interop.py
 """
 import copy
+import json
+import os
 import subprocess
 import sys
 import warnings
@@ -275,3 +277,55 @@ def test_help_answers_before_torch_loads():
                        timeout=120)
     out = r.stdout.strip()
     assert "from-smp" in out and out.endswith("@@ 0 False"), out[-500:] + r.stderr[-2000:]
+
+
+# ---- what the exports say about themselves (issue 26) ----
+
+def timm_normalization(encoder="test_resnet"):
+    """(mean, std) from timm's own config of the encoder: the reference for the metadata."""
+    import timm
+
+    cfg = timm.create_model(encoder, pretrained=False).pretrained_cfg
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def test_onnx_metadata_describes_the_input(tmp_path):
+    """The ONNX file's metadata_props: the training resolution, NCHW RGB in [0, 1], the encoder's
+    mean/std (timm's config), the output's lesions; onnxruntime sees the same."""
+    import onnx
+    import onnxruntime as ort
+
+    ckpt, _ = tiny_ckpt(lesions=("EX", "HE"))  # train.py --lesions EX,HE
+    save_checkpoint(tmp_path / "ck.pt", ckpt)
+    interop.main(["onnx", str(tmp_path / "ck.pt"), str(tmp_path / "m.onnx")])
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    mean, std = timm_normalization()
+    assert (meta["resolution"], meta["layout"], meta["channel_order"], meta["value_range"]) == \
+        ("64", "NCHW", "RGB", "0,1")
+    assert [float(v) for v in meta["mean"].split(",")] == pytest.approx(mean)
+    assert [float(v) for v in meta["std"].split(",")] == pytest.approx(std)
+    assert (meta["lesions"], meta["trained_lesions"]) == ("EX,HE,MA,CWS", "EX,HE")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map == meta
+
+
+def test_smp_export_records_the_normalization_with_usual_permissions(tmp_path):
+    """to-smp's config.json carries mean/std (timm's), which smp.from_pretrained ignores; every
+    file gets the permissions of a new file under the umask (0640 under 027), not 0600."""
+    ckpt, ours = tiny_ckpt()
+    save_checkpoint(tmp_path / "ck.pt", ckpt)
+    old = os.umask(0o027)
+    try:
+        interop.main(["to-smp", str(tmp_path / "ck.pt"), str(tmp_path / "smp")])
+    finally:
+        os.umask(old)
+    config = json.loads((tmp_path / "smp" / "config.json").read_text())
+    mean, std = timm_normalization()
+    assert config["_input_mean"] == pytest.approx(mean) and config["_input_std"] == pytest.approx(std)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "smp").iterdir()}
+    assert set(modes) >= {"config.json", "model.safetensors"}
+    assert set(modes.values()) == {"0o640"}, modes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = smp.from_pretrained(str(tmp_path / "smp"))
+    assert logits_gap(ours, loaded) <= GAP

@@ -183,3 +183,20 @@ def test_tune_passes_data_flags_to_train_py():
     plan = words("COMBO=IDR+ABC", "TUNE_FLAGS=--trials 3 -- --lesions HE", "DATA_FLAGS=--root ABC=/x")
     assert plan[6:] == ["--trials", "3", "--", "--lesions", "HE", "--root", "ABC=/x"], plan
     assert words()[-1] == "cache"  # no DATA_FLAGS: nothing added
+
+
+def test_make_help_lists_every_target_with_a_description():
+    """`make help`: one line per user-facing target (every .PHONY one but the demo's internal
+    demo-jobs), each with a description; it names no target the Makefile lacks."""
+    text = (ROOT / "Makefile").read_text()
+    phony = {t for line in re.findall(r"^\.PHONY:(.*)$", text, re.M) for t in line.split()}
+    listed = {}
+    for line in make("help").splitlines():
+        names, _, what = line.strip().partition("  ")
+        for name in names.split():
+            listed[name] = what.strip()
+    assert set(listed) == phony - {"demo-jobs"}, set(listed) ^ (phony - {"demo-jobs"})
+    assert all(len(what.split()) >= 2 for what in listed.values()), listed
+    rules = re.findall(r"^([a-z][a-z0-9 -]*):(?!=)", text, re.M)  # "report table2 ...:" too
+    targets = {t for line in rules for t in line.split()}
+    assert set(listed) <= targets

@@ -83,7 +83,12 @@ def test_region_gets_an_outline_in_its_colour_and_a_light_fill(H, W):
     ring = square & ~inner  # the square's edge, `width` pixels wide
     assert (out[ring] == maps.COLOURS[1]).all()
     assert np.abs(out[inner].astype(int) - blend(image[inner], maps.COLOURS[1])).max() <= 1  # rounding at .5
-    assert np.array_equal(out[~square], image[~square])
+    # the dark edge: the band of max(1, width // 2) pixels just outside the square (a square grown
+    # by it: scipy's dilation), then the photograph as it was
+    h = max(1, width // 2)
+    edge = ndimage.binary_dilation(square, np.ones((2 * h + 1, 2 * h + 1), bool)) & ~square
+    assert (out[edge] == maps.HALO_COLOUR).all()
+    assert np.array_equal(out[~square & ~edge], image[~square & ~edge])
 
 
 def test_nothing_is_drawn_outside_the_fov():
@@ -135,9 +140,12 @@ def test_panel_is_image_truth_prediction_side_by_side():
     top = out.shape[0] - 90 - maps.legend(3 * 120).shape[0]  # titles above the tiles, the legend below
     assert top > 0 and (out[:top].min(-1) > 150).sum() > 50  # the titles: light text on the dark band
     tiles = [out[top:top + 90, k * 120:(k + 1) * 120] for k in range(3)]
-    assert (tiles[1][30, 30:50] == maps.COLOURS[1]).all() and np.array_equal(tiles[1][~truth[1]], image[~truth[1]])
-    assert (tiles[2][40, 60:80] == maps.COLOURS[0]).all() and np.array_equal(tiles[2][~(probs[0] > 0)],
-                                                                              image[~(probs[0] > 0)])
+    # untouched beyond each region and its 1 px dark edge (the outline is 1 px at this size)
+    grown = lambda m: ndimage.binary_dilation(m, np.ones((3, 3), bool))  # noqa: E731
+    assert (tiles[1][30, 30:50] == maps.COLOURS[1]).all()
+    assert np.array_equal(tiles[1][~grown(truth[1])], image[~grown(truth[1])])
+    assert (tiles[2][40, 60:80] == maps.COLOURS[0]).all()
+    assert np.array_equal(tiles[2][~grown(probs[0] > 0)], image[~grown(probs[0] > 0)])
     big = maps.panel(np.zeros((1536, 2048, 3), np.uint8), np.zeros((4, 1536, 2048)), np.zeros((4, 1536, 2048), bool))
     assert big.shape[1] == 3 * maps.PANEL_TILE  # a large photograph's tiles are shrunk to PANEL_TILE
 
@@ -205,3 +213,46 @@ def test_test_set_maps_are_on_the_photographs_geometry(ckpt, fixture_idrid, tmp_
         assert im.size[0] == 1072 and im.size[1] > 712
         rgb = np.asarray(im)[:712].astype(int)
     assert ring.sum() > 100 and rgb[ring].min(axis=1).mean() > 170  # white (JPEG-softened) on a red fundus
+
+
+def luminance(rgb):
+    """ITU-R BT.601 luminance in grey levels."""
+    return np.asarray(rgb, np.float64) @ [0.299, 0.587, 0.114]
+
+
+def test_red_outline_stands_out_on_a_red_fundus():
+    """HE's red outline on an orange-red fundus (about the same luminance): the pixels just outside
+    it differ from it by at least 50 grey levels of luminance, on every side."""
+    H, W = 150, 200
+    image = np.zeros((H, W, 3), np.uint8)
+    image[:] = (170, 80, 40)  # a fundus's red-orange
+    assert abs(luminance(maps.COLOURS[1]) - luminance(image[0, 0])) < 30  # red on red: no contrast
+    square = np.zeros((H, W), bool)
+    square[50:90, 70:120] = True
+    out = maps.overlay(image, square[None].repeat(4, 0) * np.float32([0, 0.9, 0, 0])[:, None, None])
+    outline = maps.border(square, maps.line_width(H, W))
+    for axis, step in ((0, 1), (0, -1), (1, 1), (1, -1)):  # each outline pixel's outer neighbour
+        outer = np.roll(outline, step, axis) & ~square
+        inner = np.roll(outer, -step, axis)
+        assert outer.any()
+        contrast = np.abs(luminance(out[:H][outer]) - luminance(out[:H][inner]))
+        assert contrast.min() >= 50, (axis, step, contrast.min())
+
+
+@pytest.mark.parametrize("width", [128, 200, 640])
+def test_legend_words_are_apart_on_small_pictures(width):
+    """"CWS cotton-wool spots" at the smallest text size: the two spaces are blank runs of at
+    least 3 pixel columns (1-2 before: "CWScotton-wool spots"), wider than any gap between
+    letters."""
+    band = maps.legend(width, lesions=("CWS",))
+    s = maps._font(width).size
+    ink = (np.abs(band.astype(int) - np.array(maps.BAND)).sum(-1) > 60).any(0)  # (width,)
+    columns = ink[round(1.4 * s) + s // 2:]  # right of the swatch: the text
+    first, last = np.flatnonzero(columns)[[0, -1]]
+    runs, run = [], 0
+    for c in columns[first:last + 1]:
+        if c and run:
+            runs.append(run)
+        run = 0 if c else run + 1
+    runs.sort()
+    assert len(runs) >= 3 and runs[-2] >= 3 and runs[-2] > runs[-3], runs

@@ -309,3 +309,102 @@ def test_help_answers_before_torch_loads():
                        timeout=120)
     out = r.stdout.strip()
     assert "--images" in out and out.endswith("@@ 0 False"), out[-500:] + r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predict.py --images as a job (issue 26): lesions.csv, --masks, quality flags, the summary
+# ---------------------------------------------------------------------------------------------------------
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def known_maps(h, w, seed=0):
+    """uint8 (4, h, w) maps = round(255 p): EX two blocks touching only at a corner (one lesion
+    8-connected, two 4-connected) and a lone one, values on both sides of 128 (p = 0.5); HE below
+    0.5 everywhere; MA scattered pixels; CWS random (many components)."""
+    rng = np.random.default_rng(seed)
+    p8 = np.zeros((4, h, w), np.uint8)
+    p8[0, 10:20, 10:20] = 200
+    p8[0, 20:25, 20:30] = 128  # touches the first block at one corner pixel
+    p8[0, 40:44, 50:53] = 255
+    p8[0, 30:35, 5:9] = 127  # just below p = 0.5: no lesion
+    p8[1] = rng.integers(0, 128, (h, w))
+    p8[2, rng.integers(0, h, 30), rng.integers(0, w, 30)] = 180
+    p8[3] = rng.integers(0, 256, (h, w))
+    return p8
+
+
+def test_lesions_csv_and_masks_against_scipy_and_numpy(eval_ckpts, fundus_jpeg, tmp_path,
+                                                       monkeypatch, capsys):
+    """With the maps known (the prediction replaced), lesions.csv's components are
+    scipy.ndimage.label's with 8-connectivity, its areas numpy's, its % of the fundus the area over
+    the fundus pixels, its maximum the map's; each mask PNG is 255 where the 8-bit map >= 128
+    (p >= 0.5), or >= round(255 t) for --threshold t."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    fundus_jpeg(photos / "eye.jpg", 90, 70)
+    p8, fundus = known_maps(70, 90), 4321
+    monkeypatch.setattr(predict, "_segment", lambda *a, **k: (p8.copy(), fundus))
+    for threshold, level in ((None, 128), ("0.25", 64)):
+        out = tmp_path / f"maps{threshold}"
+        predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out),
+                      "--device", "cpu", "--masks"]
+                     + (["--threshold", threshold] if threshold else []))
+        rows = {r["lesion"]: r for r in read_csv(out / "lesions.csv")}
+        assert list(rows) == list(LESIONS)
+        for c, lesion in enumerate(LESIONS):
+            region = p8[c] >= level
+            _, n = ndimage.label(region, structure=np.ones((3, 3)))
+            r = rows[lesion]
+            assert (r["photograph"], r["name"]) == ("eye.jpg", "eye")
+            assert int(r["components"]) == n and int(r["area_px"]) == region.sum(), lesion
+            assert float(r["area_percent_of_fundus"]) == pytest.approx(
+                100 * region.sum() / fundus, abs=1e-4)
+            assert float(r["max_probability"]) == pytest.approx(p8[c].max() / 255, abs=1e-4)
+            with Image.open(out / f"eye_{lesion}_mask.png") as im:
+                assert np.array_equal(np.asarray(im), np.where(region, 255, 0)), lesion
+        assert rows["EX"]["components"] == ("2" if level == 128 else "3")  # the corner joins two
+    printed = capsys.readouterr().out
+    assert "lesions.csv" in printed and "_mask.png" in printed and str(out) in printed
+
+
+def test_white_black_and_noise_frames_are_flagged(eval_ckpts, photo, tmp_path, capsys):
+    """A real photograph: fundus found, quality ok; a white, a black and a pure-noise frame: no
+    fundus, and flat, no field of view, noisy; the summary lists the three."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "real.jpg").write_bytes(photo.read_bytes())
+    rng = np.random.default_rng(0)
+    frames = {"white": np.full((300, 400, 3), 255, np.uint8),
+              "black": np.zeros((300, 400, 3), np.uint8),
+              "noise": rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)}
+    for name, a in frames.items():
+        Image.fromarray(a).save(photos / f"{name}.png")
+    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out",
+                  str(tmp_path / "m"), "--device", "cpu"])
+    rows = {r["photograph"]: r for r in read_csv(tmp_path / "m" / "lesions.csv")}
+    assert (rows["real.jpg"]["fundus_found"], rows["real.jpg"]["quality"]) == ("True", "ok")
+    for name, why in (("white", "flat"), ("black", "no bright field"), ("noise", "noisy")):
+        r = rows[f"{name}.png"]
+        assert r["fundus_found"] == "False" and why in r["quality"], r
+    printed = capsys.readouterr().out
+    assert "3 flagged" in printed and "real.jpg" not in printed.split("flagged")[1]
+
+
+def test_segment_with_loaded_models_loads_nothing(ckpt, monkeypatch):
+    """A loop over photographs with load_ensemble's models reads no checkpoint; with a path, each
+    call reads it."""
+    models = predict.load_ensemble([ckpt], "cpu")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    image = fundus()
+    for _ in range(3):
+        predict.segment(image, models)
+    assert loads == []
+    for _ in range(2):
+        predict.segment(image, str(ckpt))
+    assert len(loads) == 2

@@ -50,9 +50,11 @@ def _copy(synth_root, tmp_path, folder):
 
 # ----------------------------------------------------------------------- no-op re-runs, concurrency
 
-def test_prepare_rerun_is_a_noop(cache_dir, synth_root, tmp_path, capsys):
+def test_prepare_rerun_is_a_noop(cache_dir, synth_root, tmp_path, capsys, monkeypatch):
     out = cache_dir / "MES" / "128"
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    monkeypatch.setattr(data.prepare, "_TABLE_SHOWN", set())  # as in another process, which says
+    monkeypatch.setattr(data.prepare, "_LINE_SAID", set())  # "up to date" once
     assert prepare_cache("MES", synth_root, cache_dir, 128) == out
     assert "up to date" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
@@ -422,3 +424,26 @@ def test_prepare_out_is_a_deprecated_cache(monkeypatch, tmp_path, capsys):
         data.prepare.main(["--dataset", "IDR", "--out", "a", "--cache", "b"])
     msg = one_line(err)
     assert "--out a" in msg and "--cache b" in msg, msg
+
+
+def test_split_table_once_then_one_line_once_per_process(synth_root, tmp_path, capsys,
+                                                         monkeypatch):
+    """The split table is printed when the cache is prepared; afterwards an up-to-date cache says
+    one line (its split's sizes, counted here from PreparedDataset), once per process (a new
+    process: the module's memory cleared), and `python -m data.prepare` prints the table."""
+    prepare_cache("MES", synth_root, tmp_path, 32)
+    prepare_cache("MES", synth_root, tmp_path, 32)  # the same process: nothing more
+    printed = capsys.readouterr().out
+    assert printed.count("(per lesion: images containing it") == 1 and "up to date" not in printed
+    monkeypatch.setattr(data.prepare, "_TABLE_SHOWN", set())  # as in another process
+    monkeypatch.setattr(data.prepare, "_LINE_SAID", set())
+    for _ in range(3):
+        prepare_cache("MES", synth_root, tmp_path, 32)
+    lines = capsys.readouterr().out.strip().splitlines()
+    sizes = [len(PreparedDataset(tmp_path, "MES", 32, s)) for s in ("train", "val", "test")]
+    assert len(lines) == 1 and "up to date" in lines[0]
+    assert f"{sizes[0]} train, {sizes[1]} val, {sizes[2]} test images" in lines[0]
+    data.prepare.main(["--dataset", "MES", "--data-root", str(synth_root), "--cache",
+                       str(tmp_path), "--resolution", "32"])
+    printed = capsys.readouterr().out
+    assert printed.count("(per lesion: images containing it") == 1 and "(up to date)" in printed

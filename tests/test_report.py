@@ -546,3 +546,53 @@ def test_a_dataset_of_ones_own_in_the_report(tmp_path):
     assert "| My clinic (ABC) | ours | 0.500 ± 0.141 (n=2) | 0.400 ± 0.141 (n=2) |" in md, md
     sweep = load(out, "figure4_sweep.json")
     assert sweep["combos"] == ["IDR+ABC"] and sweep["runs"]["IDR+ABC"]["tests"] == ["IDR", "ABC"]
+
+
+# ---- what the reader sees (issue 26) ----
+def test_help_has_examples_and_whole_sentences():
+    """--help: the docstring's examples as written, and each flag's help a whole sentence (a
+    capital first, a full stop last)."""
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    assert "    python report.py runs -o report/" in proc.stdout and "docs/STUDY.md" in proc.stdout
+    actions = [a for a in report.build_parser()._actions if a.dest != "help"]
+    assert len(actions) == 7
+    for a in actions:
+        text = a.help % {"default": a.default}
+        assert text[0].isupper() and text.endswith(".") and len(text.split()) > 5, text
+
+
+def captured_figures(monkeypatch):
+    """report's figures as they are saved: {file name: Figure}."""
+    figures = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.__setitem__(Path(path).name, fig))
+    return figures
+
+
+@pytest.mark.skipif(not (ROOT / "reference" / "lesions_database_cross_study.csv").is_file(),
+                    reason="reference/lesions_database_cross_study.csv not in the project")
+def test_reference_figure_uses_the_lesion_colours(fixture_dirs, monkeypatch):
+    """reference_aupr.png: each lesion's points in its fixed colour (data.ids.LESION_COLOURS)."""
+    from data.ids import LESION_COLOURS
+
+    figures = captured_figures(monkeypatch)
+    build(fixture_dirs)
+    ax = figures["reference_aupr.png"].axes[0]
+    points = {c.get_label(): c for c in ax.collections}
+    for lesion, rgb in LESION_COLOURS.items():
+        face = points[lesion].get_facecolor()[0][:3]
+        assert np.allclose(face, np.array(rgb) / 255, atol=1 / 255), lesion
+
+
+def test_figure4_title_names_the_combination_and_the_test_sets(fixture_dirs, monkeypatch):
+    runs, _, _ = fixture_dirs
+    figures = captured_figures(monkeypatch)
+    build(fixture_dirs)
+    title = " ".join(figures["figure4.png"].axes[0].get_title().split())
+    assert "DDR+MES (tested on IDR, MES)" in title and "IDR+DDR (tested on DDR, MES)" in title
+    (runs / "IDR+DDR" / "fig4.json").unlink()  # one combination, its test sets recorded
+    rec = json.loads((runs / "DDR+MES" / "fig4.json").read_text())
+    (runs / "DDR+MES" / "fig4.json").write_text(json.dumps({**rec, "tests": ["IDR", "MES"]}))
+    build(fixture_dirs)
+    title = " ".join(figures["figure4.png"].axes[0].get_title().split())
+    assert title.endswith("trained on DDR+MES, tested on IDR, MES")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -962,3 +963,40 @@ def test_a_stop_signal_during_the_last_step_is_not_lost(straight_run, synth_root
     monkeypatch.setattr(train, "train_step", real)
     assert train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))["finished"]  # no Stopped
     assert_same_run(ref_dir, out, read_log)
+
+
+# ----------------------------------------------------------------------------- the end of a run
+def test_test_flag_scores_best_pt_as_evaluate_py_does(synth_root, cache_dir, tmp_path, capsys):
+    """--test MES: best.pt scored when training ends into OUT/results.json: the same file
+    evaluate.py's command line writes for that checkpoint (protocol, fingerprint, scores); the last
+    line is the next command (predict.py on photographs)."""
+    out = tmp_path / "run"
+    train.main(argv(synth_root, cache_dir, out, "--iters", "2", "--val-every", "2", "--test", "MES"))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"next: python predict.py --ckpt {out / 'best.pt'} --images ")
+    ours = json.loads((out / "results.json").read_text())
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(out / "best.pt"),
+                        "--test", "MES", "--data-root", str(synth_root), "--cache", str(cache_dir),
+                        "--device", "cpu", "--out", str(tmp_path / "theirs.json")],
+                       capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = json.loads((tmp_path / "theirs.json").read_text())
+    assert ours == theirs and list(ours["results"]) == ["MES"]
+
+
+def test_every_run_ends_with_the_next_command(synth_root, cache_dir, tmp_path, capsys):
+    """--stop-at: the next command is the same without --stop-at, and running it resumes and
+    finishes the run; then the next command scores best.pt with evaluate.py."""
+    out = tmp_path / "run"
+    first = argv(synth_root, cache_dir, out, "--iters", "4", "--val-every", "2", "--stop-at", "2")
+    train.main(first)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("next: python train.py ") and "--stop-at" not in last
+    command = shlex.split(last.split("#")[0])[3:]  # after "next: python train.py"
+    assert command == first[:-2]
+    train.main(command)
+    printed = capsys.readouterr().out
+    assert f"resuming {out}" in printed
+    assert printed.strip().splitlines()[-1].startswith(
+        f"next: python evaluate.py --ckpt {out / 'best.pt'} --test all --data-root {synth_root} "
+        f"--cache {cache_dir}")

@@ -148,7 +148,10 @@ STARTING = {
     "predict": ["predict.py", "--ckpt", "missing.pt", "--images", "missing"],
     "prepare": ["-m", "data.prepare", "--dataset", "IDR", "--data-root", "missing"],
     "synthetic": ["-m", "data.synthetic", "--out", "synth"],
+    "check": ["-m", "data.check", "--root", "ABC=missing"],
+    "coarsen": ["-m", "data.coarsen", "--dataset", "IDR", "--out", "copy", "--data-root", "missing"],
     "real": ["bench/real.py", "--out", "real"],
+    "real_styles": ["bench/real_styles.py", "--out", "real_styles"],
     "bench_images": ["bench/bench_images.py", "--skip-network", "--photos", "1"],
     "bench_metrics": ["bench/bench_metrics.py", "--images", "1", "--size", "64"],
     "bench_data": ["bench/bench_data.py", "--n", "1"],
@@ -212,7 +215,8 @@ def test_early_ctrl_c_handler_lasts_until_run(capsys, monkeypatch):
     import signal
 
     monkeypatch.setattr(sys, "argv", ["script.py"])  # no --help: start() only installs its handler
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler to begin with (a background job, `make test &`, starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     utils.start("train")  # a script imported by another (tune.py imports train.py): no change
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     try:
@@ -227,7 +231,7 @@ def test_early_ctrl_c_handler_lasts_until_run(capsys, monkeypatch):
         assert status == (130, "interrupted: rerun it\n")
         assert seen == [signal.default_int_handler]
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---- --help before torch loads (issue 24): the script's parser answers, torch never imported ----

@@ -6,10 +6,11 @@ scratch on CPU (issue 25; `make real`).
 
 The 14 real photographs of tests/fixtures/idrid-4l14 (downscaled 4x, EX, HE, MA and SE masks: the
 project's CWS), split by the fixture's split.json (8 train, 2 validation, 4 held out), prepared at
---resolution. One train.py run with the recipe's flags plus any given after `--` (train.py flags),
-then per lesion the floor-free AP (docs/PROTOCOL.md) of best.pt on its own training images and on
-the held-out ones, beside the prevalence and a baseline without learning: the green channel's
-darkness relative to its median inside the FOV for HE and MA, its brightness for EX and CWS.
+--resolution (the recipe's --local-contrast scaled with it). One train.py run with the recipe's
+flags plus any given after `--` (train.py flags), then per lesion the floor-free AP
+(docs/PROTOCOL.md) of best.pt on its own training images and on the held-out ones, beside the
+prevalence and a baseline without learning: the green channel's darkness relative to its median
+inside the FOV for HE and MA, its brightness for EX and CWS.
 Prints one table with the targets (held-out AP above the baseline and >= 5x the prevalence for
 every lesion, EX >= 0.6) and writes OUT/real.json and OUT/heldout.png (per held-out photograph:
 image | ground truth | prediction, the lesion colours of every other figure).
@@ -64,8 +65,15 @@ FOLD, EX_AP = 5.0, 0.6
 DARK = {"EX": False, "HE": True, "MA": True, "CWS": False}
 
 
-def merged_flags(recipe, extra):
-    """The flags train.py ends up with: recipe + extra, where a flag of extra replaces the recipe's
+def recipe(resolution, extra=()):
+    """RECIPE at `resolution` (its --local-contrast sigma, 16 px at 1024, scaled with it), then the
+    flags after `--` (merged_flags)."""
+    scaled = ["--local-contrast", f"{16 * resolution / 1024:g}"]
+    return merged_flags(merged_flags(RECIPE, scaled), list(extra))
+
+
+def merged_flags(base, extra):
+    """The flags train.py ends up with: base + extra, where a flag of extra replaces base's
     flag of the same destination (`--iters=150` replaces `--iters 800`, `--pretrained` replaces
     `--no-pretrained`) in its place; flags train.py collects (`append`) are all kept, and new flags
     come last.
@@ -91,7 +99,7 @@ def merged_flags(recipe, extra):
         return found.pop() if len(found) == 1 else None
 
     merged = {}
-    for g in groups(recipe) + groups(extra):
+    for g in groups(base) + groups(extra):
         action = action_of(g[0])
         key = g[0] if action is None else action.dest
         if isinstance(action, argparse._AppendAction):
@@ -185,10 +193,10 @@ def main(argv=None):
            "splits": [f"IDR={FIXTURE / 'split.json'}"], "cache": str(out / "cache"),
            "resolution": args.resolution, "out": str(out / "run")}
     # the recipe, this script's own flags, then the user's (the last of a flag wins in argparse)
-    flags = RECIPE + ["--train", "IDR", "--root", own["root"][0], "--data-root", own["data_root"],
-                      "--splits", own["splits"][0], "--cache", own["cache"],
-                      "--resolution", str(args.resolution), "--out", own["out"], "--device", "cpu",
-                      "--workers", "0"] + args.extra
+    flags = recipe(args.resolution) + [
+        "--train", "IDR", "--root", own["root"][0], "--data-root", own["data_root"],
+        "--splits", own["splits"][0], "--cache", own["cache"], "--resolution", str(args.resolution),
+        "--out", own["out"], "--device", "cpu", "--workers", "0"] + args.extra
     parsed = train.parse_args(flags)
     # NOTE: compared after parsing, so abbreviations (--ou x) are caught too
     for dest, value in own.items():
@@ -208,7 +216,7 @@ def main(argv=None):
                        "baseline_ap": base}
     heldout_figure(out / "heldout.png",
                    data.PreparedDataset(out / "cache", "IDR", args.resolution, "test"), models)
-    used, met = merged_flags(RECIPE, args.extra), targets(rows["test"])
+    used, met = recipe(args.resolution, args.extra), targets(rows["test"])
     report = {"flags": used, "resolution": args.resolution, "train_seconds": round(seconds, 1),
               "threads": args.threads, "lesions": list(LESIONS), **rows, "targets_met": met}
     write_json(out / "real.json", report)

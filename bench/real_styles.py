@@ -46,7 +46,7 @@ import evaluate  # noqa: E402
 import train  # noqa: E402
 from data import coarsen  # noqa: E402
 from data.ids import LESIONS  # noqa: E402
-from real import FIXTURE, RECIPE, merged_flags  # noqa: E402
+from real import FIXTURE, recipe  # noqa: E402
 from utils import write_json  # noqa: E402
 
 RUNS = ("FIN", "FIN+CRS", "CRS")  # fine only, fine + coarse, coarse only
@@ -65,13 +65,6 @@ def make_copies(out, resolution):
                           ",".join(split["val"]), "--test", ",".join(split["test"])]
                          + (["--fine"] if name == "FIN" else []))
     return roots
-
-
-def recipe(resolution, extra):
-    """bench/real.py's recipe at `resolution` (its --local-contrast sigma scaled from 1024 px),
-    then the flags after `--`."""
-    scaled = ["--local-contrast", f"{16 * resolution / 1024:g}"]
-    return merged_flags(merged_flags(RECIPE, scaled), extra)
 
 
 def train_run(combo, roots, out, resolution, extra):

@@ -126,6 +126,11 @@ def test_recorded_flags_are_the_ones_train_py_used():
     # flags train.py collects are all kept
     thresholds = ["--mask-threshold", "IDR=0.5", "--mask-threshold", "DDR=0.3"]
     assert real.merged_flags(real.RECIPE, thresholds)[-4:] == thresholds
+    # the recipe at another resolution: its --local-contrast sigma (16 px at 1024) scales with it
+    assert real.recipe(1024) == real.RECIPE
+    at512 = real.recipe(512, ["--iters", "100"])
+    assert at512[at512.index("--local-contrast") + 1] == "8" and at512.count("--local-contrast") == 1
+    assert at512 == real.merged_flags(real.RECIPE, ["--local-contrast", "8", "--iters", "100"])
 
 
 @pytest.mark.parametrize("extra, flag", [(["--resolution=256"], "--resolution"), (["--ou", "x"], "--out"),

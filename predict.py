@@ -62,6 +62,7 @@ utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while
 # the heavy imports (torch, numpy, the data modules: seconds) after --help was answered
 
 import time  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -102,11 +103,18 @@ def read_checkpoint(path, seen=frozenset()):
             "provenance": manifest.get("provenance") or {}, "version": manifest.get("version", 1)}
 
 
+class Ensemble(NamedTuple):
+    """load_ensemble's result: unpacks as `models, headers = load_ensemble(...)`, and segment()
+    takes it whole."""
+    models: list
+    headers: list
+
+
 def load_ensemble(paths, device="cpu"):
-    """Every model of these checkpoints (read_checkpoint) in eval mode -> (models, headers). Each
-    model has .cfg (model.ModelConfig: its resolution and lesions) and .source (the path, and the
-    member); a header keeps the small fields of its checkpoint (args, kind, method, provenance,
-    step, each member's args)."""
+    """Every model of these checkpoints (read_checkpoint) in eval mode -> Ensemble(models,
+    headers). Each model has .cfg (model.ModelConfig: its resolution and lesions) and .source
+    (the path, and the member); a header keeps the small fields of its checkpoint (args, kind,
+    method, provenance, step, each member's args)."""
     models, headers = [], []
     for p in map(str, paths):
         ckpt = read_checkpoint(p)
@@ -118,7 +126,7 @@ def load_ensemble(paths, device="cpu"):
         headers.append({k: v for k, v in ckpt.items()
                         if k in ("args", "kind", "method", "provenance", "step")}
                        | {"members": [{"args": m.get("args")} for m in ckpt.get("members") or []]})
-    return models, headers
+    return Ensemble(models, headers)
 
 
 def ensemble_resolution(models, resolution=None):
@@ -188,7 +196,7 @@ def segment(image, models, resolution=None, device=None, dtype="float32", tta=Fa
             overlap=0.5, style=None, uint8=False):
     """Segment one photograph: uint8 (H, W, 3) RGB -> float32 (4, H, W) probabilities, EX HE MA CWS.
 
-    models: load_ensemble's pair or a list of its models (loaded once, reused for every
+    models: load_ensemble's Ensemble or a list of its models (loaded once, reused for every
     photograph), or a path (or a list of paths) loaded at each call. resolution: default the
     models' own. dtype, tta, tile, overlap, style: as predict.py's flags. uint8=True: the maps as
     uint8 round(255 p) (the PNGs' values; p >= 0.5 is >= 128), a quarter of the memory.
@@ -201,8 +209,8 @@ def _segment(image, models, resolution=None, device=None, dtype="float32", tta=F
              overlap=0.5, style=None, uint8=False):
     """segment() -> (maps (4, H, W), the number of the photograph's pixels inside the fundus)."""
     _check_photo(image)
-    if isinstance(models, tuple) and len(models) == 2 and isinstance(models[0], list):
-        models = models[0]  # load_ensemble's (models, headers)
+    if isinstance(models, Ensemble):
+        models = models.models
     elif isinstance(models, (str, Path)) or not all(isinstance(m, torch.nn.Module) for m in models):
         paths = [models] if isinstance(models, (str, Path)) else list(models)
         models = load_ensemble(paths, device or utils.default_device())[0]

@@ -3,7 +3,7 @@ folder or notebook, with a checkpoint or with an exported ONNX model.
 
     import sys; sys.path.append("/path/to/retlesions")  # the repository's folder: the one step
     import retlesions
-    models = retlesions.load_ensemble(["runs/IDR+MES/s0/best.pt"])        # once: (models, headers)
+    models = retlesions.load_ensemble(["runs/IDR+MES/s0/best.pt"])        # once
     probs = retlesions.segment(retlesions.read_photo("eye.jpg"), models)  # (4, H, W): EX HE MA CWS
 
     import onnxruntime as ort   # interop.py onnx: no torch from here on

@@ -87,7 +87,9 @@ def test_loader_matches_torchseg_on_a_size_not_a_multiple_of_32(authors_model):
         with torch.no_grad():
             probs = predict([ours], x)  # the protocol's prediction: (B, 4, H, W), sigmoid of the lesion logits
         assert probs.shape == (1, 4, 80, 112)
-        assert (probs - ref).abs().max().item() <= 1e-5
+        # NOTE: float32 sums in another order differ by ~1e-6 of the scale (1 here) and by more on
+        # another CPU's kernels; a wrong key or adapter moves probabilities by far more than 1e-4
+        assert (probs - ref).abs().max().item() <= 1e-4
 
 
 def test_argmax_lesions_is_the_softmax_argmax(authors_model):
@@ -281,7 +283,7 @@ def test_segment_and_images_with_the_authors_model(authors_model, fixture_idrid,
     ref = ref[0].masked_fill(~torch.from_numpy(fov), 0.0)
     outside = data.restore_geometry(torch.from_numpy(fov).float(), geometry) < 0.5  # segment()'s fundus edge
     ref = data.restore_geometry(ref, geometry).masked_fill_(outside, 0)
-    assert np.abs(probs - ref.numpy()).max() <= 1e-5
+    assert np.abs(probs - ref.numpy()).max() <= 1e-4  # float32 in another order, as above
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(image).save(photos / "eye.png")

@@ -602,3 +602,49 @@ def test_older_unconditioned_checkpoint_soups_with_a_new_one(style_net, style_ch
     save_checkpoint(tmp_path / "old.pt", {**ckpt, "model": style_net(2).state_dict()})
     soup = average.average_checkpoints([tmp_path / "old.pt", new])
     assert soup["model"].keys() == ckpt["model"].keys()
+
+
+# ---- average.py + model.py copied on their own (issue 24, item 4) ----
+COPIED = """
+import dataclasses, os, sys
+sys.path.insert(0, os.getcwd())  # this folder only: nothing else of the project
+import torch
+import average, model
+
+cfg = model.ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=(16, 8, 8, 8, 8))
+nets = []
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    nets.append(model.build_model(cfg))
+    model.save_checkpoint(f"s{seed}.pt", {"model": nets[-1].state_dict(),
+                                          "model_cfg": dataclasses.asdict(cfg)})
+soup = average.average_checkpoints(["s0.pt", "s1.pt"])
+a, b = (n.state_dict() for n in nets)
+exact = all(torch.allclose(soup["model"][k].double(), (a[k].double() + b[k].double()) / 2,
+                           rtol=0, atol=1e-7)
+            for k in a if a[k].is_floating_point())
+net = model.build_model(cfg)
+net.load_state_dict(soup["model"])
+seen = average.recompute_bn(net, [torch.rand(2, 3, 64, 64) for _ in range(3)])
+kept = average.greedy_soup(["s0.pt", "s1.pt"], score=lambda c: float(c is not None))
+ours = sorted(m for m in ("utils", "data", "kernels", "protocol", "predict") if m in sys.modules)
+print(exact, seen, type(kept).__name__, ours)
+"""
+
+
+def test_average_py_and_model_py_work_copied_alone(tmp_path):
+    """average.py's core needs torch and model.py only: copied with model.py into an empty folder,
+    it averages two checkpoints (each float tensor the mean of the two, computed here in float64),
+    recomputes BatchNorm statistics over given batches and runs the greedy rule with a given
+    scorer, importing no other module of the project."""
+    import os
+    import shutil
+
+    for name in ("average.py", "model.py"):
+        shutil.copy(Path(__file__).resolve().parents[1] / name, tmp_path / name)
+    (tmp_path / "run.py").write_text(COPIED)
+    r = subprocess.run([sys.executable, "-I", "-B", "run.py"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    exact, seen, kept, ours = r.stdout.strip().splitlines()[-1].split(" ", 3)
+    assert exact == "True" and seen == "3" and ours == "[]", r.stdout

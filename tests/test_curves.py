@@ -3,7 +3,6 @@ curves.png at every validation, and the sweep figure."""
 import json
 import math
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -163,21 +162,6 @@ def test_train_run_writes_curves(tiny_runs, tmp_path, capsys):
         assert all(r["step_s"] > 0 for r in logged)  # train.py logs the seconds per step
         (sec,) = [ln for ln in fig.axes[3].get_lines() if ln.get_label().startswith("seconds")]
         assert list(sec.get_ydata()) == [r["step_s"] for r in logged]
-
-
-def test_help_answers_before_matplotlib_loads():
-    """`python curves.py --help` prints its flags without importing matplotlib (seconds on a busy
-    machine): the parser is built before the heavy imports (issue 24)."""
-    code = ("import runpy, sys\n"
-            "sys.argv = ['curves.py', '--help']\n"
-            "try:\n"
-            "    runpy.run_path('curves.py', run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    print('@@', e.code, 'matplotlib' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
-    out = r.stdout.strip()
-    assert "run_dirs" in out and out.endswith("@@ 0 False"), out[-500:] + r.stderr[-2000:]
 
 
 # ---- the learning rate, the time per step, the legend (issue 26) ----

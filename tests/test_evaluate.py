@@ -3,6 +3,7 @@ results file (merged per test set, under a lock, keyed on the weights); --lesion
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
+import errno
 import io
 import json
 import math
@@ -453,6 +454,27 @@ def test_out_that_cannot_be_written_is_one_line_before_any_work(ckpts, cache_dir
         run_eval([ckpts["a"]], cache_dir, synth_root, out=blocker / "results.json")
     assert str(e.value).startswith(f"--out {blocker}") and "\n" not in str(e.value)
     assert counted == [] and blocker.read_text() == "keep me"
+
+
+def test_out_on_a_full_disk_is_one_line_before_any_work(ckpts, cache_dir, synth_root, tmp_path,
+                                                        monkeypatch):
+    # a full disk: every write of more than a few bytes fails with ENOSPC, as on a full device
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        if len(data) > 64:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, data)
+
+    counted = []
+    monkeypatch.setattr(evaluate, "count_dataset", lambda *a, **k: counted.append(1))
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "full" / "results.json"
+    with pytest.raises(ValueError) as e:
+        run_eval([ckpts["a"]], cache_dir, synth_root, out=out)
+    msg = str(e.value)
+    assert msg.startswith(f"--out {out.parent}") and "No space left" in msg and "\n" not in msg, msg
+    assert counted == [] and not out.exists() and list(out.parent.iterdir()) == []
 
 
 def test_ctrl_c_keeps_the_finished_test_sets_and_says_so(ckpts, cache_dir, synth_root, tmp_path):

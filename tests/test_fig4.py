@@ -126,21 +126,6 @@ def test_test_sets_same_list_syntax(tmp_path):
         parse([str(tmp_path), "--test", "XYZ"])
 
 
-def test_help_answers_before_torch_loads():
-    """`python fig4.py --help` prints its flags without importing torch (seconds on a busy
-    machine): the parser is built before the heavy imports (issue 24)."""
-    code = ("import runpy, sys\n"
-            "sys.argv = ['fig4.py', '--help']\n"
-            "try:\n"
-            "    runpy.run_path('fig4.py', run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    print('@@', e.code, 'torch' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
-    out = r.stdout.strip()
-    assert "--bn-batches" in out and out.endswith("@@ 0 False"), out[-500:] + r.stderr[-2000:]
-
-
 def test_averaging_flags_are_average_pys():
     """fig4.py writes out average.add_averaging_args (importing average.py would load torch before
     --help): the same flags, types, choices, defaults and help as the function gives with fig4's

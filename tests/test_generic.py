@@ -178,3 +178,38 @@ def test_ids_of_one_character_or_nine_are_refused(generic_dataset, tmp_path, dat
 def test_a_lowercase_id_is_its_capitals(generic_dataset, tmp_path):
     out = prepare(generic_dataset(), tmp_path / "cache", dataset_id="abc2")
     assert out == tmp_path / "cache" / "ABC2" / "64" and (out / "meta.json").is_file()
+
+
+def test_mask_threshold_of_dataset_json_and_the_env_root(generic_dataset, tmp_path, monkeypatch,
+                                                         nearest_reference):
+    """Masks saved with grey levels (255 lesion, 200 and 100 squares at the centre): dataset.json's
+    "mask_threshold": 150 keeps what is > 150, no threshold keeps what is > 0; the folder is found
+    through env ABC_ROOT alone (no --root)."""
+    root = generic_dataset(("EX",))
+    grey = {}
+    for png in sorted((root / "masks" / "EX").glob("*.png")):
+        m = np.asarray(Image.open(png)).copy()
+        H, W = m.shape
+        m[H // 2 - 10:H // 2, W // 2 - 10:W // 2 + 10] = 200  # 200 px each
+        m[H // 2:H // 2 + 10, W // 2 - 10:W // 2 + 10] = 100
+        Image.fromarray(m).save(png)
+        grey[png.stem] = m
+    monkeypatch.setenv("ABC_ROOT", str(root))
+    info = json.loads((root / "dataset.json").read_text())
+    for threshold in (None, 150):
+        if threshold is not None:
+            info["mask_threshold"] = threshold
+        (root / "dataset.json").write_text(json.dumps(info))
+        cache = tmp_path / f"cache{threshold}"
+        data.prepare.main(["--dataset", "ABC", "--resolution", "64", "--cache", str(cache)])
+        every = PreparedDataset(cache, "ABC", 64, "all")
+        for i in range(len(every)):
+            item = every[i]
+            want = nearest_reference(grey[item["id"]] > (threshold or 0), every.geometry(i))
+            # NOTE: as above, PIL's nearest may round a source coordinate at .5 the other way:
+            # along the squares' straight edges that moves a whole row (~20 px); a square that
+            # should not be there (or is missing) is ~200 px
+            assert (item["masks"][0] != want).sum() <= 24, (threshold, item["id"])
+        if threshold is None:
+            wide = sum(int(every[i]["masks"][0].sum()) for i in range(len(every)))
+    assert wide > sum(int(every[i]["masks"][0].sum()) for i in range(len(every)))

@@ -317,6 +317,13 @@ def test_cli_runs_and_reports_errors_in_one_line(tmp_path):
     ok = subprocess.run(cmd + ["--datasets", "mes"], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "MES" in ok.stdout and (tmp_path / "MAPLES-DR" / "train" / "fundus").is_dir()
+    every = tmp_path / "every"  # `all`, as every other dataset list takes it
+    ok = subprocess.run([*cmd[:4], str(every), *cmd[5:], "--datasets", "all"], cwd=REPO,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in every.iterdir() if p.is_dir()) == sorted(
+        ["IDRiD", "DDR-dataset", "Seg-set", "retinal-lesions-v20191227", "MAPLES-DR"]), \
+        list(every.iterdir())
     bad = subprocess.run(cmd + ["--datasets", "XYZ"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()

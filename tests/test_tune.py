@@ -246,6 +246,26 @@ def test_failed_trial_is_recorded_and_study_goes_on(tiny, tmp_path, monkeypatch,
     assert [t.state for t in load(tmp_path, "bad").trials] == [FAIL] * 3
 
 
+def test_a_dataset_of_ones_own_in_the_search(generic_dataset, tmp_path, capsys):
+    """tune.py --train ABC, its --root after `--`: the trial trains on the generic folder (prepared
+    into the cache on first use), records it, and the best trial's command names it."""
+    root = generic_dataset(("EX", "HE"))
+    argv = ["--train", "ABC", "--data-root", str(tmp_path / "none"), "--cache", str(tmp_path / "cache"),
+            "--study", "own", "--storage", f"sqlite:///{tmp_path}/tune.db", "--runs-dir", str(tmp_path / "runs"),
+            "--plot-dir", str(tmp_path / "plots"), "--trials", "1", "--encoders", "test_resnet",
+            "--decoder-widths", "8,8,8,8,8", "--resolutions", "64", "--iters", "4", "--val-every", "2",
+            "--", *TINY_TRAIN, "--root", f"ABC={root}"]
+    tune.main(argv)
+    (trial,) = load(tmp_path, "own").trials
+    assert trial.state == COMPLETE, trial.user_attrs.get("error")
+    recorded = json.loads((Path(trial.user_attrs["run_dir"]) / "args.json").read_text())
+    assert recorded["train"] == ["ABC"] and recorded["root"] == [f"ABC={root}"]
+    assert sorted(val_scores(trial.user_attrs["run_dir"])) == [2, 4]
+    assert (tmp_path / "cache" / "ABC" / "64" / "meta.json").is_file()
+    command = [x for x in capsys.readouterr().out.splitlines() if x.startswith("python train.py ")]
+    assert len(command) == 1 and f"--root ABC={root}" in command[0], command
+
+
 class AlwaysPrune(optuna.pruners.BasePruner):
     def prune(self, study, trial):
         return True

@@ -136,7 +136,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from model import (ARCH_FIELDS, architecture, load_checkpoint, load_models,  # noqa: E402
+from model import (ARCH_FIELDS, LESIONS, architecture, load_checkpoint, load_models,  # noqa: E402
                    save_checkpoint)
 
 
@@ -168,6 +168,12 @@ def check_same_architecture(first_path, first, path, ckpt):
                            architecture(ckpt["model_cfg"])):
         if a != b:
             raise ValueError(f"{where}: model_cfg key {key!r} is {b!r}, not {a!r}")
+    # NOTE: one architecture either way, but a head trained on a lesion averaged with an untrained
+    # one (train.py --lesions) gives a model that is neither; older checkpoints: all four
+    la, lb = (",".join(c["model_cfg"].get("lesions") or LESIONS) for c in (first, ckpt))
+    if la != lb:
+        raise ValueError(f"{where}: trained on lesions {lb}, not {la} (average runs of the same "
+                         f"--lesions)")
     # NOTE: a soup averages runs of one training combination (issue / paper eq. 3); its validation
     # splits and BatchNorm patches come from the first ingredient's combination. The authors
     # released one model per combination: a soup of theirs mixes combinations.

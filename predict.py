@@ -154,10 +154,20 @@ def ensemble_resolution(models, resolution=None):
 
 
 def ensemble_lesions(models, lesions=None):
-    """The lesions scored and drawn: `lesions` when given, else those every model was trained on."""
-    if lesions:  # "HE,EX" or a list -> LESIONS order, one line for an unknown name
-        return data.parse_lesions(",".join(lesions) if not isinstance(lesions, str) else lesions)
-    return tuple(x for x in LESIONS if all(x in m.cfg.lesions for m in models))
+    """The lesions scored and drawn: `lesions` when given, else those every model was trained on.
+    NOTE: a lesion a model was not trained on is refused: its channel is an untrained head, and its
+    maps and scores would mean nothing."""
+    if not lesions:
+        return tuple(x for x in LESIONS if all(x in m.cfg.lesions for m in models))
+    # "HE,EX" or a list -> LESIONS order, one line for an unknown name
+    asked = data.parse_lesions(",".join(lesions) if not isinstance(lesions, str) else lesions)
+    for m in models:
+        untrained = [x for x in asked if x not in m.cfg.lesions]
+        if untrained:
+            where = getattr(m, "source", "the model")
+            raise ValueError(f"--lesions {','.join(untrained)}: {where} was trained on "
+                             f"{','.join(m.cfg.lesions)} only")
+    return asked
 
 
 def check_style(models, style=None):

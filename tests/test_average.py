@@ -509,6 +509,12 @@ def test_soup_refuses_runs_of_another_combination(tmp_path):
     save_checkpoint(b, {**ckpt, "args": {**ckpt["args"], "train": ["RET"]}})
     with pytest.raises(ValueError, match=r"b\.pt does not match .*a\.pt: trained with train \['RET'\]"):
         average.average_checkpoints([a, b], "full", a, "soup-full")
+    # one combination, but trained on other lesions (train.py --lesions HE): untrained heads
+    save_checkpoint(b, {**ckpt, "model_cfg": {**ckpt["model_cfg"], "lesions": ["HE"]}})
+    with pytest.raises(ValueError) as err:
+        average.average_checkpoints([a, b], "full", a, "soup-full")
+    assert str(err.value) == (f"{b} does not match {a}: trained on lesions HE, not EX,HE,MA,CWS "
+                              f"(average runs of the same --lesions)")
 
 
 @pytest.mark.parametrize("command", ["swa", "soup", "ensemble"])

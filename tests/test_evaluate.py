@@ -637,9 +637,12 @@ def test_evaluate_scores_the_checkpoint_lesions(he_run, synth_root, cache_dir, t
     assert block["mean_dice"] == block["lesions"]["HE"]["dice"]
     assert block["mean_ap"] == block["lesions"]["HE"]["ap"]
     assert math.isnan(block["lesions"]["EX"]["dice"]) and block["lesions"]["EX"]["pos"] > 0  # counted, not scored
-    every = evaluate.evaluate([out / "best.pt"], "IDR", where, device="cpu", verbose=False, lesions=LESIONS)
-    assert not math.isnan(every["results"]["IDR"]["lesions"]["EX"]["dice"])
-    assert every["results"]["IDR"]["lesions"]["HE"]["tp"] == block["lesions"]["HE"]["tp"]
+    # a lesion the checkpoint was not trained on: its channel is an untrained head, refused
+    with pytest.raises(ValueError) as err:
+        evaluate.evaluate([out / "best.pt"], "IDR", where, device="cpu", verbose=False, lesions=LESIONS)
+    assert one_line(err) == f"--lesions EX,MA,CWS: {out / 'best.pt'} was trained on HE only"
+    same = evaluate.evaluate([out / "best.pt"], "IDR", where, device="cpu", verbose=False, lesions="he")
+    assert same["results"]["IDR"]["lesions"]["HE"]["tp"] == block["lesions"]["HE"]["tp"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -204,6 +204,12 @@ def test_maps_show_only_the_trained_lesions(eval_ckpts, edit_ckpt, fundus_jpeg, 
         seen = {les for les, c in colours.items()
                 if (np.abs(rgb - c).max(-1) < 30).sum() >= 4}  # JPEG: near the colour
         assert seen == drawn, (folder, seen)
+    # a lesion it was not trained on (an untrained head): refused, nothing written
+    with pytest.raises(ValueError) as e:
+        predict.main(["--ckpt", str(he_only), "--images", str(photos), "--out",
+                      str(tmp_path / "ex"), "--device", "cpu", "--lesions", "EX,HE"])
+    assert str(e.value) == f"--lesions EX: {he_only} was trained on HE only"
+    assert not (tmp_path / "ex").exists() or not list((tmp_path / "ex").iterdir())
 
 
 def test_unwritable_out_is_one_line_before_any_work(eval_ckpts, fundus_jpeg, tmp_path):

@@ -259,7 +259,8 @@ def compute_loss(scores, masks, fov, kind, probs=False, annotated=None):
     outside the FOV are ignored: the model is neither rewarded nor punished there.
     annotated (B, C) bool: the lesions annotated in each patch's image; a lesion its dataset does
     not annotate is no negative: its pixels leave the loss, and a channel no patch of the batch
-    annotates leaves the Dice mean. None (or all True): every channel of every patch counts.
+    annotates leaves the Dice mean (a batch that annotates none: a zero loss, with its graph).
+    None (or all True): every channel of every patch counts.
     """
     roi = fov[:, None].to(scores.dtype)  # (B, 1, H, W)
     scored = None
@@ -280,7 +281,10 @@ def compute_loss(scores, masks, fov, kind, probs=False, annotated=None):
         p, y = p * roi, masks * roi
         inter = (p * y).sum((0, 2, 3))  # (C,)
         dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + y.sum((0, 2, 3)) + 1)
-        loss = loss + (1 - (dice if scored is None else dice[scored])).mean()
+        if scored is None or bool(scored.any()):
+            loss = loss + (1 - (dice if scored is None else dice[scored])).mean()
+        else:  # NOTE: no channel scored: 0, not the NaN of an empty mean, with a graph to backward
+            loss = loss + (p * 0).sum()
     return loss
 
 
@@ -397,7 +401,7 @@ def lock_run(out):
     """Hold OUT/.lock (fcntl.flock) for the run's life: a second train.py on the same --out refuses
     at once. NOTE: the kernel drops a flock when its process ends, killed or not: no stale lock.
     Returns the file descriptor; closing it releases the lock."""
-    out.mkdir(parents=True, exist_ok=True)
+    utils.writable_folder(out, "--out", "write the run there")  # one line naming the flag
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -599,6 +603,25 @@ def load_data(args, master, world):
     return train_sets, val_sets
 
 
+def trained_lesions(args, train_sets, master):
+    """The lesions of --lesions that some training image annotates: the model's (ModelConfig), so
+    that evaluate.py and predict.py never use a head nothing trained. A --lesions given explicitly
+    that no image annotates is a one-line error; the default (all four) is narrowed, with a note."""
+    found = {les for ds in train_sets for i in range(len(ds))
+             for les, on in zip(LESIONS, ds.annotated(i)) if on}
+    missing = [les for les in args.lesions if les not in found]
+    kept = tuple(les for les in args.lesions if les in found)
+    combo = combo_name(args.train)
+    if missing and (tuple(args.lesions) != LESIONS or not kept):
+        raise ValueError(f"--lesions {','.join(args.lesions)}: no training image of {combo} "
+                         f"annotates {','.join(missing)} (a dataset of one's own annotates the "
+                         f"lesions of its dataset.json)")
+    if missing and master:
+        print(f"note: no training image of {combo} annotates {','.join(missing)}: the model is "
+              f"trained on {','.join(kept)} and records them as its lesions")
+    return kept
+
+
 def run_styles(args):
     """data.ids.style_tokens of this run: its datasets' styles from --characterize, else from the
     style table and, for one's own datasets, their dataset.json "style"."""
@@ -608,16 +631,17 @@ def run_styles(args):
     return style_tokens(args.style_condition, args.train, args.characterize, own)
 
 
-def make_model(args, ckpt, device):
-    """The run's ModelConfig and model: last.pt's weights on resume (no download), else a new model
-    whose encoder starts from ImageNet (or --encoder-weights), its decoder init --init-seed's."""
+def make_model(args, ckpt, device, lesions):
+    """The run's ModelConfig (trained on `lesions`: trained_lesions) and model: last.pt's weights on
+    resume (no download), else a new model whose encoder starts from ImageNet (or
+    --encoder-weights), its decoder init --init-seed's."""
     tokens, token_styles, _ = run_styles(args)
     cfg = ModelConfig(encoder=args.encoder, pretrained=args.pretrained,
                       decoder_channels=tuple(args.decoder_channels),
                       attention=args.decoder_attention, dropout=args.dropout,
                       local_contrast=args.local_contrast, style_tokens=tokens,
                       token_styles=token_styles, resolution=args.resolution,
-                      lesions=tuple(args.lesions))
+                      lesions=tuple(lesions))
     # NOTE: one decoder init for every seed (like the shared pretrained encoder): model soups
     # average runs that start from the same weights (Wortsman et al. 2022); seeds differ in
     # patches and dropout.
@@ -993,7 +1017,7 @@ def train(args, device, rank, world, ckpt, on_validate):
     """The accepted run, as nanoGPT: data, model, optimisation, resume, args.json, loop, summary."""
     master = rank == 0
     train_sets, val_sets = load_data(args, master, world)
-    cfg, raw_model = make_model(args, ckpt, device)
+    cfg, raw_model = make_model(args, ckpt, device, trained_lesions(args, train_sets, master))
     model = wrap(raw_model, args, device, world)
     state = State(args, cfg, raw_model, sum(len(ds) for ds in train_sets), world)
     torch.manual_seed(args.seed + rank)  # what draws from torch's RNG in training (dropout)

@@ -115,6 +115,40 @@ def test_loss_leaves_lesions_not_annotated_out():
                            train.compute_loss(logits, masks, fov, kind))
 
 
+def test_a_batch_that_annotates_no_trained_lesion_is_a_zero_loss_not_nan():
+    """train.py --lesions HE on IDR + a dataset annotating EX only: a batch of that dataset's
+    patches alone annotates no trained channel; the loss is 0 with a zero gradient (it was a NaN,
+    reported as a divergence)."""
+    logits = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    masks = (torch.rand(2, 1, 8, 8) > 0.5).double()
+    fov = torch.ones(2, 8, 8, dtype=torch.bool)
+    none = torch.zeros(2, 1, dtype=torch.bool)
+    for kind in ("bce", "dice", "bce+dice"):
+        got = train.compute_loss(logits, masks, fov, kind, annotated=none)
+        assert got.item() == 0.0, kind
+        grad, = torch.autograd.grad(got, logits)
+        assert not grad.any()
+
+
+def test_lesions_no_training_image_annotates(synth_root, generic_dataset, tmp_path, capsys):
+    """A dataset of one's own annotating EX only: --lesions HE is one line naming the flag and the
+    lesion, before any step; the default (all four) trains and records EX only, with a note, so
+    that evaluate.py and predict.py never use a head nothing trained."""
+    root = generic_dataset(("EX",))
+    out = tmp_path / "he"
+    with pytest.raises(ValueError) as err:
+        train.run(tiny_args(synth_root, tmp_path / "cache", out, "--iters", "4", "--lesions", "HE",
+                            "--root", f"ABC={root}", train_ids="ABC"))
+    assert str(err.value).startswith("--lesions HE: no training image of ABC annotates HE")
+    assert not (out / "last.pt").exists() and not (out / "args.json").exists()
+    out = tmp_path / "default"
+    train.run(tiny_args(synth_root, tmp_path / "cache", out, "--iters", "4", "--val-every", "2",
+                        "--root", f"ABC={root}", train_ids="ABC"))
+    assert "note: no training image of ABC annotates HE,MA,CWS" in capsys.readouterr().out
+    for name in ("best.pt", "last.pt"):
+        assert tuple(torch.load(out / name, weights_only=True)["model_cfg"]["lesions"]) == ("EX",)
+
+
 def test_union_trains_each_lesion_on_the_datasets_that_annotate_it(synth_root, generic_dataset,
                                                                     tmp_path, monkeypatch):
     """IDR (all four lesions) + a dataset of one's own annotating EX and HE: the loss gets each
@@ -448,6 +482,16 @@ fd = train.lock_run(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)
 """
+
+
+def test_out_blocked_by_a_file_is_one_line_naming_the_flag(synth_root, cache_dir, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "run"):
+        with pytest.raises(ValueError) as err:
+            train.run(tiny_args(synth_root, cache_dir, out, "--iters", "2"))
+        assert one_line(err).startswith(f"--out {out}: cannot write the run there"), err.value
+    assert blocker.read_text() == "keep me"
 
 
 def test_second_run_on_the_same_out_refuses_at_once(synth_root, cache_dir, tmp_path):

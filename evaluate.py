@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import utils
-from data.flags import add_data_args, add_dataset_list
+from data.flags import add_data_args, add_dataset_list, check_own_folders
 from data.ids import DATASET_IDS
 
 
@@ -29,7 +29,9 @@ def build_parser():
                    help="checkpoint(s), average.py manifest(s) or the authors' models "
                         "(hub:IDR+DDR; hub: = all five); several = an ensemble averaging "
                         "probabilities (required)")
-    add_dataset_list(p, "--test", "test sets, e.g. MES or IDR,DDR", default=list(DATASET_IDS))
+    # folders=False: a dataset of one's own may take the run's recorded --root (main checks it)
+    add_dataset_list(p, "--test", "test sets, e.g. MES or IDR,DDR", default=list(DATASET_IDS),
+                     folders=False)
     p.add_argument("--out", default=None,
                    help="results JSON (default: results.json beside the first checkpoint; "
                         "authors/COMBO/ for hub:)")
@@ -527,6 +529,7 @@ def main(argv=None):
     recorded = read_checkpoint(args.ckpt[0]).get("args") or {}
     check_split_flags(args, p, recorded, args.test, args.ckpt[0])
     where = data.data_settings(args, p, recorded)  # (data_root, cache, prepare_cache options)
+    check_own_folders("--test", args.test, where[2]["roots"])
     evaluate(args.ckpt, args.test, where, out, args.save_maps, device, args.batch,
              maps_worst=args.maps_worst, worst=args.worst, resolution=args.resolution,
              lesions=args.lesions, tta=args.tta, tile=args.tile, overlap=args.tile_overlap,

@@ -64,13 +64,9 @@ class DatasetList(argparse.Action):
     def after_parse(self, namespace):
         """An ID of one's own (data/generic.py) read from disk needs its folder: --root ID=DIR or
         env ID_ROOT. Without one it is most likely a typo: the usual unknown-ID line, here."""
-        ids = getattr(namespace, self.dest, None) or []
-        roots = parse_pairs(getattr(namespace, "root", None) or [], "--root")
-        for d in ids:
-            if self.folders and is_own(d) and d not in roots and not os.environ.get(f"{d}_ROOT"):
-                raise ValueError(f"{self.option_strings[0]}: unknown dataset ID {d!r} (choose from "
-                                 f"{', '.join(DATASET_IDS)}, or give the folder of your own "
-                                 f"dataset with --root {d}=DIR or {d}_ROOT=DIR: docs/DATA.md)")
+        if self.folders:
+            roots = parse_pairs(getattr(namespace, "root", None) or [], "--root")
+            check_own_folders(self.option_strings[0], getattr(namespace, self.dest, None), roots)
 
     def __call__(self, parser, namespace, values, option_string=None):
         words = [values] if isinstance(values, str) else list(values)  # nargs="+": a list
@@ -86,6 +82,16 @@ class DatasetList(argparse.Action):
         except ValueError as e:
             raise ValueError(f"{option_string}: {e}") from None
         setattr(namespace, self.dest, ids)
+
+
+def check_own_folders(flag, ids, roots):
+    """Each ID of one's own among `ids` has its folder in `roots` ({ID: DIR}) or env ID_ROOT; else
+    the usual unknown-ID line (most likely a typo)."""
+    for d in ids or []:
+        if is_own(d) and d not in roots and not os.environ.get(f"{d}_ROOT"):
+            raise ValueError(f"{flag}: unknown dataset ID {d!r} (choose from "
+                             f"{', '.join(DATASET_IDS)}, or give the folder of your own "
+                             f"dataset with --root {d}=DIR or {d}_ROOT=DIR: docs/DATA.md)")
 
 
 def add_dataset_list(parser, flag, what, default=None, required=False, folders=True):
@@ -106,6 +112,9 @@ def parse_pairs(values, flag):
         key, sep, val = v.partition("=")
         if not sep or not val or not key.strip():
             raise ValueError(f"{flag} expects ID=VALUE, got {v!r}")
+        if key.strip().lower() == "all":  # the five, in a dataset list: not one dataset's ID
+            raise ValueError(f"{flag} {v}: 'all' stands for the five datasets; give one ID (yours: "
+                             f"2-8 capital letters or digits other than ALL)")
         try:
             (key,) = parse_dataset_ids(key)
         except ValueError as e:

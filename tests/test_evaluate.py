@@ -696,7 +696,7 @@ def test_evaluate_counts_at_the_requested_style(style_net, randomize_films, styl
 
 
 def test_lesions_a_test_set_does_not_annotate_are_not_scored(ckpts, model_from, generic_dataset,
-                                                              tmp_path, capsys):
+                                                              tmp_path, capsys, edit_ckpt):
     """A dataset of one's own annotating EX and HE only (issue 25): MA and CWS are not scored (NaN,
     out of the means, said so under the table), not scored as lesions absent from every image; EX
     and HE are counted as by brute force."""
@@ -724,6 +724,16 @@ def test_lesions_a_test_set_does_not_annotate_are_not_scored(ckpts, model_from, 
                                                 + block["lesions"]["HE"]["aupr"]) / 2)
     out = capsys.readouterr().out
     assert "not annotated in this test set (MA, CWS)" in out and "absent from" not in out
+    # evaluate.py of a run that recorded --root ABC=DIR: the run's folder, without --root again
+    ran = edit_ckpt(ckpts["a"], tmp_path / "abc.pt", args={"root": [f"ABC={root}"]})
+    common = ["--ckpt", str(ran), "--data-root", str(tmp_path), "--cache", str(cache),
+              "--device", "cpu", "--out", str(tmp_path / "abc.json")]
+    evaluate.main([*common, "--test", "ABC"])
+    again = json.loads((tmp_path / "abc.json").read_text())["results"]["ABC"]
+    assert again["lesions"]["EX"]["tp"] == block["lesions"]["EX"]["tp"]
+    with pytest.raises(ValueError) as err:  # an ID with no folder anywhere: most likely a typo
+        evaluate.main([*common, "--test", "ABX"])
+    assert one_line(err).startswith("--test: unknown dataset ID 'ABX'")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -519,8 +519,7 @@ def main(argv=None):
                         "are not downloaded); only the simple measures are reported.")
         print(network_line)
     options = data.data_options(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = utils.writable_folder(args.out, "--out", "write there")  # before the datasets' passes
     rows_by_dataset, summaries = {}, {}
     for ds in ids:  # one pass over each dataset, prepared first if needed
         prepared = data.prepare_cache(ds, args.data_root, args.cache, args.resolution, **options)

@@ -163,13 +163,21 @@ NOT_IDENTITY = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", 
 
 
 def _read_run(path):
-    """RUNS_DIR/<folder>/s<SEED>/results.json -> a run: combination and seed from its args.json,
-    else from the results file, else from the folders' names; None if no baseline results file."""
+    """RUNS_DIR/<folder>/s<SEED>/results.json -> (a run, None): combination and seed from its
+    args.json, else from the results file, else from the folders' names; (None, why) when it is no
+    baseline results file of a run."""
     rec = _read_json(path)
+    if rec is None:
+        return None, "not readable as JSON"
+    if not isinstance(rec, dict) or not isinstance(rec.get("results"), dict):
+        return None, "no \"results\" of test sets in it"
     # NOTE: only baseline evaluations of single runs fill the tables; averages live in fig4.json.
-    if not isinstance(rec, dict) or not isinstance(rec.get("results"), dict) \
-            or rec.get("method", "baseline") != "baseline":
-        return None
+    if rec.get("method", "baseline") != "baseline":
+        return None, f"the evaluation of an average ({rec.get('method')}), not of the run"
+    damaged = [t for t, block in rec["results"].items()
+               if not isinstance(block, dict) or not isinstance(block.get("lesions"), dict)]
+    if damaged:
+        return None, f"results.{damaged[0]} is not a test set's scores (a damaged file)"
     args = _read_json(path.parent / "args.json")
     args = args if isinstance(args, dict) else {}
     # the seed: args.json, else the results file, else the folder's name (s<SEED>)
@@ -179,10 +187,10 @@ def _read_run(path):
         combo = _combo(args.get("train") or rec.get("train"), path.parent.parent.name)
         seed = int(seed)
     except (TypeError, ValueError):  # a damaged args.json: not a run of the sweep layout
-        return None
+        return None, "its args.json gives no combination and seed (a damaged file)"
     return {"combo": combo, "seed": seed, "results": rec["results"], "args": args,
             "record": rec, "protocol": rec.get("protocol"), "path": path,
-            "n_train_images": rec.get("n_train_images", args.get("n_train_images"))}
+            "n_train_images": rec.get("n_train_images", args.get("n_train_images"))}, None
 
 
 def settings_differ(a, b):
@@ -230,7 +238,8 @@ def load_runs(runs_dir):
     """Glob RUNS_DIR/*/s<SEED>/results.json and RUNS_DIR/*/fig4.json; anything else is ignored.
 
     A run is what its args.json says (combination, seed, settings), not its folder's name: two
-    folders of one run count once. -> (runs, fig4 records, skipped paths, notes on duplicates).
+    folders of one run count once. -> (runs, fig4 records, skipped (path, why), notes on
+    duplicates).
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():  # one line naming the folder (utils.run prints it)
@@ -238,9 +247,10 @@ def load_runs(runs_dir):
     runs, fig4, skipped = [], [], []
     for path in sorted(runs_dir.glob("*/s*/results.json")):
         # s<SEED> folders only: <COMBO>/swa/, <COMBO>/soup/ hold averages
-        run = _read_run(path) if re.fullmatch(r"s\d+", path.parent.name) else None
+        run, why = (_read_run(path) if re.fullmatch(r"s\d+", path.parent.name)
+                    else (None, "not in a s<SEED> folder"))
         if run is None:
-            skipped.append(path)
+            skipped.append((path, why))
         else:
             runs.append(run)
     runs, notes = drop_duplicates(runs)
@@ -252,7 +262,7 @@ def load_runs(runs_dir):
             combo = _combo(rec.get("train") or rec.get("combo"), path.parent.name)
             fig4.append({**rec, "combo": combo, "path": path})
         except ValueError:
-            skipped.append(path)
+            skipped.append((path, "not a fig4.py result (no \"methods\")"))
     fig4, fig4_notes = drop_duplicate_fig4(fig4)  # one Figure 4 per combination
     if not runs and not fig4:
         raise FileNotFoundError(f"no results found under {runs_dir} "
@@ -1268,8 +1278,8 @@ def main(argv=None):
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {path} not found")
 
     runs, fig4, skipped, notes = load_runs(args.runs_dir)
-    for path in skipped:
-        print(f"skipped (not a results file of the sweep layout): {path}", file=sys.stderr)
+    for path, why in skipped:
+        print(f"skipped {path}: {why}; left out of the tables", file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     styles = read_styles_flag(args.characterize, out)

@@ -33,7 +33,7 @@ def build_parser():
     for split in ("train", "val", "test"):
         p.add_argument(f"--{split}", default="", metavar="STEMS",
                        help=f"comma-separated image stems of the copy's {split} split")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=utils.check_range(int, 0), default=0,
                    help="seed of the MAs left unlabelled (default: %(default)s)")
     add_data_args(p)
     return p
@@ -79,9 +79,16 @@ def coarsen(masks, lesions, fov_radius, rng):
 
 
 def splits_of(args):
-    """{split: [stems]} of --train/--val/--test (empty splits left out)."""
+    """{split: [stems]} of --train/--val/--test (empty splits left out); a stem in two splits is
+    a one-line error (the copy's data.check would refuse it)."""
     splits = {s: [x.strip() for x in getattr(args, s).split(",") if x.strip()]
               for s in ("train", "val", "test")}
+    seen = {}
+    for split, stems in splits.items():
+        for stem in stems:
+            if seen.setdefault(stem, split) != split:
+                raise ValueError(f"--{seen[stem]} and --{split}: {stem!r} is in both; an image "
+                                 f"belongs to one split")
     return {s: v for s, v in splits.items() if v}
 
 

@@ -4,6 +4,9 @@ coarse style's (issue 25); the copies read back through data/generic.py.
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_coarsen.py
 """
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from scipy import ndimage
 from data import coarsen
 from data.datasets import list_samples, load_image, load_masks
 from data.ids import LESIONS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EX, MA = LESIONS.index("EX"), LESIONS.index("MA")
 
@@ -89,4 +94,16 @@ def test_coarse_copy_and_errors(fixture_idrid, tmp_path):
     with pytest.raises(ValueError, match="IDRiD_99"):
         coarsen.main(["--dataset", "IDR", "--root", f"IDR={fixture_idrid}", "--out",
                       str(tmp_path / "x"), "--train", "IDRiD_99"])
+    assert not (tmp_path / "x").exists()
+    # a stem in two splits (data.check would refuse the copy), a negative seed: one line each
+    with pytest.raises(ValueError) as err:
+        coarsen.main(["--dataset", "IDR", "--root", f"IDR={fixture_idrid}", "--out",
+                      str(tmp_path / "x"), "--train", "IDRiD_05", "--test", "IDRiD_06,IDRiD_05"])
+    assert str(err.value) == "--train and --test: 'IDRiD_05' is in both; an image belongs to one split"
+    assert not (tmp_path / "x").exists()
+    r = subprocess.run([sys.executable, "-m", "data.coarsen", "--dataset", "IDR", "--root",
+                        f"IDR={fixture_idrid}", "--out", str(tmp_path / "x"), "--seed", "-1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: argument --seed: must be >= 0, got -1"], r.stderr
     assert not (tmp_path / "x").exists()

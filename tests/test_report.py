@@ -346,9 +346,16 @@ def test_run_identity_from_args_json_not_folder(fixture_dirs, capsys):
     (runs / "bad" / "s2").mkdir(parents=True)  # a damaged args.json: skipped, never a traceback
     (runs / "bad" / "s2" / "results.json").write_text(json.dumps(rec))
     (runs / "bad" / "s2" / "args.json").write_text(json.dumps({"train": ["RET"], "seed": [2]}))
+    (runs / "oops" / "s4").mkdir(parents=True)  # a test set's block that is no scores
+    (runs / "oops" / "s4" / "results.json").write_text(json.dumps({**rec, "results": {"IDR": "oops"}}))
+    (runs / "cut" / "s5").mkdir(parents=True)  # a truncated file
+    (runs / "cut" / "s5" / "results.json").write_text(json.dumps(rec)[:50])
     out = build(fixture_dirs)
-    assert f"skipped (not a results file of the sweep layout): {runs / 'bad' / 's2'}" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    for folder, why in (("bad/s2", "its args.json gives no combination and seed (a damaged file)"),
+                        ("oops/s4", "results.IDR is not a test set's scores (a damaged file)"),
+                        ("cut/s5", "not readable as JSON")):
+        assert f"skipped {runs / folder / 'results.json'}: {why}; left out of the tables\n" in err, err
     (ret,) = [r for r in load(out, "figure3.json")["panels"]["IDR"] if r["combo"] == "RET"]
     assert ret["n_runs"] == 2 and sorted(ret["values"]) == pytest.approx([.2, .25])
     assert load(out, "figure4.json")["baseline"]["n_combos"] == 2

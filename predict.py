@@ -268,6 +268,11 @@ MAX_NOISE = 3.0  # Immerkaer's sigma, grey levels: above, noise rather than a ph
 # a fundus photograph's FOV is a disc with dark corners (of its crop box: pi / 4 for a whole disc,
 # ~0.9 for IDRiD's cut disc): a "FOV" filling the whole box is a bright frame, not a fundus
 MAX_BOX_SHARE = 0.97
+# A colour fundus photograph: red and green differ by tens of grey levels inside the fundus; a
+# grey-scale copy (or a red-free one saved as RGB) by none. And a side below MIN_SIDE is no
+# photograph the model can read (a thumbnail, an icon).
+MIN_COLOUR = 2.0  # mean |R - G| + |G - B| in the FOV, grey levels
+MIN_SIDE = 64  # px
 
 
 def photo_quality(image):
@@ -275,7 +280,7 @@ def photo_quality(image):
     flag, measures): characterize.py's named measures (characterize.QUALITY_MEASURES) on a copy
     prepared at QUALITY_RESOLUTION. found: a bright field of view with a dark surround (a
     photograph cropped inside the fundus has none, and reads as not found too); flag: "ok", or the
-    problems found, "; "-separated (no fundus, flat, noisy)."""
+    problems found, "; "-separated (no fundus, tiny, grey-scale, flat, noisy)."""
     # NOTE: imported here, not at the top: characterize loads scipy.stats and matplotlib, which
     # segment() never needs
     import characterize
@@ -290,6 +295,14 @@ def photo_quality(image):
     elif box_share > MAX_BOX_SHARE:
         problems.append(f"no fundus: the bright field fills {100 * box_share:.0f}% of its box, "
                         f"no dark surround")
+    if min(image.shape[:2]) < MIN_SIDE:
+        problems.append(f"tiny: {image.shape[1]}x{image.shape[0]} px (at least {MIN_SIDE} a side "
+                        f"expected)")
+    if fov.any():
+        rgb = square[fov].astype(np.int16)  # (N, 3)
+        colour = float(np.abs(rgb[:, 0] - rgb[:, 1]).mean() + np.abs(rgb[:, 1] - rgb[:, 2]).mean())
+        if colour < MIN_COLOUR:
+            problems.append("grey-scale: no colour (a colour fundus photograph is expected)")
     contrast, noise = measures["contrast"], measures["noise"]
     if np.isfinite(contrast) and contrast < MIN_CONTRAST:
         problems.append(f"flat: contrast {contrast:.1f} grey levels")

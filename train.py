@@ -1060,6 +1060,7 @@ def run(args, on_validate=None):
     Interrupted) at the end of the step, last.pt written."""
     device, rank, world, own_group = setup_process(args)
     out, lock = Path(args.out), None
+    created = not out.exists()  # a run that fails before writing anything leaves no folder
     previous = catch_stop_signals()
     try:
         lock = on_rank0(rank == 0, world, lambda: lock_run(out))  # before the one read of last.pt
@@ -1076,6 +1077,11 @@ def run(args, on_validate=None):
                           f"{result.get('step', args.iters)}: rerun the same command to go on "
                           f"(exit {EXIT_STOPPED})")
         return result
+    except BaseException:
+        if lock is not None and created and os.listdir(out) == [".lock"]:
+            os.unlink(out / ".lock")  # still held: no other train.py has taken it
+            out.rmdir()
+        raise
     finally:
         restore_signals(previous)
         if lock is not None:

@@ -384,9 +384,11 @@ def test_white_black_and_noise_frames_are_flagged(eval_ckpts, photo, tmp_path, c
     rng = np.random.default_rng(0)
     frames = {"white": np.full((300, 400, 3), 255, np.uint8),
               "black": np.zeros((300, 400, 3), np.uint8),
-              "noise": rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)}
+              "noise": rng.integers(0, 256, (300, 400, 3), dtype=np.uint8),
+              "tiny": rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)}
     for name, a in frames.items():
         Image.fromarray(a).save(photos / f"{name}.png")
+    Image.open(photo).convert("L").convert("RGB").save(photos / "grey.png")  # the real one, grey
     predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out",
                   str(tmp_path / "m"), "--device", "cpu"])
     rows = {r["photograph"]: r for r in read_csv(tmp_path / "m" / "lesions.csv")}
@@ -394,8 +396,10 @@ def test_white_black_and_noise_frames_are_flagged(eval_ckpts, photo, tmp_path, c
     for name, why in (("white", "flat"), ("black", "no bright field"), ("noise", "noisy")):
         r = rows[f"{name}.png"]
         assert r["fundus_found"] == "False" and why in r["quality"], r
+    assert "tiny: 5x5 px" in rows["tiny.png"]["quality"], rows["tiny.png"]
+    assert rows["grey.png"]["quality"].startswith("grey-scale: no colour"), rows["grey.png"]
     printed = capsys.readouterr().out
-    assert "3 flagged" in printed and "real.jpg" not in printed.split("flagged")[1]
+    assert "5 flagged" in printed and "real.jpg" not in printed.split("flagged")[1]
 
 
 def test_segment_with_loaded_models_loads_nothing(ckpt, monkeypatch):

@@ -140,7 +140,7 @@ def test_lesions_no_training_image_annotates(synth_root, generic_dataset, tmp_pa
         train.run(tiny_args(synth_root, tmp_path / "cache", out, "--iters", "4", "--lesions", "HE",
                             "--root", f"ABC={root}", train_ids="ABC"))
     assert str(err.value).startswith("--lesions HE: no training image of ABC annotates HE")
-    assert not (out / "last.pt").exists() and not (out / "args.json").exists()
+    assert not out.exists()  # failed before writing anything: no folder holding only .lock
     out = tmp_path / "default"
     train.run(tiny_args(synth_root, tmp_path / "cache", out, "--iters", "4", "--val-every", "2",
                         "--root", f"ABC={root}", train_ids="ABC"))

@@ -187,6 +187,19 @@ def _test_order(test_id):
     return dataset_order(test_id)
 
 
+def merged_roots(old, header, test_id, out):
+    """The results file's --root pairs after `test_id` is written: the other test sets keep the
+    folders they were read from; test_id's is this evaluation's. A test set scored again from
+    another folder replaces its scores with a note naming both."""
+    before = parse_pairs(old.get("root") or [], "root")
+    now = parse_pairs(header.get("root") or [], "--root")
+    if test_id in old["results"] and before.get(test_id) != now.get(test_id):
+        print(f"note: {test_id} in {out} was scored on {before.get(test_id) or 'its --data-root'}; "
+              f"its scores are replaced by those on {now.get(test_id) or 'its --data-root'}")
+    kept = {k: v for k, v in before.items() if k != test_id}
+    return [f"{k}={v}" for k, v in {**kept, **now}.items()]
+
+
 def merge_results(out, header, test_id, block):
     """Add one test set's block to the results file `out` -> the whole file's dict, as written.
 
@@ -201,6 +214,7 @@ def merge_results(out, header, test_id, block):
             # again: another process may have written it meanwhile
             _check_mergeable(old, header, out)
             results = old["results"]
+            header = {**header, "root": merged_roots(old, header, test_id, out)}
         results[test_id] = block  # a test set scored again replaces its old block
         report = {**header, "results": {t: results[t] for t in sorted(results, key=_test_order)}}
         utils.write_json(out, report)

@@ -416,7 +416,10 @@ def save_checkpoint(path, ckpt):
 def _short(e):
     """One line describing an exception, for error messages."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:150]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text[0] if len(text[0]) <= 150 else text[0][:150].rsplit(" ", 1)[0] + " ..."  # a word
+    return f"{type(e).__name__}: {line}"
 
 
 def check_checkpoint(ckpt, where):
@@ -453,6 +456,8 @@ def load_checkpoint(path):
     if path.is_dir() and any((path / n).exists() for n in ("best.pt", "last.pt", "args.json")):
         raise ValueError(f"{path} is a training run's folder, not a checkpoint: "
                          f"pass {path / 'best.pt'}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -44,10 +44,10 @@ def build_parser():
                         "round(255 THRESHOLD), exactly p >= 0.5 at 0.5; the overlay keeps 0.5 "
                         "(default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="average over the 4 flips (default: off)")
-    p.add_argument("--tile", type=int, default=None,
+    p.add_argument("--tile", type=utils.check_range(int, 1), default=None,
                    help="predict in tiles of this size (default: whole image)")
-    p.add_argument("--tile-overlap", type=float, default=0.5,
-                   help="tile overlap fraction (default: 0.5)")
+    p.add_argument("--tile-overlap", type=utils.check_range(float, 0, 0.999999), default=0.5,
+                   help="fraction of a tile shared with its neighbour, in [0, 1) (default: 0.5)")
     p.add_argument("--style", default=None,
                    help="style of a style-conditioned model (default: fine)")
     # --device stays None here (no torch before --help): main() resolves it
@@ -355,6 +355,9 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     import characterize  # NOTE: here, as in photo_quality: its CSV writer
 
     photos = photos_in(image_dir)
+    if Path(out_dir).resolve() == Path(image_dir).resolve():  # the next run would read the maps
+        raise ValueError(f"--out {out_dir} is the --images folder: its maps would be read as "
+                         f"photographs next time; pass another --out")
     out_dir = utils.writable_folder(out_dir, "--out", "write maps there")  # before the model loads
     models, _ = load_ensemble([str(p) for p in ckpt_paths],
                               torch.device(device or utils.default_device()))

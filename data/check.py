@@ -68,6 +68,7 @@ class Check:
     errors: list = field(default_factory=list)  # one-line messages
     warnings: list = field(default_factory=list)
     lesions: dict = field(default_factory=dict)  # lesion -> {annotated, present, pixels, ...}
+    read: bool = True  # False: the folder or its dataset.json could not be read, nothing checked
 
 
 # ----------------------------------------------------------------------------- the listing
@@ -213,6 +214,7 @@ def check_dataset(dataset_id, data_root, roots=None, thresholds=None, split_file
             check.name = str(generic.read_dataset_json(check.root).get("name") or "")
     except (ValueError, OSError) as e:  # not found, dataset.json wrong: nothing else to check
         check.errors.append(utils.message(e))
+        check.read = False
         return check
     check.threshold, check.split_file = int(threshold or 0), split_file and str(split_file)
     check.protocol = split_protocol
@@ -235,6 +237,9 @@ def report(check):
     """The lines data.check prints for one dataset: a table of the lesions, the split, the
     findings."""
     name = f" ({check.name})" if check.name else ""
+    if not check.read:  # no table of lesions that were never read
+        return "\n".join([f"{check.dataset}: not read", *(f"error: {e}" for e in check.errors),
+                          f"{check.dataset}: {len(check.errors)} error(s), 0 warning(s)"])
     lines = [f"{check.dataset}{name}: {check.root or 'not found'}: {len(check.samples)} images",
              f"  {'lesion':<7}{'annotated':>10}{'with it':>9}{'pixels':>9}  mask values"]
     for lesion in LESIONS:

@@ -150,7 +150,12 @@ def test_nothing_to_check_and_a_folder_not_found_are_one_line(tmp_path):
     lines, error = check()
     assert lines == [] and "--root ID=DIR" in error
     lines, error = check("--root", f"ABC={tmp_path / 'nowhere'}")
-    assert lines[0] == "ABC: not found: 0 images" and str(tmp_path / "nowhere") in lines[-2]
+    assert len(lines) == 3 and lines[0] == "ABC: not read" and str(tmp_path / "nowhere") in lines[1]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dataset.json").write_text("{bad")
+    lines, error = check("--root", f"ABC={tmp_path / 'bad'}")  # no table of lesions never read
+    assert lines[0] == "ABC: not read" and lines[1].startswith(
+        f"error: {tmp_path / 'bad' / 'dataset.json'} is not valid JSON") and len(lines) == 3, lines
     lines, error = check("--root", f"ABC={tmp_path}", "--workers", "0")
     assert lines == [] and "--workers" in error
 

@@ -734,6 +734,17 @@ def test_lesions_a_test_set_does_not_annotate_are_not_scored(ckpts, model_from, 
     with pytest.raises(ValueError) as err:  # an ID with no folder anywhere: most likely a typo
         evaluate.main([*common, "--test", "ABX"])
     assert one_line(err).startswith("--test: unknown dataset ID 'ABX'")
+    # scored again from another folder under the same ID: replaced, with a note naming both;
+    # the header's --root pairs keep the other test sets' folders
+    other = generic_dataset(("EX", "HE"), folder="ABC2")
+    (other / "splits.json").write_text((root / "splits.json").read_text())
+    header = json.loads((tmp_path / "abc.json").read_text())
+    (tmp_path / "abc.json").write_text(json.dumps({**header, "root": [f"ABC={root}", "IDR=/x"]}))
+    capsys.readouterr()
+    evaluate.main([*common, "--test", "ABC", "--root", f"ABC={other}"])
+    assert f"note: ABC in {tmp_path / 'abc.json'} was scored on {root}; its scores are replaced " \
+           f"by those on {other}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "abc.json").read_text())["root"] == ["IDR=/x", f"ABC={other}"]
 
 
 # ---------------------------------------------------------------------------------------------------------

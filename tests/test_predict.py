@@ -227,6 +227,21 @@ def test_unwritable_out_is_one_line_before_any_work(eval_ckpts, fundus_jpeg, tmp
         assert last.startswith("error:") and f"--out {out}" in last
         assert "eye.jpg: maps" not in r.stdout
     assert blocker.read_text() == "keep me"
+    # --out the --images folder itself: the next run would read the maps as photographs
+    with pytest.raises(ValueError) as e:
+        predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out",
+                      str(photos), "--device", "cpu"])
+    assert str(e.value) == (f"--out {photos} is the --images folder: its maps would be read as "
+                            f"photographs next time; pass another --out")
+    assert sorted(p.name for p in photos.iterdir()) == ["eye.jpg"]
+    # a folder that is no checkpoint, a tile size below 1: one line naming them
+    with pytest.raises(ValueError) as e:
+        predict.main(["--ckpt", str(tmp_path), "--images", str(photos), "--out",
+                      str(tmp_path / "m"), "--device", "cpu"])
+    assert str(e.value) == f"{tmp_path} is a folder, not a checkpoint file"
+    r = cli("--ckpt", eval_ckpts["a"], "--images", photos, "--tile", "-1", "--device", "cpu")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: argument --tile: must be >= 1, got -1"], r.stderr
 
 
 def test_bad_images_folder_is_one_line_naming_it(eval_ckpts, tmp_path):

@@ -355,6 +355,9 @@ def predict_images(ckpt_paths, image_dir, out_dir, resolution=None, device=None,
     import characterize  # NOTE: here, as in photo_quality: its CSV writer
 
     photos = photos_in(image_dir)
+    if not photos:  # before --out is made: a failed run leaves no empty folder
+        raise ValueError(f"no image in --images {image_dir} (image files: "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     if Path(out_dir).resolve() == Path(image_dir).resolve():  # the next run would read the maps
         raise ValueError(f"--out {out_dir} is the --images folder: its maps would be read as "
                          f"photographs next time; pass another --out")

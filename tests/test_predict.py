@@ -248,11 +248,17 @@ def test_bad_images_folder_is_one_line_naming_it(eval_ckpts, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not a jpeg")
-    for folder in (broken, tmp_path / "nowhere"):  # no readable photograph; no folder at all
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # no image file (found before --out is made: no empty folder left); no readable photograph;
+    # no folder at all
+    for folder in (empty, broken, tmp_path / "nowhere"):
         with pytest.raises((ValueError, FileNotFoundError)) as e:
             predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(folder),
                           "--out", str(tmp_path / "m"), "--device", "cpu"])
         assert folder.name in one_line(e)
+        if folder == empty:
+            assert not (tmp_path / "m").exists()
 
 
 def test_images_oversized_photo_is_skipped_with_a_warning(eval_ckpts, fundus_jpeg, tmp_path, monkeypatch, capsys):

@@ -325,10 +325,11 @@ def test_segment_and_ensembles_pass_the_style_to_every_member(style_net, randomi
 
 
 def test_style_for_an_unconditioned_model_is_one_line_before_any_work(style_net, style_checkpoint,
-                                                                      tmp_path):
+                                                                      fundus_jpeg, tmp_path):
     plain = style_checkpoint(tmp_path / "plain.pt", style_net())
     photos = tmp_path / "photos"
     photos.mkdir()
+    fundus_jpeg(photos / "eye.jpg", 120, 100)
     with pytest.raises(ValueError) as err:
         predict.main(["--ckpt", str(plain), "--images", str(photos), "--out", str(tmp_path / "m"),
                       "--style", "coarse", "--device", "cpu"])

@@ -234,12 +234,18 @@ def _values(values):
 
 
 def report(check):
-    """The lines data.check prints for one dataset: a table of the lesions, the split, the
-    findings."""
+    """The lines data.check prints for one dataset: a table of the lesions and the split (none for
+    a folder or dataset.json that could not be read), the findings."""
+    lines = _table(check) if check.read else [f"{check.dataset}: not read"]
+    lines += [f"error: {e}" for e in check.errors] + [f"warning: {w}" for w in check.warnings]
+    lines.append(f"{check.dataset}: {len(check.errors)} error(s), {len(check.warnings)} "
+                 f"warning(s)")
+    return "\n".join(lines)
+
+
+def _table(check):
+    """report's lines before the findings: the dataset, its lesions, its split."""
     name = f" ({check.name})" if check.name else ""
-    if not check.read:  # no table of lesions that were never read
-        return "\n".join([f"{check.dataset}: not read", *(f"error: {e}" for e in check.errors),
-                          f"{check.dataset}: {len(check.errors)} error(s), 0 warning(s)"])
     lines = [f"{check.dataset}{name}: {check.root or 'not found'}: {len(check.samples)} images",
              f"  {'lesion':<7}{'annotated':>10}{'with it':>9}{'pixels':>9}  mask values"]
     for lesion in LESIONS:
@@ -255,10 +261,7 @@ def report(check):
     if check.splits:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in check.splits.items())
         lines.append(f"  splits: {sizes} ({check.split_file or check.protocol + ' protocol'})")
-    lines += [f"error: {e}" for e in check.errors] + [f"warning: {w}" for w in check.warnings]
-    lines.append(f"{check.dataset}: {len(check.errors)} error(s), {len(check.warnings)} "
-                 f"warning(s)")
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------- command line

@@ -53,6 +53,7 @@ from data.datasets import annotated, dataset_root, list_samples, load_image, loa
 from data.flags import data_options  # noqa: E402
 from data.ids import LESIONS  # noqa: E402
 from data.preprocess import fov_box  # noqa: E402
+from data.splits import in_two_splits  # noqa: E402
 from data.synthetic import coarse_radius, dilate, ma_keep_probability  # noqa: E402
 
 EIGHT = np.ones((3, 3), bool)  # 8-connected components, as characterize.py counts lesions
@@ -83,12 +84,12 @@ def splits_of(args):
     a one-line error (the copy's data.check would refuse it)."""
     splits = {s: [x.strip() for x in getattr(args, s).split(",") if x.strip()]
               for s in ("train", "val", "test")}
-    seen = {}
-    for split, stems in splits.items():
-        for stem in stems:
-            if seen.setdefault(stem, split) != split:
-                raise ValueError(f"--{seen[stem]} and --{split}: {stem!r} is in both; an image "
-                                 f"belongs to one split")
+    # a stem twice in one flag is copied once: only two flags naming it are an error
+    twice = in_two_splits({k: list(dict.fromkeys(v)) for k, v in splits.items()})
+    if twice:
+        stem, first, other = twice
+        raise ValueError(f"--{first} and --{other}: {stem!r} is in both; an image belongs to one "
+                         f"split")
     return {s: v for s, v in splits.items() if v}
 
 

@@ -122,7 +122,7 @@ def read_split_file(path, dataset_id, ids):
             or not all(isinstance(x, str) for v in raw.values() for x in v)):  # ids: strings
         raise ValueError(f"split file {path} must be a JSON object "
                          f"{{\"train\": [ids], \"val\": [ids], \"test\": [ids]}}")
-    known, seen = set(ids), set()
+    known = set(ids)
     unknown = [(x, name) for name, members in raw.items() for x in members if x not in known]
     if unknown:  # all of them in the one line: a renamed or removed image is rarely alone
         (x, name), rest = unknown[0], unknown[1:]
@@ -130,13 +130,22 @@ def read_split_file(path, dataset_id, ids):
         more = f"; {len(rest)} more: {more}" if rest else ""
         raise ValueError(f"split file {path}: unknown {dataset_id} image id {x!r} in {name!r} "
                          f"(no image of that name{more})")
-    for name, members in raw.items():  # an id twice would be trained on and scored on
-        for x in members:
-            if x in seen:
-                raise ValueError(f"split file {path}: image id {x!r} is in more than one "
-                                 "split")
-            seen.add(x)
+    twice = in_two_splits(raw)  # an id twice would be trained on and scored on
+    if twice:
+        raise ValueError(f"split file {path}: image id {twice[0]!r} is in more than one split")
     return {k: sorted(v) for k, v in raw.items()}
+
+
+def in_two_splits(splits):
+    """{split: [ids]} -> (id, its first split, another split) for the first id listed in two
+    splits (or twice in one), else None."""
+    first = {}
+    for name, members in splits.items():
+        for x in members:
+            if x in first:
+                return x, first[x], name
+            first[x] = name
+    return None
 
 
 def make_splits(samples, dataset_id, seed=0, split_file=None, protocol="paper"):

@@ -19,14 +19,11 @@ import os
 import sys
 import textwrap
 
+import runfolder
 import utils
 from data.flags import add_data_args, add_dataset_list
 from data.ids import LESIONS, combo_name, parse_lesions, style_tokens
 
-# The flags that may differ between a run and its resume (--help lists them).
-RESUMABLE = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device",
-             "dtype", "compile", "channels_last", "sync_bn", "data_root", "cache", "root", "out",
-             "test")
 HIGHER_IS_BETTER = {"loss": False, "dice": True, "ap": True, "aupr": True}  # --val-metric choices
 
 
@@ -67,7 +64,7 @@ WHOLE, COUNT, FRACTION = (utils.check_range(int, 1), utils.check_range(int, 0),
 
 
 def build_parser():
-    resumable = ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k != "out")
+    resumable = ", ".join(f"--{k.replace('_', '-')}" for k in runfolder.RESUMABLE if k != "out")
     p = utils.Parser(description=__doc__, epilog=textwrap.fill(
         f"A resume refuses other settings than the run's own, except {resumable} (--iters not "
         f"below the step of last.pt: the cosine then stretches to the new end); docs/TRAINING.md"))
@@ -190,13 +187,9 @@ def add_system_args(g):
 utils.start(__name__, build_parser)  # --help before torch loads; a Ctrl-C while it loads: one line
 
 import datetime  # noqa: E402
-import fcntl  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -209,6 +202,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader, Sampler, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import stops  # noqa: E402
 import weights  # noqa: E402
 from curves import refresh as refresh_curves  # noqa: E402
 from data import PatchDataset, PreparedDataset, data_options, prepare_cache  # noqa: E402
@@ -396,47 +390,7 @@ def is_better(name, value, best):
     return value > best if HIGHER_IS_BETTER[name] else value < best
 
 
-# ---------------------------------------------------------------------------- the run folder
-def lock_run(out):
-    """Hold OUT/.lock (fcntl.flock) for the run's life: a second train.py on the same --out refuses
-    at once. NOTE: the kernel drops a flock when its process ends, killed or not: no stale lock.
-    Returns the file descriptor; closing it releases the lock."""
-    utils.writable_folder(out, "--out", "write the run there")  # one line naming the flag
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process not yet named"
-        os.close(fd)
-        raise ValueError(f"{out} is in use by another train.py ({holder}); wait for it to end or "
-                         f"pass another --out") from None
-    os.ftruncate(fd, 0)  # then name the holder, for the line that refuses the next train.py
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    return fd
-
-
-def _plain(value):
-    """argparse values -> JSON-able (tuples become lists), as args.json holds them."""
-    return json.loads(json.dumps(value))
-
-
-def check_resume_args(recorded, args, path, step):
-    """Refuse to continue the run of `path` (at `step`) under settings other than its own: its
-    args.json would describe a run that never happened. Only the RESUMABLE flags may change."""
-    now = _plain(vars(args))
-    differ = [k for k in now if k not in RESUMABLE and k in recorded and recorded[k] != now[k]]
-    if differ:
-        shown = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
-        changes = ", ".join(f"--{k.replace('_', '-')} {shown(recorded[k])} -> {shown(now[k])}"
-                            for k in differ)
-        raise ValueError(f"{path} was trained with other settings ({changes}); rerun with the "
-                         f"run's own flags to resume it, or pass another --out (train.py --help "
-                         f"lists the flags that may change)")
-    if args.iters < step:
-        raise ValueError(f"--iters {args.iters} is below step {step} of {path}; resume with "
-                         f"--iters >= {step} or pass another --out")
-
-
+# ---------------------------------------------------------------------------- setup
 def refuse_restart(out, args):
     """A folder holding a run but no last.pt (deleted: it is 3x best.pt) is never retrained from
     step 0 over that run's files. Only a run that got no further than its first validation may
@@ -450,7 +404,8 @@ def refuse_restart(out, args):
         return
     ckpt = load_checkpoint(best)
     step = int(ckpt.get("step") or 0)
-    check_resume_args(ckpt.get("args") or {}, args, best, step)  # another --train etc.: refused
+    # another --train etc.: refused
+    runfolder.check_resume_args(ckpt.get("args") or {}, args, best, step)
     if step > min(args.val_every, args.iters) or kept:
         raise ValueError(f"{out} holds a run (best.pt at step {step}) but no last.pt to resume it "
                          f"from: training again would start at step 0 and replace its files; "
@@ -468,84 +423,12 @@ def load_resume(out, args, world):
             raise ValueError(f"the ranks see different {last} (steps {steps}): --out must be on a "
                              f"filesystem shared by every node")
     if ckpt is not None:
-        check_resume_args(ckpt.get("args") or {}, args, last, ckpt["step"])
+        runfolder.check_resume_args(ckpt.get("args") or {}, args, last, ckpt["step"])
     else:
         refuse_restart(out, args)
     return ckpt
 
 
-def remove_partial_writes(out):
-    """Remove the temporary files (.NAME.XXXXXXXX.tmp, as large as a checkpoint) of writes a killed
-    run left. Only train.py writes these names in a run folder. Hold OUT/.lock."""
-    ours = ("last.pt", "best.pt", "args.json", "log.jsonl", "curves.png")
-    for path in [*out.glob(".*.tmp"), *(out / "snapshots").glob(".*.tmp")]:
-        if path.parent.name == "snapshots" or path.name[1:].rsplit(".", 2)[0] in ours:
-            path.unlink(missing_ok=True)
-
-
-def snapshot_path(out, step):
-    return out / "snapshots" / f"step_{step:06d}.pt"
-
-
-def val_loss_minima(history):
-    """Steps of the validations whose loss is lower than both neighbours' (paper section 2.5)."""
-    return {b["step"] for a, b, c in zip(history, history[1:], history[2:])
-            if b["loss"] < min(a["loss"], c["loss"])}
-
-
-def history_length(args):
-    """How many validation records last.pt keeps: the last --keep-last (at least the latest) and
-    the two before them, which judge whether the first of those is a local minimum."""
-    return max(1, args.keep_last) + 2
-
-
-def prune_snapshots(out, history, args, finished=False, step=None):
-    """The one snapshot rule (docs/TRAINING.md), after each validation and on resume, idempotent.
-    Of the validations in `history`, snapshots/step_N.pt stays when its loss is a local minimum,
-    when it is one of the last --keep-last (at least the latest while training) or a
-    --snapshot-every step; files of steps after `step` (default: the latest validation's) go.
-    NOTE: the first record of a full history has lost its left neighbour: it was judged one
-    validation earlier, with both; left alone."""
-    full = len(history) >= history_length(args)  # then records were dropped (validate_and_save)
-    judged = {r["step"] for r in (history[1:] if full else history)}  # see the NOTE
-    n = args.keep_last if finished else max(1, args.keep_last)  # the last validations kept
-    keep = val_loss_minima(history) | ({r["step"] for r in history[-n:]} if n else set())
-    latest = step if step is not None else history[-1]["step"] if history else -1
-    for path in sorted((out / "snapshots").glob("*step_*.pt")):
-        at = int(path.stem.rsplit("_", 1)[1])
-        if path.name.startswith("pending_"):  # NOTE: the older two-state layout: the same weights
-            os.replace(path, snapshot_path(out, at))
-            path = snapshot_path(out, at)
-        periodic = args.snapshot_every and at % args.snapshot_every == 0
-        if at > latest or (at in judged and at not in keep and not periodic):
-            path.unlink()
-
-
-def append_log(path, record):
-    """One line of OUT/log.jsonl (NaN as null); a full disk is one OSError naming the log."""
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(utils.null_nan(record)) + "\n")
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
-
-
-def trim_log(path, step):
-    """On resume, drop the log lines after the checkpoint's step (they will be redone) and a last
-    line cut short by a crash."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    utils.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
-
-
-# ---------------------------------------------------------------------------- setup
 def setup_process(args):
     """Device and DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain process is
     rank 0 of 1. Returns (device, rank, world, own_group)."""
@@ -686,7 +569,7 @@ def patch_loader(args, train_sets, start, rank, world):
     sampler = StepSampler(start, args.iters, args.batch, rank, world)
     return DataLoader(patches, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                       pin_memory=torch.device(args.device).type == "cuda",
-                      worker_init_fn=ignore_stop_signals,
+                      worker_init_fn=stops.ignore_stop_signals,
                       generator=torch.Generator())  # NOTE: own generator: the global RNG untouched
 
 
@@ -721,7 +604,7 @@ class State:
 
     def run_args(self):
         """The run's settings as args.json and every checkpoint's "args" hold them."""
-        return {**_plain(vars(self.args)), "n_train_images": self.n_train}
+        return {**runfolder.plain(vars(self.args)), "n_train_images": self.n_train}
 
     def validated_now(self):
         """The record of a validation at the current step, else None."""
@@ -804,17 +687,18 @@ def validate_and_save(state, val_sets, master, on_validate=None):
     better = is_better(args.val_metric, metric, state.best["value"])
     if better:
         state.best.update(value=metric, step=state.step)
-    state.history = (state.history + [record])[-history_length(args):]  # what last.pt remembers
+    # what last.pt remembers
+    state.history = (state.history + [record])[-runfolder.history_length(args):]
     # the step of the previous validation, if its loss is a local minimum (log.jsonl "minimum_at")
-    minimum = next(iter(val_loss_minima(state.history[-3:])), None)
+    minimum = next(iter(runfolder.val_loss_minima(state.history[-3:])), None)
     if master:
         periodic = args.snapshot_every and state.step % args.snapshot_every == 0
-        save_checkpoint(snapshot_path(state.out, state.step), state.checkpoint(
+        save_checkpoint(runfolder.snapshot_path(state.out, state.step), state.checkpoint(
             record, snapshot="every+validation" if periodic else "validation"))
-        prune_snapshots(state.out, state.history, args)
+        runfolder.prune_snapshots(state.out, state.history, args)
         if better:
             save_checkpoint(state.out / "best.pt", state.checkpoint(record))
-        append_log(state.out / "log.jsonl", {
+        runfolder.append_log(state.out / "log.jsonl", {
             "step": state.step, "split": "val",
             **{k: metrics[k] for k in ("loss", "mean_aupr", "mean_ap", "mean_dice")},
             **{k: dict(zip(LESIONS, metrics[k])) for k in ("aupr", "ap", "dice")},
@@ -831,66 +715,6 @@ def validate_and_save(state, val_sets, master, on_validate=None):
 
 
 # ---------------------------------------------------------------------------- the step loop
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run, carrying the line that says how to resume (tune.py catches it)."""
-
-
-# Stop signals: Slurm's warning before a time limit (sbatch --signal=B:USR1@S), a preemption or
-# scancel (SIGTERM). EX_TEMPFAIL (sysexits.h): stopped, last.pt written; rerun to resume.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-EXIT_STOPPED = 75
-_received = []  # the stop signals received during run(); train_loop looks after every step
-
-
-class Stopped(Interrupted):
-    """A stop signal ended the run after a step, last.pt written there: main() exits EXIT_STOPPED;
-    tune.py takes it as a Ctrl-C (the trial is queued again and resumes from last.pt)."""
-
-
-def catch_stop_signals():
-    """From now on a stop signal is only recorded (the loop stops at the end of the step, where
-    saving is safe) -> the handlers it replaced, for restore_signals. Only the main thread may set
-    handlers (Python's rule): elsewhere (optuna's threads) the signals keep theirs."""
-    _received.clear()
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
-        signal.signal(s, lambda signum, frame: _received.append(signum))
-    return previous
-
-
-def restore_signals(previous):
-    for s, handler in previous.items():
-        signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader worker_init_fn. NOTE: a scheduler signals every process of the job; a worker
-    killed by SIGTERM would end the run ("DataLoader worker exited unexpectedly") unsaved. A worker
-    started by spawn/forkserver keeps the default action until this runs; one that ignores SIGTERM
-    ends with the main process, or by the scheduler's SIGKILL after its KillWait."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
-def stop_requested(state, device):
-    """Did this process (under DDP: any rank; all must stop at the same step) get a stop signal?"""
-    return any_rank_received(state.world, device)
-
-
-def any_rank_received(world, device):
-    if world == 1:
-        return bool(_received)
-    flag = torch.tensor(float(bool(_received)), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
-
-
-def received_name():
-    return signal.Signals(_received[0]).name if _received else "another rank's signal"
-
-
 def train_step(state, model, batch, device):
     """One optimizer update on one batch -> (mean loss over ranks, learning rate used)."""
     args, dtype = state.args, utils.torch_dtype(state.args.dtype)
@@ -928,7 +752,7 @@ def train_step(state, model, batch, device):
 
 def train_loop(state, model, loader, val_sets, device, master, on_validate):
     """Steps from state.step to --iters, validating and saving on the way; False when --stop-at
-    ended them. A stop signal (catch_stop_signals) raises Stopped at the end of its step."""
+    ended them. A stop signal (stops.catch_stop_signals) raises Stopped at the end of its step."""
     args = state.args
     bar = tqdm(total=args.iters, initial=state.step, disable=not master, dynamic_ncols=True,
                desc=combo_name(args.train))
@@ -946,10 +770,9 @@ def train_loop(state, model, loader, val_sets, device, master, on_validate):
                              "patches/s": f"{rate:.1f}"}, refresh=False)
             if master and (state.step % args.log_every == 0 or state.step == args.iters):
                 # step_s: seconds per optimizer step since the last validation (training only)
-                append_log(state.out / "log.jsonl", {"step": state.step, "split": "train",
-                                                     "loss": sum(running) / len(running),
-                                                     "lr": lr, "patches_per_s": rate,
-                                                     "step_s": args.batch * state.world / rate})
+                runfolder.append_log(state.out / "log.jsonl", {
+                    "step": state.step, "split": "train", "loss": sum(running) / len(running),
+                    "lr": lr, "patches_per_s": rate, "step_s": args.batch * state.world / rate})
                 running = []
             if state.step % args.val_every == 0 or state.step == args.iters:
                 validate_and_save(state, val_sets, master, on_validate)
@@ -958,29 +781,28 @@ def train_loop(state, model, loader, val_sets, device, master, on_validate):
                     and state.validated_now() is None):
                 check_finite(state)
                 if master:
-                    save_checkpoint(snapshot_path(state.out, state.step),
+                    save_checkpoint(runfolder.snapshot_path(state.out, state.step),
                                     state.checkpoint(snapshot="every"))
                 tic, seen = time.perf_counter(), 0
             if args.stop_at is not None and args.stop_at <= state.step < args.iters:
                 save_last_unless_validated(state, master)
                 return False
-            if state.step < args.iters and stop_requested(state, device):
+            if state.step < args.iters and stops.any_rank_received(state.world, device):
                 save_last_unless_validated(state, master)
-                raise Stopped(f"stopped by {received_name()} at step {state.step}: "
-                              f"{state.out / 'last.pt'} written; rerun the same command to resume "
-                              f"(exit {EXIT_STOPPED})")
+                raise stops.stopped(f"at step {state.step}: {state.out / 'last.pt'} written; "
+                                    f"rerun the same command to resume")
         if state.validated_now() is None:  # e.g. --iters raised on a finished run: validate now
             validate_and_save(state, val_sets, master, on_validate)
         return True
     except KeyboardInterrupt as e:
-        if isinstance(e, Interrupted):
+        if isinstance(e, stops.Interrupted):
             raise
         if state.saved_step is None:
-            raise Interrupted(f"interrupted at step {state.step}, before the first checkpoint; "
-                              f"rerun the same command to start again") from None
-        raise Interrupted(f"interrupted at step {state.step}; rerun the same command to resume "
-                          f"from {state.out / 'last.pt'} (saved at step {state.saved_step})"
-                          ) from None
+            raise stops.Interrupted(f"interrupted at step {state.step}, before the first "
+                                    f"checkpoint; rerun the same command to start again") from None
+        raise stops.Interrupted(f"interrupted at step {state.step}; rerun the same command to "
+                                f"resume from {state.out / 'last.pt'} (saved at step "
+                                f"{state.saved_step})") from None
     finally:
         bar.close()
 
@@ -1006,10 +828,11 @@ def resume(state, ckpt, rank, master):
         # NOTE: a killed run's later validation may have pruned this one's snapshot; last.pt of a
         # validation step holds the same weights
         record = state.validated_now()
-        if record is not None and not snapshot_path(state.out, state.step).exists():
-            save_checkpoint(snapshot_path(state.out, state.step),
+        if record is not None and not runfolder.snapshot_path(state.out, state.step).exists():
+            save_checkpoint(runfolder.snapshot_path(state.out, state.step),
                             state.checkpoint(record, snapshot="validation"))
-        prune_snapshots(state.out, state.history, state.args, step=state.step)  # maybe a --stop-at
+        # the step may be a --stop-at's, not a validation's
+        runfolder.prune_snapshots(state.out, state.history, state.args, step=state.step)
         print(f"resuming {state.out} from step {state.step}")
 
 
@@ -1035,12 +858,13 @@ def train(args, device, rank, world, ckpt, on_validate):
     if master:
         text = json.dumps(state.run_args(), indent=2) + "\n"
         utils.write_atomic(state.out / "args.json", lambda tmp: tmp.write_text(text))
-        trim_log(state.out / "log.jsonl", state.step)
+        runfolder.trim_log(state.out / "log.jsonl", state.step)
     loader = patch_loader(args, train_sets, state.step, rank, world)
     finished = train_loop(state, model, loader, val_sets, device, master, on_validate)
     out = state.out
     if master and finished:
-        prune_snapshots(out, state.history, args, finished=True)  # the last --keep-last stay
+        # the last --keep-last stay
+        runfolder.prune_snapshots(out, state.history, args, finished=True)
         kept = len(list((out / "snapshots").glob("step_*.pt")))
         print(f"done: {state.step} steps; best val {args.val_metric} {state.best['value']:.4f} at "
               f"step {state.best['step']} in {out / 'best.pt'}; {kept} snapshots in "
@@ -1056,26 +880,26 @@ def run(args, on_validate=None):
     """Train (or resume) the run of `args` (parse_args) -> its last validation record and
     {"best", "best_step", "out", "finished"}. on_validate(step, record) is called after every
     validation, checkpoints written; what it raises (optuna.TrialPruned) propagates. Ctrl-C raises
-    Interrupted (a KeyboardInterrupt) saying how to resume; SIGUSR1 or SIGTERM raises Stopped (an
-    Interrupted) at the end of the step, last.pt written."""
+    stops.Interrupted (a KeyboardInterrupt) saying how to resume; SIGUSR1 or SIGTERM raises
+    stops.Stopped (an Interrupted) at the end of the step, last.pt written."""
     device, rank, world, own_group = setup_process(args)
     out, lock = Path(args.out), None
     created = not out.exists()  # a run that fails before writing anything leaves no folder
-    previous = catch_stop_signals()
+    previous = stops.catch_stop_signals()
     try:
-        lock = on_rank0(rank == 0, world, lambda: lock_run(out))  # before the one read of last.pt
+        # the lock before the one read of last.pt
+        lock = on_rank0(rank == 0, world, lambda: runfolder.lock_run(out))
         if rank == 0:
-            remove_partial_writes(out)
+            runfolder.remove_partial_writes(out)
         ckpt = load_resume(out, args, world)
         done = finished_result(ckpt, args, rank == 0)
         result = done if done is not None else train(args, device, rank, world, ckpt, on_validate)
         # NOTE: a stop signal during the last step or the final validation (or while a finished
         # run says so) must not be lost: the job script would start evaluate.py with too little
         # time left; stopped, it requeues and the next attempt goes on from there.
-        if any_rank_received(world, device):
-            raise Stopped(f"stopped by {received_name()} after the run finished at step "
-                          f"{result.get('step', args.iters)}: rerun the same command to go on "
-                          f"(exit {EXIT_STOPPED})")
+        if stops.any_rank_received(world, device):
+            raise stops.stopped(f"after the run finished at step {result.get('step', args.iters)}"
+                                f": rerun the same command to go on")
         return result
     except BaseException:
         if lock is not None and created and os.listdir(out) == [".lock"]:
@@ -1083,7 +907,7 @@ def run(args, on_validate=None):
             out.rmdir()
         raise
     finally:
-        restore_signals(previous)
+        stops.restore_signals(previous)
         if lock is not None:
             os.close(lock)
         if own_group:
@@ -1131,9 +955,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         result = run(args)
-    except Stopped as e:  # its own exit status: a job script can tell "resume me" from a failure
+    except stops.Stopped as e:  # its own exit status: a job script tells "resume me" from a failure
         print(e, file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        sys.exit(stops.EXIT_STOPPED)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 alone scores and tells
         return
     if args.test and result.get("finished"):

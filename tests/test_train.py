@@ -3,7 +3,6 @@ run folder's lock, faults (NaN, Ctrl-C, a full disk, a deleted last.pt), --lesio
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_train.py
 """
-import argparse
 import errno
 import io
 import json
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 import average
 import model
 import protocol
+import runfolder
+import stops
 import train
 import utils
 from data import LESIONS, PreparedDataset
@@ -410,30 +411,6 @@ def test_killed_run_leaves_no_snapshot_that_misleads_the_rerun(synth_root, cache
             assert torch.equal(snap["model"][k], v), (s, k)
 
 
-@pytest.mark.parametrize("keep_last, every", [(0, 0), (1, 0), (2, 6), (3, 4)])
-def test_prune_snapshots_keeps_every_minimum_of_a_long_run(keep_last, every, tmp_path):
-    """The snapshot rule over 20 validations (every 2 steps), against a brute-force reading of the
-    whole loss curve: the local minima (paper section 2.5), the last --keep-last validations and the
-    --snapshot-every steps stay, nothing else; a minimum stays after its neighbours have left the
-    short history that last.pt keeps."""
-    losses = [5, 3, 4, 2, 6, 1, 1.5, 0.5, 0.7, 0.9, 0.4, 0.6, 0.3, 0.2, 0.8, 0.1, 0.9, 0.85, 0.95,
-              0.9]
-    args = argparse.Namespace(keep_last=keep_last, snapshot_every=every)
-    (tmp_path / "snapshots").mkdir()
-    history = []
-    for i, loss in enumerate(losses):  # validate_and_save's order: the file, the history, the rule
-        train.snapshot_path(tmp_path, 2 * (i + 1)).write_bytes(b"")
-        history = (history + [{"step": 2 * (i + 1), "loss": loss}])[-train.history_length(args):]
-        train.prune_snapshots(tmp_path, history, args)
-    train.prune_snapshots(tmp_path, history, args, finished=True)
-    steps = [2 * (i + 1) for i in range(len(losses))]
-    want = {steps[i] for i in range(1, len(losses) - 1)
-            if losses[i] < min(losses[i - 1], losses[i + 1])}
-    want |= set(steps[len(steps) - keep_last:]) if keep_last else set()
-    want |= {s for s in steps if every and s % every == 0}
-    assert sorted(int(p.stem[5:]) for p in (tmp_path / "snapshots").iterdir()) == sorted(want)
-
-
 def test_every_run_keeps_its_last_validations_for_swa(synth_root, cache_dir, tmp_path, monkeypatch):
     """A steadily falling validation loss has no local minimum: the weights of the last --keep-last validations
     are kept as snapshots all the same, so average.py swa (and Figure 4) has them in every run."""
@@ -476,9 +453,9 @@ def test_resume_removes_the_temporary_files_of_a_killed_write(synth_root, cache_
 HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
-import train
+import runfolder
 from pathlib import Path
-fd = train.lock_run(Path(sys.argv[1]))
+fd = runfolder.lock_run(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)
 """
@@ -508,12 +485,12 @@ def test_second_run_on_the_same_out_refuses_at_once(synth_root, cache_dir, tmp_p
         assert len(second.stderr.strip().splitlines()) == 1, second.stderr
         assert str(out) in second.stderr and f"pid {holder.pid}" in second.stderr and "--out" in second.stderr
         with pytest.raises(ValueError, match=f"pid {holder.pid}"):
-            train.lock_run(out)  # this process too
+            runfolder.lock_run(out)  # this process too
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
     finally:
         holder.kill()  # SIGKILL: no cleanup code runs
         holder.wait(timeout=30)
-    os.close(train.lock_run(out))  # a dead process's lock is gone by itself
+    os.close(runfolder.lock_run(out))  # a dead process's lock is gone by itself
 
 
 def test_lock_is_taken_before_last_pt_is_read(synth_root, cache_dir, tmp_path, monkeypatch):
@@ -521,8 +498,8 @@ def test_lock_is_taken_before_last_pt_is_read(synth_root, cache_dir, tmp_path, m
     reads a last.pt that the run holding the lock is replacing."""
     out = tmp_path / "run"
     order = []
-    real_lock, real_load = train.lock_run, train.load_resume
-    monkeypatch.setattr(train, "lock_run", lambda o: order.append("lock") or real_lock(o))
+    real_lock, real_load = runfolder.lock_run, train.load_resume
+    monkeypatch.setattr(runfolder, "lock_run", lambda o: order.append("lock") or real_lock(o))
     monkeypatch.setattr(train, "load_resume", lambda *a: order.append("read") or real_load(*a))
     train.run(tiny_args(synth_root, cache_dir, out, "--iters", "2", "--val-every", "2"))
     assert order == ["lock", "read"]
@@ -949,7 +926,7 @@ def test_sigusr1_writes_last_pt_exits_75_and_the_rerun_is_bit_identical(
     proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
                           start_new_session=True)
-    assert proc.returncode == train.EXIT_STOPPED == 75, proc.stderr[-3000:]
+    assert proc.returncode == stops.EXIT_STOPPED == 75, proc.stderr[-3000:]
     assert re.split(r"[\r\n]+", proc.stderr.strip())[-1] == \
         f"stopped by SIGUSR1 at step 3: {out / 'last.pt'} written; rerun the same command to " \
         f"resume (exit 75)"
@@ -973,7 +950,7 @@ def test_sigterm_stops_in_process_and_restores_the_handlers(straight_run, synth_
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     monkeypatch.setattr(train, "train_step", sigterm_at_step_4)
-    with pytest.raises(train.Stopped) as err:
+    with pytest.raises(stops.Stopped) as err:
         train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))
     assert str(err.value) == f"stopped by SIGTERM at step 4: {out / 'last.pt'} written; rerun " \
                              f"the same command to resume (exit 75)"
@@ -1000,7 +977,7 @@ def test_a_stop_signal_during_the_last_step_is_not_lost(straight_run, synth_root
         return result
 
     monkeypatch.setattr(train, "train_step", sigusr1_at_the_last_step)
-    with pytest.raises(train.Stopped) as err:
+    with pytest.raises(stops.Stopped) as err:
         train.run(tiny_args(synth_root, cache_dir, out, *STRAIGHT))
     assert "SIGUSR1" in str(err.value) and "after the run finished at step 6" in str(err.value)
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 6

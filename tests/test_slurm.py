@@ -287,14 +287,14 @@ def test_a_user_not_root_is_told_why_the_cluster_tests_are_skipped(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
     with pytest.raises(pytest.skip.Exception) as skipped:
         slurm_tools()
-    assert str(skipped.value) == "no Slurm here (munged, slurmctld, slurmd, sbatch, squeue, " \
-        "scancel, scontrol, sinfo missing), and only root with apt-get installs it for these " \
-        "tests (apt-get install -y slurm-wlm munge)"
+    msg = str(skipped.value)  # names every missing tool and the command that installs them
+    assert all(tool in msg for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue",
+                                        "scancel", "scontrol", "sinfo")), msg
+    assert "root" in msg and "apt-get install -y slurm-wlm munge" in msg, msg
     monkeypatch.setattr(shutil, "which", lambda tool, **k: f"/usr/bin/{tool}")
     with pytest.raises(pytest.skip.Exception) as skipped:
         slurm_tools()
-    assert str(skipped.value) == "not root: the test's own Slurm runs its daemons as root " \
-        "(SlurmUser=root)"
+    assert str(skipped.value).startswith("not root") and "SlurmUser=root" in str(skipped.value)
 
 
 @pytest.fixture(scope="module")
@@ -434,9 +434,9 @@ def test_slurm_sweep_requeues_a_task_warned_of_its_time_limit(slurm, synth_root,
         jobs = set(slurm.run("squeue", "-h", "-o", "%F").split())  # arrays, jobs
         again = make("slurm-sweep", *sweep, env=slurm.env, check=False)
         assert again.returncode != 0, again.stdout
-        assert again.stderr.splitlines()[0] == f"error: an array of RUNS={runs.resolve()} is in " \
-            f"the queue (squeue --me -n sweep); submitting again would run its unfinished runs " \
-            f"twice: wait for it to end, or scancel it first", again.stderr
+        first = again.stderr.splitlines()[0]  # names the array's RUNS and the way out
+        assert first.startswith("error: ") and f"RUNS={runs.resolve()} " in first, again.stderr
+        assert "squeue --me -n sweep" in first and "scancel" in first, again.stderr
         assert set(slurm.run("squeue", "-h", "-o", "%F").split()) <= jobs  # nothing new
         (task0,) = [line.split()[1] for line in
                     slurm.run("squeue", "-h", "-o", "%i %A").splitlines()
@@ -514,8 +514,8 @@ def test_a_warned_task_requeues_once_its_command_has_saved(slurm, tmp_path):
     slurm.run("scancel", "--signal=USR1", "--batch", job.strip())
     slurm.wait_for_jobs(120, tmp_path)
     lines = [line for line in log.read_text().splitlines() if not line.startswith("slurmstepd")]
-    assert lines[1:5] == ["running", "saved", "slurm_task: time limit near (SIGUSR1): requeued; "
-                          "the next attempt resumes from last.pt", lines[4]], lines
+    assert lines[1:3] == ["running", "saved"] and lines[3].startswith("slurm_task: "), lines
+    assert all(word in lines[3] for word in ("SIGUSR1", "requeued", "last.pt")), lines
     assert "attempt 2:" in lines[4] and lines[5:] == ["resumed"], lines
 
 
@@ -540,12 +540,14 @@ def test_a_failing_task_is_requeued_retries_times_and_a_cancelled_one_never(slur
     text = (tmp_path / "failing.log").read_text()
     assert text.splitlines().count("boom") == 2, text
     assert "slurm_task: failed (exit 3): requeued, retry 1 of 1" in text
-    assert text.strip().splitlines()[-1] == "slurm_task: error: sh -c echo boom; exit 3 failed " \
-        "(exit 3) 2 time(s); not requeued again; the lines above say why"
+    last = text.strip().splitlines()[-1]  # the command, its exit status, the tries, the end
+    assert last.startswith("slurm_task: error: sh -c echo boom; exit 3 "), last
+    assert all(word in last for word in ("(exit 3)", "2 time(s)", "not requeued")), last
     assert "ExitCode=3:0" in slurm.run("scontrol", "show", "job", failing)
     text = (tmp_path / "unlogged.err").read_text()
-    assert text.strip().splitlines()[-1] == "slurm_task: error: sh -c exit 4 failed (exit 4) 2 " \
-        "time(s); not requeued again; the lines above say why", text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("slurm_task: error: sh -c exit 4 "), text
+    assert all(word in last for word in ("(exit 4)", "2 time(s)", "not requeued")), text
     assert re.search(r" Restarts=1 .*ExitCode=4:0", slurm.run("scontrol", "show", "job", unlogged),
                      re.S)
     text = log.read_text()

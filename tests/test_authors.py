@@ -4,8 +4,9 @@ reference, no network.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_authors.py
 
-The reference model is built by torchseg (the authors' library) and saved by huggingface_hub's
-PyTorchModelHubMixin exactly as the authors' toolkit defines its hub class, so the folder is the released layout.
+The reference model is built by torchseg (the authors' library) and saved by
+huggingface_hub's PyTorchModelHubMixin exactly as the authors' toolkit defines its hub
+class, so the folder is the released layout.
 """
 import json
 import sys
@@ -22,28 +23,33 @@ from predict import load_ensemble, read_checkpoint
 from protocol import predict
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the authors' normalisation
+# the authors' normalisation
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def authors_class():
-    """The hub class of the authors' toolkit (fundus_lesions_toolkit.models.hf_hub): a torchseg model as `model`."""
+    """The hub class of the authors' toolkit
+    (fundus_lesions_toolkit.models.hf_hub): a torchseg model as `model`."""
     torchseg = pytest.importorskip("torchseg")
     from huggingface_hub import PyTorchModelHubMixin
 
     class HuggingFaceModel(PyTorchModelHubMixin, torch.nn.Module):
         def __init__(self, arch: str, encoder: str, in_channels: int = 3, classes: int = 5):
             super().__init__()
-            self.model = torchseg.create_model(arch=arch, encoder_name=encoder, encoder_weights=None,
-                                               in_channels=in_channels, classes=classes)
+            self.model = torchseg.create_model(arch=arch, encoder_name=encoder,
+                                               encoder_weights=None, in_channels=in_channels,
+                                               classes=classes)
     return HuggingFaceModel
 
 
 @pytest.fixture(scope="module")
 def authors_model(tmp_path_factory):
-    """(folder in the hub layout, the torchseg model): random weights and random BatchNorm statistics."""
+    """(folder in the hub layout, the torchseg model):
+    random weights and random BatchNorm statistics."""
     torch.manual_seed(0)
     net = authors_class()(arch="unet", encoder="seresnext50_32x4d", in_channels=3, classes=5)
-    with torch.no_grad():  # non-trivial running statistics, so that the buffers' mapping is checked too
+    # non-trivial running statistics, so that the buffers' mapping is checked too
+    with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
@@ -56,11 +62,13 @@ def authors_model(tmp_path_factory):
 
 
 def reference_probs(net, x):
-    """The authors' inference: ImageNet normalisation, torchseg forward, softmax; the input padded with black to
-    multiples of 32 (torchseg refuses other sizes) and the output cropped -> (B, 4, H, W) in EX, HE, MA, CWS."""
+    """The authors' inference: ImageNet normalisation, torchseg forward, softmax; the
+    input padded with black to multiples of 32 (torchseg refuses other sizes) and the
+    output cropped -> (B, 4, H, W) in EX, HE, MA, CWS."""
     H, W = x.shape[-2:]
     xp = F.pad(x, (0, -W % 32, 0, -H % 32))
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                 torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     with torch.no_grad():
         p = torch.softmax(net((xp - mean) / std), dim=1)  # (B, 5, H', W'): BG, CTW, EX, HE, MA
     return p[:, [2, 3, 4, 1], :H, :W], p[..., :H, :W]
@@ -80,12 +88,14 @@ def test_loader_matches_torchseg_on_a_size_not_a_multiple_of_32(authors_model):
     with pytest.raises(RuntimeError, match="divisible by 32"):
         net(x)  # why our model pads: the authors' decoder upsamples by exactly 2
     ref, _ = reference_probs(net, x)
-    assert ref.std() > 0.05 and 0.01 < ref.mean() < 0.5  # not saturated: the comparison means something
+    # not saturated: the comparison means something
+    assert ref.std() > 0.05 and 0.01 < ref.mean() < 0.5
     for path in (folder, folder / "model.safetensors"):  # the folder, and the weights file alone
         (ours,) = load_models(authors.load(path))
         assert ours.softmax and ours.head.kernel_size == (3, 3)
         with torch.no_grad():
-            probs = predict([ours], x)  # the protocol's prediction: (B, 4, H, W), sigmoid of the lesion logits
+            # the protocol's prediction: (B, 4, H, W), sigmoid of the lesion logits
+            probs = predict([ours], x)
         assert probs.shape == (1, 4, 80, 112)
         # NOTE: float32 sums in another order differ by ~1e-6 of the scale (1 here) and by more on
         # another CPU's kernels; a wrong key or adapter moves probabilities by far more than 1e-4
@@ -123,8 +133,10 @@ def test_strict_key_mapping_errors_are_one_line(authors_model, tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     cases = {
         "extra": ({**sd, "model.decoder.center.0.0.weight": torch.zeros(1)}, "no counterpart"),
-        "missing": ({k: v for k, v in sd.items() if k != "model.segmentation_head.0.bias"}, "missing key 'head.bias'"),
-        "shape": ({**sd, "model.segmentation_head.0.weight": torch.zeros(5, 16, 1, 1)}, "key 'head.weight' has shape"),
+        "missing": ({k: v for k, v in sd.items() if k != "model.segmentation_head.0.bias"},
+                    "missing key 'head.bias'"),
+        "shape": ({**sd, "model.segmentation_head.0.weight": torch.zeros(5, 16, 1, 1)},
+                  "key 'head.weight' has shape"),
     }
     for name, (bad, expected) in cases.items():
         save_file(bad, tmp_path / "model.safetensors")
@@ -150,7 +162,8 @@ def test_branch_names(spec, branch):
 
 
 def test_branch_names_match_the_authors_export_tags():
-    # reference/: the authors' runs are tagged with the same names ("DDR, FGADR, IDRID, RETLES"), sorted
+    # reference/: the authors' runs are tagged with the
+    # same names ("DDR, FGADR, IDRID, RETLES"), sorted
     import csv
 
     with open(ROOT / "reference" / "lesions_database_cross_study.csv", newline="") as f:
@@ -185,7 +198,8 @@ def test_manifest_of_hub_members(authors_model, monkeypatch, tmp_path):
 
 
 def test_cached_download_is_used_offline(authors_model, tmp_path, in_fresh_python):
-    # the hub cache's own layout (refs/<branch> -> snapshots/<commit>/...), filled by hand: no network
+    # the hub cache's own layout (refs/<branch> ->
+    # snapshots/<commit>/...), filled by hand: no network
     folder, _ = authors_model
     repo = tmp_path / "hf" / ("models--" + authors.REPO.replace("/", "--"))
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -200,18 +214,19 @@ def test_cached_download_is_used_offline(authors_model, tmp_path, in_fresh_pytho
 
 
 def test_missing_huggingface_hub_is_one_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub -> ImportError
+    # import huggingface_hub -> ImportError
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError) as e:  # an optional package missing: utils.run's one line
         authors.download("main")
     assert "pip install huggingface_hub" in one_line(e)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # evaluate.py and predict.py with the authors' models
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def reference_counts(net, ds):
-    """Pooled Dice at p >= 0.5 and argmax Dice of the torchseg model over a prepared test set, FOV pixels only,
-    in plain numpy -> (dice (4,), dice_argmax (4,), pos (4,))."""
+    """Pooled Dice at p >= 0.5 and argmax Dice of the torchseg model over a prepared test
+    set, FOV pixels only, in plain numpy -> (dice (4,), dice_argmax (4,), pos (4,))."""
     import numpy as np
 
     tp, fp, tpa, fpa, pos = (np.zeros(4) for _ in range(5))
@@ -235,10 +250,12 @@ def test_evaluate_hub_spec_end_to_end(authors_model, cache_dir, synth_root, tmp_
     folder, net = authors_model
     monkeypatch.setattr(authors, "download", lambda branch, repo_id=authors.REPO: folder)
     monkeypatch.chdir(tmp_path)  # the default --out of a hub spec: authors/<COMBO>/results.json
-    evaluate.main(["--ckpt", "hub:IDR+DDR", "--test", "MES", "--data-root", str(synth_root), "--cache",
-                   str(cache_dir), "--resolution", "128", "--device", "cpu", "--dice-argmax"])
+    evaluate.main(["--ckpt", "hub:IDR+DDR", "--test", "MES", "--data-root", str(synth_root),
+                   "--cache", str(cache_dir), "--resolution", "128", "--device", "cpu",
+                   "--dice-argmax"])
     res = json.loads((tmp_path / "authors" / "IDR+DDR" / "results.json").read_text())
-    assert res["method"] == "authors" and res["train"] == ["IDR", "DDR"] and res["checkpoints"] == ["hub:IDR+DDR"]
+    assert (res["method"] == "authors" and res["train"] == ["IDR", "DDR"]
+            and res["checkpoints"] == ["hub:IDR+DDR"])
     assert res["protocol"]["resolution"] == 128 and res["protocol"]["dice_argmax"] is True
     dice, dice_argmax, pos = reference_counts(net, PreparedDataset(cache_dir, "MES", 128, "test"))
     block = res["results"]["MES"]["lesions"]
@@ -247,7 +264,8 @@ def test_evaluate_hub_spec_end_to_end(authors_model, cache_dir, synth_root, tmp_
         if pos[c]:  # a probability within 1e-5 of 0.5 may flip a pixel: pooled Dice agrees to 1e-3
             assert block[name]["dice"] == pytest.approx(dice[c], abs=1e-3)
             assert block[name]["dice_argmax"] == pytest.approx(dice_argmax[c], abs=1e-3)
-    assert any(block[n]["dice"] != block[n]["dice_argmax"] for n in LESIONS if block[n]["pos"])  # two variants
+    # two variants
+    assert any(block[n]["dice"] != block[n]["dice_argmax"] for n in LESIONS if block[n]["pos"])
     assert evaluate.default_out("hub:") == Path("authors") / "IDR+DDR+FGA+RET+MES" / "results.json"
 
 
@@ -255,10 +273,11 @@ def test_dice_argmax_refuses_sigmoid_models(cache_dir, synth_root, tmp_path):
     import evaluate
     from dataclasses import asdict
 
-    cfg = model.ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=(16, 8, 8, 8, 8))
+    cfg = model.ModelConfig(encoder="test_resnet", pretrained=False,
+                            decoder_channels=(16, 8, 8, 8, 8))
     path = tmp_path / "ours.pt"
-    model.save_checkpoint(path, {"model": model.build_model(cfg).state_dict(), "model_cfg": asdict(cfg),
-                                 "args": {"resolution": 64}})
+    model.save_checkpoint(path, {"model": model.build_model(cfg).state_dict(),
+                                 "model_cfg": asdict(cfg), "args": {"resolution": 64}})
     with pytest.raises(ValueError) as e:
         evaluate.evaluate([str(path)], ["MES"], (synth_root, cache_dir, {}), device="cpu",
                           dice_argmax=True, verbose=False)
@@ -278,10 +297,12 @@ def test_segment_and_images_with_the_authors_model(authors_model, fixture_idrid,
     image = np.asarray(Image.open(photo).convert("RGB"))[::4, ::4].copy()  # (178, 268, 3)
     probs = predict.segment(image, str(folder), resolution=96, device="cpu")
     assert probs.shape == (4, *image.shape[:2]) and probs.dtype == np.float32
-    square, fov, geometry = data.preprocess_image(image, 96)  # independent route: the torchseg reference
+    # independent route: the torchseg reference
+    square, fov, geometry = data.preprocess_image(image, 96)
     ref, _ = reference_probs(net, torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255)
     ref = ref[0].masked_fill(~torch.from_numpy(fov), 0.0)
-    outside = data.restore_geometry(torch.from_numpy(fov).float(), geometry) < 0.5  # segment()'s fundus edge
+    # segment()'s fundus edge
+    outside = data.restore_geometry(torch.from_numpy(fov).float(), geometry) < 0.5
     ref = data.restore_geometry(ref, geometry).masked_fill_(outside, 0)
     assert np.abs(probs - ref.numpy()).max() <= 1e-4  # float32 in another order, as above
     photos = tmp_path / "photos"

@@ -1,4 +1,5 @@
-"""average.py: exact averaging identities, parts, integer buffers, greedy soups, ensemble manifests, BN recompute.
+"""average.py: exact averaging identities, parts, integer buffers, greedy soups, ensemble manifests,
+BN recompute.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_average.py
 """
@@ -55,16 +56,17 @@ def make_ckpt(path, seed, encoder="test_resnet", decoder=SMALL, **extra):
 @pytest.fixture(scope="module")
 def abc(tmp_path_factory):
     d = tmp_path_factory.mktemp("ingredients")
-    return [(str(d / f"{n}.pt"), make_ckpt(d / f"{n}.pt", seed, tag=n)) for seed, n in enumerate("ABCD", 1)]
+    return [(str(d / f"{n}.pt"), make_ckpt(d / f"{n}.pt", seed, tag=n))
+            for seed, n in enumerate("ABCD", 1)]
 
 
 def is_int(v):
     return not v.is_floating_point()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Exact identities
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_uniform_of_copies_is_exact(abc, tmp_path):
     (pa, a), _, _, _ = abc
     copy = tmp_path / "copy.pt"
@@ -82,40 +84,46 @@ def test_uniform_of_two_is_the_float64_mean(abc):
         out = average.average_checkpoints([pa, pb], reference=ref)
         for k, v in out["model"].items():
             if is_int(v):  # num_batches_tracked: copied from the reference, never averaged
-                assert torch.equal(v, ref_sd[k]) and not torch.equal(a["model"][k], b["model"][k]), k
+                assert (torch.equal(v, ref_sd[k])
+                        and not torch.equal(a["model"][k], b["model"][k])), k
             else:
                 want = ((a["model"][k].double() + b["model"][k].double()) / 2).float()
                 assert torch.equal(v, want), k
         prov = out["provenance"]
-        assert prov["ingredients"] == [pa, pb] and prov["weights"] == [0.5, 0.5] and prov["reference"] == ref
+        assert (prov["ingredients"] == [pa, pb] and prov["weights"] == [0.5, 0.5]
+                and prov["reference"] == ref)
         assert prov["part"] == "full" and prov["bn"] == "keep"
 
 
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 def test_part_takes_the_rest_from_the_reference(abc, part):
     (pa, a), (pb, b), (pc, c), _ = abc
-    out = average.average_checkpoints([pa, pb, pc], part=part, reference=pc)["model"]  # reference not first
+    # reference not first
+    out = average.average_checkpoints([pa, pb, pc], part=part, reference=pc)["model"]
     n_avg = n_ref = 0
     for k, v in out.items():
         encoder_side = k.startswith("encoder.")
         if is_int(v) or encoder_side != (part == "encoder"):
-            assert torch.equal(v, c["model"][k]), k  # the reference ingredient's tensor, bit for bit
+            # the reference ingredient's tensor, bit for bit
+            assert torch.equal(v, c["model"][k]), k
             n_ref += 1
         else:
-            want = ((a["model"][k].double() + b["model"][k].double() + c["model"][k].double()) / 3).float()
+            want = ((a["model"][k].double() + b["model"][k].double()
+                     + c["model"][k].double()) / 3).float()
             assert torch.equal(v, want), k
             n_avg += 1
     assert n_avg and n_ref
     assert any(k.startswith("head.") for k in out)  # the head is on the decoder side
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Greedy soups
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_greedy_never_accepts_a_drop(abc):
     paths = {n: p for (p, _), n in zip(abc, "ABCD")}
     single = {"A": 0.50, "B": 0.60, "C": 0.40, "D": 0.55}  # order: B, D, A, C
-    soups = {"B": 0.60, "BD": 0.58, "AB": 0.61, "ABC": 0.61}  # D lowers it; A raises it; C only ties it
+    # D lowers it; A raises it; C only ties it
+    soups = {"B": 0.60, "BD": 0.58, "AB": 0.61, "ABC": 0.61}
     name = {p: n for n, p in paths.items()}
     seen = []
 
@@ -128,7 +136,8 @@ def test_greedy_never_accepts_a_drop(abc):
 
     soup = average.greedy_soup([paths[n] for n in "ABCD"], score)
     prov = soup["provenance"]
-    # NOTE: C ties the soup (0.61 = 0.61) and is left out: kept only on a strict improvement (model-soups)
+    # NOTE: C ties the soup (0.61 = 0.61) and is left out: kept only on a strict improvement
+    # (model-soups)
     assert prov["ingredients"] == [paths["B"], paths["A"]]
     assert prov["soup_score"] == 0.61 and seen == ["BD", "AB", "ABC"]
     ref = load_checkpoint(paths["A"])["model"]  # --reference first: A supplies the integer buffers
@@ -167,11 +176,12 @@ def test_greedy_rejects_a_tie(abc):
         assert torch.equal(v, a[k]), k
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The validation scorer: a key of kernels.pr_metrics, Dice by default
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def scripted_counts():
-    """Pooled 11-threshold counts whose Dice at t = 0.5 (index 5) is easy by hand; MA absent (pos 0)."""
+    """Pooled 11-threshold counts whose Dice at t = 0.5 (index 5) is easy by hand; MA absent
+    (pos 0)."""
     tp, fp = torch.zeros(4, 11, dtype=torch.int64), torch.zeros(4, 11, dtype=torch.int64)
     tp[:, 5], fp[:, 5] = torch.tensor([2, 0, 0, 3]), torch.tensor([2, 1, 0, 1])
     pos = torch.tensor([4, 2, 0, 3])
@@ -187,13 +197,15 @@ def test_scorer_default_is_dice_and_any_metric_key_works(abc, monkeypatch):
         return scripted_counts()
 
     monkeypatch.setattr(protocol, "pooled_counts", fake_pooled)
-    # Dice = 2 TP / (2 TP + FP + FN): EX 4 / (4 + 2 + 2), HE 0 / (0 + 1 + 2), CWS 6 / (6 + 1 + 0); MA left out
+    # Dice = 2 TP / (2 TP + FP + FN): EX 4 / (4 + 2 + 2), HE 0 / (0 + 1 + 2), CWS 6 / (6 + 1 + 0);
+    # MA left out
     assert scorer([])(a) == pytest.approx((0.5 + 0.0 + 6 / 7) / 3, abs=1e-12)
     assert calls == [{}]
     for sub in (["soup", "x.pt", "-o", "y.pt"], ["swa", "run", "-o", "y.pt"]):
         assert average.build_parser().parse_args(sub).metric == "dice"
 
-    # "ap" asks for the fine counts and reads pr_metrics(...)["ap"] as soon as pr_metrics returns that key.
+    # "ap" asks for the fine counts and reads pr_metrics(...)["ap"] as soon as pr_metrics returns
+    # that key.
     ap = torch.tensor([0.2, 0.4, float("nan"), 0.9], dtype=torch.float64)
     monkeypatch.setattr(kernels, "pr_metrics", lambda *c: {"dice": torch.zeros(4), "ap": ap})
     assert scorer([], "ap")(a) == pytest.approx(0.5, abs=1e-12)
@@ -213,8 +225,9 @@ def test_scorer_ap_matches_sklearn_on_the_binned_maps(abc, cache_dir):
     probs, masks = [], []
     for i in range(len(val)):
         item = val[i]
-        # contiguous NCHW, as the scorer's count_dataset feeds it: the same float32 sums, the same fine bins
-        x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].contiguous().float() / 255  # (1, 3, H, W)
+        # contiguous NCHW, as the scorer's count_dataset feeds it: the same float32 sums, the same
+        # fine bins; x is (1, 3, H, W)
+        x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].contiguous().float() / 255
         with torch.no_grad():
             p = protocol.predict(models, x)[0]  # (4, H, W)
         fov = torch.from_numpy(item["fov"])
@@ -223,7 +236,8 @@ def test_scorer_ap_matches_sklearn_on_the_binned_maps(abc, cache_dir):
     probs, masks = torch.cat(probs, 1).double(), torch.cat(masks, 1)
     # the bin each pixel falls in: its rank on the fine curve
     binned = torch.floor(probs * kernels.AP_BINS)
-    want = [average_precision_score(masks[c].numpy(), binned[c].numpy()) for c in range(4) if masks[c].any()]
+    want = [average_precision_score(masks[c].numpy(), binned[c].numpy())
+            for c in range(4) if masks[c].any()]
     assert want  # at least one lesion present in the validation split
     got = scorer([val], "ap")(a)
     assert got == pytest.approx(sum(want) / len(want), rel=1e-4, abs=1e-9)  # values here are ~0.01
@@ -243,9 +257,9 @@ def test_scorer_without_the_metric_key_fails_in_one_line(abc, monkeypatch):
     assert "--metric" in msg and "'loss'" in msg and "dice, ap, aupr" in msg, msg
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Ensembles
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_ensemble_of_one_and_mean_of_members(abc, tmp_path):
     (pa, a), (pb, b), _, _ = abc
     torch.manual_seed(0)
@@ -265,7 +279,8 @@ def test_ensemble_of_one_and_mean_of_members(abc, tmp_path):
     average.main(["ensemble", pa, pb, "-o", str(tmp_path / "two.json")])
     ens = read_checkpoint(tmp_path / "two.json")
     assert ens["kind"] == "ensemble" and ens["args"] == a["args"] and len(ens["members"]) == 2
-    assert ens["provenance"]["method"] == "ensemble" and ens["provenance"]["ingredients"] == [pa, pb]
+    assert (ens["provenance"]["method"] == "ensemble"
+            and ens["provenance"]["ingredients"] == [pa, pb])
     models, _ = load_ensemble([tmp_path / "two.json"])
     with torch.no_grad():
         mean = (singles[0] + singles[1]) / 2
@@ -283,12 +298,15 @@ def test_ensemble_is_a_manifest_of_relative_paths(abc, tmp_path):
     for n, ckpt in (("s0", a), ("s1", b)):
         save_checkpoint(runs / n / "best.pt", ckpt)
     out = runs / "avg" / "ens.json"
-    average.main(["ensemble", str(runs / "s0" / "best.pt"), str(runs / "s1" / "best.pt"), "-o", str(out)])
+    average.main(["ensemble", str(runs / "s0" / "best.pt"), str(runs / "s1" / "best.pt"),
+                  "-o", str(out)])
     manifest = json.loads(out.read_text())  # plain JSON: no weights in it
-    assert manifest["kind"] == "ensemble" and manifest["members"] == ["../s0/best.pt", "../s1/best.pt"]
+    assert (manifest["kind"] == "ensemble"
+            and manifest["members"] == ["../s0/best.pt", "../s1/best.pt"])
     assert out.stat().st_size < 2000
 
-    # The folder moves as a whole: members are found relative to the manifest, not the working directory.
+    # The folder moves as a whole: members are found relative to the manifest, not the working
+    # directory.
     moved = tmp_path / "moved"
     runs.rename(moved)
     models, headers = load_ensemble([str(moved / "avg" / "ens.json")], "cpu")
@@ -301,13 +319,16 @@ def test_ensemble_is_a_manifest_of_relative_paths(abc, tmp_path):
     assert header["method"] == "ensemble" and headers[0]["args"] == a["args"]
     assert (header["train"], header["seed"]) == (a["args"]["train"], a["args"]["seed"])
 
-    # A member gone: one line naming the manifest and the member, from the library and from evaluate.py.
+    # A member gone: one line naming the manifest and the member, from the library and from
+    # evaluate.py.
     (moved / "s1" / "best.pt").unlink()
     with pytest.raises(FileNotFoundError) as e:
         load_ensemble([moved / "avg" / "ens.json"])
     msg = str(e.value)
-    assert str(moved / "avg" / "ens.json") in msg and "../s1/best.pt" in msg and "\n" not in msg, msg
-    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(moved / "avg" / "ens.json"), "--test", "IDR"],
+    assert (str(moved / "avg" / "ens.json") in msg and "../s1/best.pt" in msg
+            and "\n" not in msg), msg
+    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(moved / "avg" / "ens.json"),
+                           "--test", "IDR"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     err = proc.stderr.strip()
     assert proc.returncode != 0 and err.startswith("error: ") and len(err.splitlines()) == 1, err
@@ -328,25 +349,29 @@ def test_ensemble_refusals_and_older_ensemble_files(abc, tmp_path):
         load_ensemble([tmp_path / "bad.json"])
     manifest = tmp_path / "m.json"
     average.write_ensemble(manifest, [pa, pb], read_checkpoint)
-    with pytest.raises(ValueError, match=r"m\.json is an ensemble"):  # a manifest is not a soup ingredient
+    # a manifest is not a soup ingredient
+    with pytest.raises(ValueError, match=r"m\.json is an ensemble"):
         average.average_checkpoints([manifest, pa], load=read_checkpoint)  # as the command line
 
-    # An ensemble file of the older format (every member's weights embedded) still loads, alone or as a member.
+    # An ensemble file of the older format (every member's weights embedded) still loads, alone or
+    # as a member.
     old = tmp_path / "old_ensemble.pt"
     save_checkpoint(old, {"kind": "ensemble", "version": 1, "args": a["args"],
-                          "members": [{"model": c["model"], "model_cfg": c["model_cfg"], "args": c["args"]}
+                          "members": [{"model": c["model"], "model_cfg": c["model_cfg"],
+                                       "args": c["args"]}
                                       for c in (a, b)]})
     assert len(load_models(old)) == 2
     average.main(["ensemble", str(old), pa, "-o", str(tmp_path / "mixed.json")])
     mixed = read_checkpoint(tmp_path / "mixed.json")
     assert len(mixed["members"]) == 3 and mixed["provenance"]["weights"] == [2 / 3, 1 / 3]
     k = "head.weight"
-    assert [torch.equal(m["model"][k], c["model"][k]) for m, c in zip(mixed["members"], (a, b, a))] == [True] * 3
+    assert [torch.equal(m["model"][k], c["model"][k])
+            for m, c in zip(mixed["members"], (a, b, a))] == [True] * 3
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # BatchNorm recomputation
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_bn_recompute_changes_only_running_stats(abc, synth_root, cache_dir, monkeypatch):
     (pa, a), _, _, _ = abc
     # the combination's batches of training patches, as `average.py --bn recompute` makes them
@@ -383,9 +408,9 @@ def test_bn_recompute_changes_only_running_stats(abc, synth_root, cache_dir, mon
     assert n_stats > 10
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Refusals
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_mismatched_checkpoints_name_file_and_key(abc, tmp_path):
     (pa, a), _, _, _ = abc
     other_encoder = tmp_path / "effnet.pt"
@@ -396,7 +421,8 @@ def test_mismatched_checkpoints_name_file_and_key(abc, tmp_path):
     bad = {**a, "model": dict(a["model"])}
     bad["model"]["head.bias"] = torch.zeros(5)
     save_checkpoint(reshaped, bad)
-    for path, key in ((other_encoder, "'encoder'"), (other_widths, "'decoder_channels'"), (reshaped, "'head.bias'")):
+    for path, key in ((other_encoder, "'encoder'"), (other_widths, "'decoder_channels'"),
+                      (reshaped, "'head.bias'")):
         with pytest.raises(ValueError) as e:
             average.main(["soup", pa, str(path), "-o", str(tmp_path / "soup.pt")])
         msg = str(e.value)
@@ -404,10 +430,12 @@ def test_mismatched_checkpoints_name_file_and_key(abc, tmp_path):
     assert not (tmp_path / "soup.pt").exists()
 
     # The command line shows that one line, no traceback.
-    proc = subprocess.run([sys.executable, "average.py", "soup", pa, str(other_widths), "-o", str(tmp_path / "s.pt")],
+    proc = subprocess.run([sys.executable, "average.py", "soup", pa, str(other_widths),
+                           "-o", str(tmp_path / "s.pt")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (proc.stderr.strip().startswith("error: ")
+            and len(proc.stderr.strip().splitlines()) == 1), proc.stderr
     assert str(other_widths) in proc.stderr and "decoder_channels" in proc.stderr
 
 
@@ -445,9 +473,10 @@ def test_swa_selects_snapshots(abc, tmp_path):
     assert swa["provenance"]["method"] == "swa-full" and swa["step"] == 8
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Tiny real runs: greedy with the real validation scorer, BN recompute from the CLI (fig4: test_fig4.py)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Tiny real runs: greedy with the real validation scorer, BN recompute from the CLI
+# (fig4: test_fig4.py)
+# --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tiny_runs, tmp_path_factory):
     """Two seeds of IDR+MES at 64 px, 4 steps, snapshots every 2 steps (this module's own copy)."""
@@ -455,7 +484,8 @@ def runs(tiny_runs, tmp_path_factory):
 
 
 def _val_score(ckpt, cache, metric="aupr"):
-    """Independent of average.py: pooled validation counts of IDR + MES, mean AUPR (or Dice) over present lesions."""
+    """Independent of average.py: pooled validation counts of IDR + MES, mean AUPR (or Dice) over
+    present lesions."""
     models = load_models(ckpt)
     tp = fp = pos = 0
     for ds_id in ("IDR", "MES"):
@@ -471,7 +501,8 @@ def test_greedy_soup_on_real_runs(runs, tmp_path, metric):
     paths = [str(runs_dir / "IDR+MES" / f"s{s}" / "best.pt") for s in (0, 1)]
     out = tmp_path / "greedy.pt"
     flags = ["--metric", metric] if metric else []
-    average.main(["soup", *paths, "--greedy", "--device", "cpu", "-o", str(out), *flags])  # data flags: the run's own
+    # data flags: the run's own
+    average.main(["soup", *paths, "--greedy", "--device", "cpu", "-o", str(out), *flags])
     soup = load_checkpoint(out)
     prov = soup["provenance"]
     assert prov["metric"] == (metric or "dice")
@@ -481,7 +512,8 @@ def test_greedy_soup_on_real_runs(runs, tmp_path, metric):
     assert prov["ingredients"][0] == max(singles, key=singles.get)
     got = val_score(soup, cache)
     assert got == pytest.approx(prov["soup_score"], abs=1e-9)
-    assert got >= max(singles.values()) - 1e-12  # the greedy soup never scores below its best ingredient
+    # the greedy soup never scores below its best ingredient
+    assert got >= max(singles.values()) - 1e-12
     # the method evaluate.py writes in its results
     header = evaluate.results_header([str(out)], *load_ensemble([out]), {})
     assert header["method"] == "greedy-soup-full"
@@ -491,8 +523,8 @@ def test_bn_recompute_from_the_cli(runs, tmp_path):
     runs_dir, _ = runs
     run0 = runs_dir / "IDR+MES" / "s0"
     average.main(["swa", str(run0), "-o", str(tmp_path / "keep.pt")])
-    average.main(["swa", str(run0), "-o", str(tmp_path / "bn.pt"), "--bn", "recompute", "--bn-batches", "2",
-                  "--device", "cpu"])
+    average.main(["swa", str(run0), "-o", str(tmp_path / "bn.pt"), "--bn", "recompute",
+                  "--bn-batches", "2", "--device", "cpu"])
     keep, bn = load_checkpoint(tmp_path / "keep.pt"), load_checkpoint(tmp_path / "bn.pt")
     assert bn["provenance"]["bn"] == "recompute" and keep["provenance"]["bn"] == "keep"
     for k, v in keep["model"].items():
@@ -507,7 +539,8 @@ def test_soup_refuses_runs_of_another_combination(tmp_path):
     make_ckpt(a, 0)
     ckpt = make_ckpt(b, 1)
     save_checkpoint(b, {**ckpt, "args": {**ckpt["args"], "train": ["RET"]}})
-    with pytest.raises(ValueError, match=r"b\.pt does not match .*a\.pt: trained with train \['RET'\]"):
+    with pytest.raises(ValueError,
+                       match=r"b\.pt does not match .*a\.pt: trained with train \['RET'\]"):
         average.average_checkpoints([a, b], "full", a, "soup-full")
     # one combination, but trained on other lesions (train.py --lesions HE): untrained heads
     save_checkpoint(b, {**ckpt, "model_cfg": {**ckpt["model_cfg"], "lesions": ["HE"]}})
@@ -519,13 +552,15 @@ def test_soup_refuses_runs_of_another_combination(tmp_path):
 
 @pytest.mark.parametrize("command", ["swa", "soup", "ensemble"])
 def test_each_subcommand_help_has_its_own_examples(command, capsys):
-    """`average.py NAME --help` ends with NAME's own examples, and each of them parses as NAME's command line."""
+    """`average.py NAME --help` ends with NAME's own examples, and each of them parses as NAME's
+    command line."""
     parser = average.build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--help"])
     text = capsys.readouterr().out
     examples = text.split("\nexamples:\n", 1)[1].strip().splitlines()
-    own = [shlex.split(line)[2:] for line in examples if line.split()[:3] == ["python", "average.py", command]]
+    own = [shlex.split(line)[2:] for line in examples
+           if line.split()[:3] == ["python", "average.py", command]]
     assert own, text
     for argv in own:
         assert parser.parse_args(argv).command == command, argv
@@ -533,9 +568,9 @@ def test_each_subcommand_help_has_its_own_examples(command, capsys):
 
 
 def test_ensemble_of_members_that_do_not_run_alike_is_refused_when_made(tmp_path):
-    """A manifest of members trained at other resolutions (evaluate.py would run all at the first one's, so the
-    member order would change the score), or of conditioned and unconditioned members: refused when written,
-    one line naming the member; nothing written."""
+    """A manifest of members trained at other resolutions (evaluate.py would run all at the first
+    one's, so the member order would change the score), or of conditioned and unconditioned members:
+    refused when written, one line naming the member; nothing written."""
     a = tmp_path / "a.pt"
     make_ckpt(a, 1)
     low = tmp_path / "low.pt"
@@ -544,12 +579,15 @@ def test_ensemble_of_members_that_do_not_run_alike_is_refused_when_made(tmp_path
     save_checkpoint(low, ck)
     cond = tmp_path / "cond.pt"
     torch.manual_seed(3)
-    cfg = ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=SMALL, style_tokens=("fine", "coarse"))
+    cfg = ModelConfig(encoder="test_resnet", pretrained=False, decoder_channels=SMALL,
+                      style_tokens=("fine", "coarse"))
     save_checkpoint(cond, {"model": build_model(cfg).state_dict(),
                            "model_cfg": {**cfg.__dict__, "decoder_channels": list(SMALL)},
                            "args": {"train": ["IDR"], "resolution": 128}, "step": 1, "version": 1})
-    for members, needle in (([a, low], "low.pt was trained at 64 px"), ([low, a], "a.pt was trained at 128 px"),
-                            ([a, cond], "cond.pt is style-conditioned"), ([cond, a], "cond.pt is style-conditioned")):
+    for members, needle in (([a, low], "low.pt was trained at 64 px"),
+                            ([low, a], "a.pt was trained at 128 px"),
+                            ([a, cond], "cond.pt is style-conditioned"),
+                            ([cond, a], "cond.pt is style-conditioned")):
         out = tmp_path / "ens.json"
         with pytest.raises(ValueError) as e:
             average.main(["ensemble", *map(str, members), "-o", str(out)])
@@ -570,34 +608,41 @@ def test_average_refuses_an_unwritable_output_before_reading_any_checkpoint(tmp_
     assert "a file" in line and "missing.pt" not in line, line  # why; nothing read
 
 
-# ---------------------------------------------------------------------------------------------------------
-# TB: soups of style-conditioned checkpoints (from the old tests/test_style.py); models from conftest's
+# --------------------------------------------------------------------------------------------------
+# TB: soups of style-conditioned checkpoints (from the old tests/test_style.py); models from
+# conftest's
 # style_net, saved by style_checkpoint
-# ---------------------------------------------------------------------------------------------------------
-def test_soup_of_conditioned_checkpoints_is_the_mean_of_their_film_parameters(style_net, randomize_films,
-                                                                              style_checkpoint, tmp_path):
+# --------------------------------------------------------------------------------------------------
+def test_soup_of_conditioned_checkpoints_is_the_mean_of_their_film_parameters(
+        style_net, randomize_films, style_checkpoint, tmp_path):
     import numpy as np
 
-    nets = [randomize_films(style_net(seed, style_tokens=("fine", "coarse")), 10 + seed) for seed in (1, 2)]
+    nets = [randomize_films(style_net(seed, style_tokens=("fine", "coarse")), 10 + seed)
+            for seed in (1, 2)]
     paths = [style_checkpoint(tmp_path / f"s{i}.pt", n) for i, n in enumerate(nets)]
     films = [{k: v for k, v in n.state_dict().items() if "films" in k} for n in nets]
     assert len(films[0]) == 2 * len(nets[0].cfg.decoder_channels)
     for part in ("full", "decoder", "encoder"):
         soup = average.average_checkpoints(paths, part)["model"]
         for k in films[0]:
-            # float64 mean of the two float32 tensors, then float32: numpy as the independent reference
-            mean = ((films[0][k].numpy().astype(np.float64) + films[1][k].numpy().astype(np.float64)) / 2)
+            # float64 mean of the two float32 tensors, then float32: numpy as the independent
+            # reference
+            mean = ((films[0][k].numpy().astype(np.float64)
+                     + films[1][k].numpy().astype(np.float64)) / 2)
             want = films[0][k] if part == "encoder" else torch.from_numpy(mean.astype(np.float32))
-            assert torch.equal(soup[k], want), (part, k)  # FiLM lives in the decoder: averaged with it
+            # FiLM lives in the decoder: averaged with it
+            assert torch.equal(soup[k], want), (part, k)
     (souped,) = load_models(average.average_checkpoints(paths))
     assert souped.style_tokens == ("fine", "coarse")
-    other = style_checkpoint(tmp_path / "other.pt", style_net(style_tokens=("fine", "mixed", "coarse")))
+    other = style_checkpoint(tmp_path / "other.pt",
+                             style_net(style_tokens=("fine", "mixed", "coarse")))
     plain = style_checkpoint(tmp_path / "plain.pt", style_net())
     for path in (other, plain):
         with pytest.raises(ValueError) as err:
             average.average_checkpoints([paths[0], path])
         msg = str(err.value)
-        assert "\n" not in msg and "'style_tokens'" in msg and path.name in msg  # the key and the file
+        # the key and the file
+        assert "\n" not in msg and "'style_tokens'" in msg and path.name in msg
 
 
 def test_older_unconditioned_checkpoint_soups_with_a_new_one(style_net, style_checkpoint, tmp_path):

@@ -1,5 +1,6 @@
-"""characterize.py and mcfnet.py: lesion components, quality measures, the labelling-style rule, figures,
-MCF-Net (structure, shapes, checkpoint loading, bad files), and an end-to-end run on the synthetic datasets."""
+"""characterize.py and mcfnet.py: lesion components, quality measures, the
+labelling-style rule, figures, MCF-Net (structure, shapes, checkpoint loading, bad
+files), and an end-to-end run on the synthetic datasets."""
 import contextlib
 import io
 import json
@@ -25,7 +26,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # ----------------------------------------------------------------------------- connected components
 def brute_components(mask):
-    """Independent reference: breadth-first flood fill over the 8 neighbours -> list of component sizes."""
+    """Independent reference: breadth-first flood fill
+    over the 8 neighbours -> list of component sizes."""
     seen = np.zeros_like(mask, bool)
     sizes = []
     h, w = mask.shape
@@ -99,22 +101,26 @@ def test_quality_measures_react_to_blur_noise_and_light():
     assert ch.quality_measures(noisy, fov)["noise"] == pytest.approx(8, rel=0.2)
     assert ch.quality_measures(flat.astype(np.uint8), fov)["noise"] == pytest.approx(0, abs=1e-6)
     # Uniform light -> uniformity 1; a strong left-to-right falloff -> clearly lower.
-    assert ch.quality_measures(flat.astype(np.uint8), fov)["uniformity"] == pytest.approx(1, abs=1e-3)
+    assert (ch.quality_measures(flat.astype(np.uint8), fov)["uniformity"]
+            == pytest.approx(1, abs=1e-3))
     ramp = np.repeat(np.linspace(30, 220, res)[None, :, None], res, 0).repeat(3, 2).astype(np.uint8)
     assert ch.quality_measures(ramp, fov)["uniformity"] < 0.85
-    assert ch.quality_measures(ramp, fov)["contrast"] == pytest.approx(ramp[..., 0][fov].std(), rel=1e-3)
+    assert (ch.quality_measures(ramp, fov)["contrast"]
+            == pytest.approx(ramp[..., 0][fov].std(), rel=1e-3))
 
 
-# ----------------------------------------------------------------------------- the labelling-style rule
+# ------------------------------------------------------------------------- the labelling-style rule
 def _synthetic_stats(rng, n, style):
-    """Per image (count, mean area) like a labelling style: fine = many small components, coarse = few large
-    ones (merged, dilated), mixed = half and half; some images lack the lesion."""
+    """Per image (count, mean area) like a labelling style: fine = many small components,
+    coarse = few large ones (merged, dilated), mixed = half and half; some images lack
+    the lesion."""
     out = {}
     for lesion, (fine_area, fine_count) in {"EX": (20.0, 25), "MA": (4.0, 15)}.items():
-        coarse_img = np.zeros(n, bool) if style == "fine" else np.ones(n, bool) if style == "coarse" \
-            else np.arange(n) % 2 == 0
+        coarse_img = np.zeros(n, bool) if style == "fine" else np.ones(n, bool) \
+            if style == "coarse" else np.arange(n) % 2 == 0
         area = np.where(coarse_img, fine_area * 8, fine_area) * np.exp(rng.normal(0, 0.35, n))
-        count = np.maximum(1, np.where(coarse_img, fine_count / 4, fine_count) * np.exp(rng.normal(0, 0.5, n)))
+        count = np.maximum(1, np.where(coarse_img, fine_count / 4, fine_count)
+                           * np.exp(rng.normal(0, 0.5, n)))
         count = count.round().astype(int)
         absent = rng.random(n) < 0.2
         count[absent], area[absent] = 0, np.nan
@@ -139,16 +145,19 @@ def test_rule_assigns_fine_coarse_mixed():
 
 def test_rule_edge_cases():
     rng = np.random.default_rng(1)
-    # The rule is relative to the finest dataset given: a lone dataset would be its own reference ("fine" by
-    # definition, even a coarse one), so its style is undetermined, and the rule text says why.
+    # The rule is relative to the finest dataset given: a lone dataset would be its own
+    # reference ("fine" by definition, even a coarse one), so its style is undetermined,
+    # and the rule text says why.
     alone, _, rule = ch.labelling_styles({"RET": _synthetic_stats(rng, 30, "coarse")})
     assert alone["RET"]["style"] == "undetermined" and alone["RET"]["n_scored"] > 20
     assert "undetermined: only 1 dataset(s) with >= 3 scored images (RET)" in rule
     two, _, rule = ch.labelling_styles({"IDR": _synthetic_stats(rng, 30, "fine"),
                                         "RET": _synthetic_stats(rng, 30, "coarse")})
     assert (two["IDR"]["style"], two["RET"]["style"]) == ("fine", "coarse") and "Here" not in rule
-    # Too few images with EX or MA: undetermined, with NaN medians rather than a crash; IDR is then alone.
-    empty = {lesion: {"count": np.zeros(5, int), "area": np.full(5, np.nan)} for lesion in ("EX", "MA")}
+    # Too few images with EX or MA: undetermined, with
+    # NaN medians rather than a crash; IDR is then alone.
+    empty = {lesion: {"count": np.zeros(5, int), "area": np.full(5, np.nan)}
+             for lesion in ("EX", "MA")}
     summary, _, rule = ch.labelling_styles({"IDR": _synthetic_stats(rng, 30, "fine"), "DDR": empty})
     assert summary["DDR"]["style"] == "undetermined" and summary["DDR"]["n_scored"] == 0
     assert math.isnan(summary["DDR"]["median_log10_area"]["MA"])
@@ -156,8 +165,9 @@ def test_rule_edge_cases():
 
 
 def test_rule_without_a_fine_dataset_is_undetermined():
-    # Two datasets, each half 10 px and half 100 px components: the reference median is log10(31.6), every
-    # image is 3.16x off it, so half of each dataset is coarse: both "mixed", none fine -> no trusted reference.
+    # Two datasets, each half 10 px and half 100 px components: the reference median is
+    # log10(31.6), every image is 3.16x off it, so half of each dataset is coarse: both
+    # "mixed", none fine -> no trusted reference.
     half = {"count": np.full(10, 5), "area": np.array([10.0] * 5 + [100.0] * 5)}
     stats = {ds: {"EX": half, "MA": half} for ds in ("FGA", "RET")}
     summary, _, rule = ch.labelling_styles(stats)
@@ -192,18 +202,23 @@ def test_figures_are_valid_pngs(tmp_path):
             row = {"dataset": ds, "split": "train", "id": f"{ds}{i}"}
             for lesion in ch.LESIONS:
                 src = st.get(lesion, st["MA"])
-                row[f"{lesion}_count"], row[f"{lesion}_area"] = int(src["count"][i]), float(src["area"][i])
+                row[f"{lesion}_count"], row[f"{lesion}_area"] = (int(src["count"][i]),
+                                                                 float(src["area"][i]))
             row.update({m: float(rng.random()) for m in ch.QUALITY_MEASURES})
             rows.append(row)
         rows[0]["CWS_count"], rows[0]["CWS_area"] = 0, math.nan
         rows_by_dataset[ds] = rows
-    rows_by_dataset["DDR"] = [dict(rows_by_dataset["IDR"][0], dataset="DDR")]  # one point: no contour, no crash
+    # one point: no contour, no crash
+    rows_by_dataset["DDR"] = [dict(rows_by_dataset["IDR"][0], dataset="DDR")]
     stats["DDR"] = {lesion: {"count": [rows_by_dataset["DDR"][0][f"{lesion}_count"]],
-                             "area": [rows_by_dataset["DDR"][0][f"{lesion}_area"]]} for lesion in ("EX", "MA")}
+                             "area": [rows_by_dataset["DDR"][0][f"{lesion}_area"]]}
+                    for lesion in ("EX", "MA")}
     styles, reference, rule = ch.labelling_styles(stats)
-    ch.plot_labelling_style(rows_by_dataset, styles, reference, rule, 3.0, tmp_path / "fig2.png", 128)
+    ch.plot_labelling_style(rows_by_dataset, styles, reference, rule, 3.0, tmp_path / "fig2.png",
+                            128)
     ch.plot_quality_measures(rows_by_dataset, tmp_path / "quality.png")
-    ch.plot_grades({"IDR": {"Good": 0.5, "Usable": 0.3, "Reject": 0.2}, "RET": {"Good": 0.1, "Usable": 0.4, "Reject": 0.5}},
+    ch.plot_grades({"IDR": {"Good": 0.5, "Usable": 0.3, "Reject": 0.2},
+                    "RET": {"Good": 0.1, "Usable": 0.4, "Reject": 0.5}},
                    tmp_path / "fig1.png")
     for name in ("fig2.png", "quality.png", "fig1.png"):
         _assert_png(tmp_path / name)
@@ -212,8 +227,8 @@ def test_figures_are_valid_pngs(tmp_path):
 # ----------------------------------------------------------------------------- MCF-Net
 @pytest.fixture(scope="module")
 def mcf():
-    # NOTE: one intra-op thread: loading ~5000 small tensors with 2 threads on a busy 2-core machine spends
-    # seconds in thread hand-offs (measured 13 s vs 0.1 s for the copies).
+    # NOTE: one intra-op thread: loading ~5000 small tensors with 2 threads on a busy 2-core
+    # machine spends seconds in thread hand-offs (measured 13 s vs 0.1 s for the copies).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -224,20 +239,25 @@ def mcf():
 def test_mcfnet_structure_matches_published_keys(mcf):
     sd = mcf.state_dict()
     # Key names and shapes of the authors' checkpoint (read from their public densenet_mcf.py).
-    assert sd["combine1.0.weight"].shape == (3, 12)  # 3 branch predictions + feature fusion, 3 grades each
+    # 3 branch predictions + feature fusion, 3 grades each
+    assert sd["combine1.0.weight"].shape == (3, 12)
     assert sd["combine2.0.weight"].shape == (3, 3 * 1024)
     assert sd["featureA.densenet121.classifier.0.weight"].shape == (3, 1024)
     assert sd["densenet121.classifier.weight"].shape == (1000, 1024)  # their unused fourth DenseNet
-    assert "classB.denseblock4.denselayer16.conv2.weight" in sd and "featureC.densenet121.features.norm5.bias" in sd
-    # Their published parameter count (README of github.com/fyii200/MCF_Net and the EyeQ code): 28.86M.
+    assert ("classB.denseblock4.denselayer16.conv2.weight" in sd
+            and "featureC.densenet121.features.norm5.bias" in sd)
+    # Their published parameter count (README of
+    # github.com/fyii200/MCF_Net and the EyeQ code): 28.86M.
     assert sum(p.numel() for p in mcf.parameters()) / 1e6 == pytest.approx(28.86, abs=0.005)
 
 
 def test_mcfnet_forward_shapes_and_branch_equivalence(mcf):
-    x = torch.randn(3, 1, 3, 32, 32)  # 3 views, batch 1, 32 px: DenseNet-121 pools adaptively (1 x 1 at /32)
+    # 3 views, batch 1, 32 px: DenseNet-121 pools adaptively (1 x 1 at /32)
+    x = torch.randn(3, 1, 3, 32, 32)
     with torch.no_grad():
         outs = mcf(x[0], x[1], x[2])
-        # Independent reference for a branch: torchvision's own DenseNet forward (features + classifier).
+        # Independent reference for a branch: torchvision's
+        # own DenseNet forward (features + classifier).
         ref_rgb = mcf.featureA.densenet121(x[0])
     assert [tuple(o.shape) for o in outs] == [(1, 3)] * 5
     assert torch.allclose(outs[0], ref_rgb, atol=1e-6)
@@ -255,19 +275,23 @@ def test_colour_views():
     std = torch.tensor(mcfnet.IMAGENET_STD).view(3, 1, 1)
     raw = views * std + mean  # back to 0..255 (the authors do not divide by 255)
     white, black = raw[:, :, 2, 2], raw[:, :, -3, -3]  # (view, channel)
-    assert torch.allclose(white, torch.tensor([[255.0, 255, 255], [0, 0, 255], [255, 0, 0]]), atol=1)  # RGB, HSV, LAB
+    # RGB, HSV, LAB
+    assert torch.allclose(white, torch.tensor([[255.0, 255, 255], [0, 0, 255], [255, 0, 0]]),
+                          atol=1)
     assert torch.allclose(black, torch.zeros(3, 3), atol=1e-3)
     wide = np.zeros((32, 64, 3), np.uint8)
     wide[:, :16] = wide[:, 48:] = 255  # Resize(32) + CenterCrop(32) keeps only the black middle
-    assert torch.allclose(mcfnet.colour_views(wide, size=32) * std + mean, torch.zeros(3, 3, 32, 32), atol=1e-3)
+    assert torch.allclose(mcfnet.colour_views(wide, size=32) * std + mean,
+                          torch.zeros(3, 3, 32, 32), atol=1e-3)
     fov = np.zeros((40, 40), bool)  # everything outside the FOV is blacked out
-    assert torch.allclose(mcfnet.colour_views(img, fov, size=32) * std + mean, torch.zeros(3, 3, 32, 32), atol=1e-3)
+    assert torch.allclose(mcfnet.colour_views(img, fov, size=32) * std + mean,
+                          torch.zeros(3, 3, 32, 32), atol=1e-3)
 
 
 def test_mcfnet_checkpoint_round_trip_and_bad_files(mcf, tmp_path):
     sd = mcf.state_dict()
-    # The authors' wrapper ({"state_dict": ..., "best_loss": numpy float}), DataParallel prefixes, and
-    # pre-0.3 torchvision names ("norm.1") for one layer.
+    # The authors' wrapper ({"state_dict": ..., "best_loss": numpy float}),
+    # DataParallel prefixes, and pre-0.3 torchvision names ("norm.1") for one layer.
     wrapped = {}
     for k, v in sd.items():
         k = k.replace("denselayer1.norm1.", "denselayer1.norm.1.")
@@ -283,9 +307,11 @@ def test_mcfnet_checkpoint_round_trip_and_bad_files(mcf, tmp_path):
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     small = {k: v for k, v in sd.items() if not k.startswith("combine1")}
-    small["combine1.0.weight"], small["combine1.0.bias"] = torch.zeros(5, 20), torch.zeros(5)  # 5 grades
+    # 5 grades
+    small["combine1.0.weight"], small["combine1.0.bias"] = torch.zeros(5, 20), torch.zeros(5)
     torch.save(small, tmp_path / "shape.pt")
-    for name, words in (("junk.tar", "not a readable"), ("other.pt", "missing keys"), ("shape.pt", "other shapes")):
+    for name, words in (("junk.tar", "not a readable"), ("other.pt", "missing keys"),
+                        ("shape.pt", "other shapes")):
         with pytest.raises(ValueError) as err:
             mcfnet.load_weights(mcf, tmp_path / name)  # fails before touching the model
         assert name in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
@@ -293,8 +319,9 @@ def test_mcfnet_checkpoint_round_trip_and_bad_files(mcf, tmp_path):
         mcfnet.load_weights(mcf, tmp_path / "nope.tar")
 
 
-# ----------------------------------------------------------------------------- end to end (synthetic data)
-SYNTH_STYLES = {"IDR": "fine", "DDR": "fine", "FGA": "mixed", "RET": "coarse", "MES": "fine"}  # as generated
+# ---------------------------------------------------------------------- end to end (synthetic data)
+# as generated
+SYNTH_STYLES = {"IDR": "fine", "DDR": "fine", "FGA": "mixed", "RET": "coarse", "MES": "fine"}
 
 
 def _characterize(out, *argv):
@@ -306,13 +333,15 @@ def _characterize(out, *argv):
 
 
 def _medians(report):
-    return {ds: {"style": s["style"], "coarse_share": s["coarse_share"], "log10_area": s["median_log10_area"]}
+    return {ds: {"style": s["style"], "coarse_share": s["coarse_share"],
+                 "log10_area": s["median_log10_area"]}
             for ds, s in report["datasets"].items()}
 
 
 @pytest.fixture(scope="module")
 def default_run(synth_root, cache_dir, tmp_path_factory):
-    """characterize.py on the synthetic datasets with the default data options (the shared cache)."""
+    """characterize.py on the synthetic datasets with
+    the default data options (the shared cache)."""
     out = tmp_path_factory.mktemp("characterize")
     report, printed = _characterize(out, "--data-root", str(synth_root), "--cache", str(cache_dir))
     return out, report, printed
@@ -350,24 +379,29 @@ def test_end_to_end_fga_mixed_default_options(default_run):
 
 
 def test_end_to_end_fga_mixed_without_fringe(synth_root, cache_dir, tmp_path):
-    """With the anti-aliased fringe dropped (--mask-threshold FGA=127), FGA's fine and coarse halves separate."""
+    """With the anti-aliased fringe dropped (--mask-threshold
+    FGA=127), FGA's fine and coarse halves separate."""
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)  # FGA is re-prepared here, not in the shared cache
-    report, _ = _characterize(tmp_path / "out", "--data-root", str(synth_root), "--cache", str(cache),
-                              "--mask-threshold", "FGA=127")
-    assert {ds: s["style"] for ds, s in report["datasets"].items()} == SYNTH_STYLES, _medians(report)
+    report, _ = _characterize(tmp_path / "out", "--data-root", str(synth_root),
+                              "--cache", str(cache), "--mask-threshold", "FGA=127")
+    assert {ds: s["style"] for ds, s in report["datasets"].items()} == SYNTH_STYLES, \
+        _medians(report)
 
 
 @pytest.mark.slow
 def test_end_to_end_with_quality_weights(synth_root, cache_dir, tmp_path, mcf):
-    """--quality-weights: a checkpoint in the authors' format grades every image and Figure 1 is drawn."""
+    """--quality-weights: a checkpoint in the authors'
+    format grades every image and Figure 1 is drawn."""
     weights = tmp_path / "DenseNet121_v3_v1.tar"
     torch.save({"state_dict": mcf.state_dict(), "best_loss": 0.3}, weights)
-    report, printed = _characterize(tmp_path / "out", "--datasets", "IDR,RET", "--data-root", str(synth_root),
-                                    "--cache", str(cache_dir), "--quality-weights", str(weights), "--device", "cpu")
+    report, printed = _characterize(tmp_path / "out", "--datasets", "IDR,RET",
+                                    "--data-root", str(synth_root), "--cache", str(cache_dir),
+                                    "--quality-weights", str(weights), "--device", "cpu")
     assert "skipped" not in printed and str(weights) in report["quality_network"]
     for s in report["datasets"].values():
-        assert set(s["grades"]) == {"Good", "Usable", "Reject"} and sum(s["grades"].values()) == pytest.approx(1)
+        assert (set(s["grades"]) == {"Good", "Usable", "Reject"}
+                and sum(s["grades"].values()) == pytest.approx(1))
     _assert_png(tmp_path / "out" / "fig1_quality_grades.png")
     header = (tmp_path / "out" / "per_image.csv").read_text().splitlines()[0]
     assert header.endswith("p_Good,p_Usable,p_Reject,grade")
@@ -379,7 +413,8 @@ def test_cli_errors_are_one_line(tmp_path):
                  "--quality-weights", str(tmp_path / "missing.tar")])
     assert not (tmp_path / "o").exists()  # checked before anything is written
     # The script itself: one "error: ..." line, no traceback.
-    cmd = [sys.executable, str(ROOT / "characterize.py"), "--datasets", "IDR,XYZ", "--data-root", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "characterize.py"), "--datasets", "IDR,XYZ",
+           "--data-root", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0, res.stderr
     assert res.stderr.startswith("error:") and "unknown dataset ID 'XYZ'" in res.stderr

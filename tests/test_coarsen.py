@@ -28,12 +28,15 @@ def disc(shape, y, x, r):
 
 def test_regions_grow_by_the_radius_and_neighbours_merge():
     masks = np.zeros((4, 120, 160), bool)
-    masks[EX] = disc((120, 160), 40, 40, 3) | disc((120, 160), 40, 52, 3) | disc((120, 160), 90, 120, 2)
-    out = coarsen.coarsen(masks, ("EX",), fov_radius=256, rng=np.random.default_rng(0))  # u = 1: EX radius 7
+    masks[EX] = (disc((120, 160), 40, 40, 3) | disc((120, 160), 40, 52, 3)
+                 | disc((120, 160), 90, 120, 2))
+    # u = 1: EX radius 7
+    out = coarsen.coarsen(masks, ("EX",), fov_radius=256, rng=np.random.default_rng(0))
     # every pixel within 7 px of a lesion pixel, and nothing else (the blobs have no holes to fill)
     near = ndimage.distance_transform_edt(~masks[EX]) <= 7
     assert np.array_equal(out[EX], near)
-    assert ndimage.label(masks[EX])[1] == 3 and ndimage.label(out[EX])[1] == 2  # two neighbours merged
+    # two neighbours merged
+    assert ndimage.label(masks[EX])[1] == 3 and ndimage.label(out[EX])[1] == 2
     assert np.array_equal(out[[1, 2, 3]], masks[[1, 2, 3]])  # lesions not asked for: untouched
     # a larger fundus, a larger radius: u = fov_radius / 256
     big = coarsen.coarsen(masks, ("EX",), fov_radius=512, rng=np.random.default_rng(0))
@@ -68,7 +71,8 @@ def test_fine_copy_is_the_same_photographs_and_labels(fixture_idrid, tmp_path):
     out = tmp_path / "FIN"
     coarsen.main(["--dataset", "IDR", "--root", f"IDR={fixture_idrid}", "--out", str(out), "--fine",
                   "--train", stems[0], "--test", stems[1]])
-    assert json.loads((out / "splits.json").read_text()) == {"train": [stems[0]], "test": [stems[1]]}
+    assert json.loads((out / "splits.json").read_text()) == {"train": [stems[0]],
+                                                             "test": [stems[1]]}
     info = json.loads((out / "dataset.json").read_text())
     assert info["lesions"] == {les: f"masks/{les}" for les in LESIONS}
     source = {s.id: s for s in list_samples("IDR", fixture_idrid)}
@@ -99,7 +103,8 @@ def test_coarse_copy_and_errors(fixture_idrid, tmp_path):
     with pytest.raises(ValueError) as err:
         coarsen.main(["--dataset", "IDR", "--root", f"IDR={fixture_idrid}", "--out",
                       str(tmp_path / "x"), "--train", "IDRiD_05", "--test", "IDRiD_06,IDRiD_05"])
-    assert str(err.value) == "--train and --test: 'IDRiD_05' is in both; an image belongs to one split"
+    assert str(err.value) == ("--train and --test: 'IDRiD_05' is in both; an image belongs to "
+                              "one split")
     assert not (tmp_path / "x").exists()
     r = subprocess.run([sys.executable, "-m", "data.coarsen", "--dataset", "IDR", "--root",
                         f"IDR={fixture_idrid}", "--out", str(tmp_path / "x"), "--seed", "-1"],

@@ -1,5 +1,5 @@
-"""curves.py: curves.png from hand-written log.jsonl files (what is drawn, killed runs, errors), train.py's
-curves.png at every validation, and the sweep figure."""
+"""curves.py: curves.png from hand-written log.jsonl files (what is drawn, killed
+runs, errors), train.py's curves.png at every validation, and the sweep figure."""
 import json
 import math
 import runpy
@@ -13,11 +13,13 @@ import curves
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SIZE = (1100, 850)  # curves.SIZE x DPI, written out: a change of size is a change the reader should see
+# curves.SIZE x DPI, written out: a change of size is a change the reader should see
+SIZE = (1100, 850)
 
 
 def write_log(run_dir, records, tail="", args=None):
-    """log.jsonl as train.py writes it (NaN as null), plus `tail` (a line cut short), and args.json."""
+    """log.jsonl as train.py writes it (NaN as null),
+    plus `tail` (a line cut short), and args.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
     if args is not None:
@@ -48,27 +50,33 @@ def lines_by_label(ax):
 
 
 def test_plot_from_hand_written_log(tmp_path):
-    run = write_log(tmp_path / "IDR+MES" / "s0", RECORDS, args={"loss": "bce+dice", "val_metric": "loss"})
+    run = write_log(tmp_path / "IDR+MES" / "s0", RECORDS,
+                    args={"loss": "bce+dice", "val_metric": "loss"})
     path = curves.plot_run(run)
     assert path == run / "curves.png"
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size == SIZE
-    assert sorted(p.name for p in run.iterdir()) == ["args.json", "curves.png", "log.jsonl"]  # no temporary file
+    # no temporary file
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "curves.png", "log.jsonl"]
 
     fig = curves.curves_figure(run)
     loss_ax, score_ax, lr_ax, time_ax = fig.axes
     lines = lines_by_label(loss_ax)
-    train, val = lines["training loss (mean over the last steps)"], lines["validation loss (pooled)"]
-    assert list(train.get_xdata()) == [10, 20, 30, 40, 50] and list(train.get_ydata()) == [1.5, 0.9, 0.6, 0.4, 0.3]
+    train, val = (lines["training loss (mean over the last steps)"],
+                  lines["validation loss (pooled)"])
+    assert (list(train.get_xdata()) == [10, 20, 30, 40, 50]
+            and list(train.get_ydata()) == [1.5, 0.9, 0.6, 0.4, 0.3])
     assert list(val.get_xdata()) == [20, 40, 50] and list(val.get_ydata()) == [1.2, 0.8, 0.9]
-    assert loss_ax.get_yscale() == "log" and "bce+dice" in loss_ax.get_ylabel() and "step" in loss_ax.get_xlabel()
+    assert (loss_ax.get_yscale() == "log" and "bce+dice" in loss_ax.get_ylabel()
+            and "step" in loss_ax.get_xlabel())
     scores = lines_by_label(score_ax)
     assert list(scores["Dice HE"].get_ydata()) == [0.2, 0.4, 0.45]
     assert scores["Dice, mean over lesions"].get_ydata()[1] == pytest.approx((0.3 + 0.4 + 0.1) / 3)
     assert "Dice CWS (absent from validation)" in scores  # all null in the log
     # best.pt: the last validation written with "best": true (step 40, not the last one)
     best = [ln for ln in score_ax.get_lines() if ln.get_label().startswith("best.pt")]
-    assert len(best) == 1 and list(best[0].get_xdata()) == [40, 40] and "val loss" in best[0].get_label()
+    assert (len(best) == 1 and list(best[0].get_xdata()) == [40, 40]
+            and "val loss" in best[0].get_label())
     for ax in fig.axes:
         assert ax.get_legend() is None and ax.get_xlabel() and ax.get_ylabel()  # one for all
     (legend,) = fig.legends
@@ -79,7 +87,8 @@ def test_plot_from_hand_written_log(tmp_path):
 def test_lesions_not_trained_are_not_drawn(tmp_path):
     """train.py --lesions HE: the other lesions score NaN in validation and have no curve."""
     recs = [train_rec(10, 1.0), {**val_rec(10, 1.0, (None, 0.3, None, None), True)}]
-    fig = curves.curves_figure(write_log(tmp_path / "r", recs, args={"lesions": ["HE"], "loss": "bce"}))
+    fig = curves.curves_figure(write_log(tmp_path / "r", recs,
+                                         args={"lesions": ["HE"], "loss": "bce"}))
     labels = lines_by_label(fig.axes[1])
     assert "Dice HE (the one lesion trained)" in labels
     assert not any(k.startswith(("Dice EX", "Dice MA", "Dice CWS")) for k in labels)
@@ -92,25 +101,30 @@ def test_log_without_validation_still_plots_the_loss(tmp_path):
     with Image.open(curves.plot_run(run)) as im:
         assert im.size == SIZE
     fig = curves.curves_figure(run)
-    assert list(lines_by_label(fig.axes[0])["training loss (mean over the last steps)"].get_ydata()) == [1.0, 0.7]
+    assert list(lines_by_label(fig.axes[0])["training loss (mean over the last steps)"]
+                .get_ydata()) == [1.0, 0.7]
     assert [t.get_text() for t in fig.axes[1].texts] == ["no validation yet"]
 
 
 def test_killed_run_log_does_not_crash(tmp_path):
-    """A run killed mid-write leaves a last line cut short; a resumed run rewrites steps (the last one counts)."""
+    """A run killed mid-write leaves a last line cut short;
+    a resumed run rewrites steps (the last one counts)."""
     recs = RECORDS[:3] + ["not json", {"no": "step"}] + [train_rec(20, 0.8)]
     run = tmp_path / "r"
     run.mkdir()
-    (run / "log.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs)
+    (run / "log.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                                           for r in recs)
                                    + '{"step": 30, "split": "tra')
     train, val = curves.read_log(run / "log.jsonl")
-    assert [(r["step"], r["loss"]) for r in train] == [(10, 1.5), (20, 0.8)] and [r["step"] for r in val] == [20]
+    assert ([(r["step"], r["loss"]) for r in train] == [(10, 1.5), (20, 0.8)]
+            and [r["step"] for r in val] == [20])
     with Image.open(curves.plot_run(run)) as im:
         assert im.size == SIZE
 
 
 def test_nan_loss_is_a_gap_and_linear_axis(tmp_path):
-    """A NaN validation loss (null in the log, a diverged run) is no point; the loss axis stays usable."""
+    """A NaN validation loss (null in the log, a diverged
+    run) is no point; the loss axis stays usable."""
     recs = [train_rec(10, 1.0), val_rec(10, None, (0.1, 0.1, 0.1, 0.1), True), train_rec(20, 0.0)]
     fig = curves.curves_figure(write_log(tmp_path / "r", recs))
     val = lines_by_label(fig.axes[0])["validation loss (pooled)"]
@@ -126,9 +140,11 @@ def test_errors_and_refresh_never_raises(tmp_path, capsys, monkeypatch):
         curves.plot_run(empty)
     assert curves.refresh(empty) is None  # train.py's hook: a warning, the run goes on
     err = capsys.readouterr().err
-    assert err.startswith("warning:") and "curves.png not written" in err and len(err.strip().splitlines()) == 1
+    assert (err.startswith("warning:") and "curves.png not written" in err
+            and len(err.strip().splitlines()) == 1)
     monkeypatch.setattr(sys, "argv", ["curves.py", str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit, match="^error: no log.jsonl in .*nowhere"):  # the command line: one line
+    # the command line: one line
+    with pytest.raises(SystemExit, match="^error: no log.jsonl in .*nowhere"):
         runpy.run_path(curves.__file__, run_name="__main__")
 
 
@@ -156,7 +172,8 @@ def test_train_run_writes_curves(tiny_runs, tmp_path, capsys):
         assert f"curves in {run / 'curves.png'}" in out  # the run's summary names it
         fig = curves.curves_figure(run)
         val = lines_by_label(fig.axes[0])["validation loss (pooled)"]
-        assert list(val.get_xdata()) == [2, 4]  # --iters 4 --val-every 2: refreshed at each validation
+        # --iters 4 --val-every 2: refreshed at each validation
+        assert list(val.get_xdata()) == [2, 4]
         logged = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
                   if r["split"] == "train"]
         assert all(r["step_s"] > 0 for r in logged)  # train.py logs the seconds per step

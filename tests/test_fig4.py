@@ -1,4 +1,5 @@
-"""fig4.py: the paper's Figure 4 on two tiny real runs, what report.py reads, reuse, --bn both, refusals.
+"""fig4.py: the paper's Figure 4 on two tiny real runs,
+what report.py reads, reuse, --bn both, refusals.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_fig4.py
 """
@@ -28,27 +29,34 @@ def test_fig4_writes_what_report_reads(runs, synth_root, tmp_path, capsys):
     runs_dir, cache = runs
     combo = runs_dir / "IDR+MES"
     out = combo / "fig4.json"
-    flags = ["--test", "IDR,MES", "--data-root", str(synth_root), "--cache", str(cache), "--device", "cpu"]
+    flags = ["--test", "IDR,MES", "--data-root", str(synth_root), "--cache", str(cache),
+             "--device", "cpu"]
     fig4.main([str(combo), *flags, "-o", str(out)])
     fig = json.loads(out.read_text())
-    methods = ["baseline", "ensemble"] + [f"{k}-{p}" for k in ("swa", "soup") for p in ("encoder", "decoder", "full")]
+    methods = ["baseline", "ensemble"] + [f"{k}-{p}" for k in ("swa", "soup")
+                                          for p in ("encoder", "decoder", "full")]
     assert sorted(fig["methods"]) == sorted(methods)
     assert fig["combo"] == "IDR+MES" and fig["train"] == ["IDR", "MES"] and fig["bn"] == "keep"
-    # The ensemble manifest scores exactly what evaluate.py gives the two checkpoints passed together.
+    # The ensemble manifest scores exactly what evaluate.py
+    # gives the two checkpoints passed together.
     pair = [combo / "s0" / "best.pt", combo / "s1" / "best.pt"]
     both = evaluate.evaluate(pair, "IDR", (synth_root, cache, None), device="cpu",
                              verbose=False)["results"]["IDR"]
-    # fig4.json keeps evaluate.py's means over lesions: Dice and AUPR (and AP, the AUPR floor once evaluated)
+    # fig4.json keeps evaluate.py's means over lesions:
+    # Dice and AUPR (and AP, the AUPR floor once evaluated)
     means = {k for k in both if k.startswith("mean_")}
     assert {"mean_dice", "mean_aupr"} <= means
     for m in methods:
         assert set(fig["methods"][m]) == {"IDR", "MES"}
         assert set(fig["methods"][m]["IDR"]) == means
-    assert fig["methods"]["ensemble"]["IDR"]["mean_aupr"] == pytest.approx(both["mean_aupr"], abs=1e-12)
+    assert fig["methods"]["ensemble"]["IDR"]["mean_aupr"] == pytest.approx(both["mean_aupr"],
+                                                                           abs=1e-12)
     for name in ("swa-full", "soup-encoder"):
         assert (combo / "avg" / f"{name}.pt").is_file()
-    manifest = json.loads((combo / "avg" / "ensemble.json").read_text())  # paths, never copies of the weights
-    assert manifest["members"] == ["../s0/best.pt", "../s1/best.pt"] and not (combo / "avg" / "ensemble.pt").exists()
+    # paths, never copies of the weights
+    manifest = json.loads((combo / "avg" / "ensemble.json").read_text())
+    assert (manifest["members"] == ["../s0/best.pt", "../s1/best.pt"]
+            and not (combo / "avg" / "ensemble.pt").exists())
 
     # A rerun reuses the averages and refuses to overwrite fig4.json without --force.
     with pytest.raises(ValueError, match="--force"):
@@ -56,16 +64,19 @@ def test_fig4_writes_what_report_reads(runs, synth_root, tmp_path, capsys):
     capsys.readouterr()
     fig4.main([str(combo), *flags, "-o", str(out), "--force", "--test", "IDR"])
     assert "reusing" in capsys.readouterr().out
-    # only the test sets asked for, though the methods' results files still hold MES from the first run
+    # only the test sets asked for, though the methods'
+    # results files still hold MES from the first run
     assert all(set(block) == {"IDR"} for block in json.loads(out.read_text())["methods"].values())
 
-    # --bn both: every average twice; the "+bn" copies differ from the kept ones only in BN running stats.
+    # --bn both: every average twice; the "+bn" copies
+    # differ from the kept ones only in BN running stats.
     both_out = tmp_path / "fig4-both.json"
     fig4.main([str(combo), *flags, "-o", str(both_out), "--test", "IDR", "--bn", "both",
                   "--bn-batches", "2"])
     fig_both = json.loads(both_out.read_text())
     assert sorted(fig_both["methods"]) == sorted(methods + [m + "+bn" for m in methods[2:]])
-    kept, recomputed = (load_checkpoint(combo / "avg" / f"soup-full{s}.pt")["model"] for s in ("", "-bn"))
+    kept, recomputed = (load_checkpoint(combo / "avg" / f"soup-full{s}.pt")["model"]
+                        for s in ("", "-bn"))
     changed = {k for k in kept if not torch.equal(kept[k], recomputed[k])}
     assert changed and all(k.endswith(("running_mean", "running_var")) for k in changed)
 
@@ -79,7 +90,8 @@ def test_fig4_needs_two_seeds_and_skips_swa_without_snapshots(runs, synth_root, 
     one = tmp_path / "IDR+MES"
     (one / "s0").mkdir(parents=True)
     (one / "s0" / "best.pt").write_bytes((runs_dir / "IDR+MES" / "s0" / "best.pt").read_bytes())
-    flags = ["--test", "IDR", "--data-root", str(synth_root), "--cache", str(cache), "--device", "cpu"]
+    flags = ["--test", "IDR", "--data-root", str(synth_root), "--cache", str(cache),
+             "--device", "cpu"]
     with pytest.raises(FileNotFoundError, match=r"at least 2 seeds .*found: s0\)"):
         fig4.main([str(one), *flags, "-o", str(one / "fig4.json")])
     (one / "s3").mkdir()
@@ -117,7 +129,8 @@ def test_fig4_cli_errors_are_one_line(tmp_path):
 
 
 def test_test_sets_same_list_syntax(tmp_path):
-    """--test as every dataset-list flag reads it (data.flags.DatasetList); COMBO_DIR first, as in --help."""
+    """--test as every dataset-list flag reads it
+    (data.flags.DatasetList); COMBO_DIR first, as in --help."""
     parse = fig4.build_parser().parse_args
     assert parse([str(tmp_path), "--test", "IDR,DDR", "MES"]).test == ["IDR", "DDR", "MES"]
     assert parse([str(tmp_path), "--test", "mes+idr"]).test == ["IDR", "MES"]

@@ -23,7 +23,8 @@ def test_data_flags(monkeypatch):
     for argv, names in ((["--root", "IDRiD"], ("--root", "'IDRiD'", "ID=VALUE")),
                         (["--root", "X=/x"], ("--root", "'X'", "your own")),
                         (["--mask-threshold", "FGA=high"], ("--mask-threshold FGA=high",)),
-                        (["--root", "ABC=/a", "--root", "abc=/b"], ("--root ABC", "twice", "/a", "/b")),
+                        (["--root", "ABC=/a", "--root", "abc=/b"],
+                         ("--root ABC", "twice", "/a", "/b")),
                         (["--root", "all=/x"], ("--root all=/x", "the five datasets", "one ID"))):
         with pytest.raises(ValueError) as err:
             data_options(parser.parse_args(argv))

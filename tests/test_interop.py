@@ -1,4 +1,5 @@
-"""interop.py: ONNX against onnxruntime, conversion to and from segmentation_models_pytorch's Unet (the peer).
+"""interop.py: ONNX against onnxruntime, conversion to and from segmentation_models_pytorch's Unet
+(the peer).
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_interop.py
 """
@@ -31,7 +32,8 @@ def one_line(err):
 
 
 def randomize_norms(net, seed=0):
-    """Random batch-norm statistics and affine weights: eval-mode BN then matters, as in a trained model."""
+    """Random batch-norm statistics and affine weights: eval-mode BN then matters, as in a trained
+    model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
@@ -50,7 +52,8 @@ def tiny_ckpt(encoder="test_resnet", seed=0, **kw):
 
 
 def smp_unet(encoder="tu-test_resnet", centre_head=True, seed=0, **kw):
-    """A freshly made random smp Unet (4 classes); centre_head: its 3x3 head's off-centre taps set to 0."""
+    """A freshly made random smp Unet (4 classes); centre_head: its 3x3 head's off-centre taps set
+    to 0."""
     torch.manual_seed(seed)
     net = smp.Unet(encoder, encoder_weights=None, classes=kw.pop("classes", 4), **kw)
     if centre_head:
@@ -64,9 +67,10 @@ GAP = 1e-9  # float64 logits of size ~5: a wrong weight or layer is off by far m
 
 
 def logits_gap(ours, smp_model, shape=(2, 3, 67, 71)):
-    """Max abs difference ours(x) vs smp((x - mean) / std), odd sizes (both Unets accept any size), both run in
-    float64 (copies): the same function then agrees to ~1e-14, on any CPU. NOTE: in float32 the two sum in another
-    order (scSE attention) and the gap depends on the CPU's kernels: 5e-6 on one machine, 1.2e-5 on another."""
+    """Max abs difference ours(x) vs smp((x - mean) / std), odd sizes (both Unets accept any size),
+    both run in float64 (copies): the same function then agrees to ~1e-14, on any CPU. NOTE: in
+    float32 the two sum in another order (scSE attention) and the gap depends on the CPU's kernels:
+    5e-6 on one machine, 1.2e-5 on another."""
     ours, smp_model = copy.deepcopy(ours).double(), copy.deepcopy(smp_model).double()
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
@@ -79,16 +83,18 @@ def logits_gap(ours, smp_model, shape=(2, 3, 67, 71)):
 # ---- ONNX ----
 
 def test_onnx_matches_torch_on_other_sizes(tmp_path):
-    """An ensemble of two exported at 64x64 runs in onnxruntime at other batch sizes and odd sizes and gives
-    protocol.predict's probabilities within 1e-4; the graph's batch, height and width are symbolic. The second
-    member is shaped as the authors' models (softmax head, 3x3, inputs padded to 32: shape arithmetic in the graph)."""
+    """An ensemble of two exported at 64x64 runs in onnxruntime at other batch sizes and odd sizes
+    and gives protocol.predict's probabilities within 1e-4; the graph's batch, height and width are
+    symbolic. The second member is shaped as the authors' models (softmax head, 3x3, inputs padded
+    to 32: shape arithmetic in the graph)."""
     import onnx
     import onnxruntime as ort
 
     models = [tiny_ckpt(seed=0, attention=True)[1],
               tiny_ckpt(seed=1, classes=5, softmax=True, head_kernel=3, pad_to=32)[1]]
     path = interop.export_onnx(models, tmp_path / "m.onnx")
-    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in onnx.load(path).graph.input]
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in onnx.load(path).graph.input]
     assert dims == [["batch", 3, "height", "width"]]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in [(2, 3, 67, 71), (1, 3, 35, 96)]:
@@ -104,7 +110,8 @@ def test_onnx_matches_torch_on_other_sizes(tmp_path):
 
 
 def test_onnx_check_catches_another_model(tmp_path):
-    """check_onnx compares the graph with the models given: another model's export fails in one line."""
+    """check_onnx compares the graph with the models given: another model's export fails in one
+    line."""
     first, second = tiny_ckpt(seed=0)[1], tiny_ckpt(seed=1)[1]
     path = interop.export_onnx([first], tmp_path / "m.onnx")
     with pytest.raises(ValueError) as err:
@@ -121,7 +128,8 @@ def test_onnx_cli_and_missing_package(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError) as err:  # no silent overwrite
         interop.main(["onnx", str(tmp_path / "ck.pt"), str(tmp_path / "m.onnx")])
     assert "--force" in one_line(err)
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    # import onnxruntime now raises ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError) as err:
         interop.main(["onnx", str(tmp_path / "ck.pt"), str(tmp_path / "m.onnx"), "--force"])
     assert "pip install onnx onnxruntime" in one_line(err)
@@ -170,7 +178,8 @@ def test_onnx_output_that_is_a_folder_is_one_line(tmp_path):
 @pytest.mark.parametrize("encoder,attention", [("test_resnet", True), ("resnet18", False),
                                                ("test_efficientnet", True)])
 def test_to_smp_and_back(encoder, attention):
-    """ours -> smp: smp's own forward equals ours; -> ours again: the very same tensors and outputs."""
+    """ours -> smp: smp's own forward equals ours; -> ours again: the very same tensors and
+    outputs."""
     ckpt, ours = tiny_ckpt(encoder, attention=attention)
     smp_model = interop.to_smp(ckpt)
     assert type(smp_model) is smp.Unet and smp_model.name == f"u-tu-{encoder}"
@@ -182,25 +191,30 @@ def test_to_smp_and_back(encoder, attention):
     assert logits_gap(load_models(back)[0], smp_model) <= GAP
 
 
-@pytest.mark.parametrize("encoder,kw", [("resnet18", {"decoder_attention_type": "scse"}),
-                                        ("tu-test_resnet", {"decoder_channels": (64, 32, 32, 16, 16)})])
+@pytest.mark.parametrize("encoder,kw", [
+    ("resnet18", {"decoder_attention_type": "scse"}),
+    ("tu-test_resnet", {"decoder_channels": (64, 32, 32, 16, 16)})])
 def test_from_random_smp_unet(encoder, kw):
-    """A freshly made random smp Unet (smp's own resnet18 encoder or a timm one) -> ours gives smp's outputs,
-    with smp's 3x3 head as a 3x3 head; back to smp: the very same tensors."""
+    """A freshly made random smp Unet (smp's own resnet18 encoder or a timm one) -> ours gives smp's
+    outputs, with smp's 3x3 head as a 3x3 head; back to smp: the very same tensors."""
     smp_model = smp_unet(encoder, centre_head=False, **kw)
     ckpt = interop.from_smp(smp_model)
-    assert ckpt["model_cfg"]["encoder"] == encoder.removeprefix("tu-") and ckpt["model_cfg"]["head_kernel"] == 3
+    assert (ckpt["model_cfg"]["encoder"] == encoder.removeprefix("tu-")
+            and ckpt["model_cfg"]["head_kernel"] == 3)
     assert logits_gap(load_models(ckpt)[0], smp_model) <= GAP
     if encoder.startswith("tu-"):  # to-smp writes tu- encoders (resnet18's keys differ by "model.")
         again = interop.to_smp(ckpt).state_dict()
-        assert all(torch.equal(again[k], v) for k, v in smp_model.state_dict().items() if ".4.attention1." not in k)
+        assert all(torch.equal(again[k], v) for k, v in smp_model.state_dict().items()
+                   if ".4.attention1." not in k)
 
 
 def test_from_smp_reads_a_centre_only_head_as_1x1():
-    """Off-centre taps all 0 (as to-smp writes them) -> head_kernel=1, our default: the same outputs."""
+    """Off-centre taps all 0 (as to-smp writes them) -> head_kernel=1, our default: the same
+    outputs."""
     smp_model = smp_unet("resnet18", centre_head=True)
     ckpt = interop.from_smp(smp_model)
-    assert ckpt["model_cfg"]["head_kernel"] == 1 and ckpt["model"]["head.weight"].shape == (4, 16, 1, 1)
+    assert (ckpt["model_cfg"]["head_kernel"] == 1
+            and ckpt["model"]["head.weight"].shape == (4, 16, 1, 1))
     assert logits_gap(load_models(ckpt)[0], smp_model) <= GAP
 
 
@@ -227,8 +241,10 @@ def test_from_smp_refuses_other_architectures():
 
 
 @pytest.mark.parametrize("encoder,kw,words", [
-    ("test_convnext", {"decoder_channels": (64, 32, 16, 16)}, "feature strides"),  # strides 4..32: smp adds a block
-    ("test_resnet", {"classes": 5, "softmax": True, "head_kernel": 3, "pad_to": 32}, "softmax head"),
+    # strides 4..32: smp adds a block
+    ("test_convnext", {"decoder_channels": (64, 32, 16, 16)}, "feature strides"),
+    ("test_resnet", {"classes": 5, "softmax": True, "head_kernel": 3, "pad_to": 32},
+     "softmax head"),
     ("test_resnet", {"local_contrast": 2.0}, "local_contrast"),
     ("test_resnet", {"head_kernel": 5}, "5x5 head"),
 ])
@@ -247,7 +263,8 @@ def test_to_smp_refuses_an_ensemble():
 
 
 def test_smp_cli_round_trip(tmp_path, capsys):
-    """to-smp writes what smp.from_pretrained (smp's own loader, offline) reads; from-smp reads it back."""
+    """to-smp writes what smp.from_pretrained (smp's own loader, offline) reads; from-smp reads it
+    back."""
     ckpt, ours = tiny_ckpt(attention=True)
     save_checkpoint(tmp_path / "ck.pt", ckpt)
     interop.main(["to-smp", str(tmp_path / "ck.pt"), str(tmp_path / "smp")])
@@ -305,7 +322,8 @@ def test_smp_export_records_the_normalization_with_usual_permissions(tmp_path):
         os.umask(old)
     config = json.loads((tmp_path / "smp" / "config.json").read_text())
     mean, std = timm_normalization()
-    assert config["_input_mean"] == pytest.approx(mean) and config["_input_std"] == pytest.approx(std)
+    assert (config["_input_mean"] == pytest.approx(mean)
+            and config["_input_std"] == pytest.approx(std))
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "smp").iterdir()}
     assert set(modes) >= {"config.json", "model.safetensors"}
     assert set(modes.values()) == {"0o640"}, modes

@@ -1,5 +1,5 @@
-"""kernels/: reference vs brute force and Python loops; Triton kernel (interpreted on CPU) and fast CPU path vs
-the reference; pr_metrics vs the formula, hand-computed numbers and sklearn.
+"""kernels/: reference vs brute force and Python loops; Triton kernel (interpreted on CPU) and fast
+CPU path vs the reference; pr_metrics vs the formula, hand-computed numbers and sklearn.
 
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py -k pr_metrics
@@ -19,15 +19,17 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None  # Linux x86_64 only
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
-# ---------------------------------------------------------------------------------------------- references
+# --------------------------------------------------------------------------------------- references
 
 def protocol_thresholds(T):
-    """docs/PROTOCOL.md: t_k = float32 linspace(0, 1, T)[k] (written out here, not imported from kernels)."""
+    """docs/PROTOCOL.md: t_k = float32 linspace(0, 1, T)[k] (written out here, not imported from
+    kernels)."""
     return torch.linspace(0, 1, T, dtype=torch.float32)
 
 
 def fine_thresholds(F):
-    """The AP curve's u_j = j / F as float32, from Python's float64 j / F (never near a float32 tie: exact)."""
+    """The AP curve's u_j = j / F as float32, from Python's float64 j / F (never near a float32 tie:
+    exact)."""
     return torch.tensor([j / F for j in range(F)], dtype=torch.float32)
 
 
@@ -62,13 +64,15 @@ def loop_counts(probs, target, roi, t):
         value, positive = p[b][c][h][w], y[b][c][h][w] != 0
         pos[c] += positive
         for k, t_k in enumerate(t):
-            if value >= t_k:  # a float32 value and threshold, both exact as Python floats; NaN: False
+            # a float32 value and threshold, both exact as Python floats; NaN: False
+            if value >= t_k:
                 (tp if positive else fp)[c][k] += 1
     return torch.tensor(tp), torch.tensor(fp), torch.tensor(pos)
 
 
 def reference_metrics(tp, fp, pos, k_half=5):
-    """The docs/PROTOCOL.md formula with plain Python floats (float64) and loops, lesion by lesion."""
+    """The docs/PROTOCOL.md formula with plain Python floats (float64) and loops, lesion by
+    lesion."""
     aupr, dice = [], []
     for tp_c, fp_c, P in zip(tp.tolist(), fp.tolist(), pos.tolist()):
         if P == 0:
@@ -77,27 +81,33 @@ def reference_metrics(tp, fp, pos, k_half=5):
             continue
         prec = [t / (t + f) if t + f > 0 else 1.0 for t, f in zip(tp_c, fp_c)] + [1.0]
         rec = [t / P for t in tp_c] + [0.0]
-        aupr.append(sum((rec[k] - rec[k + 1]) * (prec[k] + prec[k + 1]) / 2 for k in range(len(tp_c))))
+        aupr.append(sum((rec[k] - rec[k + 1]) * (prec[k] + prec[k + 1]) / 2
+                        for k in range(len(tp_c))))
         t, f = tp_c[k_half], fp_c[k_half]
         dice.append(2 * t / (2 * t + f + (P - t)))
     return aupr, dice
 
 
 def edge_values(dtype, t=None):
-    """Probabilities exactly on the thresholds, their float32 neighbours and their neighbours in `dtype`."""
+    """Probabilities exactly on the thresholds, their float32 neighbours and their neighbours in
+    `dtype`."""
     t = protocol_thresholds(11) if t is None else t
     vals = [t, t.nextafter(torch.tensor(2.0)), t.nextafter(torch.tensor(-2.0))]
     if dtype in (torch.float16, torch.bfloat16):
         bits = t.to(dtype).view(torch.int16)
-        vals += [(bits + d).view(dtype).float() for d in (-1, 0, 1)]  # rounded thresholds and next values
+        # rounded thresholds and next values
+        vals += [(bits + d).view(dtype).float() for d in (-1, 0, 1)]
     extra = torch.tensor([0.0, -0.0, 1.0, -1e-3, 1.5])
     return torch.cat(vals + [extra]).to(dtype)
 
 
-def random_case(shape=(2, 4, 37, 29), dtype=torch.float32, layout="contiguous", roi="mask", seed=0, fine=None):
-    """Probabilities with edge values planted, bool targets and an ROI, in the requested memory layout.
+def random_case(shape=(2, 4, 37, 29), dtype=torch.float32, layout="contiguous", roi="mask", seed=0,
+                fine=None):
+    """Probabilities with edge values planted, bool targets and an ROI, in the requested memory
+    layout.
 
-    fine=F also plants (a random subset of) the F fine thresholds and their neighbours on other pixels.
+    fine=F also plants (a random subset of) the F fine thresholds and their neighbours on other
+    pixels.
     """
     g = torch.Generator().manual_seed(seed)
     B, C, H, W = shape
@@ -112,7 +122,8 @@ def random_case(shape=(2, 4, 37, 29), dtype=torch.float32, layout="contiguous", 
     if fine is not None:  # pixels not yet planted; a random choice of the fine edges
         fine_edges = edge_values(dtype, fine_thresholds(fine))
         free = perm[where.numel():][: probs.numel() // 3]
-        probs.view(-1)[free] = fine_edges[torch.randint(0, fine_edges.numel(), free.shape, generator=g)]
+        probs.view(-1)[free] = fine_edges[torch.randint(0, fine_edges.numel(), free.shape,
+                                                        generator=g)]
     if layout == "channels_last":
         probs = probs.contiguous(memory_format=torch.channels_last)
         target = target.contiguous(memory_format=torch.channels_last)
@@ -131,12 +142,13 @@ def assert_counts_equal(got, want):
         assert torch.equal(a.cpu(), b.cpu()), f"{name}: {a.tolist()} != {b.tolist()}"
 
 
-# ------------------------------------------------------------------------------------ the reference itself
+# ----------------------------------------------------------------------------- the reference itself
 
 @pytest.mark.parametrize("F", [AP_BINS, 1000, 3])
 @pytest.mark.parametrize("roi", ["none", "mask"])
 def test_reference_matches_python_loops(F, roi):
-    """The definition, checked against the slowest possible count (values on both sets of thresholds)."""
+    """The definition, checked against the slowest possible count (values on both sets of
+    thresholds)."""
     probs, target, mask = random_case((2, 2, 5, 7), roi=roi, seed=11, fine=F)
     got = reference_binned_counts(probs, target, mask, ap_bins=F)
     want = loop_counts(probs, target, mask, protocol_thresholds(11))
@@ -148,10 +160,11 @@ def test_fine_thresholds_are_j_over_F():
 
     for F in (AP_BINS, 1000, 7):
         assert torch.equal(fine_threshold_values(F), fine_thresholds(F))
-    assert fine_thresholds(AP_BINS).double().mul(AP_BINS).tolist() == list(range(AP_BINS))  # exact j / 1024
+    # exact j / 1024
+    assert fine_thresholds(AP_BINS).double().mul(AP_BINS).tolist() == list(range(AP_BINS))
 
 
-# ------------------------------------------------------------------------------------------ binned_counts
+# ------------------------------------------------------------------------------------ binned_counts
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
@@ -162,9 +175,11 @@ def test_fast_path_and_kernel_match_reference_and_brute_force(dtype, layout, roi
     assert_counts_equal(reference_binned_counts(probs, target, mask), want)
     assert_counts_equal(binned_counts_torch(probs, target, mask), want)
     assert_counts_equal(binned_counts_torch(probs, target, mask, chunk=64), want)  # 2 rows a chunk
-    assert_counts_equal(binned_counts(probs, target, mask), want)  # CPU: the public function takes the CPU path
+    # CPU: the public function takes the CPU path
+    assert_counts_equal(binned_counts(probs, target, mask), want)
     if HAS_TRITON:
-        # 37 x 29 = 1073 pixels: not a multiple of the block; 2 programs an image walk the grid-stride loop
+        # 37 x 29 = 1073 pixels: not a multiple of the block; 2 programs an image walk the
+        # grid-stride loop
         assert_counts_equal(binned_counts_triton(probs, target, mask, block=256, programs=2), want)
 
 
@@ -172,7 +187,8 @@ def test_fast_path_and_kernel_match_reference_and_brute_force(dtype, layout, roi
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("roi", ["none", "mask"])
 def test_fine_counts_match_reference_and_brute_force(dtype, layout, roi):
-    """ap_bins = AP_BINS: fine counts right at the fine thresholds; the 11-threshold counts unchanged."""
+    """ap_bins = AP_BINS: fine counts right at the fine thresholds; the 11-threshold counts
+    unchanged."""
     probs, target, mask = random_case(dtype=dtype, layout=layout, roi=roi, seed=12, fine=AP_BINS)
     coarse = brute_counts(probs, target, mask)
     want = reference_binned_counts(probs, target, mask, ap_bins=AP_BINS)
@@ -182,15 +198,15 @@ def test_fine_counts_match_reference_and_brute_force(dtype, layout, roi):
     assert_counts_equal(binned_counts(probs, target, mask, ap_bins=AP_BINS), want)
     assert_counts_equal(binned_counts(probs, target, mask), coarse)
     if HAS_TRITON:  # 1073 pixels in blocks of 512: 2 programs, one of them loops twice
-        assert_counts_equal(binned_counts_triton(probs, target, mask, ap_bins=AP_BINS, block=512, programs=2),
-                            want)
+        assert_counts_equal(binned_counts_triton(probs, target, mask, ap_bins=AP_BINS, block=512,
+                                                 programs=2), want)
 
 
 @needs_triton
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 1, 16, 16), (1, 5, 9, 130)])
 def test_kernel_odd_shapes_uint8_targets(shape):
-    """C not a power of two, a single lesion, W wider than the block; uint8 targets; chunk narrower than W;
-    1000 fine thresholds (not binary fractions: the rounding fix-up at work)."""
+    """C not a power of two, a single lesion, W wider than the block; uint8 targets; chunk narrower
+    than W; 1000 fine thresholds (not binary fractions: the rounding fix-up at work)."""
     probs, target, mask = random_case(shape, roi="mask", seed=1)
     target = target.to(torch.uint8)
     want = brute_counts(probs, target, mask)
@@ -199,15 +215,16 @@ def test_kernel_odd_shapes_uint8_targets(shape):
     probs, target, mask = random_case(shape, roi="mask", seed=1, fine=1000)
     target = target.to(torch.uint8)
     want = reference_binned_counts(probs, target, mask, ap_bins=1000)
-    assert_counts_equal(want, brute_counts(probs, target, mask) + brute_fine(probs, target, mask, 1000))
+    assert_counts_equal(want, brute_counts(probs, target, mask)
+                        + brute_fine(probs, target, mask, 1000))
     assert_counts_equal(binned_counts_triton(probs, target, mask, ap_bins=1000, block=256), want)
     assert_counts_equal(binned_counts_torch(probs, target, mask, ap_bins=1000, chunk=50), want)
 
 
 @pytest.mark.parametrize("T", [2, 5, 21, 150, 1001])
 def test_other_threshold_counts(T):
-    """Any linspace size: 150 needs int32 bins in the fast path; 1001 puts several thresholds in one float
-    bucket (the fast path's bucketize fallback)."""
+    """Any linspace size: 150 needs int32 bins in the fast path; 1001 puts several thresholds in one
+    float bucket (the fast path's bucketize fallback)."""
     probs, target, mask = random_case((1, 2, 13, 11), seed=T)
     probs.view(-1)[:T] = protocol_thresholds(T)[: probs.numel()]
     want = brute_counts(probs, target, mask, T)
@@ -219,18 +236,22 @@ def test_other_threshold_counts(T):
 
 @pytest.mark.parametrize("F", [1, 2, 7, 999, 4096])
 def test_other_fine_bin_counts(F):
-    """Any number of fine thresholds up to 4096, every one of them planted exactly; T = 5 beside them."""
+    """Any number of fine thresholds up to 4096, every one of them planted exactly; T = 5 beside
+    them."""
     probs, target, mask = random_case((1, 2, 13, 11), seed=F, fine=F)
     want = brute_counts(probs, target, mask, 5) + brute_fine(probs, target, mask, F)
     assert_counts_equal(reference_binned_counts(probs, target, mask, 5, ap_bins=F), want)
     assert_counts_equal(binned_counts_torch(probs, target, mask, 5, ap_bins=F), want)
     if F <= 999 and HAS_TRITON:
-        assert_counts_equal(binned_counts_triton(probs, target, mask, 5, ap_bins=F, block=128), want)
+        assert_counts_equal(binned_counts_triton(probs, target, mask, 5, ap_bins=F, block=128),
+                            want)
 
 
 def test_nonfinite_and_nonbinary_values():
-    """NaN fails every `p >= t`; +-inf and values outside [0, 1] act as the nearest end; uint8 255 is positive."""
-    probs = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0, -0.5, -0.0]).view(1, 1, 2, 3)
+    """NaN fails every `p >= t`; +-inf and values outside [0, 1] act as the nearest end; uint8 255
+    is positive."""
+    probs = torch.tensor([float("nan"), float("inf"), -float("inf"),
+                          2.0, -0.5, -0.0]).view(1, 1, 2, 3)
     target = torch.tensor([1, 255, 0, 1, 1, 0], dtype=torch.uint8).view(1, 1, 2, 3)
     want = brute_counts(probs, target)
     assert want[0][0].tolist() == [2] * 11 and want[2].tolist() == [4]  # inf and 2.0 of 4 positives
@@ -243,7 +264,8 @@ def test_nonfinite_and_nonbinary_values():
     assert_counts_equal(binned_counts_torch(probs, target, ap_bins=AP_BINS), want + fine)
     if HAS_TRITON:
         assert_counts_equal(binned_counts_triton(probs, target, block=16), want)
-        assert_counts_equal(binned_counts_triton(probs, target, ap_bins=AP_BINS, block=16), want + fine)
+        assert_counts_equal(binned_counts_triton(probs, target, ap_bins=AP_BINS, block=16),
+                            want + fine)
 
 
 @pytest.mark.parametrize("roi", ["none", "empty"])
@@ -258,7 +280,8 @@ def test_empty_targets_and_empty_roi(roi):
     assert_counts_equal(binned_counts_torch(probs, target, mask, ap_bins=AP_BINS), want)
     if HAS_TRITON:
         assert_counts_equal(binned_counts_triton(probs, target, mask, block=32), (tp, fp, pos))
-        assert_counts_equal(binned_counts_triton(probs, target, mask, ap_bins=AP_BINS, block=128), want)
+        assert_counts_equal(binned_counts_triton(probs, target, mask, ap_bins=AP_BINS, block=128),
+                            want)
 
 
 def test_counts_add_across_batches():
@@ -268,7 +291,8 @@ def test_counts_add_across_batches():
     for k in range(3):
         assert torch.equal(whole[k], sum(p[k] for p in parts))
     whole = binned_counts(probs, target, mask, ap_bins=AP_BINS)
-    parts = [binned_counts(probs[i:i + 1], target[i:i + 1], mask[i:i + 1], ap_bins=AP_BINS) for i in range(4)]
+    parts = [binned_counts(probs[i:i + 1], target[i:i + 1], mask[i:i + 1], ap_bins=AP_BINS)
+             for i in range(4)]
     for k in range(5):
         assert torch.equal(whole[k], sum(p[k] for p in parts))
 
@@ -315,18 +339,21 @@ def test_launcher_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernel_matches_fast_path_on_full_size_maps(monkeypatch):
-    bc = sys.modules["kernels.binned_counts"]  # the module (kernels.binned_counts is also the function's name)
+    # the module (kernels.binned_counts is also the function's name)
+    bc = sys.modules["kernels.binned_counts"]
 
-    probs, target, mask = random_case((2, 4, 1536, 1536), dtype=torch.float16, layout="channels_last", seed=5,
-                                      fine=AP_BINS)
+    probs, target, mask = random_case((2, 4, 1536, 1536), dtype=torch.float16,
+                                      layout="channels_last", seed=5, fine=AP_BINS)
     want = binned_counts_torch(probs, target, mask, ap_bins=AP_BINS)
     # the reference on the GPU (bucketize is fast there): the CPU path's counts are the definition's
-    assert_counts_equal(reference_binned_counts(probs.cuda(), target.cuda(), mask.cuda(), ap_bins=AP_BINS), want)
+    assert_counts_equal(reference_binned_counts(probs.cuda(), target.cuda(), mask.cuda(),
+                                                ap_bins=AP_BINS), want)
 
     def no_fast_path(*args, **kwargs):
         raise AssertionError("binned_counts fell back to the CPU path on CUDA tensors")
 
-    monkeypatch.setattr(bc, "binned_counts_torch", no_fast_path)  # the public function must take Triton on CUDA
+    # the public function must take Triton on CUDA
+    monkeypatch.setattr(bc, "binned_counts_torch", no_fast_path)
     for p in (probs, probs.contiguous()):  # channels_last and plain NCHW
         got = binned_counts(p.cuda(), target.cuda(), mask.cuda())
         assert_counts_equal(got, want[:3])
@@ -334,13 +361,14 @@ def test_cuda_kernel_matches_fast_path_on_full_size_maps(monkeypatch):
         assert_counts_equal(got, want)
 
 
-# --------------------------------------------------------------------------------------------- pr_metrics
+# --------------------------------------------------------------------------------------- pr_metrics
 
 def test_pr_metrics_matches_the_formula_and_sklearn():
     from sklearn.metrics import f1_score
 
     probs, target, mask = random_case((3, 4, 23, 21), seed=6)
-    probs[:, 1] = probs[:, 1].clamp(0, 1) * 0.75  # lesion 1: nothing predicted at t >= 0.8 (Prec = 1 there)
+    # lesion 1: nothing predicted at t >= 0.8 (Prec = 1 there)
+    probs[:, 1] = probs[:, 1].clamp(0, 1) * 0.75
     probs[:, 2] = probs[:, 2] * 0.2 + 0.8 * target[:, 2]  # lesion 2: a good prediction
     tp, fp, pos = binned_counts(probs, target, mask)
     assert (tp[1, 8:] + fp[1, 8:]).sum() == 0
@@ -355,7 +383,8 @@ def test_pr_metrics_matches_the_formula_and_sklearn():
         assert got["dice"][c].item() == pytest.approx(f1_score(y, pred), rel=1e-12)
     # the fine counts add "ap" and leave every other number as it was, to the bit
     with_ap = pr_metrics(*binned_counts(probs, target, mask, ap_bins=AP_BINS))
-    assert set(with_ap) == {"aupr", "aupr_floor", "dice", "ap"} and with_ap["ap"].dtype == torch.float64
+    assert (set(with_ap) == {"aupr", "aupr_floor", "dice", "ap"}
+            and with_ap["ap"].dtype == torch.float64)
     for name in ("aupr", "aupr_floor", "dice"):
         assert torch.equal(with_ap[name], got[name]), name
 
@@ -370,7 +399,8 @@ def test_perfect_prediction_scores_one():
 
 
 def test_all_zero_prediction():
-    """Only t = 0 predicts anything: AUPR = (1 + prevalence) / 2 (the (1, P/N) -> (0, 1) trapezoid), Dice 0."""
+    """Only t = 0 predicts anything: AUPR = (1 + prevalence) / 2 (the (1, P/N) -> (0, 1) trapezoid),
+    Dice 0."""
     _, target, mask = random_case((2, 4, 16, 16), seed=8)
     tp, fp, pos = binned_counts(torch.zeros(target.shape), target, mask)
     m = pr_metrics(tp, fp, pos)
@@ -380,34 +410,40 @@ def test_all_zero_prediction():
 
 
 def test_aupr_floor_is_the_all_zero_maps_aupr():
-    """aupr_floor of any map = (1 + prevalence) / 2 by hand = the AUPR an all-zero map gets on those pixels."""
+    """aupr_floor of any map = (1 + prevalence) / 2 by hand = the AUPR an all-zero map gets on those
+    pixels."""
     probs, target, mask = random_case((2, 4, 16, 16), seed=13)
     m = pr_metrics(*binned_counts(probs.clamp(0, 1), target, mask))
     prevalence = [(target[:, c] & mask).sum().item() / mask.sum().item() for c in range(4)]
     assert m["aupr_floor"].tolist() == pytest.approx([(1 + p) / 2 for p in prevalence], rel=1e-12)
     blank = pr_metrics(*binned_counts(torch.zeros(probs.shape), target, mask))
     assert m["aupr_floor"].tolist() == pytest.approx(blank["aupr"].tolist(), rel=1e-12)
-    # by hand: 3 lesion pixels of 100 -> (1 + 0.03) / 2; the map's own counts do not matter beyond t_0
+    # by hand: 3 lesion pixels of 100 -> (1 + 0.03) / 2; the map's own counts do not matter
+    # beyond t_0
     tp = torch.tensor([[3, 2, 1, 1, 1, 0, 0, 0, 0, 0, 0]])
     fp = torch.tensor([[97, 50, 9, 4, 2, 1, 0, 0, 0, 0, 0]])
-    assert pr_metrics(tp, fp, torch.tensor([3]))["aupr_floor"].item() == pytest.approx(0.515, rel=1e-15)
+    assert (pr_metrics(tp, fp, torch.tensor([3]))["aupr_floor"].item()
+            == pytest.approx(0.515, rel=1e-15))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("separation", [1.0, 2.0, 4.0])
 def test_ap_agrees_with_sklearn_on_continuous_maps(seed, separation):
-    """Rare lesions (1% of the pixels), sigmoid scores from weak to strong: within 1e-3 of the unbinned AP.
+    """Rare lesions (1% of the pixels), sigmoid scores from weak to strong: within 1e-3 of the
+    unbinned AP.
 
     (Measured: the binned AP sits 0.0001-0.0006 below it, the ties that 1024 bins create.)
     """
     from sklearn.metrics import average_precision_score
 
     g = torch.Generator().manual_seed(seed)
-    target = torch.rand(2, 2, 256, 256, generator=g) < 0.01  # ~1200 lesion pixels: little sampling noise
+    # ~1200 lesion pixels: little sampling noise
+    target = torch.rand(2, 2, 256, 256, generator=g) < 0.01
     probs = torch.sigmoid(torch.randn(target.shape, generator=g) + separation * target - 2)
     mask = torch.rand(2, 256, 256, generator=g) < 0.9
     ap = pr_metrics(*binned_counts(probs, target, mask, ap_bins=AP_BINS))["ap"]
-    want = [average_precision_score(target[:, c][mask].numpy(), probs[:, c][mask].numpy()) for c in range(2)]
+    want = [average_precision_score(target[:, c][mask].numpy(), probs[:, c][mask].numpy())
+            for c in range(2)]
     assert ap.tolist() == pytest.approx(want, abs=1e-3)
 
 
@@ -418,8 +454,10 @@ def test_ap_of_a_constant_map_is_the_prevalence(value):
     _, target, mask = random_case((2, 4, 16, 16), seed=14)
     m = pr_metrics(*binned_counts(torch.full(target.shape, value), target, mask, ap_bins=AP_BINS))
     prevalence = [(target[:, c] & mask).sum().item() / mask.sum().item() for c in range(4)]
-    assert m["ap"].tolist() == prevalence  # exactly: (1 - 0) x TP / (TP + FP) at the last threshold <= value
-    sk = [average_precision_score(target[:, c][mask].numpy(), torch.full(target.shape, value)[:, c][mask].numpy())
+    # exactly: (1 - 0) x TP / (TP + FP) at the last threshold <= value
+    assert m["ap"].tolist() == prevalence
+    sk = [average_precision_score(target[:, c][mask].numpy(),
+                                  torch.full(target.shape, value)[:, c][mask].numpy())
           for c in range(4)]
     assert m["ap"].tolist() == pytest.approx(sk, rel=1e-12)
 

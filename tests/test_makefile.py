@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make n
 
 
 def make(*args, timeout=600):
-    out = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
+                         capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -54,13 +54,15 @@ def test_finished_runs_are_not_redone(tmp_path):
 
 def test_miniature_demo_end_to_end(tmp_path):
     demo = tmp_path / "demo"
-    make("demo", f"DEMO={demo}", "DEMO_IMAGES=8", "DEMO_SIZE=128", "DEMO_RESOLUTION=64", "DEMO_PATCH=32",
-         "DEMO_ITERS=4", "DEMO_BATCH=2", "DEMO_COMBOS=IDR RET IDR+RET", "DEMO_FIG4=IDR+RET", timeout=900)
+    make("demo", f"DEMO={demo}", "DEMO_IMAGES=8", "DEMO_SIZE=128", "DEMO_RESOLUTION=64",
+         "DEMO_PATCH=32", "DEMO_ITERS=4", "DEMO_BATCH=2", "DEMO_COMBOS=IDR RET IDR+RET",
+         "DEMO_FIG4=IDR+RET", timeout=900)
     for combo, seed in [("IDR", 0), ("RET", 0), ("IDR+RET", 0), ("IDR+RET", 1)]:
         res = json.loads((demo / "runs" / combo / f"s{seed}" / "results.json").read_text())
         assert res["train"] == combo.split("+") and set(res["results"]) == set(IDS)
     fig4 = json.loads((demo / "runs" / "IDR+RET" / "fig4.json").read_text())
-    assert {"baseline", "ensemble", "soup-encoder", "soup-decoder", "soup-full"} <= set(fig4["methods"])
+    assert ({"baseline", "ensemble", "soup-encoder", "soup-decoder", "soup-full"}
+            <= set(fig4["methods"]))
     styles = json.loads((demo / "report" / "characterize" / "characterize.json").read_text())
     assert set(styles["datasets"]) == set(IDS)
     report = (demo / "report" / "report.md").read_text()
@@ -72,29 +74,37 @@ def test_miniature_demo_end_to_end(tmp_path):
 @pytest.mark.skipif(shutil.which("flock") is None, reason="flock (util-linux) not installed")
 def test_gpu_slot_pins_concurrent_jobs_to_different_gpus(tmp_path):
     env = {"GPU_LOCK_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    job = ["sh", str(ROOT / "gpu_slot.sh"), "0,1", "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"; sleep 2']
+    job = ["sh", str(ROOT / "gpu_slot.sh"), "0,1",
+           "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"; sleep 2']
     procs = [subprocess.Popen(job, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     gpus = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert gpus == ["0", "1"]  # two jobs at once: each holds its own GPU
     third = subprocess.run(job[:2] + ["0,1", "sh", "-c", "exit 3"], env=env, timeout=60)
-    assert third.returncode == 3  # locks are released with the jobs; the command's exit code passes through
-    unpinned = subprocess.run(["sh", str(ROOT / "gpu_slot.sh"), "", "sh", "-c", 'echo "${CUDA_VISIBLE_DEVICES-unset}"'],
+    # locks are released with the jobs; the command's exit code passes through
+    assert third.returncode == 3
+    unpinned = subprocess.run(["sh", str(ROOT / "gpu_slot.sh"), "",
+                               "sh", "-c", 'echo "${CUDA_VISIBLE_DEVICES-unset}"'],
                               capture_output=True, text=True, env=env, timeout=60)
     assert unpinned.stdout.strip() == "unset"
 
 
 def test_members_file_gives_each_seed_its_own_flags(tmp_path):
-    """MEMBERS=FILE: the paper's members "trained with slightly different hyperparameters" (section 3.2); each
-    seed's line comes after TRAIN_FLAGS (its flags win); a seed the file lacks stops that run in one line."""
+    """MEMBERS=FILE: the paper's members "trained with slightly different hyperparameters" (section
+    3.2); each seed's line comes after TRAIN_FLAGS (its flags win); a seed the file lacks stops that
+    run in one line."""
     table = tmp_path / "members.txt"
-    table.write_text("# seed: train.py flags\ns0: --lr 1e-4 --dropout 0.2\ns1: --augment-p 0.5 --rotate 10\n")
+    table.write_text("# seed: train.py flags\ns0: --lr 1e-4 --dropout 0.2\n"
+                     "s1: --augment-p 0.5 --rotate 10\n")
     common = [f"RUNS={tmp_path}/runs", "PY=echo", f"MEMBERS={table}", "TRAIN_FLAGS=--dropout 0.1"]
-    for seed, flags in ((0, "--dropout 0.1 --lr 1e-4 --dropout 0.2"), (1, "--dropout 0.1 --augment-p 0.5 --rotate 10")):
+    for seed, flags in ((0, "--dropout 0.1 --lr 1e-4 --dropout 0.2"),
+                        (1, "--dropout 0.1 --augment-p 0.5 --rotate 10")):
         out = make(f"{tmp_path}/runs/IDR+MES/s{seed}/results.json", *common)
-        line = next(t for t in out.splitlines() if t.startswith("train.py"))  # what `echo` printed: the argv
+        # what `echo` printed: the argv
+        line = next(t for t in out.splitlines() if t.startswith("train.py"))
         assert f"--seed {seed} " in line and " ".join(line.split()).endswith(flags), line
-    r = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), f"{tmp_path}/runs/IDR/s2/results.json",
-                        *common], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT),
+                        f"{tmp_path}/runs/IDR/s2/results.json", *common],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and f"error: MEMBERS={table} has no line s2:" in r.stderr
     assert not any(t.startswith("train.py") for t in r.stdout.splitlines())  # the run never started
 
@@ -173,14 +183,16 @@ def test_all_combos_of_datasets_of_ones_own(tmp_path):
 
 
 def test_tune_passes_data_flags_to_train_py():
-    """`make tune DATA_FLAGS=--root ABC=DIR`: train.py's flags, after tune.py's `--` (TUNE_FLAGS' own
-    `--` when it has one: tune.py takes one)."""
+    """`make tune DATA_FLAGS=--root ABC=DIR`: train.py's flags, after tune.py's `--` (TUNE_FLAGS'
+    own `--` when it has one: tune.py takes one)."""
     def words(*args):  # tune.py's arguments in the planned line
         return make("-n", "tune", "VENV=", *args).split("tune.py", 1)[1].split()
 
     assert words("COMBO=IDR+ABC", "DATA_FLAGS=--root ABC=/data/clinic") == [
-        "--train", "IDR,ABC", "--data-root", "data_raw", "--cache", "cache", "--", "--root", "ABC=/data/clinic"]
-    plan = words("COMBO=IDR+ABC", "TUNE_FLAGS=--trials 3 -- --lesions HE", "DATA_FLAGS=--root ABC=/x")
+        "--train", "IDR,ABC", "--data-root", "data_raw", "--cache", "cache", "--",
+        "--root", "ABC=/data/clinic"]
+    plan = words("COMBO=IDR+ABC", "TUNE_FLAGS=--trials 3 -- --lesions HE",
+                 "DATA_FLAGS=--root ABC=/x")
     assert plan[6:] == ["--trials", "3", "--", "--lesions", "HE", "--root", "ABC=/x"], plan
     assert words()[-1] == "cache"  # no DATA_FLAGS: nothing added
 

@@ -1,5 +1,5 @@
-"""maps.py (overlays, panels, legend, files) against hand-built expectations; test-set maps (evaluate.py
---save-maps) on a real photograph's geometry."""
+"""maps.py (overlays, panels, legend, files) against hand-built expectations;
+test-set maps (evaluate.py --save-maps) on a real photograph's geometry."""
 import json
 
 import numpy as np
@@ -27,13 +27,15 @@ def fundus(H, W):
 
 def blend(pixels, colour):
     """The light fill as a float reference: 70 % photograph, 30 % lesion colour, rounded."""
-    return np.floor(0.7 * pixels.astype(np.float64) + 0.3 * np.asarray(colour, np.float64) + 0.5).astype(np.uint8)
+    return np.floor(0.7 * pixels.astype(np.float64) + 0.3 * np.asarray(colour, np.float64)
+                    + 0.5).astype(np.uint8)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Outlines and files, against scipy and PIL
-# ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape, r", [((37, 53), 1), ((64, 90), 6), ((5, 200), 3), ((13, 13), 6), ((3, 40), 4)])
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, r",
+                         [((37, 53), 1), ((64, 90), 6), ((5, 200), 3), ((13, 13), 6), ((3, 40), 4)])
 def test_erode_and_border_equal_scipy(shape, r):
     rng = np.random.default_rng(r)
     m = ndimage.uniform_filter(rng.random(shape), 5) > 0.5  # blobs, some touching the edges
@@ -41,10 +43,12 @@ def test_erode_and_border_equal_scipy(shape, r):
         want = ndimage.minimum_filter(m, 2 * r + 1, mode="constant", cval=beyond)
         assert np.array_equal(maps.erode(m, r, beyond), want), beyond
     box = np.zeros((shape[0] + 40, shape[1] + 40), bool)
-    box[20:-20, 20:-20] = m  # clear of the edges, where the border does not depend on what lies past them
+    # clear of the edges, where the border does not depend on what lies past them
+    box[20:-20, 20:-20] = m
     inner = box & ~ndimage.minimum_filter(box, 2 * r + 1)
     outer = ndimage.maximum_filter(box, 2 * r + 1) & ~box
-    assert np.array_equal(maps.border(box, r), inner) and np.array_equal(maps.border(box, r, outside=True), outer)
+    assert (np.array_equal(maps.border(box, r), inner)
+            and np.array_equal(maps.border(box, r, outside=True), outer))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 1), (33, 17)])
@@ -55,9 +59,9 @@ def test_grey_png_reads_back_exactly(shape, tmp_path):
         assert im.mode == "L" and np.array_equal(np.asarray(im), a)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Overlays
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.49])
 def test_blank_or_weak_map_leaves_the_photograph_unchanged(p):
     image, fov = fundus(120, 160)
@@ -82,7 +86,8 @@ def test_region_gets_an_outline_in_its_colour_and_a_light_fill(H, W):
     inner[y0 + width:y0 + s - width, x0 + width:x0 + s - width] = True
     ring = square & ~inner  # the square's edge, `width` pixels wide
     assert (out[ring] == maps.COLOURS[1]).all()
-    assert np.abs(out[inner].astype(int) - blend(image[inner], maps.COLOURS[1])).max() <= 1  # rounding at .5
+    # rounding at .5
+    assert np.abs(out[inner].astype(int) - blend(image[inner], maps.COLOURS[1])).max() <= 1
     # the dark edge: the band of max(1, width // 2) pixels just outside the square (a square grown
     # by it: scipy's dilation), then the photograph as it was
     h = max(1, width // 2)
@@ -121,10 +126,11 @@ def test_legend_names_every_lesion_in_its_colour():
     assert maps.TRUTH_COLOUR in colours(band)  # the ground truth's swatch
     plain = maps.legend(600)
     assert maps.TRUTH_COLOUR not in colours(plain)
-    grey = (plain.max(-1) == plain.min(-1)) & (plain.min(-1) > 150)  # light grey text on the dark band
+    # light grey text on the dark band
+    grey = (plain.max(-1) == plain.min(-1)) & (plain.min(-1) > 150)
     assert grey.sum() > 100
-    # readable at every size: the text grows with the picture (about 48 px on a 4288 px photograph, one row),
-    # never below 10 px, and a narrow picture wraps its five entries onto more rows
+    # readable at every size: the text grows with the picture (about 48 px on a 4288 px photograph,
+    # one row), never below 10 px, and a narrow picture wraps its five entries onto more rows
     assert 4288 / 60 <= maps.legend(4288, truth=True).shape[0] < 4288 / 30
     assert maps.legend(150, truth=True).shape[0] >= 4 * 16
 
@@ -137,8 +143,10 @@ def test_panel_is_image_truth_prediction_side_by_side():
     probs[0, 40:60, 60:80] = 0.9
     out = maps.panel(image, probs, truth, fov)
     assert out.shape[1:] == (3 * 120, 3)
-    top = out.shape[0] - 90 - maps.legend(3 * 120).shape[0]  # titles above the tiles, the legend below
-    assert top > 0 and (out[:top].min(-1) > 150).sum() > 50  # the titles: light text on the dark band
+    # titles above the tiles, the legend below
+    top = out.shape[0] - 90 - maps.legend(3 * 120).shape[0]
+    # the titles: light text on the dark band
+    assert top > 0 and (out[:top].min(-1) > 150).sum() > 50
     tiles = [out[top:top + 90, k * 120:(k + 1) * 120] for k in range(3)]
     # untouched beyond each region and its 1 px dark edge (the outline is 1 px at this size)
     grown = lambda m: ndimage.binary_dilation(m, np.ones((3, 3), bool))  # noqa: E731
@@ -146,8 +154,10 @@ def test_panel_is_image_truth_prediction_side_by_side():
     assert np.array_equal(tiles[1][~grown(truth[1])], image[~grown(truth[1])])
     assert (tiles[2][40, 60:80] == maps.COLOURS[0]).all()
     assert np.array_equal(tiles[2][~grown(probs[0] > 0)], image[~grown(probs[0] > 0)])
-    big = maps.panel(np.zeros((1536, 2048, 3), np.uint8), np.zeros((4, 1536, 2048)), np.zeros((4, 1536, 2048), bool))
-    assert big.shape[1] == 3 * maps.PANEL_TILE  # a large photograph's tiles are shrunk to PANEL_TILE
+    big = maps.panel(np.zeros((1536, 2048, 3), np.uint8), np.zeros((4, 1536, 2048)),
+                     np.zeros((4, 1536, 2048), bool))
+    # a large photograph's tiles are shrunk to PANEL_TILE
+    assert big.shape[1] == 3 * maps.PANEL_TILE
 
 
 def test_save_maps_writes_8_bit_maps_and_pictures(tmp_path):
@@ -156,7 +166,8 @@ def test_save_maps_writes_8_bit_maps_and_pictures(tmp_path):
     maps.save_maps(tmp_path, "a", image, probs)
     for c, lesion in enumerate(LESIONS):
         with Image.open(tmp_path / f"a_{lesion}.png") as im:
-            assert im.mode == "L" and np.array_equal(np.asarray(im), np.floor(probs[c] * 255 + 0.5).astype(np.uint8))
+            assert im.mode == "L" and np.array_equal(
+                np.asarray(im), np.floor(probs[c] * 255 + 0.5).astype(np.uint8))
     with Image.open(tmp_path / "a_overlay.jpg") as im:
         assert im.width == 96 and im.height > 64
     assert not (tmp_path / "a_panel.jpg").exists()  # a panel needs the ground truth
@@ -166,17 +177,19 @@ def test_save_maps_writes_8_bit_maps_and_pictures(tmp_path):
 
 
 def test_overlay_and_legend_draw_only_the_given_lesions():
-    """lesions=("HE",) (a model trained with --lesions HE): a certain exudate everywhere, not a trained output,
-    leaves no yellow; with all four the exudate's outline is there."""
+    """lesions=("HE",) (a model trained with --lesions HE): a certain exudate everywhere,
+    not a trained output, leaves no yellow; with all four the exudate's outline is there."""
     image = np.full((120, 160, 3), 90, np.uint8)
     probs = np.zeros((4, 120, 160), np.float32)
     probs[0] = 0.9
     probs[1, 40:80, 50:100] = 0.9
     drawn = maps.overlay(image, probs, lesions=("HE",))[:120]
     assert not (drawn == maps.COLOURS[0]).all(-1).any() and (drawn == maps.COLOURS[1]).all(-1).any()
-    assert (maps.overlay(image, probs)[:120] == maps.COLOURS[0]).all(-1).any()  # all four: yellow outline
+    # all four: yellow outline
+    assert (maps.overlay(image, probs)[:120] == maps.COLOURS[0]).all(-1).any()
     legend = maps.legend(600, lesions=("HE",))
-    assert not (legend == maps.COLOURS[0]).all(-1).any() and (legend == maps.COLOURS[1]).all(-1).any()
+    assert (not (legend == maps.COLOURS[0]).all(-1).any()
+            and (legend == maps.COLOURS[1]).all(-1).any())
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +198,15 @@ def ckpt(tiny_runs_dir):
     return runs / "IDR+MES" / "s0" / "best.pt"  # trained at 64 px
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Test-set maps: on the photograph's geometry, with the ground truth and a panel
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_test_set_maps_are_on_the_photographs_geometry(ckpt, fixture_idrid, tmp_path):
     ids = [s.id for s in list_samples("IDR", fixture_idrid)]
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ids[1:], "test": [PHOTO]}))
-    options = {"roots": {"IDR": str(fixture_idrid)}, "split_files": {"IDR": str(split)}, "verbose": False}
+    options = {"roots": {"IDR": str(fixture_idrid)}, "split_files": {"IDR": str(split)},
+               "verbose": False}
     evaluate.evaluate([str(ckpt)], ["IDR"], (tmp_path, tmp_path / "cache", options), device="cpu",
                       maps_dir=tmp_path / "maps", verbose=False)
     out = tmp_path / "maps" / "IDR"
@@ -201,18 +215,20 @@ def test_test_set_maps_are_on_the_photographs_geometry(ckpt, fixture_idrid, tmp_
             assert im.size == (1072, 712)  # the photograph's own size, not the prepared 64 px
     with Image.open(out / f"{PHOTO}_panel.jpg") as im:
         assert im.width == 3 * maps.PANEL_TILE  # 1072 px wide: shrunk to 1024 px tiles
-    # the ground-truth haemorrhages (the fixture's HE mask through the cache) as white rings in the overlay
+    # the ground-truth haemorrhages (the fixture's HE mask
+    # through the cache) as white rings in the overlay
     ds = PreparedDataset(tmp_path / "cache", "IDR", 64, "test")
     geo, he = ds.geometry(0), ds[0]["masks"][1]
     (w, h), (left, top), (x0, y0, x1, y1) = geo["size"], geo["pad"], geo["box"]
     truth = np.zeros((712, 1072), bool)
-    truth[y0:y1, x0:x1] = np.asarray(Image.fromarray(he[top:top + h, left:left + w]).resize((x1 - x0, y1 - y0),
-                                                                                             Image.NEAREST))
+    truth[y0:y1, x0:x1] = np.asarray(Image.fromarray(he[top:top + h, left:left + w]).resize(
+        (x1 - x0, y1 - y0), Image.NEAREST))
     ring = ndimage.binary_dilation(truth, np.ones((3, 3), bool)) & ~truth
     with Image.open(out / f"{PHOTO}_overlay.jpg") as im:
         assert im.size[0] == 1072 and im.size[1] > 712
         rgb = np.asarray(im)[:712].astype(int)
-    assert ring.sum() > 100 and rgb[ring].min(axis=1).mean() > 170  # white (JPEG-softened) on a red fundus
+    # white (JPEG-softened) on a red fundus
+    assert ring.sum() > 100 and rgb[ring].min(axis=1).mean() > 170
 
 
 def luminance(rgb):

@@ -61,7 +61,8 @@ def test_four_stage_encoder():
 
 
 def test_channels_last_input_gives_same_logits():
-    # NOTE: float64: in float32 the channels_last kernels sum in another order (a CPU-dependent gap of ~1e-6)
+    # NOTE: float64: in float32 the channels_last kernels sum in another order (a CPU-dependent gap
+    # of ~1e-6)
     net = tiny(attention=True).double().eval()
     x = torch.rand(2, 3, 67, 71, dtype=torch.float64)
     with torch.no_grad():
@@ -73,8 +74,9 @@ def test_channels_last_input_gives_same_logits():
 
 @pytest.mark.parametrize("attention", [False, True])
 def test_same_function_as_smp_unet(attention):
-    # independent reference: smp's U-Net with the same timm encoder and widths, our 1x1 head instead of its
-    # 3x3 one; smp also builds an scSE for the last block's (absent) skip that it never calls, hence "used".
+    # independent reference: smp's U-Net with the same timm encoder and widths, our 1x1 head instead
+    # of its 3x3 one; smp also builds an scSE for the last block's (absent) skip that it never
+    # calls, hence "used".
     ours = tiny(attention=attention)
     peer = smp.Unet(encoder_name="tu-test_resnet", encoder_weights=None, classes=4,
                     decoder_attention_type="scse" if attention else None)
@@ -89,9 +91,11 @@ def test_same_function_as_smp_unet(attention):
     with torch.no_grad():
         for a, b in zip(ours_sd.values(), peer_sd.values()):
             b.copy_(a)
-        # float64: the two sum in another order (scSE), a CPU-dependent float32 gap (1.2e-5 seen on one CPU)
+        # float64: the two sum in another order (scSE), a CPU-dependent float32 gap (1.2e-5 seen on
+        # one CPU)
         ours, peer, x = ours.double().eval(), peer.double().eval(), x.double()
-        torch.testing.assert_close(ours(x), peer((x - ours.mean) / ours.std), atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(ours(x), peer((x - ours.mean) / ours.std), atol=1e-10,
+                                   rtol=1e-10)
 
 
 def test_default_encoder_features_feed_the_decoder():
@@ -99,7 +103,8 @@ def test_default_encoder_features_feed_the_decoder():
     info = net.encoder.feature_info
     assert info.channels() == [64, 256, 512, 1024, 2048]
     assert info.reduction() == [2, 4, 8, 16, 32]
-    # blocks see upsampled deeper features + the skip: (2048+1024), (256+512), (128+256), (64+64), 32
+    # blocks see upsampled deeper features + the skip:
+    # (2048+1024), (256+512), (128+256), (64+64), 32
     assert [b.conv1.conv.in_channels for b in net.decoder.blocks] == [3072, 768, 384, 128, 32]
     assert net.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     net.eval()
@@ -113,7 +118,8 @@ def test_state_dict_keys_split_encoder_decoder():
     net = tiny(attention=True)
     keys = list(net.state_dict())
     enc = timm.create_model("test_resnet", features_only=True)
-    assert [k for k in keys if k.startswith("encoder.")] == ["encoder." + k for k in enc.state_dict()]
+    assert ([k for k in keys if k.startswith("encoder.")]
+            == ["encoder." + k for k in enc.state_dict()])
     assert all(k.split(".")[0] in ("encoder", "decoder", "head") for k in keys)
     assert "mean" not in keys and "std" not in keys  # normalisation buffers are not persistent
 
@@ -123,7 +129,8 @@ def test_checkpoint_round_trip(tmp_path, prefix):
     net = tiny(attention=True)
     net(torch.rand(2, 3, 64, 64))  # train mode: move the BN running stats off their init
     cfg = ModelConfig(encoder="test_resnet", pretrained=False, attention=True)
-    wrapped = {prefix + k: v for k, v in net.state_dict().items()}  # as DDP / torch.compile name them
+    # as DDP / torch.compile name them
+    wrapped = {prefix + k: v for k, v in net.state_dict().items()}
     path = tmp_path / "run" / "last.pt"
     save_checkpoint(path, {"model": wrapped, "model_cfg": asdict(cfg), "step": 3, "version": 1})
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no .tmp left behind
@@ -146,8 +153,9 @@ def test_save_checkpoint_is_atomic(tmp_path):
 
 
 def test_ctrl_c_during_a_checkpoint_write_lands_after_the_file_is_whole(tmp_path, monkeypatch):
-    # The CI failure this guards: SIGINT inside torch.save became "RuntimeError: unexpected pos ..." from its
-    # zip writer (a traceback, not the one-line exit). Here SIGINT arrives in the middle of every write.
+    # The CI failure this guards: SIGINT inside torch.save became "RuntimeError: unexpected pos ..."
+    # from its zip writer (a traceback, not the one-line exit). Here SIGINT arrives in the middle of
+    # every write.
     real_save = torch.save
 
     def interrupted_save(obj, f):
@@ -159,7 +167,8 @@ def test_ctrl_c_during_a_checkpoint_write_lands_after_the_file_is_whole(tmp_path
     save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_cfg": {}, "step": 2})
     monkeypatch.setattr(model.torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"model": {"w": torch.full((1000,), 3.0)}, "model_cfg": {}, "step": 4})
+        save_checkpoint(path, {"model": {"w": torch.full((1000,), 3.0)}, "model_cfg": {},
+                               "step": 4})
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no .tmp left
     assert torch.load(path, weights_only=True)["step"] == 4  # the new file, whole
@@ -192,7 +201,8 @@ def test_a_second_ctrl_c_stops_a_checkpoint_write_at_once(tmp_path, monkeypatch)
     monkeypatch.setattr(model.torch, "save", stuck_save)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"model": {}, "model_cfg": {}, "step": 4})
-    assert torch.load(path, weights_only=True)["step"] == 2 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert (torch.load(path, weights_only=True)["step"] == 2
+            and [p.name for p in tmp_path.iterdir()] == ["last.pt"])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -202,7 +212,8 @@ def test_load_models_ensemble(tmp_path):
     with torch.no_grad():
         nets[1].head.bias.add_(1.0)
     path = tmp_path / "ensemble.pt"
-    save_checkpoint(path, {"kind": "ensemble", "members": [{"model": n.state_dict(), "model_cfg": cfg} for n in nets]})
+    save_checkpoint(path, {"kind": "ensemble",
+                           "members": [{"model": n.state_dict(), "model_cfg": cfg} for n in nets]})
     loaded = load_models(str(path))
     assert len(loaded) == 2
     x = torch.rand(1, 3, 64, 64)
@@ -360,9 +371,11 @@ import torch
 import model
 
 torch.manual_seed(0)
-cfg = model.ModelConfig(pretrained=False, resolution=96, lesions=("HE",))  # the paper's SE-ResNet101 U-Net
+# the paper's SE-ResNet101 U-Net
+cfg = model.ModelConfig(pretrained=False, resolution=96, lesions=("HE",))
 net = model.build_model(cfg).eval()
-model.save_checkpoint("ckpt/best.pt", {"model": net.state_dict(), "model_cfg": dataclasses.asdict(cfg)})
+model.save_checkpoint("ckpt/best.pt",
+                      {"model": net.state_dict(), "model_cfg": dataclasses.asdict(cfg)})
 (loaded,) = model.load_models("ckpt/best.pt")
 x = torch.rand(1, 3, 96, 80)
 with torch.no_grad():
@@ -372,8 +385,9 @@ print(loaded.cfg.resolution, loaded.cfg.lesions, tuple(b.shape), torch.equal(a, 
 
 
 def test_model_py_works_copied_alone_into_an_empty_folder(tmp_path):
-    """model.py is the file people copy: alone in a folder (no other module of this project importable), it
-    builds the paper's model (random weights), saves and loads a checkpoint and predicts."""
+    """model.py is the file people copy: alone in a folder (no other module of this project
+    importable), it builds the paper's model (random weights), saves and loads a checkpoint and
+    predicts."""
     import shutil
     import subprocess
     import sys
@@ -382,23 +396,25 @@ def test_model_py_works_copied_alone_into_an_empty_folder(tmp_path):
     shutil.copy(Path(__file__).resolve().parents[1] / "model.py", tmp_path / "model.py")
     (tmp_path / "run.py").write_text(COPIED)
     # -I: isolated (no PYTHONPATH, no script folder on the path), -B: no __pycache__
-    r = subprocess.run([sys.executable, "-I", "-B", "run.py"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([sys.executable, "-I", "-B", "run.py"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "96 ('HE',) (1, 4, 96, 80) True"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "model.py", "run.py"]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# TB: style conditioning (FiLM, SegModel.style_mix), from the old tests/test_style.py: off is the paper's
-# model bit for bit, a fresh conditioned model computes the same function, tokens separate after training,
-# checkpoints keep the conditioning. Models from conftest's style_net (test_resnet, a small decoder).
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# TB: style conditioning (FiLM, SegModel.style_mix), from the old tests/test_style.py: off is the
+# paper's model bit for bit, a fresh conditioned model computes the same function, tokens separate
+# after training, checkpoints keep the conditioning. Models from conftest's style_net (test_resnet,
+# a small decoder).
+# --------------------------------------------------------------------------------------------------
 FILM_TOKENS = ("fine", "mixed", "coarse")
 
 
 def unet_reference_forward(net, x):
-    """The paper's U-Net written out (encoder -> every decoder block -> head): what the off model must compute."""
+    """The paper's U-Net written out (encoder -> every decoder block -> head): what the off model
+    must compute."""
     features = net.encoder((x - net.mean) / net.std)
     y = features[-1]
     for block, skip in zip(net.decoder.blocks, features[-2::-1]):
@@ -414,8 +430,10 @@ def test_style_off_is_the_unconditioned_model_bit_for_bit(style_net):
     assert [k for k in conditioned.state_dict() if k not in keys] == [
         f"decoder.films.{i}.{p}" for i in range(len(widths)) for p in ("gamma", "beta")]
     assert len(list(off.buffers())) == len(list(conditioned.buffers()))  # FiLM adds parameters only
-    # a few thousand parameters at the paper's widths: 2 x 3 tokens x (256 + 128 + 64 + 32 + 16) = 2976
-    assert sum(p.numel() for n, p in conditioned.named_parameters() if "films" in n) == 2 * 3 * sum(widths)
+    # a few thousand parameters at the paper's widths:
+    # 2 x 3 tokens x (256 + 128 + 64 + 32 + 16) = 2976
+    assert (sum(p.numel() for n, p in conditioned.named_parameters() if "films" in n)
+            == 2 * 3 * sum(widths))
     x = torch.rand(2, 3, 64 + 3, 64 + 7)
     for mode in ("eval", "train"):  # train: BatchNorm on batch statistics
         getattr(off, mode)()
@@ -427,7 +445,8 @@ def test_style_off_is_the_unconditioned_model_bit_for_bit(style_net):
 def test_style_identity_init_gives_the_unconditioned_outputs(style_net):
     off, conditioned = style_net().eval(), style_net(style_tokens=FILM_TOKENS).eval()
     sd = conditioned.state_dict()
-    assert all(torch.equal(v, sd[k]) for k, v in off.state_dict().items())  # same init, same RNG draws
+    # same init, same RNG draws
+    assert all(torch.equal(v, sd[k]) for k, v in off.state_dict().items())
     x = torch.rand(3, 3, 67, 71)
     with torch.no_grad():
         want = off(x)
@@ -439,9 +458,11 @@ def test_style_tokens_differ_after_a_training_step_and_unseen_tokens_stay_identi
     net = style_net(style_tokens=FILM_TOKENS).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = torch.rand(4, 3, 64, 64), (torch.rand(4, 4, 64, 64) > 0.9).float()
-    torch.nn.functional.binary_cross_entropy_with_logits(net(x, style=torch.tensor([0, 0, 2, 2])), y).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        net(x, style=torch.tensor([0, 0, 2, 2])), y).backward()
     opt.step()
-    for film in net.decoder.films:  # "mixed" (token 1) had no patch: no gradient, still the identity
+    # "mixed" (token 1) had no patch: no gradient, still the identity
+    for film in net.decoder.films:
         assert torch.count_nonzero(film.gamma[1]) == 0 and torch.count_nonzero(film.beta[1]) == 0
         assert torch.count_nonzero(film.gamma[0]) > 0 and torch.count_nonzero(film.beta[2]) > 0
     net.eval()
@@ -458,15 +479,18 @@ def test_film_scale_and_shift_and_the_mean_of_dataset_tokens(style_net, randomiz
     # dataset tokens: "fine" is the mean of the fine datasets' tokens, "RET" its own
     net = randomize_films(style_net(style_tokens=("IDR", "DDR", "RET", "MES"),
                                     token_styles=("fine", "fine", "coarse", "fine")), 3)
-    assert net.default_style == "fine" and net.styles() == ("IDR", "DDR", "RET", "MES", "fine", "coarse")
+    assert (net.default_style == "fine"
+            and net.styles() == ("IDR", "DDR", "RET", "MES", "fine", "coarse"))
     third = float(torch.tensor(1 / 3))  # float32
     assert net.style_mix("fine", 2).tolist() == [[third, third, 0, third]] * 2
     assert net.style_mix("ret", 1).tolist() == [[0, 0, 1, 0]]
     width = net.cfg.decoder_channels[1]
     film, x = net.decoder.films[1], torch.randn(2, width, 5, 7, dtype=torch.float64)
     g, b = film.gamma.detach().double(), film.beta.detach().double()
-    want = x * (1 + (g[0] + g[1] + g[3]) / 3)[None, :, None, None] + ((b[0] + b[1] + b[3]) / 3)[None, :, None, None]
-    got = copy.deepcopy(film).double()(x, torch.tensor([[1 / 3, 1 / 3, 0, 1 / 3]] * 2, dtype=torch.float64))
+    want = (x * (1 + (g[0] + g[1] + g[3]) / 3)[None, :, None, None]
+            + ((b[0] + b[1] + b[3]) / 3)[None, :, None, None])
+    got = copy.deepcopy(film).double()(x, torch.tensor([[1 / 3, 1 / 3, 0, 1 / 3]] * 2,
+                                                       dtype=torch.float64))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError) as err:  # the style asked for and the model's own, named
         net.style_mix("mixed", 1)
@@ -475,8 +499,8 @@ def test_film_scale_and_shift_and_the_mean_of_dataset_tokens(style_net, randomiz
     assert style_net(style_tokens=("coarse",)).default_style == "coarse"
 
 
-def test_style_checkpoint_round_trip_and_older_checkpoints(style_net, randomize_films, style_checkpoint,
-                                                           tmp_path):
+def test_style_checkpoint_round_trip_and_older_checkpoints(style_net, randomize_films,
+                                                           style_checkpoint, tmp_path):
     net = randomize_films(style_net(style_tokens=("fine", "coarse")), 1).eval()
     (loaded,) = load_models(style_checkpoint(tmp_path / "c.pt", net))
     assert loaded.style_tokens == ("fine", "coarse") and loaded.token_styles == ("fine", "coarse")
@@ -484,7 +508,8 @@ def test_style_checkpoint_round_trip_and_older_checkpoints(style_net, randomize_
     with torch.no_grad():
         for s in ("fine", "coarse"):
             assert torch.equal(loaded(x, style=s), net(x, style=s))
-    # a checkpoint written before style conditioning lacks both fields: it loads as the unconditioned model
+    # a checkpoint written before style conditioning lacks both fields: it loads as the
+    # unconditioned model
     old = style_net().eval()
     cfg = asdict(old.cfg)
     del cfg["style_tokens"], cfg["token_styles"]

@@ -1,5 +1,6 @@
-"""predict.py: segment() on a real photograph against plain torch + PIL, a folder of photographs (--images,
---out), any checkpoint source (read_checkpoint, load_ensemble), --style, and one-line errors.
+"""predict.py: segment() on a real photograph against plain torch + PIL, a folder of photographs
+(--images, --out), any checkpoint source (read_checkpoint, load_ensemble), --style, and one-line
+errors.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_predict.py
 """
@@ -34,8 +35,8 @@ def one_line(err):
 
 def cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,9 @@ def photo(fixture_idrid):
     return next(s.image for s in list_samples("IDR", fixture_idrid) if s.id == PHOTO)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # segment(): a photograph in three lines
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_segment_a_photograph_in_three_lines(ckpt, photo):
     from predict import segment
 
@@ -59,24 +60,30 @@ def test_segment_a_photograph_in_three_lines(ckpt, photo):
     probs = segment(image, str(ckpt))
     assert probs.shape == (4, 712, 1072) and probs.dtype == np.float32
     assert probs.min() >= 0 and probs.max() <= 1 and probs.max() > 0
-    dark = ndimage.maximum_filter(image.max(-1), 41) < 12  # the black surround, 20 px clear of the fundus
+    # the black surround, 20 px clear of the fundus
+    dark = ndimage.maximum_filter(image.max(-1), 41) < 12
     assert dark.mean() > 0.1 and not probs[:, dark].any()
 
 
 def test_segment_maps_the_network_output_back_onto_the_photograph(ckpt, photo):
     image = np.asarray(load_image(photo))
     probs = predict.segment(image, str(ckpt))
-    # Reference: the network on the preprocessed square, plain torch, enlarged into the crop box by PIL
+    # Reference: the network on the preprocessed square, plain torch, enlarged into the crop box by
+    # PIL
     square, fov, geo = preprocess_image(image, 64)
     model = load_models(str(ckpt))[0]
     with torch.no_grad():
-        ref = torch.sigmoid(model(torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255))[0].numpy()
+        ref = torch.sigmoid(model(
+            torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255))[0].numpy()
     (w, h), (left, top), (x0, y0, x1, y1) = geo["size"], geo["pad"], geo["box"]
     inside = np.zeros(image.shape[:2], bool)
-    crop_fov = Image.fromarray(fov[top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.NEAREST)
-    inside[y0:y1, x0:x1] = ndimage.binary_erosion(np.asarray(crop_fov), iterations=40)  # clear of the FOV edge
+    crop_fov = Image.fromarray(fov[top:top + h, left:left + w]).resize((x1 - x0, y1 - y0),
+                                                                       Image.NEAREST)
+    # clear of the FOV edge
+    inside[y0:y1, x0:x1] = ndimage.binary_erosion(np.asarray(crop_fov), iterations=40)
     for c in range(4):
-        crop = Image.fromarray(ref[c, top:top + h, left:left + w]).resize((x1 - x0, y1 - y0), Image.BILINEAR)
+        crop = Image.fromarray(ref[c, top:top + h, left:left + w]).resize((x1 - x0, y1 - y0),
+                                                                          Image.BILINEAR)
         full = np.zeros(image.shape[:2], np.float32)
         full[y0:y1, x0:x1] = np.asarray(crop)
         assert np.abs(probs[c] - full)[inside].max() < 1e-3, LESIONS[c]
@@ -109,17 +116,21 @@ def test_segment_takes_loaded_models_and_equals_predict_images(ckpt, photo, tmp_
     predict.predict_images([ckpt], tmp_path / "in", tmp_path / "out", device="cpu")
     for c, lesion in enumerate(LESIONS):
         with Image.open(tmp_path / "out" / f"eye_{lesion}.png") as im:
-            assert np.abs(np.asarray(im, np.float32) / 255 - probs[c]).max() <= 0.5 / 255 + 1e-6, lesion
+            assert (np.abs(np.asarray(im, np.float32) / 255 - probs[c]).max()
+                    <= 0.5 / 255 + 1e-6), lesion
 
 
 def test_8_bit_maps_give_the_same_files_as_float_ones(ckpt, photo, tmp_path):
-    """segment(uint8=True), what --images writes from, is round(255 p) of the float maps, and save_maps draws the
-    same regions (p >= 0.5 is >= 128) from either, including maps that sit on the threshold."""
+    """segment(uint8=True), what --images writes from, is round(255 p) of the float maps, and
+    save_maps draws the same regions (p >= 0.5 is >= 128) from either, including maps that sit on
+    the threshold."""
     image = np.asarray(load_image(photo))
     probs = predict.segment(image, str(ckpt))
     p8 = predict.segment(image, str(ckpt), uint8=True)
-    assert p8.dtype == np.uint8 and np.array_equal(p8, np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8))
-    edge = np.float32([0.5, np.nextafter(np.float32(0.5), np.float32(0)), 127.5 / 255, 128 / 255, 0.0, 1.0])
+    assert (p8.dtype == np.uint8
+            and np.array_equal(p8, np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)))
+    edge = np.float32([0.5, np.nextafter(np.float32(0.5), np.float32(0)), 127.5 / 255, 128 / 255,
+                       0.0, 1.0])
     probs[:, :8, :6] = edge  # on both sides of the threshold
     p8 = maps.to_8bit(probs)
     assert np.array_equal(maps.regions_of(p8), probs >= 0.5)
@@ -131,7 +142,8 @@ def test_8_bit_maps_give_the_same_files_as_float_ones(ckpt, photo, tmp_path):
 
 @pytest.mark.parametrize("options, name", [
     ({"tile": 0}, "tile"), ({"tile": -5}, "tile"), ({"tile": 64.5}, "tile"),
-    ({"tile": 32, "overlap": 1.0}, "overlap"), ({"dtype": "int8"}, "dtype"), ({"resolution": -3}, "resolution")])
+    ({"tile": 32, "overlap": 1.0}, "overlap"), ({"dtype": "int8"}, "dtype"),
+    ({"resolution": -3}, "resolution")])
 def test_segment_refuses_bad_options_in_one_line(ckpt, photo, options, name):
     image = np.asarray(load_image(photo))
     with pytest.raises(ValueError) as e:
@@ -163,9 +175,9 @@ def test_segment_refuses_an_ensemble_of_members_at_other_resolutions(eval_ckpts,
     assert "low.pt at 64 px" in one_line(e) and "--resolution" in str(e.value)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # predict.py --images: a folder of photographs
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_images_folder(eval_ckpts, fundus_jpeg, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -174,12 +186,14 @@ def test_images_folder(eval_ckpts, fundus_jpeg, tmp_path):
         fundus_jpeg(photos / f"{name}.jpg", w, h)
     (photos / "notes.txt").write_text("not an image")
     out = tmp_path / "maps"
-    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out), "--device", "cpu"])
+    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out),
+                  "--device", "cpu"])
     for name, size in sizes.items():
         for lesion in LESIONS:
             with Image.open(out / f"{name}_{lesion}.png") as im:
                 assert im.size == size, (name, lesion)
-        with Image.open(out / f"{name}_overlay.jpg") as im:  # the photograph, the legend band below it
+        # the photograph, the legend band below it
+        with Image.open(out / f"{name}_overlay.jpg") as im:
             assert im.width == size[0] and im.height > size[1], name
 
 
@@ -261,15 +275,19 @@ def test_bad_images_folder_is_one_line_naming_it(eval_ckpts, tmp_path):
             assert not (tmp_path / "m").exists()
 
 
-def test_images_oversized_photo_is_skipped_with_a_warning(eval_ckpts, fundus_jpeg, tmp_path, monkeypatch, capsys):
+def test_images_oversized_photo_is_skipped_with_a_warning(eval_ckpts, fundus_jpeg, tmp_path,
+                                                          monkeypatch, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
-    fundus_jpeg(photos / "a_huge.jpg", 240, 200)  # 48,000 px: over twice the limit below, a decompression bomb
+    # 48,000 px: over twice the limit below, a decompression bomb
+    fundus_jpeg(photos / "a_huge.jpg", 240, 200)
     fundus_jpeg(photos / "b_small.jpg", 100, 90)
-    (photos / "._b_small.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS AppleDouble file: hidden, skipped silently
+    # a macOS AppleDouble file: hidden, skipped silently
+    (photos / "._b_small.jpg").write_bytes(b"\x00\x05\x16\x07")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
     out = tmp_path / "maps"
-    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out), "--device", "cpu"])
+    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out),
+                  "--device", "cpu"])
     err = capsys.readouterr().err
     assert "warning" in err and "a_huge.jpg" in err and "._b_small" not in err
     assert not list(out.glob("._*"))
@@ -283,23 +301,27 @@ def test_sixteen_bit_photo_scaled_by_its_range(eval_ckpts, tmp_path):
     photos.mkdir()
     disc = Image.new("L", (120, 100))
     ImageDraw.Draw(disc).ellipse([12, 2, 108, 98], fill=255)
-    wide = (np.asarray(disc, np.uint16) * 12).astype(np.uint16)  # a 12-bit camera's range in a 16-bit file
+    # a 12-bit camera's range in a 16-bit file
+    wide = (np.asarray(disc, np.uint16) * 12).astype(np.uint16)
     Image.fromarray(wide).save(photos / "deep.png")
     with Image.open(photos / "deep.png") as im:
-        assert im.mode.startswith("I")  # PIL reads it as 16-bit grey; convert("RGB") would clip it to white
+        # PIL reads it as 16-bit grey; convert("RGB") would clip it to white
+        assert im.mode.startswith("I")
     rgb = predict.read_photo(photos / "deep.png")
     expected = np.floor(wide.astype(np.float64) / wide.max() * 255 + 0.5).astype(np.uint8)
-    assert rgb.dtype == np.uint8 and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert (rgb.dtype == np.uint8 and np.array_equal(rgb[..., 0], expected)
+            and np.array_equal(rgb[..., 2], expected))
     assert rgb.min() == 0 and (rgb == 0).mean() > 0.1  # the black surround stays black, not white
     out = tmp_path / "maps"
-    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out), "--device", "cpu"])
+    predict.main(["--ckpt", str(eval_ckpts["a"]), "--images", str(photos), "--out", str(out),
+                  "--device", "cpu"])
     with Image.open(out / "deep_overlay.jpg") as im:
         assert im.width == 120 and im.height > 100
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Style-conditioned models: --style reaches every member
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def fundus(h=90, w=120):
     """A red disc on black: enough of a fundus for the FOV crop."""
     yy, xx = np.mgrid[:h, :w]
@@ -311,9 +333,11 @@ def fundus(h=90, w=120):
 
 
 def test_segment_and_ensembles_pass_the_style_to_every_member(style_net, randomize_films):
-    a, b = (randomize_films(style_net(seed, style_tokens=("fine", "coarse")), seed).eval() for seed in (1, 2))
+    a, b = (randomize_films(style_net(seed, style_tokens=("fine", "coarse")), seed).eval()
+            for seed in (1, 2))
     image = fundus()
-    maps_ = {s: predict.segment(image, [a], resolution=64, style=s) for s in (None, "fine", "coarse")}
+    maps_ = {s: predict.segment(image, [a], resolution=64, style=s)
+             for s in (None, "fine", "coarse")}
     assert maps_["fine"].shape == (4, 90, 120) and np.array_equal(maps_[None], maps_["fine"])
     assert np.abs(maps_["fine"] - maps_["coarse"]).max() > 1e-3
     x = torch.rand(2, 3, 64, 64)
@@ -337,9 +361,9 @@ def test_style_for_an_unconditioned_model_is_one_line_before_any_work(style_net,
     assert not list((tmp_path / "m").glob("*"))  # no map written
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # predict.py --images as a job (issue 26): lesions.csv, --masks, quality flags, the summary
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def read_csv(path):
     import csv
 

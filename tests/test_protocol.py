@@ -1,4 +1,5 @@
-"""protocol.py: the ensemble mean of sigmoids, flip TTA, overlapping tiles, count_dataset, summarize, nanmean.
+"""protocol.py: the ensemble mean of sigmoids, flip TTA, overlapping tiles, count_dataset,
+summarize, nanmean.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_protocol.py
 """
@@ -34,7 +35,8 @@ def test_tiling_and_tta_identities():
         for tile, ov in ((32, 0.5), (40, 0.25), (64, 0.0), (90, 0.5)):
             tiled = protocol.predict_tiled([m], x, tile, overlap=ov)
             torch.testing.assert_close(tiled, plain, rtol=0, atol=1e-6)
-        assert torch.equal(protocol.predict_tiled([m], x, 96), protocol.predict([m], x))  # one window: exact
+        # one window: exact
+        assert torch.equal(protocol.predict_tiled([m], x, 96), protocol.predict([m], x))
         # TTA of a flip-equivariant model changes nothing (up to rounding)
         torch.testing.assert_close(protocol.predict([m], x, tta=True), plain, rtol=0, atol=1e-6)
 
@@ -47,9 +49,11 @@ def test_tta_is_mean_over_flips_and_flip_equivariant(eval_ckpts, model_from):
                   for d in ((), (-1,), (-2,), (-2, -1))) / 4
         got = protocol.predict([m], x, tta=True)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
-        assert (got - torch.sigmoid(m(x))).abs().max() > 1e-4  # the U-Net itself is not flip-invariant
+        # the U-Net itself is not flip-invariant
+        assert (got - torch.sigmoid(m(x))).abs().max() > 1e-4
         for d in ((-1,), (-2,)):
-            torch.testing.assert_close(protocol.predict([m], x.flip(d), tta=True), got.flip(d), rtol=0, atol=1e-6)
+            torch.testing.assert_close(protocol.predict([m], x.flip(d), tta=True), got.flip(d),
+                                       rtol=0, atol=1e-6)
 
 
 def test_empty_test_set(eval_ckpts, model_from):
@@ -70,7 +74,8 @@ def test_count_dataset_bfloat16_and_train_mode(eval_ckpts, model_from, cache_dir
     assert m.training  # handed back in the mode it came in
     tp16, fp16, pos16 = protocol.count_dataset([m], ds, "cpu", dtype="bfloat16", batch=3)
     assert tp16.dtype == torch.int64 and torch.equal(pos16, pos32)
-    assert torch.equal(tp16[:, 0] + fp16[:, 0], tp32[:, 0] + fp32[:, 0])  # same ROI pixels, batched by 3
+    # same ROI pixels, batched by 3
+    assert torch.equal(tp16[:, 0] + fp16[:, 0], tp32[:, 0] + fp32[:, 0])
     assert ((tp16 + fp16 - tp32 - fp32).abs().sum(1) < 0.1 * 11 * (tp32[:, 0] + fp32[:, 0])).all()
 
 

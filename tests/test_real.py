@@ -1,5 +1,5 @@
-"""bench/real.py: the real-lesions check (issues 18, 25), its no-learning baseline, its recipe's flags
-(model.local_contrast itself: tests/test_model.py)."""
+"""bench/real.py: the real-lesions check (issues 18, 25), its no-learning baseline,
+its recipe's flags (model.local_contrast itself: tests/test_model.py)."""
 import importlib.util
 import json
 import sys
@@ -45,7 +45,8 @@ def test_fixture_has_all_four_lesions(fixture_cache):
 
 
 def test_baseline_ap_equals_sklearn(fixture_cache):
-    # sklearn's exact AP on the scores quantized to the 1024 bins equals the binned AP (thresholds j/1024)
+    # sklearn's exact AP on the scores quantized to the
+    # 1024 bins equals the binned AP (thresholds j/1024)
     ds = data.PreparedDataset(fixture_cache, "IDR", 128, "test")
     ap, prevalence = real.lesion_aps(ds, lambda it: real.baseline(it["image"], it["fov"]))
     for c, lesion in enumerate(data.LESIONS):
@@ -67,8 +68,8 @@ def test_baseline_ap_equals_sklearn(fixture_cache):
 
 
 def test_real_end_to_end(fixture_idrid, tmp_path, capsys):
-    tiny = ["--encoder", "test_resnet", "--decoder-channels", "16,8,8,8,8", "--patch", "64", "--batch", "2",
-            "--iters", "2", "--val-every", "1", "--local-contrast", "2"]
+    tiny = ["--encoder", "test_resnet", "--decoder-channels", "16,8,8,8,8", "--patch", "64",
+            "--batch", "2", "--iters", "2", "--val-every", "1", "--local-contrast", "2"]
     report = real.main(["--out", str(tmp_path), "--resolution", "128", "--", *tiny])
     saved = json.loads((tmp_path / "real.json").read_text())
     assert saved["flags"] == real.merged_flags(real.RECIPE, tiny)
@@ -107,13 +108,15 @@ def test_bad_recipe_flags_are_one_line_errors(flags, names):
 
 
 def test_recorded_flags_are_the_ones_train_py_used():
-    """The demo's `-- --iters 150` replaces the recipe's --iters 400 in real.json, and train.py agrees."""
+    """The demo's `-- --iters 150` replaces the recipe's
+    --iters 400 in real.json, and train.py agrees."""
     import train
 
     extra = ["--iters", "150", "--val-every=25", "--channels-last"]
     used = real.merged_flags(real.RECIPE, extra)
     assert used.count("--iters") == 1 and used[used.index("--iters") + 1] == "150"
-    assert "--val-every" not in used and "--val-every=25" in used and used[-1] == "--channels-last"  # new flags last
+    # new flags last
+    assert "--val-every" not in used and "--val-every=25" in used and used[-1] == "--channels-last"
     assert used[:2] == ["--encoder", "resnet18"]  # the recipe's order kept
     a, b = (train.parse_args(f + ["--train", "IDR"]) for f in (real.RECIPE + extra, used))
     assert vars(a) == vars(b)
@@ -129,12 +132,14 @@ def test_recorded_flags_are_the_ones_train_py_used():
     # the recipe at another resolution: its --local-contrast sigma (16 px at 1024) scales with it
     assert real.recipe(1024) == real.RECIPE
     at512 = real.recipe(512, ["--iters", "100"])
-    assert at512[at512.index("--local-contrast") + 1] == "8" and at512.count("--local-contrast") == 1
+    assert (at512[at512.index("--local-contrast") + 1] == "8"
+            and at512.count("--local-contrast") == 1)
     assert at512 == real.merged_flags(real.RECIPE, ["--local-contrast", "8", "--iters", "100"])
 
 
-@pytest.mark.parametrize("extra, flag", [(["--resolution=256"], "--resolution"), (["--ou", "x"], "--out"),
-                                         (["--cach=y"], "--cache"), (["--train", "DDR"], "--train")])
+@pytest.mark.parametrize("extra, flag", [(["--resolution=256"], "--resolution"),
+                                         (["--ou", "x"], "--out"), (["--cach=y"], "--cache"),
+                                         (["--train", "DDR"], "--train")])
 def test_flags_real_sets_itself_are_refused_after_the_separator(extra, flag, tmp_path, capsys):
     """Spelled out, with =, or abbreviated as argparse allows: refused before any work is done."""
     with pytest.raises(ValueError) as err:  # utils.run prints it as one error: line
@@ -163,7 +168,8 @@ def test_real_styles_end_to_end(tmp_path):
     args = json.loads((tmp_path / "runs" / "FIN+CRS" / "s0" / "args.json").read_text())
     assert args["train"] == ["CRS", "FIN"] and args["local_contrast"] == 2  # 16 px at 1024 -> 128
     for combo, run in report["runs"].items():
-        res = json.loads((tmp_path / "runs" / combo / "s0" / "best.pt").with_name("args.json").read_text())
+        res = json.loads((tmp_path / "runs" / combo / "s0" / "best.pt").with_name("args.json")
+                         .read_text())
         assert res["resolution"] == 128
         assert all(0 <= run["scores"][les]["ap"] <= 1 for les in data.LESIONS)
     assert json.loads((tmp_path / "table3.json").read_text())["runs"] == report["runs"]

@@ -1,4 +1,5 @@
-"""report.py on a hand-made fixture of results JSON files: exact table numbers, combos, figures, errors."""
+"""report.py on a hand-made fixture of results JSON files: exact table numbers, combos, figures,
+errors."""
 import json
 import math
 import shutil
@@ -17,16 +18,18 @@ PROTOCOL = {"thresholds": 11, "roi": "fov", "resolution": 128, "tta": False, "ti
 
 
 def write_run(runs, combo, seed, tests, n_train=None, mean=None):
-    """tests: {TEST: (aupr per lesion, dice per lesion)}; None = NaN (written as null, as the contract says).
-    mean: {TEST: (mean_aupr, mean_dice)} written as given (default: null, so report.py must average itself)."""
+    """tests: {TEST: (aupr per lesion, dice per lesion)}; None = NaN (written as null, as the
+    contract says). mean: {TEST: (mean_aupr, mean_dice)} written as given (default: null, so
+    report.py must average itself)."""
     results = {}
     for test, (aupr, dice) in tests.items():
         m = (mean or {}).get(test, (None, None))
         results[test] = {"n_images": 3, "mean_aupr": m[0], "mean_dice": m[1],
-                         "lesions": {c: {"aupr": a, "dice": d, "tp": [0] * 11, "fp": [0] * 11, "pos": 1}
+                         "lesions": {c: {"aupr": a, "dice": d, "tp": [0] * 11, "fp": [0] * 11,
+                                         "pos": 1}
                                      for c, a, d in zip(("EX", "HE", "MA", "CWS"), aupr, dice)}}
-    rec = {"version": 1, "checkpoints": [], "train": combo.split("+"), "seed": seed, "method": "baseline",
-           "protocol": PROTOCOL, "results": results}
+    rec = {"version": 1, "checkpoints": [], "train": combo.split("+"), "seed": seed,
+           "method": "baseline", "protocol": PROTOCOL, "results": results}
     if n_train is not None:
         rec["n_train_images"] = n_train
     path = runs / combo / f"s{seed}" / "results.json"
@@ -41,16 +44,22 @@ def flat(x):
 @pytest.fixture
 def fixture_dirs(tmp_path):
     runs = tmp_path / "runs"
-    # Table 2 rows: IDR and DDR trained alone, two seeds each (RET has no single-dataset run -> "—").
-    write_run(runs, "IDR", 0, {"IDR": ((.8, .6, .4, .7), flat(.5)), "MES": (flat(.3), flat(.40))}, 54,
-              mean={"IDR": (.625, None)})
-    write_run(runs, "IDR", 1, {"IDR": ((.9, .5, .5, None), flat(.6)), "MES": (flat(.3), flat(.44))}, 54)
-    write_run(runs, "DDR", 0, {"DDR": ((.5, .4, .2, .3), flat(.3)), "IDR": (flat(.5), flat(.20))}, 383)
-    write_run(runs, "DDR", 1, {"DDR": ((.6, .4, .3, .3), flat(.3)), "IDR": (flat(.5), flat(.30))}, 383)
+    # Table 2 rows: IDR and DDR trained alone, two seeds each (RET has no single-dataset run ->
+    # "—").
+    write_run(runs, "IDR", 0, {"IDR": ((.8, .6, .4, .7), flat(.5)), "MES": (flat(.3), flat(.40))},
+              54, mean={"IDR": (.625, None)})
+    write_run(runs, "IDR", 1, {"IDR": ((.9, .5, .5, None), flat(.6)), "MES": (flat(.3), flat(.44))},
+              54)
+    write_run(runs, "DDR", 0, {"DDR": ((.5, .4, .2, .3), flat(.3)), "IDR": (flat(.5), flat(.20))},
+              383)
+    write_run(runs, "DDR", 1, {"DDR": ((.6, .4, .3, .3), flat(.3)), "IDR": (flat(.5), flat(.30))},
+              383)
     # Table 3, IDRiD-test: DDR+MES (2 seeds), RET (1 seed); DDR+FGA+MES missing.
     write_run(runs, "DDR+MES", 0, {"IDR": (flat(.5), (.6, .6, .6, .6))}, 500)
-    write_run(runs, "DDR+MES", 1, {"IDR": (flat(.5), (.7, .6, .6, .66))}, 500, mean={"IDR": (None, .64)})
-    write_run(runs, "RET", 0, {"IDR": (flat(.5), (.1, .2, .3, None)), "MES": (flat(.2), flat(.19))}, 1000)
+    write_run(runs, "DDR+MES", 1, {"IDR": (flat(.5), (.7, .6, .6, .66))}, 500,
+              mean={"IDR": (None, .64)})
+    write_run(runs, "RET", 0, {"IDR": (flat(.5), (.1, .2, .3, None)), "MES": (flat(.2), flat(.19))},
+              1000)
     write_run(runs, "FGA", 0, {"IDR": (flat(.5), flat(.25))}, 1200)
     # Messidor-test: IDR+DDR with one seed whose metrics are all null (NaN): only the other counts.
     write_run(runs, "IDR+DDR", 0, {"MES": (flat(.4), flat(.42))}, 437)
@@ -66,11 +75,13 @@ def fixture_dirs(tmp_path):
     (runs / "IDR" / "swa" / "results.json").write_text(json.dumps({"results": {}}))
     # Figure 4 for two combinations.
     m = lambda d: {t: {"mean_dice": v, "mean_aupr": 0.5} for t, v in d.items()}  # noqa: E731
-    (runs / "DDR+MES" / "fig4.json").write_text(json.dumps({"combo": "DDR+MES", "train": ["DDR", "MES"], "methods": {
-        "baseline": m({"IDR": .6, "MES": .4}), "ensemble": m({"IDR": .7, "MES": .5}),
-        "swa-full": m({"IDR": .65, "MES": None})}}))
-    (runs / "IDR+DDR" / "fig4.json").write_text(json.dumps({"combo": "IDR+DDR", "train": ["IDR", "DDR"], "methods": {
-        "baseline": m({"MES": .3, "DDR": .5}), "ensemble": m({"MES": .4, "DDR": .6})}}))
+    (runs / "DDR+MES" / "fig4.json").write_text(json.dumps({
+        "combo": "DDR+MES", "train": ["DDR", "MES"], "methods": {
+            "baseline": m({"IDR": .6, "MES": .4}), "ensemble": m({"IDR": .7, "MES": .5}),
+            "swa-full": m({"IDR": .65, "MES": None})}}))
+    (runs / "IDR+DDR" / "fig4.json").write_text(json.dumps({
+        "combo": "IDR+DDR", "train": ["IDR", "DDR"], "methods": {
+            "baseline": m({"MES": .3, "DDR": .5}), "ensemble": m({"MES": .4, "DDR": .6})}}))
     char = tmp_path / "characterize.json"
     char.write_text(json.dumps({"rule": "test", "datasets": {
         "IDR": {"style": "fine"}, "DDR": {"style": "fine"}, "MES": {"style": "fine"},
@@ -96,15 +107,17 @@ def test_table2_exact_numbers(fixture_dirs):
     assert idr["HE"]["mean"] == pytest.approx(.55) and idr["MA"]["mean"] == pytest.approx(.45)
     # CWS is null in seed 1: one finite value, no std.
     assert idr["CWS"] == {**idr["CWS"], "mean": pytest.approx(.7), "std": None, "n": 1, "n_runs": 2}
-    # mean: seed 0's file value .625, seed 1 has a null mean -> mean of its defined lesions (.9+.5+.5)/3.
+    # mean: seed 0's file value .625, seed 1 has a null mean -> mean of its defined lesions
+    # (.9+.5+.5)/3.
     assert idr["mean"]["mean"] == pytest.approx((.625 + (.9 + .5 + .5) / 3) / 2)
     ddr = t2["DDR"]["ours"]
     assert ddr["EX"]["mean"] == pytest.approx(.55) and ddr["HE"]["std"] == pytest.approx(0.0)
-    assert ddr["mean"]["mean"] == pytest.approx(((.5 + .4 + .2 + .3) / 4 + (.6 + .4 + .3 + .3) / 4) / 2)
+    assert ddr["mean"]["mean"] == pytest.approx(((.5 + .4 + .2 + .3) / 4
+                                                 + (.6 + .4 + .3 + .3) / 4) / 2)
     assert t2["RET"]["ours"]["EX"]["n_runs"] == 0 and t2["RET"]["ours"]["EX"]["mean"] is None
     assert t2["IDR"]["seeds"] == [0, 1]
-    assert t2["IDR"]["published"]["Playout & Cheriet"] == {"EX": .825, "HE": .620, "MA": .451, "CWS": .713,
-                                                          "mean": .652}
+    assert t2["IDR"]["published"]["Playout & Cheriet"] == {"EX": .825, "HE": .620, "MA": .451,
+                                                          "CWS": .713, "mean": .652}
     assert t2["DDR"]["published"]["Playout & Cheriet"]["mean"] == .429
 
 
@@ -117,12 +130,14 @@ def test_table3_combos_and_missing(fixture_dirs):
     assert list(t3["DDR"]) == ["IDR+MES", "RET", "IDR+FGA+MES"]
     dm = t3["IDR"]["DDR+MES"]
     # seed 0: mean of lesions .6; seed 1: the file's mean_dice .64 wins over the lesions.
-    assert dm["ours"]["mean"] == pytest.approx(.62) and dm["ours"]["std"] == pytest.approx(math.sqrt(2 * .02 ** 2))
+    assert (dm["ours"]["mean"] == pytest.approx(.62)
+            and dm["ours"]["std"] == pytest.approx(math.sqrt(2 * .02 ** 2)))
     assert dm["paper"] == .634
-    assert t3["IDR"]["RET"]["ours"]["mean"] == pytest.approx(.2) and t3["IDR"]["RET"]["ours"]["n"] == 1
+    assert (t3["IDR"]["RET"]["ours"]["mean"] == pytest.approx(.2)
+            and t3["IDR"]["RET"]["ours"]["n"] == 1)
     assert t3["IDR"]["DDR+FGA+MES"]["ours"]["n_runs"] == 0
-    assert t3["MES"]["IDR+DDR"]["ours"] == {**t3["MES"]["IDR+DDR"]["ours"], "mean": pytest.approx(.42), "n": 1,
-                                            "n_runs": 2}
+    assert t3["MES"]["IDR+DDR"]["ours"] == {**t3["MES"]["IDR+DDR"]["ours"],
+                                            "mean": pytest.approx(.42), "n": 1, "n_runs": 2}
     assert t3["MES"]["RET"]["ours"]["mean"] == pytest.approx(.19)
     assert t3["DDR"]["IDR+MES"]["ours"]["n"] == 0 and t3["DDR"]["IDR+MES"]["ours"]["n_runs"] == 1
     md = (out / "report.md").read_text()
@@ -159,7 +174,8 @@ def test_figure3_falls_back_to_dataset_count(fixture_dirs):
     path.write_text(json.dumps(rec))
     f3 = load(build(fixture_dirs), "figure3.json")
     assert f3["order_by"] == "n_datasets"
-    assert [r["combo"] for r in f3["panels"]["IDR"]] == ["DDR", "FGA", "RET", "DDR+MES"]  # canonical within ties
+    # canonical within ties
+    assert [r["combo"] for r in f3["panels"]["IDR"]] == ["DDR", "FGA", "RET", "DDR+MES"]
     assert report.combo_style("IDR+DDR", {"IDR": "fine", "DDR": "mixed"}) == "mixed"
     assert report.combo_style("IDR+DDR", {"IDR": "fine"}) is None  # DDR not characterized
 
@@ -172,14 +188,15 @@ def test_figure4_numbers(fixture_dirs):
     assert f4["swa-full"]["missing"] == {"IDR+DDR": "not in fig4.json"}
     assert f4["soup-full"]["n_combos"] == 0 and f4["soup-full"]["mean_dice"] is None
     assert f4["soup-full"]["missing"] == {c: "not in fig4.json" for c in ("DDR+MES", "IDR+DDR")}
-    assert f4["baseline"]["per_combo"] == {"DDR+MES": pytest.approx(.5), "IDR+DDR": pytest.approx(.4)}
+    assert f4["baseline"]["per_combo"] == {"DDR+MES": pytest.approx(.5),
+                                           "IDR+DDR": pytest.approx(.4)}
     assert f4["baseline"]["mean_dice"] == pytest.approx(.45)
     assert f4["baseline"]["std"] == pytest.approx(math.sqrt(2 * .05 ** 2))
     assert f4["ensemble"]["mean_dice"] == pytest.approx(.55)
     assert f4["ensemble"]["delta_vs_baseline"] == pytest.approx(.1)
     # swa-full: MES is null, so only IDR counts (.65), one combination, paired with baseline .5.
-    assert f4["swa-full"] == {**f4["swa-full"], "mean_dice": pytest.approx(.65), "n_combos": 1, "std": None,
-                              "delta_vs_baseline": pytest.approx(.15)}
+    assert f4["swa-full"] == {**f4["swa-full"], "mean_dice": pytest.approx(.65), "n_combos": 1,
+                              "std": None, "delta_vs_baseline": pytest.approx(.15)}
 
 
 def test_figures_and_report_md(fixture_dirs):
@@ -188,8 +205,10 @@ def test_figures_and_report_md(fixture_dirs):
     for name in ("figure3.png", "figure4.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in md
-    assert '"resolution": 128' in md and "(11 run(s))" in md  # protocol stated, with the number of runs
-    assert "seeds [0, 1]" in md and "NaN" not in (out / "table3.json").read_text()  # NaN written as null
+    # protocol stated, with the number of runs
+    assert '"resolution": 128' in md and "(11 run(s))" in md
+    # NaN written as null
+    assert "seeds [0, 1]" in md and "NaN" not in (out / "table3.json").read_text()
 
 
 @pytest.mark.skipif(not (ROOT / "reference" / "lesions_database_cross_study.csv").is_file(),
@@ -197,10 +216,12 @@ def test_figures_and_report_md(fixture_dirs):
 def test_reference_beside_ours(fixture_dirs):
     out = build(fixture_dirs)  # default --reference: the project's copy
     pairs = load(out, "reference_aupr.json")
-    # The authors' single IDRID-only run ("fiery-bush-76") has IDRID EXUDATES AUC-PR 0.8319008350372314.
+    # The authors' single IDRID-only run ("fiery-bush-76") has IDRID EXUDATES AUC-PR
+    # 0.8319008350372314.
     (hit,) = [p for p in pairs if (p["combo"], p["test"], p["lesion"]) == ("IDR", "IDR", "EX")]
     assert hit["ours"] == pytest.approx(.85) and hit["authors"] == pytest.approx(0.8319008350372314)
-    assert not any(p["lesion"] == "CWS" and p["combo"] == "IDR+MES" for p in pairs)  # NaN ours: no pair
+    # NaN ours: no pair
+    assert not any(p["lesion"] == "CWS" and p["combo"] == "IDR+MES" for p in pairs)
     assert (out / "reference_aupr.png").read_bytes()[:8] == PNG_MAGIC
     assert "](reference_aupr.png)" in (out / "report.md").read_text()
     runs, char, _ = fixture_dirs
@@ -216,12 +237,13 @@ def test_without_characterize_and_fig4(tmp_path):
     report.main([str(runs), "-o", str(out), "--reference", "none"])
     f3 = load(out, "figure3.json")
     assert f3["panels"]["DDR"][0]["style"] is None and f3["order_by"] == "n_datasets"
-    assert not (out / "figure4.png").exists() and "No fig4.json found." in (out / "report.md").read_text()
+    assert (not (out / "figure4.png").exists()
+            and "No fig4.json found." in (out / "report.md").read_text())
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "report.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "report.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_no_results_one_line_error(tmp_path):
@@ -229,7 +251,8 @@ def test_no_results_one_line_error(tmp_path):
     (tmp_path / "runs" / "readme.txt").write_text("nothing here")
     proc = run_cli(tmp_path / "runs", "-o", tmp_path / "out")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no results found under")
+    assert (proc.stderr.strip().count("\n") == 0
+            and proc.stderr.startswith("error: no results found under"))
     with pytest.raises(FileNotFoundError, match="missing"):
         report.main([str(tmp_path / "missing"), "-o", str(tmp_path / "out")])
 
@@ -239,18 +262,23 @@ def test_bad_flags_one_line(fixture_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="--characterize"):
         report.main([str(runs), "-o", str(out), "--characterize", str(tmp_path / "nope.json")])
     with pytest.raises(FileNotFoundError, match="--reference"):
-        report.main([str(runs), "-o", str(out), "--characterize", str(char), "--reference", str(tmp_path / "x.csv")])
+        report.main([str(runs), "-o", str(out), "--characterize", str(char),
+                     "--reference", str(tmp_path / "x.csv")])
     char.write_text(json.dumps({"datasets": {"IDR": {"style": "blurry"}}}))
     with pytest.raises(ValueError, match="unknown labelling style"):
         report.main([str(runs), "-o", str(out), "--characterize", str(char)])
 
 
 def test_sweep_curves_figure(fixture_dirs):
-    """Runs with a log.jsonl get the sweep's validation curves, linked in report.md; a rerun without logs drops it."""
+    """Runs with a log.jsonl get the sweep's validation curves, linked in report.md; a rerun without
+    logs drops it."""
     runs, char, out = fixture_dirs
-    for combo, seed, dice in (("IDR", 0, (.1, .3)), ("IDR", 1, (.2, .25)), ("DDR+MES", 0, (.05, .4))):
-        val = [{"step": s, "split": "val", "loss": 1.0 / s, "mean_dice": d, "best": True} for s, d in zip((5, 10), dice)]
-        (runs / combo / f"s{seed}" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    for combo, seed, dice in (("IDR", 0, (.1, .3)), ("IDR", 1, (.2, .25)),
+                              ("DDR+MES", 0, (.05, .4))):
+        val = [{"step": s, "split": "val", "loss": 1.0 / s, "mean_dice": d, "best": True}
+               for s, d in zip((5, 10), dice)]
+        (runs / combo / f"s{seed}" / "log.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                                     for r in val))
     build(fixture_dirs)
     md = (out / "report.md").read_text()
     assert (out / "sweep_curves.png").read_bytes()[:8] == PNG_MAGIC and "](sweep_curves.png)" in md
@@ -263,10 +291,13 @@ def test_sweep_curves_figure(fixture_dirs):
 
 
 def test_real_section(fixture_dirs, tmp_path):
-    rec = {"flags": ["--lesion-weights", "MA=4"], "resolution": 1024, "lesions": ["EX", "HE", "MA", "CWS"],
-           "train": {"n_images": 8, "ap": [0.79, 0.36, 0.028, 0.32], "prevalence": [0.015, 0.032, 0.0011, 0.0014],
+    rec = {"flags": ["--lesion-weights", "MA=4"], "resolution": 1024,
+           "lesions": ["EX", "HE", "MA", "CWS"],
+           "train": {"n_images": 8, "ap": [0.79, 0.36, 0.028, 0.32],
+                     "prevalence": [0.015, 0.032, 0.0011, 0.0014],
                      "baseline_ap": [0.061, 0.25, 0.0015, 0.0035]},
-           "test": {"n_images": 4, "ap": [0.81, 0.099, 0.0275, 0.118], "prevalence": [0.0158, 0.0053, 0.0016, 0.00035],
+           "test": {"n_images": 4, "ap": [0.81, 0.099, 0.0275, 0.118],
+                    "prevalence": [0.0158, 0.0053, 0.0016, 0.00035],
                     "baseline_ap": [0.077, 0.018, 0.002, 0.001]},
            "targets_met": {"EX": True, "HE": True, "MA": True, "CWS": False}}
     (tmp_path / "r").mkdir()
@@ -276,10 +307,13 @@ def test_real_section(fixture_dirs, tmp_path):
     md = (out / "report.md").read_text()
     # AP / prevalence = 0.0275 / 0.0016 = 17.2
     assert "| MA | 0.028 | 0.028 | 0.0016 | 17.2 | 0.002 | met |" in md, md
-    assert "| CWS | 0.320 | 0.118 | 0.00035 | 337.1 | 0.001 | missed |" in md and "`--lesion-weights MA=4`" in md
-    assert (out / "real_heldout.png").read_bytes() == PNG_MAGIC + b"x" and "](real_heldout.png)" in md
+    assert ("| CWS | 0.320 | 0.118 | 0.00035 | 337.1 | 0.001 | missed |" in md
+            and "`--lesion-weights MA=4`" in md)
+    assert ((out / "real_heldout.png").read_bytes() == PNG_MAGIC + b"x"
+            and "](real_heldout.png)" in md)
     build(fixture_dirs)  # a rerun without it drops the section and the stale figure
-    assert not (out / "real_heldout.png").exists() and "real-data" not in (out / "report.md").read_text()
+    assert (not (out / "real_heldout.png").exists()
+            and "real-data" not in (out / "report.md").read_text())
     with pytest.raises(FileNotFoundError, match="--real"):
         build(fixture_dirs, "--real", str(tmp_path / "nope.json"))
 
@@ -347,7 +381,8 @@ def test_run_identity_from_args_json_not_folder(fixture_dirs, capsys):
     (runs / "bad" / "s2" / "results.json").write_text(json.dumps(rec))
     (runs / "bad" / "s2" / "args.json").write_text(json.dumps({"train": ["RET"], "seed": [2]}))
     (runs / "oops" / "s4").mkdir(parents=True)  # a test set's block that is no scores
-    (runs / "oops" / "s4" / "results.json").write_text(json.dumps({**rec, "results": {"IDR": "oops"}}))
+    (runs / "oops" / "s4" / "results.json").write_text(
+        json.dumps({**rec, "results": {"IDR": "oops"}}))
     (runs / "cut" / "s5").mkdir(parents=True)  # a truncated file
     (runs / "cut" / "s5" / "results.json").write_text(json.dumps(rec)[:50])
     out = build(fixture_dirs)
@@ -355,7 +390,8 @@ def test_run_identity_from_args_json_not_folder(fixture_dirs, capsys):
     for folder, why in (("bad/s2", "its args.json gives no combination and seed (a damaged file)"),
                         ("oops/s4", "results.IDR is not a test set's scores (a damaged file)"),
                         ("cut/s5", "not readable as JSON")):
-        assert f"skipped {runs / folder / 'results.json'}: {why}; left out of the tables\n" in err, err
+        assert (f"skipped {runs / folder / 'results.json'}: {why}; "
+                f"left out of the tables\n" in err), err
     (ret,) = [r for r in load(out, "figure3.json")["panels"]["IDR"] if r["combo"] == "RET"]
     assert ret["n_runs"] == 2 and sorted(ret["values"]) == pytest.approx([.2, .25])
     assert load(out, "figure4.json")["baseline"]["n_combos"] == 2
@@ -504,15 +540,18 @@ def test_report_shows_the_authors_models_beside_ours(tmp_path):
 
 
 def test_real_styles_section(fixture_dirs, tmp_path):
-    scores = lambda d: {les: {"dice": d, "ap": d / 2} for les in ("EX", "HE", "MA", "CWS")}  # noqa: E731
-    rec = {"flags": ["--iters", "100"], "resolution": 512, "n_test": 4, "styles": {"FIN": "fine", "CRS": "coarse"},
+    scores = lambda d: {les: {"dice": d, "ap": d / 2}  # noqa: E731
+                        for les in ("EX", "HE", "MA", "CWS")}
+    rec = {"flags": ["--iters", "100"], "resolution": 512, "n_test": 4,
+           "styles": {"FIN": "fine", "CRS": "coarse"},
            "runs": {"FIN": {"scores": scores(0.5), "train_seconds": 1},
                     "FIN+CRS": {"scores": scores(0.25), "train_seconds": 1},
                     "CRS": {"scores": scores(0.125), "train_seconds": 1}}}
     (tmp_path / "table3.json").write_text(json.dumps(rec))
     out = build(fixture_dirs, "--real-styles", str(tmp_path / "table3.json"))
     md = (out / "report.md").read_text()
-    assert "| fine + coarse (FIN+CRS) | 0.250 (0.125) | 0.250 (0.125) | 0.250 (0.125) | 0.250 (0.125) |" in md
+    assert ("| fine + coarse (FIN+CRS) | 0.250 (0.125) | 0.250 (0.125) | 0.250 (0.125) | "
+            "0.250 (0.125) |" in md)
     assert "FIN fine, CRS coarse" in md and "## Table 3 on real photographs" in md
     with pytest.raises(FileNotFoundError, match="--real-styles"):
         build(fixture_dirs, "--real-styles", str(tmp_path / "nope.json"))
@@ -572,7 +611,8 @@ def test_help_has_examples_and_whole_sentences():
 def captured_figures(monkeypatch):
     """report's figures as they are saved: {file name: Figure}."""
     figures = {}
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.__setitem__(Path(path).name, fig))
+    monkeypatch.setattr(report, "_save",
+                        lambda fig, path: figures.__setitem__(Path(path).name, fig))
     return figures
 
 

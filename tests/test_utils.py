@@ -149,7 +149,8 @@ STARTING = {
     "prepare": ["-m", "data.prepare", "--dataset", "IDR", "--data-root", "missing"],
     "synthetic": ["-m", "data.synthetic", "--out", "synth"],
     "check": ["-m", "data.check", "--root", "ABC=missing"],
-    "coarsen": ["-m", "data.coarsen", "--dataset", "IDR", "--out", "copy", "--data-root", "missing"],
+    "coarsen": ["-m", "data.coarsen", "--dataset", "IDR", "--out", "copy",
+                "--data-root", "missing"],
     "real": ["bench/real.py", "--out", "real"],
     "real_styles": ["bench/real_styles.py", "--out", "real_styles"],
     "bench_images": ["bench/bench_images.py", "--skip-network", "--photos", "1"],
@@ -215,7 +216,8 @@ def test_early_ctrl_c_handler_lasts_until_run(capsys, monkeypatch):
     import signal
 
     monkeypatch.setattr(sys, "argv", ["script.py"])  # no --help: start() only installs its handler
-    # Python's own handler to begin with (a background job, `make test &`, starts with SIGINT ignored)
+    # Python's own handler to begin with (a background job, `make test &`, starts with SIGINT
+    # ignored)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     utils.start("train")  # a script imported by another (tune.py imports train.py): no change
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -263,7 +265,8 @@ def test_help_answers_without_importing_torch(name):
             "    status = 'no exit'\n"
             "except SystemExit as e:\n"
             "    status = e.code\n"
-            "heavy = sorted(m for m in ('torch', 'timm', 'numpy', 'matplotlib') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'numpy', 'matplotlib')"
+            " if m in sys.modules)\n"
             "print('@@', status, heavy)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from data.datasets import annotated, dataset_root, list_samples, load_image, load_masks  # noqa: E402
+from data.datasets import (annotated, dataset_root, list_samples, load_image,  # noqa: E402
+                           load_masks)
 from data.flags import data_options  # noqa: E402
 from data.ids import LESIONS  # noqa: E402
 from data.preprocess import fov_box  # noqa: E402

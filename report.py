@@ -154,7 +154,7 @@ def _combo_key(combo):
     return [dataset_order(d) for d in combo.split("+")]
 
 
-# What a run may change when it resumes (train.py's RESUMABLE): where it is stored and read from,
+# What a run may change when it resumes (runfolder.RESUMABLE): where it is stored and read from,
 # how long and how it runs. The rest of args.json (combination, seed, model, optimisation, ...) is
 # what the run is. NOTE: a copy, so that this file stands alone; tests/test_report.py checks it.
 NOT_IDENTITY = ("iters", "stop_at", "val_every", "snapshot_every", "log_every", "workers", "device",

@@ -1,5 +1,6 @@
 """The run folder of train.py (OUT): who holds it, whether a resume may go on, which snapshots
-stay, and log.jsonl. Standard library only: train.py --help lists RESUMABLE before torch loads.
+stay, and log.jsonl. The standard library and utils only: train.py --help lists RESUMABLE before
+torch loads.
 
     OUT/.lock               held by the one train.py of this folder (lock_run)
     OUT/last.pt, best.pt    what a run resumes from, what it selected (train.py writes them)

@@ -270,8 +270,8 @@ def test_bad_flags_one_line(fixture_dirs, tmp_path):
 
 
 def test_sweep_curves_figure(fixture_dirs):
-    """Runs with a log.jsonl get the sweep's validation curves, linked in report.md; a rerun without
-    logs drops it."""
+    """Runs with a log.jsonl get the sweep's validation curves, linked in report.md; a rerun
+    without logs drops it."""
     runs, char, out = fixture_dirs
     for combo, seed, dice in (("IDR", 0, (.1, .3)), ("IDR", 1, (.2, .25)),
                               ("DDR+MES", 0, (.05, .4))):
@@ -399,11 +399,11 @@ def test_run_identity_from_args_json_not_folder(fixture_dirs, capsys):
         (out / "report.md").read_text()
 
 
-def test_names_agree_with_train_resumable():
-    """report.NOT_IDENTITY is a copy of train.RESUMABLE (the flags a resume may change)."""
-    import train
+def test_names_agree_with_runfolder_resumable():
+    """report.NOT_IDENTITY is a copy of runfolder.RESUMABLE (the flags a resume may change)."""
+    import runfolder
 
-    assert set(report.NOT_IDENTITY) == set(train.RESUMABLE)
+    assert set(report.NOT_IDENTITY) == set(runfolder.RESUMABLE)
 
 
 def _give_args(runs, **settings):

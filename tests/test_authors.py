@@ -4,9 +4,9 @@ reference, no network.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_authors.py
 
-The reference model is built by torchseg (the authors' library) and saved by
-huggingface_hub's PyTorchModelHubMixin exactly as the authors' toolkit defines its hub
-class, so the folder is the released layout.
+The reference model is built by torchseg (the authors' library) and saved by huggingface_hub's
+PyTorchModelHubMixin exactly as the authors' toolkit defines its hub class, so the folder is the
+released layout.
 """
 import json
 import sys
@@ -28,8 +28,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def authors_class():
-    """The hub class of the authors' toolkit
-    (fundus_lesions_toolkit.models.hf_hub): a torchseg model as `model`."""
+    """The hub class of the authors' toolkit (fundus_lesions_toolkit.models.hf_hub): a torchseg
+    model as `model`."""
     torchseg = pytest.importorskip("torchseg")
     from huggingface_hub import PyTorchModelHubMixin
 
@@ -44,8 +44,8 @@ def authors_class():
 
 @pytest.fixture(scope="module")
 def authors_model(tmp_path_factory):
-    """(folder in the hub layout, the torchseg model):
-    random weights and random BatchNorm statistics."""
+    """(folder in the hub layout, the torchseg model): random weights and random BatchNorm
+    statistics."""
     torch.manual_seed(0)
     net = authors_class()(arch="unet", encoder="seresnext50_32x4d", in_channels=3, classes=5)
     # non-trivial running statistics, so that the buffers' mapping is checked too
@@ -62,9 +62,9 @@ def authors_model(tmp_path_factory):
 
 
 def reference_probs(net, x):
-    """The authors' inference: ImageNet normalisation, torchseg forward, softmax; the
-    input padded with black to multiples of 32 (torchseg refuses other sizes) and the
-    output cropped -> (B, 4, H, W) in EX, HE, MA, CWS."""
+    """The authors' inference: ImageNet normalisation, torchseg forward, softmax; the input
+    padded with black to multiples of 32 (torchseg refuses other sizes) and the output cropped ->
+    (B, 4, H, W) in EX, HE, MA, CWS."""
     H, W = x.shape[-2:]
     xp = F.pad(x, (0, -W % 32, 0, -H % 32))
     mean, std = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
@@ -225,8 +225,8 @@ def test_missing_huggingface_hub_is_one_line(monkeypatch):
 # evaluate.py and predict.py with the authors' models
 # --------------------------------------------------------------------------------------------------
 def reference_counts(net, ds):
-    """Pooled Dice at p >= 0.5 and argmax Dice of the torchseg model over a prepared test
-    set, FOV pixels only, in plain numpy -> (dice (4,), dice_argmax (4,), pos (4,))."""
+    """Pooled Dice at p >= 0.5 and argmax Dice of the torchseg model over a prepared test set,
+    FOV pixels only, in plain numpy -> (dice (4,), dice_argmax (4,), pos (4,))."""
     import numpy as np
 
     tp, fp, tpa, fpa, pos = (np.zeros(4) for _ in range(5))

@@ -180,8 +180,8 @@ def test_greedy_rejects_a_tie(abc):
 # The validation scorer: a key of kernels.pr_metrics, Dice by default
 # --------------------------------------------------------------------------------------------------
 def scripted_counts():
-    """Pooled 11-threshold counts whose Dice at t = 0.5 (index 5) is easy by hand; MA absent
-    (pos 0)."""
+    """Pooled 11-threshold counts whose Dice at t = 0.5 (index 5) is easy by hand; MA absent (pos
+    0)."""
     tp, fp = torch.zeros(4, 11, dtype=torch.int64), torch.zeros(4, 11, dtype=torch.int64)
     tp[:, 5], fp[:, 5] = torch.tensor([2, 0, 0, 3]), torch.tensor([2, 1, 0, 1])
     pos = torch.tensor([4, 2, 0, 3])
@@ -569,8 +569,8 @@ def test_each_subcommand_help_has_its_own_examples(command, capsys):
 
 def test_ensemble_of_members_that_do_not_run_alike_is_refused_when_made(tmp_path):
     """A manifest of members trained at other resolutions (evaluate.py would run all at the first
-    one's, so the member order would change the score), or of conditioned and unconditioned members:
-    refused when written, one line naming the member; nothing written."""
+    one's, so the member order would change the score), or of conditioned and unconditioned
+    members: refused when written, one line naming the member; nothing written."""
     a = tmp_path / "a.pt"
     make_ckpt(a, 1)
     low = tmp_path / "low.pt"

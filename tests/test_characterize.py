@@ -1,6 +1,6 @@
-"""characterize.py and mcfnet.py: lesion components, quality measures, the
-labelling-style rule, figures, MCF-Net (structure, shapes, checkpoint loading, bad
-files), and an end-to-end run on the synthetic datasets."""
+"""characterize.py and mcfnet.py: lesion components, quality measures, the labelling-style rule,
+figures, MCF-Net (structure, shapes, checkpoint loading, bad files), and an end-to-end run on the
+synthetic datasets."""
 import contextlib
 import io
 import json
@@ -26,8 +26,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # ----------------------------------------------------------------------------- connected components
 def brute_components(mask):
-    """Independent reference: breadth-first flood fill
-    over the 8 neighbours -> list of component sizes."""
+    """Independent reference: breadth-first flood fill over the 8 neighbours -> list of component
+    sizes."""
     seen = np.zeros_like(mask, bool)
     sizes = []
     h, w = mask.shape
@@ -111,9 +111,8 @@ def test_quality_measures_react_to_blur_noise_and_light():
 
 # ------------------------------------------------------------------------- the labelling-style rule
 def _synthetic_stats(rng, n, style):
-    """Per image (count, mean area) like a labelling style: fine = many small components,
-    coarse = few large ones (merged, dilated), mixed = half and half; some images lack
-    the lesion."""
+    """Per image (count, mean area) like a labelling style: fine = many small components, coarse
+    = few large ones (merged, dilated), mixed = half and half; some images lack the lesion."""
     out = {}
     for lesion, (fine_area, fine_count) in {"EX": (20.0, 25), "MA": (4.0, 15)}.items():
         coarse_img = np.zeros(n, bool) if style == "fine" else np.ones(n, bool) \
@@ -340,8 +339,8 @@ def _medians(report):
 
 @pytest.fixture(scope="module")
 def default_run(synth_root, cache_dir, tmp_path_factory):
-    """characterize.py on the synthetic datasets with
-    the default data options (the shared cache)."""
+    """characterize.py on the synthetic datasets with the default data options (the shared
+    cache)."""
     out = tmp_path_factory.mktemp("characterize")
     report, printed = _characterize(out, "--data-root", str(synth_root), "--cache", str(cache_dir))
     return out, report, printed
@@ -379,8 +378,8 @@ def test_end_to_end_fga_mixed_default_options(default_run):
 
 
 def test_end_to_end_fga_mixed_without_fringe(synth_root, cache_dir, tmp_path):
-    """With the anti-aliased fringe dropped (--mask-threshold
-    FGA=127), FGA's fine and coarse halves separate."""
+    """With the anti-aliased fringe dropped (--mask-threshold FGA=127), FGA's fine and coarse
+    halves separate."""
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)  # FGA is re-prepared here, not in the shared cache
     report, _ = _characterize(tmp_path / "out", "--data-root", str(synth_root),
@@ -391,8 +390,8 @@ def test_end_to_end_fga_mixed_without_fringe(synth_root, cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_with_quality_weights(synth_root, cache_dir, tmp_path, mcf):
-    """--quality-weights: a checkpoint in the authors'
-    format grades every image and Figure 1 is drawn."""
+    """--quality-weights: a checkpoint in the authors' format grades every image and Figure 1 is
+    drawn."""
     weights = tmp_path / "DenseNet121_v3_v1.tar"
     torch.save({"state_dict": mcf.state_dict(), "best_loss": 0.3}, weights)
     report, printed = _characterize(tmp_path / "out", "--datasets", "IDR,RET",

@@ -1,5 +1,5 @@
-"""curves.py: curves.png from hand-written log.jsonl files (what is drawn, killed
-runs, errors), train.py's curves.png at every validation, and the sweep figure."""
+"""curves.py: curves.png from hand-written log.jsonl files (what is drawn, killed runs, errors),
+train.py's curves.png at every validation, and the sweep figure."""
 import json
 import math
 import runpy
@@ -18,8 +18,8 @@ SIZE = (1100, 850)
 
 
 def write_log(run_dir, records, tail="", args=None):
-    """log.jsonl as train.py writes it (NaN as null),
-    plus `tail` (a line cut short), and args.json."""
+    """log.jsonl as train.py writes it (NaN as null), plus `tail` (a line cut short), and
+    args.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
     if args is not None:
@@ -107,8 +107,8 @@ def test_log_without_validation_still_plots_the_loss(tmp_path):
 
 
 def test_killed_run_log_does_not_crash(tmp_path):
-    """A run killed mid-write leaves a last line cut short;
-    a resumed run rewrites steps (the last one counts)."""
+    """A run killed mid-write leaves a last line cut short; a resumed run rewrites steps (the
+    last one counts)."""
     recs = RECORDS[:3] + ["not json", {"no": "step"}] + [train_rec(20, 0.8)]
     run = tmp_path / "r"
     run.mkdir()
@@ -123,8 +123,8 @@ def test_killed_run_log_does_not_crash(tmp_path):
 
 
 def test_nan_loss_is_a_gap_and_linear_axis(tmp_path):
-    """A NaN validation loss (null in the log, a diverged
-    run) is no point; the loss axis stays usable."""
+    """A NaN validation loss (null in the log, a diverged run) is no point; the loss axis stays
+    usable."""
     recs = [train_rec(10, 1.0), val_rec(10, None, (0.1, 0.1, 0.1, 0.1), True), train_rec(20, 0.0)]
     fig = curves.curves_figure(write_log(tmp_path / "r", recs))
     val = lines_by_label(fig.axes[0])["validation loss (pooled)"]

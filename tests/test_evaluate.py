@@ -1,6 +1,6 @@
-"""evaluate.py end to end on the synthetic test sets, against brute-force counts and a
-float64 AUPR/Dice; the results file (merged per test set, under a lock, keyed on the
-weights); --lesions, --style; one-line errors.
+"""evaluate.py end to end on the synthetic test sets, against brute-force counts and a float64
+AUPR/Dice; the results file (merged per test set, under a lock, keyed on the weights); --lesions,
+--style; one-line errors.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
@@ -34,8 +34,8 @@ T32 = np.linspace(0, 1, 11, dtype=np.float32)
 # Independent references
 # --------------------------------------------------------------------------------------------------
 def brute_counts(probs, masks, roi):
-    """probs float32 (N, 4, H, W), masks bool (N, 4, H, W),
-    roi bool (N, H, W) -> tp (4, 11), fp (4, 11), pos (4,)."""
+    """probs float32 (N, 4, H, W), masks bool (N, 4, H, W), roi bool (N, H, W) -> tp (4, 11), fp
+    (4, 11), pos (4,)."""
     tp = np.zeros((4, 11), np.int64)
     fp = np.zeros((4, 11), np.int64)
     pos = np.zeros(4, np.int64)
@@ -50,8 +50,8 @@ def brute_counts(probs, masks, roi):
 
 
 def ref_metrics(tp, fp, pos):
-    """The REFERENCE.md formula in float64, one lesion:
-    (aupr, dice), NaN when the lesion is absent."""
+    """The REFERENCE.md formula in float64, one lesion: (aupr, dice), NaN when the lesion is
+    absent."""
     if pos == 0:
         return math.nan, math.nan
     tp, fp = np.asarray(tp, np.float64), np.asarray(fp, np.float64)
@@ -64,8 +64,8 @@ def ref_metrics(tp, fp, pos):
 
 @torch.no_grad()
 def dataset_probs(models, ds):
-    """Mean sigmoid probability of the models on every test
-    image, one image at a time: (N, 4, R, R) float32."""
+    """Mean sigmoid probability of the models on every test image, one image at a time: (N, 4, R,
+    R) float32."""
     out = []
     for i in range(len(ds)):
         # NOTE: contiguous NCHW as protocol.to_input gives it: a permuted
@@ -110,8 +110,8 @@ def ckpts(eval_ckpts):
 
 @pytest.fixture(scope="module")
 def single(ckpts, cache_dir, synth_root, tmp_path_factory):
-    """The single model on MES, maps written: (results
-    dict, maps folder), shared by several tests."""
+    """The single model on MES, maps written: (results dict, maps folder), shared by several
+    tests."""
     maps = tmp_path_factory.mktemp("maps")
     return run_eval([ckpts["a"]], cache_dir, synth_root, maps_dir=maps), maps
 
@@ -357,8 +357,8 @@ def test_ctrl_c_is_one_line(ckpts, cache_dir, synth_root, tmp_path):
 
 
 def test_results_ap_against_sklearn(ckpts, model_from, cache_dir, single):
-    """results.json's floor-free ap: scikit-learn's average
-    precision of the pooled FOV pixels, within 1e-3."""
+    """results.json's floor-free ap: scikit-learn's average precision of the pooled FOV pixels,
+    within 1e-3."""
     from sklearn.metrics import average_precision_score
 
     block = single[0]["results"]["MES"]
@@ -417,8 +417,8 @@ def test_progress_bar_per_test_set_only_on_a_terminal(ckpts, cache_dir, synth_ro
 
 
 def test_test_sets_same_list_syntax(monkeypatch, tmp_path):
-    """--test IDR,DDR MES, IDR+DDR, 'all', the last one given:
-    the syntax of every dataset-list flag (data.flags)."""
+    """--test IDR,DDR MES, IDR+DDR, 'all', the last one given: the syntax of every dataset-list
+    flag (data.flags)."""
     seen = []
     monkeypatch.setattr(evaluate, "read_checkpoint", lambda path: {"args": {}})
     monkeypatch.setattr(evaluate, "evaluate", lambda ckpts, tests, *a, **kw: seen.append(tests))
@@ -439,8 +439,8 @@ def test_test_sets_same_list_syntax(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_concurrent_evaluations_into_one_out_keep_both_test_sets(ckpts, cache_dir, synth_root,
                                                                  tmp_path, monkeypatch):
-    """A second evaluate.py of the same checkpoint writes DDR into --out while the first
-    scores IDR: both stay (the merge reads the file when it writes, not when it starts)."""
+    """A second evaluate.py of the same checkpoint writes DDR into --out while the first scores
+    IDR: both stay (the merge reads the file when it writes, not when it starts)."""
     out = tmp_path / "results.json"
     real, nested = evaluate.count_dataset, []
 
@@ -457,8 +457,8 @@ def test_concurrent_evaluations_into_one_out_keep_both_test_sets(ckpts, cache_di
 
 
 def test_results_merge_waits_for_the_lock(ckpts, cache_dir, synth_root, tmp_path):
-    """merge_results reads, merges and writes under the lock beside --out: a writer
-    that holds the lock (another evaluate.py) is waited for, and its test set kept."""
+    """merge_results reads, merges and writes under the lock beside --out: a writer that holds
+    the lock (another evaluate.py) is waited for, and its test set kept."""
     import threading
 
     out = tmp_path / "results.json"
@@ -598,9 +598,9 @@ def test_checkpoint_resolution_that_is_no_number_is_one_line(ckpts, edit_ckpt, c
 def test_split_flags_other_than_the_runs_are_refused_for_its_training_sets(ckpts, cache_dir,
                                                                            synth_root, tmp_path,
                                                                            monkeypatch):
-    """ckpts were trained on MES (paper split, seed 0): another --split-seed re-draws
-    MES's test split and would score training images; a test set the run did not train
-    on is scored, its split seed recorded."""
+    """ckpts were trained on MES (paper split, seed 0): another --split-seed re-draws MES's test
+    split and would score training images; a test set the run did not train on is scored, its
+    split seed recorded."""
     common = ["--ckpt", str(ckpts["a"]), "--data-root", str(synth_root), "--cache", str(cache_dir),
               "--device", "cpu"]
     for extra, flag in ((["--split-seed", "1"], "--split-seed 1"),
@@ -623,9 +623,9 @@ def test_split_flags_other_than_the_runs_are_refused_for_its_training_sets(ckpts
 
 def test_recorded_cache_of_another_machine_is_not_written(ckpts, edit_ckpt, cache_dir, synth_root,
                                                           tmp_path, monkeypatch):
-    """A checkpoint records the --cache of the machine it was trained on; evaluate.py
-    without --cache uses it only where a prepared cache already is, never creating the
-    folder a received file names."""
+    """A checkpoint records the --cache of the machine it was trained on; evaluate.py without
+    --cache uses it only where a prepared cache already is, never creating the folder a received
+    file names."""
     elsewhere = tmp_path / "their" / "cache"
     foreign = edit_ckpt(ckpts["a"], tmp_path / "foreign.pt", args={"cache": str(elsewhere),
                                                                     "data_root": "/nonexistent"})
@@ -650,8 +650,8 @@ def _parsed(argv):
 
 
 def test_images_are_predict_pys_in_one_line(ckpts, fundus_jpeg, tmp_path):
-    """evaluate.py --images (the flag before predict.py had it) ends
-    in one line naming predict.py and the folder, before any work."""
+    """evaluate.py --images (the flag before predict.py had it) ends in one line naming
+    predict.py and the folder, before any work."""
     photos = tmp_path / "photos"
     photos.mkdir()
     fundus_jpeg(photos / "eye.jpg", 160, 120)

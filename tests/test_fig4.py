@@ -1,5 +1,5 @@
-"""fig4.py: the paper's Figure 4 on two tiny real runs,
-what report.py reads, reuse, --bn both, refusals.
+"""fig4.py: the paper's Figure 4 on two tiny real runs, what report.py reads, reuse, --bn both,
+refusals.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_fig4.py
 """
@@ -129,8 +129,8 @@ def test_fig4_cli_errors_are_one_line(tmp_path):
 
 
 def test_test_sets_same_list_syntax(tmp_path):
-    """--test as every dataset-list flag reads it
-    (data.flags.DatasetList); COMBO_DIR first, as in --help."""
+    """--test as every dataset-list flag reads it (data.flags.DatasetList); COMBO_DIR first, as
+    in --help."""
     parse = fig4.build_parser().parse_args
     assert parse([str(tmp_path), "--test", "IDR,DDR", "MES"]).test == ["IDR", "DDR", "MES"]
     assert parse([str(tmp_path), "--test", "mes+idr"]).test == ["IDR", "MES"]

@@ -27,9 +27,9 @@ def prepare(root, cache, dataset_id="ABC"):
 
 
 def test_own_dataset_prepared_end_to_end(generic_dataset, tmp_path, nearest_reference, capsys):
-    """6 photographs annotating EX and HE, no splits.json: cached with EX, HE annotated
-    in every image, MA and CWS in none (left out, not negatives), masks as the PNGs say,
-    the paper's split."""
+    """6 photographs annotating EX and HE, no splits.json: cached with EX, HE annotated in every
+    image, MA and CWS in none (left out, not negatives), masks as the PNGs say, the paper's
+    split."""
     root = generic_dataset(("EX", "HE"))
     out = prepare(root, tmp_path / "cache")
     table = capsys.readouterr().out.splitlines()[2:5]  # train, val, test: no count where none

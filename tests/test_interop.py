@@ -32,8 +32,8 @@ def one_line(err):
 
 
 def randomize_norms(net, seed=0):
-    """Random batch-norm statistics and affine weights: eval-mode BN then matters, as in a trained
-    model."""
+    """Random batch-norm statistics and affine weights: eval-mode BN then matters, as in a
+    trained model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
@@ -52,8 +52,8 @@ def tiny_ckpt(encoder="test_resnet", seed=0, **kw):
 
 
 def smp_unet(encoder="tu-test_resnet", centre_head=True, seed=0, **kw):
-    """A freshly made random smp Unet (4 classes); centre_head: its 3x3 head's off-centre taps set
-    to 0."""
+    """A freshly made random smp Unet (4 classes); centre_head: its 3x3 head's off-centre taps
+    set to 0."""
     torch.manual_seed(seed)
     net = smp.Unet(encoder, encoder_weights=None, classes=kw.pop("classes", 4), **kw)
     if centre_head:
@@ -67,10 +67,10 @@ GAP = 1e-9  # float64 logits of size ~5: a wrong weight or layer is off by far m
 
 
 def logits_gap(ours, smp_model, shape=(2, 3, 67, 71)):
-    """Max abs difference ours(x) vs smp((x - mean) / std), odd sizes (both Unets accept any size),
-    both run in float64 (copies): the same function then agrees to ~1e-14, on any CPU. NOTE: in
-    float32 the two sum in another order (scSE attention) and the gap depends on the CPU's kernels:
-    5e-6 on one machine, 1.2e-5 on another."""
+    """Max abs difference ours(x) vs smp((x - mean) / std), odd sizes (both Unets accept any
+    size), both run in float64 (copies): the same function then agrees to ~1e-14, on any CPU.
+    NOTE: in float32 the two sum in another order (scSE attention) and the gap depends on the
+    CPU's kernels: 5e-6 on one machine, 1.2e-5 on another."""
     ours, smp_model = copy.deepcopy(ours).double(), copy.deepcopy(smp_model).double()
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
@@ -83,10 +83,10 @@ def logits_gap(ours, smp_model, shape=(2, 3, 67, 71)):
 # ---- ONNX ----
 
 def test_onnx_matches_torch_on_other_sizes(tmp_path):
-    """An ensemble of two exported at 64x64 runs in onnxruntime at other batch sizes and odd sizes
-    and gives protocol.predict's probabilities within 1e-4; the graph's batch, height and width are
-    symbolic. The second member is shaped as the authors' models (softmax head, 3x3, inputs padded
-    to 32: shape arithmetic in the graph)."""
+    """An ensemble of two exported at 64x64 runs in onnxruntime at other batch sizes and odd
+    sizes and gives protocol.predict's probabilities within 1e-4; the graph's batch, height and
+    width are symbolic. The second member is shaped as the authors' models (softmax head, 3x3,
+    inputs padded to 32: shape arithmetic in the graph)."""
     import onnx
     import onnxruntime as ort
 
@@ -195,8 +195,8 @@ def test_to_smp_and_back(encoder, attention):
     ("resnet18", {"decoder_attention_type": "scse"}),
     ("tu-test_resnet", {"decoder_channels": (64, 32, 32, 16, 16)})])
 def test_from_random_smp_unet(encoder, kw):
-    """A freshly made random smp Unet (smp's own resnet18 encoder or a timm one) -> ours gives smp's
-    outputs, with smp's 3x3 head as a 3x3 head; back to smp: the very same tensors."""
+    """A freshly made random smp Unet (smp's own resnet18 encoder or a timm one) -> ours gives
+    smp's outputs, with smp's 3x3 head as a 3x3 head; back to smp: the very same tensors."""
     smp_model = smp_unet(encoder, centre_head=False, **kw)
     ckpt = interop.from_smp(smp_model)
     assert (ckpt["model_cfg"]["encoder"] == encoder.removeprefix("tu-")
@@ -263,8 +263,8 @@ def test_to_smp_refuses_an_ensemble():
 
 
 def test_smp_cli_round_trip(tmp_path, capsys):
-    """to-smp writes what smp.from_pretrained (smp's own loader, offline) reads; from-smp reads it
-    back."""
+    """to-smp writes what smp.from_pretrained (smp's own loader, offline) reads; from-smp reads
+    it back."""
     ckpt, ours = tiny_ckpt(attention=True)
     save_checkpoint(tmp_path / "ck.pt", ckpt)
     interop.main(["to-smp", str(tmp_path / "ck.pt"), str(tmp_path / "smp")])

@@ -28,8 +28,8 @@ def protocol_thresholds(T):
 
 
 def fine_thresholds(F):
-    """The AP curve's u_j = j / F as float32, from Python's float64 j / F (never near a float32 tie:
-    exact)."""
+    """The AP curve's u_j = j / F as float32, from Python's float64 j / F (never near a float32
+    tie: exact)."""
     return torch.tensor([j / F for j in range(F)], dtype=torch.float32)
 
 
@@ -107,8 +107,7 @@ def random_case(shape=(2, 4, 37, 29), dtype=torch.float32, layout="contiguous", 
     layout.
 
     fine=F also plants (a random subset of) the F fine thresholds and their neighbours on other
-    pixels.
-    """
+    pixels."""
     g = torch.Generator().manual_seed(seed)
     B, C, H, W = shape
     probs = torch.rand(shape, generator=g).to(dtype)
@@ -205,8 +204,8 @@ def test_fine_counts_match_reference_and_brute_force(dtype, layout, roi):
 @needs_triton
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 1, 16, 16), (1, 5, 9, 130)])
 def test_kernel_odd_shapes_uint8_targets(shape):
-    """C not a power of two, a single lesion, W wider than the block; uint8 targets; chunk narrower
-    than W; 1000 fine thresholds (not binary fractions: the rounding fix-up at work)."""
+    """C not a power of two, a single lesion, W wider than the block; uint8 targets; chunk
+    narrower than W; 1000 fine thresholds (not binary fractions: the rounding fix-up at work)."""
     probs, target, mask = random_case(shape, roi="mask", seed=1)
     target = target.to(torch.uint8)
     want = brute_counts(probs, target, mask)
@@ -223,8 +222,8 @@ def test_kernel_odd_shapes_uint8_targets(shape):
 
 @pytest.mark.parametrize("T", [2, 5, 21, 150, 1001])
 def test_other_threshold_counts(T):
-    """Any linspace size: 150 needs int32 bins in the fast path; 1001 puts several thresholds in one
-    float bucket (the fast path's bucketize fallback)."""
+    """Any linspace size: 150 needs int32 bins in the fast path; 1001 puts several thresholds in
+    one float bucket (the fast path's bucketize fallback)."""
     probs, target, mask = random_case((1, 2, 13, 11), seed=T)
     probs.view(-1)[:T] = protocol_thresholds(T)[: probs.numel()]
     want = brute_counts(probs, target, mask, T)
@@ -248,8 +247,8 @@ def test_other_fine_bin_counts(F):
 
 
 def test_nonfinite_and_nonbinary_values():
-    """NaN fails every `p >= t`; +-inf and values outside [0, 1] act as the nearest end; uint8 255
-    is positive."""
+    """NaN fails every `p >= t`; +-inf and values outside [0, 1] act as the nearest end; uint8
+    255 is positive."""
     probs = torch.tensor([float("nan"), float("inf"), -float("inf"),
                           2.0, -0.5, -0.0]).view(1, 1, 2, 3)
     target = torch.tensor([1, 255, 0, 1, 1, 0], dtype=torch.uint8).view(1, 1, 2, 3)
@@ -399,8 +398,8 @@ def test_perfect_prediction_scores_one():
 
 
 def test_all_zero_prediction():
-    """Only t = 0 predicts anything: AUPR = (1 + prevalence) / 2 (the (1, P/N) -> (0, 1) trapezoid),
-    Dice 0."""
+    """Only t = 0 predicts anything: AUPR = (1 + prevalence) / 2 (the (1, P/N) -> (0, 1)
+    trapezoid), Dice 0."""
     _, target, mask = random_case((2, 4, 16, 16), seed=8)
     tp, fp, pos = binned_counts(torch.zeros(target.shape), target, mask)
     m = pr_metrics(tp, fp, pos)
@@ -410,8 +409,8 @@ def test_all_zero_prediction():
 
 
 def test_aupr_floor_is_the_all_zero_maps_aupr():
-    """aupr_floor of any map = (1 + prevalence) / 2 by hand = the AUPR an all-zero map gets on those
-    pixels."""
+    """aupr_floor of any map = (1 + prevalence) / 2 by hand = the AUPR an all-zero map gets on
+    those pixels."""
     probs, target, mask = random_case((2, 4, 16, 16), seed=13)
     m = pr_metrics(*binned_counts(probs.clamp(0, 1), target, mask))
     prevalence = [(target[:, c] & mask).sum().item() / mask.sum().item() for c in range(4)]
@@ -432,8 +431,7 @@ def test_ap_agrees_with_sklearn_on_continuous_maps(seed, separation):
     """Rare lesions (1% of the pixels), sigmoid scores from weak to strong: within 1e-3 of the
     unbinned AP.
 
-    (Measured: the binned AP sits 0.0001-0.0006 below it, the ties that 1024 bins create.)
-    """
+    (Measured: the binned AP sits 0.0001-0.0006 below it, the ties that 1024 bins create.)"""
     from sklearn.metrics import average_precision_score
 
     g = torch.Generator().manual_seed(seed)

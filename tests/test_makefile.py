@@ -89,9 +89,9 @@ def test_gpu_slot_pins_concurrent_jobs_to_different_gpus(tmp_path):
 
 
 def test_members_file_gives_each_seed_its_own_flags(tmp_path):
-    """MEMBERS=FILE: the paper's members "trained with slightly different hyperparameters" (section
-    3.2); each seed's line comes after TRAIN_FLAGS (its flags win); a seed the file lacks stops that
-    run in one line."""
+    """MEMBERS=FILE: the paper's members "trained with slightly different hyperparameters"
+    (section 3.2); each seed's line comes after TRAIN_FLAGS (its flags win); a seed the file
+    lacks stops that run in one line."""
     table = tmp_path / "members.txt"
     table.write_text("# seed: train.py flags\ns0: --lr 1e-4 --dropout 0.2\n"
                      "s1: --augment-p 0.5 --rotate 10\n")

@@ -1,5 +1,5 @@
-"""maps.py (overlays, panels, legend, files) against hand-built expectations;
-test-set maps (evaluate.py --save-maps) on a real photograph's geometry."""
+"""maps.py (overlays, panels, legend, files) against hand-built expectations; test-set maps
+(evaluate.py --save-maps) on a real photograph's geometry."""
 import json
 
 import numpy as np
@@ -177,8 +177,8 @@ def test_save_maps_writes_8_bit_maps_and_pictures(tmp_path):
 
 
 def test_overlay_and_legend_draw_only_the_given_lesions():
-    """lesions=("HE",) (a model trained with --lesions HE): a certain exudate everywhere,
-    not a trained output, leaves no yellow; with all four the exudate's outline is there."""
+    """lesions=("HE",) (a model trained with --lesions HE): a certain exudate everywhere, not a
+    trained output, leaves no yellow; with all four the exudate's outline is there."""
     image = np.full((120, 160, 3), 90, np.uint8)
     probs = np.zeros((4, 120, 160), np.float32)
     probs[0] = 0.9

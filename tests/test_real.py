@@ -1,5 +1,5 @@
-"""bench/real.py: the real-lesions check (issues 18, 25), its no-learning baseline,
-its recipe's flags (model.local_contrast itself: tests/test_model.py)."""
+"""bench/real.py: the real-lesions check (issues 18, 25), its no-learning baseline, its recipe's
+flags (model.local_contrast itself: tests/test_model.py)."""
 import importlib.util
 import json
 import sys
@@ -108,8 +108,8 @@ def test_bad_recipe_flags_are_one_line_errors(flags, names):
 
 
 def test_recorded_flags_are_the_ones_train_py_used():
-    """The demo's `-- --iters 150` replaces the recipe's
-    --iters 400 in real.json, and train.py agrees."""
+    """The demo's `-- --iters 150` replaces the recipe's --iters 400 in real.json, and train.py
+    agrees."""
     import train
 
     extra = ["--iters", "150", "--val-every=25", "--channels-last"]

@@ -441,9 +441,9 @@ def test_killed_run_leaves_no_snapshot_that_misleads_the_rerun(synth_root, cache
 
 
 def test_every_run_keeps_its_last_validations_for_swa(synth_root, cache_dir, tmp_path, monkeypatch):
-    """A steadily falling validation loss has no local minimum: the weights of the last --keep-last
-    validations are kept as snapshots all the same, so average.py swa (and Figure 4) has them in
-    every run."""
+    """A steadily falling validation loss has no local minimum: the weights of the last
+    --keep-last validations are kept as snapshots all the same, so average.py swa (and Figure 4)
+    has them in every run."""
     losses = iter([5.0, 4.0, 3.0, 2.0, 1.0])
     seen = {}
 

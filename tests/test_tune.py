@@ -1,9 +1,9 @@
-"""tune.py: the search space as train.py reads it, a study that completes / continues /
-survives failures, interrupted and killed trials resumed (a SIGKILLed worker's at once,
-a live worker's never, one that keeps dying given up), pruning, a blank model not
-chosen, two workers on one SQLite file, the --show PNGs, one-line errors (bad --storage,
---study), optuna's public API only; two workers on a PostgreSQL server of the test's own
-(the postgres_url fixture, tests/conftest.py), one killed.
+"""tune.py: the search space as train.py reads it, a study that completes / continues / survives
+failures, interrupted and killed trials resumed (a SIGKILLed worker's at once, a live worker's
+never, one that keeps dying given up), pruning, a blank model not chosen, two workers on one SQLite
+file, the --show PNGs, one-line errors (bad --storage, --study), optuna's public API only; two
+workers on a PostgreSQL server of the test's own (the postgres_url fixture, tests/conftest.py), one
+killed.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_tune.py
 """
@@ -40,8 +40,8 @@ TINY_TRAIN = ["--patch", "64", "--batch", "2", "--no-pretrained", "--device", "c
 
 @pytest.fixture(scope="module")
 def tiny(synth_root, tmp_path_factory):
-    """tune.py argv builder for a study in its own tmp
-    dir; the cache is prepared once, before any worker."""
+    """tune.py argv builder for a study in its own tmp dir; the cache is prepared once, before
+    any worker."""
     from data import prepare_cache
 
     cache = tmp_path_factory.mktemp("tune_cache")
@@ -357,9 +357,9 @@ def test_killed_workers_trial_is_retried_in_its_run_dir(tiny, tmp_path, monkeypa
 
 
 def worker(argv, log):
-    """A tune.py process writing to the file `log`: files, not pipes, so that no worker
-    ever waits for the test to read its output (a pipe read after the other worker's end
-    can fill and stall a worker)."""
+    """A tune.py process writing to the file `log`: files, not pipes, so that no worker ever
+    waits for the test to read its output (a pipe read after the other worker's end can fill and
+    stall a worker)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "tune.py", *argv], cwd=ROOT, env=env, stdout=f,
@@ -377,8 +377,8 @@ def finish(procs, logs, timeout=900):
 
 
 def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
-    """Two processes started together, 2 trials each (2
-    steps), on one fresh SQLite file: 4 trials, none lost."""
+    """Two processes started together, 2 trials each (2 steps), on one fresh SQLite file: 4
+    trials, none lost."""
     # NOTE: this once failed in a full-suite run on a loaded 2-core machine. Its
     # workers' output went to pipes read one after the other and it had a 240 s limit:
     # timing, not SQLite (3 workers x 40 trials on one file and fresh-file starts show
@@ -407,8 +407,8 @@ def dead_process():
 
 
 def hand_made_trial(study, storage, args, run_dir, process):
-    """A RUNNING trial as a worker leaves it: parameters,
-    run dir, its process, a fresh heartbeat."""
+    """A RUNNING trial as a worker leaves it: parameters, run dir, its process, a fresh
+    heartbeat."""
     trial = study.ask()
     tune.search_space(trial, args)
     trial.set_user_attr("run_dir", str(run_dir))
@@ -420,8 +420,8 @@ def hand_made_trial(study, storage, args, run_dir, process):
 @pytest.mark.skipif(tune._machine() is None, reason="needs Linux's /proc to see processes")
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the hand-made RUNNING trial
 def test_dead_local_worker_is_retried_at_once(tiny, tmp_path):
-    """The heartbeat is fresh (the grace period is 120 s),
-    yet the worker is gone: an immediate rerun retries it."""
+    """The heartbeat is fresh (the grace period is 120 s), yet the worker is gone: an immediate
+    rerun retries it."""
     argv = tiny(tmp_path, "d", 1)
     args = tune.parse_args(argv)
     study, storage = open_study(args)
@@ -441,8 +441,8 @@ def test_dead_local_worker_is_retried_at_once(tiny, tmp_path):
 @pytest.mark.skipif(tune._machine() is None, reason="needs Linux's /proc to see processes")
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_live_workers_trial_is_not_taken(tiny, tmp_path, monkeypatch):
-    """A live worker (this test process) whose heartbeat is
-    late: its RUNNING trial is neither failed nor retried."""
+    """A live worker (this test process) whose heartbeat is late: its RUNNING trial is neither
+    failed nor retried."""
     quick_heartbeat(monkeypatch)  # 1 s: the heartbeat goes stale
     argv = tiny(tmp_path, "l", 2)
     args = tune.parse_args(argv)
@@ -485,8 +485,8 @@ def test_a_trial_whose_worker_keeps_dying_is_given_up(tiny, tmp_path):
 
 
 def kill_mid_trial(proc, runs, deadline=600):
-    """SIGKILL `proc` once one of its trials has written last.pt (at a validation) and
-    is still training; returns that trial's run dir and the step its last.pt holds."""
+    """SIGKILL `proc` once one of its trials has written last.pt (at a validation) and is still
+    training; returns that trial's run dir and the step its last.pt holds."""
     tic = time.monotonic()
     while time.monotonic() - tic < deadline:
         assert proc.poll() is None, "the worker ended before it could be killed mid-trial"
@@ -499,9 +499,9 @@ def kill_mid_trial(proc, runs, deadline=600):
 
 
 def check_resumed(study, run_dir, step, trials, iters=20, every=2):
-    """--trials complete trials; the killed trial failed and its one retry completed in
-    the same run dir, resumed from last.pt's step; one count per trial, each validation
-    of each run logged once."""
+    """--trials complete trials; the killed trial failed and its one retry completed in the same
+    run dir, resumed from last.pt's step; one count per trial, each validation of each run logged
+    once."""
     everything = study.trials
     assert sum(t.state == COMPLETE for t in everything) == trials
     assert tune.trial_count(study) == (trials, 0)
@@ -524,8 +524,8 @@ def check_resumed(study, run_dir, step, trials, iters=20, every=2):
 
 
 def test_sigkilled_worker_is_resumed_by_an_immediate_rerun(tiny, tmp_path):
-    """A worker SIGKILLed mid-trial, the same command
-    rerun at once: the trial resumes from its last.pt."""
+    """A worker SIGKILLed mid-trial, the same command rerun at once: the trial resumes from its
+    last.pt."""
     argv = tiny(tmp_path, "kill", 2, "--iters", "20", "--pruner", "none")
     first = worker(argv, tmp_path / "first.log")
     run_dir, step = kill_mid_trial(first, tmp_path / "runs" / "kill")
@@ -536,9 +536,9 @@ def test_sigkilled_worker_is_resumed_by_an_immediate_rerun(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- objective, storage
 def test_default_objective_does_not_pick_a_blank_model(tiny, tmp_path, monkeypatch):
-    """A near-blank model (AUPR at its floor (1 + prevalence) / 2, Dice ~0) beside a
-    trained one (lower AUPR, real Dice): the default objective picks the trained one;
-    the protocol AUPR would pick the blank one."""
+    """A near-blank model (AUPR at its floor (1 + prevalence) / 2, Dice ~0) beside a trained one
+    (lower AUPR, real Dice): the default objective picks the trained one; the protocol AUPR would
+    pick the blank one."""
     # e.g. microaneurysms: a blank map's protocol AUPR is (1 + 0.008) / 2 = 0.504
     prevalence = 0.008
     # AP: a blank map scores the prevalence (its one threshold
@@ -629,8 +629,8 @@ def test_tune_uses_only_optunas_public_api(tmp_path):
 
 
 def test_train_same_list_syntax():
-    """--train as every dataset-list flag reads it
-    (data.flags.DatasetList); `--` still ends tune.py's flags."""
+    """--train as every dataset-list flag reads it (data.flags.DatasetList); `--` still ends
+    tune.py's flags."""
     args = tune.parse_args(["--train", "DDR", "idr", "--", "--batch", "4"])
     assert (args.train == ["IDR", "DDR"] and args.study == "IDR+DDR"
             and args.train_extra == ["--batch", "4"])
@@ -676,8 +676,8 @@ def test_locked_study_file_is_waited_for_then_one_line(tiny, tmp_path, capsys):
 
 # ---- on a real PostgreSQL server (conftest.postgres_url: its own server, started and stopped here)
 def kill_when_mid_trial(proc, url, study_name, deadline=600):
-    """SIGKILL `proc` once a trial it runs (RUNNING, its pid) has written
-    last.pt; that trial's run dir and the step its last.pt holds."""
+    """SIGKILL `proc` once a trial it runs (RUNNING, its pid) has written last.pt; that trial's
+    run dir and the step its last.pt holds."""
     tic, study = time.monotonic(), None
     while time.monotonic() - tic < deadline:
         assert proc.poll() is None, "the worker ended before it could be killed mid-trial"

@@ -97,9 +97,11 @@ MEMBERS ?=
 HASH := \#
 member_flags = $(if $(MEMBERS),member=$$(awk -v s=s$(call run_seed,$(1)): '$$1 == s {sub(/$(HASH).*/, ""); $$1 = ""; print; f = 1} \
 	END {exit !f}' "$(MEMBERS)") || { echo "error: MEMBERS=$(MEMBERS) has no line s$(call run_seed,$(1)):" >&2; exit 1; };)
+# The run scores best.pt on TESTS itself when training ends (train.py --test: evaluate.py's evaluate() in the
+# same process, into $@); with EVAL_FLAGS (--tta, --tile, ...), evaluate.py scores it after.
 $(RUNS)/%/results.json: | $(VENV)
-	$(call member_flags,$*)sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY) $(DATA_FLAGS) $(call run_flags,$*) $(TRAIN_FLAGS)$(if $(MEMBERS), $$member)
-	sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(strip $(DATA_FLAGS) $(EVAL_FLAGS))
+	$(call member_flags,$*)sh gpu_slot.sh "$(GPUS)" $(PY) train.py --train $(patsubst %/,%,$(dir $*)) --seed $(call run_seed,$*) --out $(RUNS)/$* --data-root $(DATA_ROOT) --cache $(CACHE) --resolution $(RESOLUTION) --patch $(PATCH) --iters $(ITERS) --batch $(BATCH) --lr $(LR) --encoder $(ENCODER) --val-every $(VAL_EVERY)$(if $(EVAL_FLAGS),, --test $(TESTS)) $(DATA_FLAGS) $(call run_flags,$*) $(TRAIN_FLAGS)$(if $(MEMBERS), $$member)
+	$(if $(EVAL_FLAGS),sh gpu_slot.sh "$(GPUS)" $(PY) evaluate.py --ckpt $(RUNS)/$*/best.pt --test $(TESTS) --data-root $(DATA_ROOT) --cache $(CACHE) --out $@ $(strip $(DATA_FLAGS) $(EVAL_FLAGS)))
 
 # ---- the sweep on Slurm (docs/STUDY.md, "On Slurm"): ONE job array, a task per run of the plan
 # whose results.json is missing, each making that run's target above with the sweep's variables,
@@ -250,8 +252,7 @@ DEMO_FIG4 ?= IDR+DDR+MES
 DEMO_COND ?= IDR+DDR+RET+MES
 DEMO_VARS = DATA_ROOT=$(DEMO)/data CACHE=$(DEMO)/cache RUNS=$(DEMO)/runs RESOLUTION=$(DEMO_RESOLUTION) \
 	PATCH=$(DEMO_PATCH) ITERS=$(DEMO_ITERS) BATCH=$(DEMO_BATCH) LR=3e-3 ENCODER=test_resnet VAL_EVERY=50 \
-	TRAIN_FLAGS="--no-pretrained --decoder-channels 64,32,32,16,16 --warmup 10 --snapshot-every 75 --device cpu --workers 0" \
-	EVAL_FLAGS="--device cpu"
+	TRAIN_FLAGS="--no-pretrained --decoder-channels 64,32,32,16,16 --warmup 10 --snapshot-every 75 --device cpu --workers 0"
 DEMO_RESULTS = $(foreach c,$(DEMO_COMBOS),$(DEMO)/runs/$(c)/s0/results.json) $(DEMO)/runs/$(DEMO_FIG4)/s1/results.json \
 	$(foreach r,s1 cond-s0 cond-s1,$(DEMO)/runs/$(DEMO_COND)/$(r)/results.json)
 

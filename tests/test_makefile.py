@@ -33,7 +33,14 @@ def test_all_combos_plan_lists_31_x_seeds_runs(seeds, tmp_path):
     for t in trains:  # each run writes its own folder, named after its combination and seed
         combo, seed = re.search(r"--train (\S+)", t)[1], re.search(r"--seed (\d+)", t)[1]
         assert f"--out {tmp_path}/runs/{combo}/s{seed} " in t
-    assert sum("python evaluate.py --ckpt " in line for line in plan.splitlines()) == 31 * seeds
+    # each run scores its best.pt itself (train.py --test); evaluate.py only with EVAL_FLAGS
+    assert all(" --test IDR,DDR,FGA,RET,MES " in t for t in trains)
+    assert "evaluate.py" not in plan
+    plan = make("-n", "all-combos", f"SEEDS={seeds}", f"RUNS={tmp_path}/runs", "GPUS=",
+                "EVAL_FLAGS=--tta").splitlines()
+    evals = [line for line in plan if "python evaluate.py --ckpt " in line]
+    assert len(evals) == 31 * seeds and all(line.endswith(" --tta") for line in evals)
+    assert not any(" --test " in line for line in plan if "python train.py" in line)
 
 
 def test_all_combos_settings_reach_every_run(tmp_path):
@@ -165,11 +172,14 @@ def test_all_combos_of_datasets_of_ones_own(tmp_path):
     plan = make("-n", "all-combos", "SEEDS=2", f"RUNS={tmp_path}", "DATASETS=idr,ABC",
                 f"DATA_FLAGS={flags}", "GPUS=").splitlines()
     trains = [line for line in plan if "python train.py --train " in line]
-    evals = [line for line in plan if "python evaluate.py --ckpt " in line]
     runs = {(re.search(r"--train (\S+)", t)[1], re.search(r"--seed (\d+)", t)[1]) for t in trains}
     assert len(trains) == 6 and runs == {(c, s) for c in ("IDR", "ABC", "IDR+ABC") for s in "01"}
-    assert all(flags in line for line in trains + evals) and len(evals) == 6
-    assert all(" --test idr,ABC " in line for line in evals), evals  # as given: parsed there
+    assert all(flags in line for line in trains)
+    assert all(" --test idr,ABC " in line for line in trains), trains  # as given: parsed there
+    plan = make("-n", "all-combos", "SEEDS=2", f"RUNS={tmp_path}", "DATASETS=idr,ABC",
+                f"DATA_FLAGS={flags}", "GPUS=", "EVAL_FLAGS=--tta").splitlines()
+    evals = [line for line in plan if "python evaluate.py --ckpt " in line]
+    assert len(evals) == 6 and all(flags in line and " --test idr,ABC " in line for line in evals)
     ids = ("IDR", "ABC", "XY9")  # the five first, then one's own by name
     plan = make("-n", "all-combos", "SEEDS=1", f"RUNS={tmp_path}", "DATASETS=XY9,ABC,IDR")
     trains = {re.search(r"--train (\S+)", t)[1] for t in plan.splitlines() if "train.py" in t}

@@ -440,16 +440,34 @@ def setup_process(args):
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one patch size: cuDNN picks its kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs, as nanoGPT
-        torch.backends.cudnn.allow_tf32 = True
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         # NOTE: long timeout: rank 0 may spend many minutes preparing the cache while others wait
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=2))
     return device, rank, world, own_group
+
+
+# cuDNN autotuning (one patch size: it picks its kernels once), TF32 matmuls and convs, as nanoGPT
+CUDA_SPEED_FLAGS = ((torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "allow_tf32"),
+                    (torch.backends.cudnn, "allow_tf32"))
+
+
+def fast_cuda_kernels(device):
+    """CUDA_SPEED_FLAGS on while training on a GPU -> the values they replaced, for restore_flags.
+    NOTE: run() puts them back, so that best.pt scored in the same process (--test, tune.py) runs
+    with the process's own settings, as evaluate.py scores it."""
+    if device.type != "cuda":
+        return {}
+    previous = {(module, name): getattr(module, name) for module, name in CUDA_SPEED_FLAGS}
+    for module, name in CUDA_SPEED_FLAGS:
+        setattr(module, name, True)
+    return previous
+
+
+def restore_flags(previous):
+    for (module, name), value in previous.items():
+        setattr(module, name, value)
 
 
 def on_rank0(master, world, work):
@@ -885,7 +903,7 @@ def run(args, on_validate=None):
     device, rank, world, own_group = setup_process(args)
     out, lock = Path(args.out), None
     created = not out.exists()  # a run that fails before writing anything leaves no folder
-    previous = stops.catch_stop_signals()
+    previous, flags = stops.catch_stop_signals(), fast_cuda_kernels(device)
     try:
         # the lock before the one read of last.pt
         lock = on_rank0(rank == 0, world, lambda: runfolder.lock_run(out))
@@ -895,8 +913,8 @@ def run(args, on_validate=None):
         done = finished_result(ckpt, args, rank == 0)
         result = done if done is not None else train(args, device, rank, world, ckpt, on_validate)
         # NOTE: a stop signal during the last step or the final validation (or while a finished
-        # run says so) must not be lost: the job script would start evaluate.py with too little
-        # time left; stopped, it requeues and the next attempt goes on from there.
+        # run says so) must not be lost: the scoring that follows (--test, evaluate.py) would start
+        # with too little time left; stopped, the job requeues and the next attempt goes on.
         if stops.any_rank_received(world, device):
             raise stops.stopped(f"after the run finished at step {result.get('step', args.iters)}"
                                 f": rerun the same command to go on")
@@ -908,6 +926,7 @@ def run(args, on_validate=None):
         raise
     finally:
         stops.restore_signals(previous)
+        restore_flags(flags)
         if lock is not None:
             os.close(lock)
         if own_group:

@@ -529,6 +529,33 @@ def test_second_run_on_the_same_out_refuses_at_once(synth_root, cache_dir, tmp_p
     os.close(runfolder.lock_run(out))  # a dead process's lock is gone by itself
 
 
+def test_run_gives_back_the_cuda_kernel_settings_it_changed(synth_root, cache_dir, tmp_path,
+                                                           monkeypatch):
+    """On a GPU, training turns on cuDNN autotuning and TF32; run() puts the process's own settings
+    back, so that best.pt scored in the same process (--test, make all-combos) runs as evaluate.py
+    runs it. The GPU branch is forced here: without a GPU the flags are plain switches."""
+    flags = train.CUDA_SPEED_FLAGS
+    real, own, during = train.fast_cuda_kernels, [getattr(m, name) for m, name in flags], []
+
+    def on_a_gpu(device):
+        previous = real(torch.device("cuda"))
+        during.extend(getattr(m, name) for m, name in flags)
+        return previous
+
+    monkeypatch.setattr(train, "fast_cuda_kernels", on_a_gpu)
+    try:
+        for m, name in flags:  # NOTE: by hand: monkeypatch cannot undo torch.backends.cuda.matmul's
+            setattr(m, name, False)
+        train.run(tiny_args(synth_root, cache_dir, tmp_path / "run", "--iters", "2",
+                            "--val-every", "2"))
+        assert during == [True, True, True]
+        assert [getattr(m, name) for m, name in flags] == [False] * 3
+    finally:
+        for (m, name), value in zip(flags, own):
+            setattr(m, name, value)
+    assert real(torch.device("cpu")) == {}  # a CPU run changes nothing
+
+
 def test_lock_is_taken_before_last_pt_is_read(synth_root, cache_dir, tmp_path, monkeypatch):
     """The one read of last.pt happens with OUT/.lock held: a second train.py on the same --out
     never reads a last.pt that the run holding the lock is replacing."""
